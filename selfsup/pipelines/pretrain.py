@@ -1,0 +1,235 @@
+"""The per-rank training loop: plain PyTorch, the same with or without Ray.
+
+``pretrain(cfg, reporter)`` reads shards, builds the objective named by the config, and trains it
+with AMP, the LR schedule, momentum/EMA updates and atomic checkpoints, resuming from the run's
+latest checkpoint (weights, optimiser, step, epoch, position in the epoch, RNG). Metrics and
+checkpoints go to a :class:`Reporter`; which one (a file, Ray, W&B) is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..config import ExperimentConfig
+from ..objective import Progress
+from ..ssl import build_method
+from ..ssl.distributed import rank as current_rank, world_size
+from ..vision.augment import BatchViews
+from ..vision.backbones import build_backbone
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .loader import DataHealth, ShardStream, collate_images, decode_image, make_loader
+from .optim import build_optimizer, scaled_lr, set_lr
+
+log = logging.getLogger("selfsup.pretrain")
+
+
+class Reporter(Protocol):
+    """Where the loop sends metrics (every rank calls it; implementations act on rank 0)."""
+
+    def log(self, step: int, metrics: dict) -> None: ...
+
+    def checkpoint(self, step: int, path: Path) -> None: ...
+
+    def finish(self, summary: dict) -> None: ...
+
+
+class FileReporter:
+    """Appends metrics as JSON lines to ``<run>/metrics.jsonl`` (rank 0 only)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+
+    def log(self, step: int, metrics: dict) -> None:
+        if current_rank() == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        if current_rank() == 0:
+            (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+
+
+class TooManyBadSteps(RuntimeError):
+    """The loss was NaN or inf for too many steps in a row."""
+
+
+def pick_device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA by default; on the CPU only when asked for (fp32 is the safe default)."""
+    if cfg.train.precision == "fp32":
+        return None
+    if cfg.train.precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_vision(cfg: ExperimentConfig, device: torch.device):
+    """(objective, train stream, batch -> objective input) for an image method."""
+    backbone, dim = build_backbone(cfg.model.backbone, cfg.model.width, cfg.data.channels, cfg.model.small_stem,
+                                   cfg.data.image_size)
+    objective = build_method(cfg.method, backbone, dim)
+    views = BatchViews(cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    decode = functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size)
+    stream = ShardStream(cfg.data.train, cfg.data.batch_size, decode, collate_images, rank=current_rank(),
+                         ranks=world_size(), workers=max(1, cfg.data.loader_workers), seed=cfg.seed,
+                         shuffle_buffer=cfg.data.shuffle_buffer)
+    memory_format = torch.channels_last if cfg.train.channels_last and device.type == "cuda" else torch.contiguous_format
+
+    def to_input(batch: dict) -> list[torch.Tensor]:
+        images = batch["images"].to(device, non_blocking=True)
+        return [v.contiguous(memory_format=memory_format) for v in views(images)]
+
+    return objective, stream, to_input
+
+
+def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
+    """Train until ``cfg.optim.epochs`` are done; returns a summary (steps, last metrics, data health)."""
+    seed_everything(cfg.seed + current_rank(), cfg.deterministic)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg)
+    run_dir = cfg.run_dir
+    objective, stream, to_input = build_vision(cfg, device)
+    if world_size() > 1 and getattr(cfg.method, "sync_bn", False):
+        objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    objective.to(device)
+    if cfg.train.channels_last and device.type == "cuda":
+        objective.to(memory_format=torch.channels_last)
+
+    global_batch = cfg.data.batch_size * world_size()
+    lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
+    optimizer = build_optimizer(objective.param_groups(), cfg.optim, lr, use_fused=device.type == "cuda")
+    steps_per_epoch = stream.steps_per_epoch()
+    total_steps = max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
+    warmup_steps = int(cfg.optim.warmup_epochs * steps_per_epoch)
+
+    step, start_epoch, start_in_epoch = 0, 0, 0
+    found = latest_checkpoint(run_dir)
+    if found is not None:
+        _, model_state, state = load_checkpoint(found, with_state=True)
+        objective.load_state_dict(model_state)
+        optimizer.load_state_dict(state["optimizer"])
+        step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        set_rng_state(state["rng"][current_rank()] if current_rank() < len(state["rng"]) else state["rng"][0])
+        log.info("resumed %s from %s (step %d)", cfg.name, found, step)
+
+    model = objective
+    if world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(model) if cfg.train.compile else model
+    amp = autocast_dtype(cfg, device)
+    loader = make_loader(stream, cfg.data.loader_workers)
+    health = DataHealth()
+    bad_in_row, bad_total = 0, 0
+    last: dict = {}
+    epochs = math.ceil(cfg.optim.epochs)
+    timer, images_since = time.perf_counter(), 0
+
+    def write_checkpoint(epoch: int, in_epoch: int) -> None:
+        rngs = [None] * world_size()
+        if world_size() > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if current_rank() == 0:
+            state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                     "rng": rngs, "data_health": {"skipped": health.skipped, "repeated": health.repeated}}
+            path = save_checkpoint(run_dir, step, objective.state_dict(), state, cfg, last, cfg.train.keep_checkpoints)
+            reporter.checkpoint(step, path)
+        if world_size() > 1:
+            dist.barrier()
+
+    show = current_rank() == 0
+    for epoch in range(start_epoch, epochs):
+        in_epoch = start_in_epoch if epoch == start_epoch else 0
+        epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        if in_epoch >= epoch_steps:
+            continue
+        stream.set_epoch(epoch, in_epoch)
+        objective.train()
+        bar = tqdm(total=epoch_steps, initial=in_epoch, desc=f"epoch {epoch + 1}/{epochs}", disable=not show,
+                   unit="step", mininterval=2.0)
+        for batch in loader:
+            if in_epoch >= epoch_steps:
+                break
+            health.add(batch)
+            progress = Progress(step, total_steps)
+            current_lr = set_lr(optimizer, step, total_steps, warmup_steps)
+            inputs = to_input(batch)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = step_fn(inputs, progress)
+            loss = out["loss"]
+            if not torch.isfinite(loss.detach()):
+                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_row >= cfg.optim.max_bad_steps:
+                    raise TooManyBadSteps(f"loss was NaN/inf for {bad_in_row} steps in a row at step {step}; "
+                                          "lower optim.lr, set optim.grad_clip, or check the data")
+                step, in_epoch = step + 1, in_epoch + 1
+                continue
+            bad_in_row = 0
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step, in_epoch = step + 1, in_epoch + 1
+            objective.on_after_step(Progress(step, total_steps))
+            images_since += len(batch["labels"]) if "labels" in batch else cfg.data.batch_size
+            bar.update(1)
+            if step % cfg.train.log_every_steps == 0 or in_epoch == epoch_steps:
+                elapsed = time.perf_counter() - timer
+                last = {k: float(v.detach().float()) for k, v in out.items()}
+                last.update(lr=current_lr, epoch=epoch + in_epoch / epoch_steps,
+                            images_per_s=images_since * world_size() / max(elapsed, 1e-9),
+                            skipped_samples=health.skipped, bad_steps=bad_total)
+                reporter.log(step, last)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}")
+                timer, images_since = time.perf_counter(), 0
+            if step % cfg.train.checkpoint_every_steps == 0 and in_epoch < epoch_steps:
+                write_checkpoint(epoch, in_epoch)
+        bar.close()
+        if in_epoch < epoch_steps:
+            raise RuntimeError(f"epoch {epoch} ended after {in_epoch} of {epoch_steps} steps: the loader ran dry")
+        if health.skipped and show:
+            log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
+                        epoch + 1, health.skipped, health.repeated, health.where[:3])
+        write_checkpoint(epoch + 1, 0)
+    summary = {"steps": step, "total_steps": total_steps, "epochs": cfg.optim.epochs, "last": last,
+               "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
+               "bad_steps": bad_total, "checkpoint": str(latest_checkpoint(run_dir))}
+    reporter.finish(summary)
+    return summary
