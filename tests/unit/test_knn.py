@@ -1,0 +1,161 @@
+"""Weighted kNN: engine agreement, tie-breaking, hand-computed votes, validation."""
+
+import math
+
+import numpy as np
+import pytest
+
+from selfsup.eval import knn
+from selfsup.eval.knn import weighted_knn
+
+BACKENDS = ("faiss", "torch", "numpy")
+
+
+def clustered(rng, n, classes=6, dim=16, noise=1.2, centres=None):
+    centres = rng.normal(size=(classes, dim)) if centres is None else centres
+    y = rng.integers(0, classes, n)
+    return (centres[y] + noise * rng.normal(size=(n, dim))).astype(np.float32), y, centres
+
+
+def reference_knn(bank, yb, queries, yq, k, t, c):
+    """Dense float64 DINO vote: neighbours ordered by (-cosine, index); zero-score classes never hit."""
+    b = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    sims = q.astype(np.float64) @ b.T.astype(np.float64)
+    nb = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    w = np.exp(np.take_along_axis(sims, nb, axis=1) / t)
+    scores = np.zeros((len(q), c))
+    for i in range(len(q)):
+        np.add.at(scores[i], yb[nb[i]], w[i])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+    hit = (top == yq[:, None]) & (np.take_along_axis(scores, top, axis=1) > 0)
+    return nb, hit[:, 0].mean(), hit.any(axis=1).mean()
+
+
+@pytest.fixture
+def data_with_ties():
+    rng = np.random.default_rng(0)
+    bank, yb, centres = clustered(rng, 400)
+    bank[200:320] = bank[:120]  # duplicated rows: exact ties in every ranking
+    yb[200:320] = yb[:120]
+    queries, yq, _ = clustered(rng, 150, centres=centres)
+    queries[:10] = 2.5 * bank[:10]  # queries that tie with two bank rows at similarity 1
+    return bank, yb, queries, yq
+
+
+def test_backends_agree_exactly_and_match_dense_reference(data_with_ties):
+    bank, yb, queries, yq = data_with_ties
+    settings = ((5, 0.07), (40, 0.1))
+    results = {b: weighted_knn(bank, yb, queries, yq, settings, backend=b, chunk_size=64) for b in BACKENDS}
+    ref = results["numpy"]
+    for r in results.values():
+        np.testing.assert_array_equal(r.neighbours, ref.neighbours)
+        np.testing.assert_array_equal(r.similarities, ref.similarities)
+        for key in ("knn@5", "knn@40"):
+            assert abs(r.top1[key] - ref.top1[key]) < 1e-9 and abs(r.top5[key] - ref.top5[key]) < 1e-9
+            np.testing.assert_array_equal(r.predictions[key], ref.predictions[key])
+    # The tie rule is (-similarity, index): duplicate rows come out lower index first.
+    assert (ref.neighbours[:10, :2] == np.stack([np.arange(10), np.arange(200, 210)], 1)).all()
+    for k, t in settings:
+        nb, top1, top5 = reference_knn(bank, yb, queries, yq, k, t, 6)
+        np.testing.assert_array_equal(ref.neighbours[:, :k], nb)
+        assert ref.top1[f"knn@{k}"] == pytest.approx(top1, abs=1e-12)
+        assert ref.top5[f"knn@{k}"] == pytest.approx(top5, abs=1e-12)
+    assert 0.6 < ref.top1["knn@40"] <= 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_straddling_the_candidate_cutoff_are_resolved_by_index(backend):
+    # 60 identical rows: every engine proposes an arbitrary 21 of them; the result must be the lowest 5.
+    rng = np.random.default_rng(1)
+    bank = np.concatenate([np.tile([[1.0, 0.0, 0.0]], (60, 1)), rng.normal(size=(40, 3)) * [0.1, 1, 1]]).astype(np.float32)
+    labels = np.arange(100) % 3
+    r = weighted_knn(bank, labels, np.array([[3.0, 0, 0]], np.float32), np.array([0]), ((5, 0.1),), backend=backend)
+    assert r.neighbours[0].tolist() == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(r.similarities[0], 1.0, atol=1e-6)
+
+
+def test_hand_computed_weighted_vote():
+    # Query along x; bank at angles 0, 60, 90, 180 degrees: cosines 1, 0.5, 0, -1.
+    bank = np.array([[1, 0], [0.5, math.sqrt(3) / 2], [0, 2], [-1, 0]], np.float32)
+    yb = np.array([0, 1, 1, 2])
+    q = np.array([[2.0, 0.0]], np.float32)
+    r = weighted_knn(bank, yb, q, np.array([1]), ((1, 1.0), (3, 1.0), (4, 0.5)), backend="numpy")
+    assert r.neighbours[0].tolist() == [0, 1, 2, 3]
+    # k=1: class 0 only -> wrong. k=3, T=1: class 0 e^1 = 2.718 > class 1 e^0.5 + e^0 = 2.649 -> wrong.
+    assert r.top1["knn@1"] == 0.0 and r.top1["knn@3"] == 0.0
+    # k=4, T=0.5: class 0 e^2 = 7.389 > class 1 e^1 + e^0 = 3.718 -> still wrong, but in the top 5.
+    assert r.predictions["knn@4"].tolist() == [0] and r.top5["knn@4"] == 1.0
+    r = weighted_knn(bank, yb, q, np.array([1]), ((3, 2.0),), backend="faiss")
+    # T=2: class 0 e^0.5 = 1.649 < class 1 e^0.25 + e^0 = 2.284 -> correct.
+    assert r.top1["knn@3"] == 1.0 and r.predictions["knn@3"].tolist() == [1]
+
+
+def test_unseen_query_class_is_an_error_even_in_top5():
+    rng = np.random.default_rng(2)
+    bank, yb, _ = clustered(rng, 60, classes=3)
+    queries = rng.normal(size=(4, 16)).astype(np.float32)
+    yq = np.array([0, 7, 7, 1])  # class 7 never appears in the bank
+    r = weighted_knn(bank, yb, queries, yq, ((10, 0.1),), num_classes=8)
+    assert r.unseen_classes == [7]
+    ok5 = r.top5["knn@10"] * 4
+    assert ok5 <= 2 + 1e-9  # classes 3..7 have no votes, so the unseen queries can never hit
+    assert set(r.predictions["knn@10"].tolist()) <= {0, 1, 2}
+
+
+def test_chunking_and_bank_blocks_do_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(3)
+    bank, yb, centres = clustered(rng, 700, dim=8)
+    queries, yq, _ = clustered(rng, 33, dim=8, centres=centres)
+    whole = weighted_knn(bank, yb, queries, yq, ((10, 0.07),), backend="faiss", chunk_size=8192)
+    monkeypatch.setattr(knn, "_BLOCK_BYTES", 4 * 8 * 100)  # 100-row bank blocks, merged
+    for backend in BACKENDS:
+        r = weighted_knn(bank.astype(np.float16), yb, queries, yq, ((10, 0.07),), backend=backend, chunk_size=5)
+        ref = weighted_knn(bank.astype(np.float16), yb, queries, yq, ((10, 0.07),), backend="numpy")
+        np.testing.assert_array_equal(r.neighbours, ref.neighbours)
+        assert abs(r.top1["knn@10"] - whole.top1["knn@10"]) <= 2 / 33  # fp16 rounding may move a vote
+
+
+def test_k_above_bank_size_is_lowered_with_a_warning():
+    rng = np.random.default_rng(4)
+    bank, yb, _ = clustered(rng, 12)
+    with pytest.warns(UserWarning, match="k=50 is larger than the bank"):
+        r = weighted_knn(bank, yb, bank[:3], yb[:3], ((50, 0.1),))
+    assert r.neighbours.shape == (3, 12) and "knn@50" in r.top1
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_reports_recall(index):
+    rng = np.random.default_rng(5)
+    bank, yb, centres = clustered(rng, 3000, classes=10, dim=16, noise=0.6)
+    queries, yq, _ = clustered(rng, 200, classes=10, dim=16, noise=0.6, centres=centres)
+    exact = weighted_knn(bank, yb, queries, yq, ((20, 0.07),))
+    approx = weighted_knn(bank, yb, queries, yq, ((20, 0.07),), index=index, recall_sample=100)
+    assert exact.recall_vs_exact is None
+    assert 0.8 <= approx.recall_vs_exact <= 1.0
+    assert abs(approx.top1["knn@20"] - exact.top1["knn@20"]) <= 0.05
+
+
+def test_validation_errors():
+    rng = np.random.default_rng(6)
+    bank, yb, _ = clustered(rng, 20)
+    bad = bank.copy()
+    bad[[1, 5, 7], 0] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(ValueError, match="3 rows of the bank contain NaN or inf"):
+        weighted_knn(bad, yb, bank, yb)
+    with pytest.raises(ValueError, match="1 rows of the queries contain NaN or inf"):
+        weighted_knn(bank, yb, bad[:2], yb[:2])
+    with pytest.raises(ValueError, match="the train split is empty"):
+        weighted_knn(bank[:0], yb[:0], bank, yb)
+    with pytest.raises(ValueError, match="the test split is empty"):
+        weighted_knn(bank, yb, bank[:0], yb[:0])
+    with pytest.raises(ValueError, match="dimension 16 but queries have 8"):
+        weighted_knn(bank, yb, bank[:, :8], yb)
+    with pytest.raises(ValueError, match=r"bank labels must have shape \(20,\)"):
+        weighted_knn(bank, yb[:-1], bank, yb)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        weighted_knn(bank, yb, bank, yb, num_classes=3)
+    with pytest.raises(ValueError, match="backend"):
+        weighted_knn(bank, yb, bank, yb, backend="annoy")
+    with pytest.raises(ValueError, match="distinct k"):
+        weighted_knn(bank, yb, bank, yb, settings=((5, 0.1), (5, 0.07)))
