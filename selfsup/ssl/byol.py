@@ -1,0 +1,68 @@
+"""BYOL (Grill et al. 2020): an online network predicts an EMA target network's projection of the other view."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..objective import Progress
+from .heads import MLPHead
+from .losses import normalized_mse
+from .momentum import cosine_momentum, momentum_copy, update_momentum
+from .monitor import embedding_stats
+
+
+class BYOLConfig(BaseModel):
+    """BYOL's hyper-parameters (the paper's ResNet-50 values).
+
+    ``tau_base`` is the target EMA rate at the start, raised to 1 on a cosine schedule: 0.99 for
+    runs up to ~300 epochs, 0.996 as the paper uses for 1000 epochs. ``None`` hidden sizes scale with
+    the backbone: 2 x feature_dim (4096 for ResNet-50), for the projector and the predictor.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["byol"] = "byol"
+    tau_base: float = Field(0.99, ge=0, le=1)
+    proj_hidden_dim: int | None = Field(None, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    pred_hidden_dim: int | None = Field(None, gt=0)
+    sync_bn: bool = True
+
+
+class BYOL(nn.Module):
+    """Online backbone + projector + predictor; EMA target backbone + projector.
+
+    ``forward([v1, v2], progress)`` -> {"loss", "embed_std", "rankme"}; the loss is the symmetric
+    ``(2 − 2·cos(p1, t2)) + (2 − 2·cos(p2, t1))``, batch means, with the target t under no_grad.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: BYOLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = backbone
+        proj_hidden = cfg.proj_hidden_dim or 2 * feature_dim
+        self.projector = MLPHead(feature_dim, proj_hidden, cfg.proj_dim, num_layers=2)
+        self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim or proj_hidden, cfg.proj_dim, num_layers=2)
+        self.target_encoder = momentum_copy(self.encoder)
+        self.target_projector = momentum_copy(self.projector)
+
+    def forward(self, views: list[torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
+        x1, x2 = views[0], views[1]
+        z1 = self.projector(self.encoder(x1))
+        z2 = self.projector(self.encoder(x2))
+        with torch.no_grad():
+            t1 = self.target_projector(self.target_encoder(x1))
+            t2 = self.target_projector(self.target_encoder(x2))
+        loss = normalized_mse(self.predictor(z1), t2) + normalized_mse(self.predictor(z2), t1)
+        return {"loss": loss, **embedding_stats(z1.detach())}
+
+    def on_after_step(self, progress: Progress) -> None:
+        tau = cosine_momentum(self.cfg.tau_base, progress)
+        update_momentum(self.target_encoder, self.encoder, tau)
+        update_momentum(self.target_projector, self.projector, tau)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
