@@ -80,12 +80,12 @@ def weighted_knn(
     ``index``: "flat" (exact) or "ivf" / "hnsw" (approximate faiss index for very large banks; its
     recall against exact search on ``recall_sample`` queries is logged and returned).
     """
-    bank = _check_features(bank, "bank", "train")
-    queries = _check_features(queries, "queries", "test")
+    bank = check_features(bank, "bank", "train")
+    queries = check_features(queries, "queries", "test")
     if bank.shape[1] != queries.shape[1]:
         raise ValueError(f"bank has dimension {bank.shape[1]} but queries have {queries.shape[1]}")
-    bank_labels = _check_labels(bank_labels, len(bank), "bank")
-    query_labels = _check_labels(query_labels, len(queries), "queries")
+    bank_labels = check_labels(bank_labels, len(bank), "bank")
+    query_labels = check_labels(query_labels, len(queries), "queries")
     if num_classes is None:
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     elif max(bank_labels.max(), query_labels.max()) >= num_classes:
@@ -131,7 +131,7 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def _check_features(x, name: str, split: str) -> np.ndarray:
+def check_features(x, name: str, split: str) -> np.ndarray:
     """(rows, D) float array, finite; NaN/inf rows are counted in the error."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -151,7 +151,7 @@ def _check_features(x, name: str, split: str) -> np.ndarray:
     return x
 
 
-def _check_labels(y, n: int, name: str) -> np.ndarray:
+def check_labels(y, n: int, name: str) -> np.ndarray:
     if isinstance(y, torch.Tensor):
         y = y.detach().cpu().numpy()
     y = np.asarray(y)

@@ -1,0 +1,78 @@
+"""Linear probe: accuracy on a Gaussian mixture, agreement with sklearn, the parallel grid."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from selfsup.eval import linear
+from selfsup.eval.linear import linear_probe
+
+
+def mixture(rng, n, centres, noise):
+    y = rng.integers(0, len(centres), n)
+    return (centres[y] + noise * rng.normal(size=(n, centres.shape[1]))).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def overlapping():
+    """6 classes in 24-D whose optimal (nearest-centre) accuracy is about 0.85."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 24)) * 2.0 + 5.0  # offset and scale: standardisation must cope
+    xtr, ytr = mixture(rng, 2400, centres, 3.4)
+    xte, yte = mixture(rng, 1200, centres, 3.4)
+    bayes = (((xte[:, None] - centres[None]) ** 2).sum(-1).argmin(1) == yte).mean()
+    return xtr, ytr, xte, yte, bayes
+
+
+def test_mixture_accuracy_matches_sklearn_and_probabilities_are_distributions(overlapping):
+    xtr, ytr, xte, yte, bayes = overlapping
+    r = linear_probe(xtr, ytr, xte, yte, 6, epochs=15, batch_size=256)
+    sk = LogisticRegression(max_iter=1000).fit(xtr, ytr).score(xte, yte)
+    assert 0.8 < bayes < 0.9
+    assert bayes - 0.06 <= r.top1 <= bayes + 0.03
+    assert abs(r.top1 - sk) <= 0.03
+    assert r.top1 <= r.top5 and r.top5 > 0.98
+    assert r.probabilities.shape == (1200, 6)
+    np.testing.assert_allclose(r.probabilities.sum(1), 1.0, atol=1e-12)
+    np.testing.assert_array_equal(r.predictions, r.probabilities.argmax(1))
+    assert r.top1 == pytest.approx((r.predictions == yte).mean())
+    assert (r.lr, r.weight_decay) in [(lr, wd) for lr in (0.01, 0.03, 0.1, 0.3, 1.0) for wd in (0, 1e-4, 1e-3, 1e-2)]
+    assert len(r.grid) == 20 and r.val_top1 == max(r.grid.values()) and 0.7 < r.val_top1 <= 1.0
+
+
+def test_separable_data_is_learned_exactly():
+    rng = np.random.default_rng(1)
+    centres = np.eye(3, 8) * 10
+    xtr, ytr = mixture(rng, 300, centres, 0.5)
+    xte, yte = mixture(rng, 100, centres, 0.5)
+    r = linear_probe(xtr, ytr, xte, yte, 3, lrs=(0.1,), weight_decays=(0.0,), epochs=5, refit=False)
+    assert r.top1 == 1.0 and r.top5 == 1.0 and r.probabilities.shape == (100, 3)
+
+
+def test_grid_members_train_exactly_as_if_alone():
+    rng = np.random.default_rng(2)
+    x = torch.from_numpy(rng.normal(size=(500, 10)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 4, 500))
+    grid = [(0.01, 0.0), (0.3, 1e-2), (1.0, 1e-3)]
+    together = linear._fit(x, y, 4, grid, 3, 64, torch.Generator().manual_seed(0))
+    for g, member in enumerate(grid):
+        alone = linear._fit(x, y, 4, [member], 3, 64, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(together.weight[:, 4 * g : 4 * g + 4], alone.weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(together.bias[4 * g : 4 * g + 4], alone.bias, rtol=1e-4, atol=1e-5)
+    # different hyper-parameters really produce different classifiers
+    assert not torch.allclose(together.weight[:, :4], together.weight[:, 4:8], atol=1e-3)
+
+
+def test_validation_errors(overlapping):
+    xtr, ytr, xte, yte, _ = overlapping
+    with pytest.raises(ValueError, match="the train split is empty"):
+        linear_probe(xtr[:0], ytr[:0], xte, yte, 6)
+    with pytest.raises(ValueError, match="2 rows of the test features contain NaN or inf"):
+        linear_probe(xtr, ytr, np.where(np.arange(1200)[:, None] < 2, np.nan, xte), yte, 6)
+    with pytest.raises(ValueError, match="num_classes=5"):
+        linear_probe(xtr, ytr, xte, yte, 5)
+    with pytest.raises(ValueError, match="val_fraction=0.0 leaves no held-out rows"):
+        linear_probe(xtr, ytr, xte, yte, 6, val_fraction=0.0)
+    with pytest.raises(ValueError, match="dimension 24 but test features have 3"):
+        linear_probe(xtr, ytr, xte[:, :3], yte, 6)
