@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .audio.wav2vec2 import Wav2Vec2Config
 from .ssl import METHODS
 from .vision.augment import PRESETS, ViewRecipe
 
@@ -24,6 +25,7 @@ class DataConfig(Strict):
     """Where the shards are and how they become batches."""
 
     train: str = Field(description="shard directory, brace pattern or URL of the training shards")
+    kind: Literal["image", "audio"] = Field("image", description="what the shards hold (audio: wav2vec2)")
     test: str | None = Field(None, description="shards scored by `selfsup eval` and online monitoring")
     batch_size: int = Field(256, gt=0, description="per rank")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
@@ -32,6 +34,8 @@ class DataConfig(Strict):
     channels: int = Field(1, ge=1)
     mean: list[float] = [0.2860]
     std: list[float] = [0.3530]
+    max_seconds: float = Field(15.625, gt=0, description="audio: random crop length; batches are cut to their shortest clip")
+    min_seconds: float = Field(2.0, ge=0, description="audio: shorter clips are skipped (and counted)")
 
     @model_validator(mode="after")
     def _stats_match_channels(self):
@@ -67,6 +71,7 @@ class OptimConfig(Strict):
     reference_batch: int = Field(256, gt=0, description="global batch at which `lr` applies")
     momentum: float = Field(0.9, ge=0, lt=1)
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     epochs: float = Field(10, gt=0)
@@ -103,7 +108,23 @@ class EvalConfig(Strict):
     baselines: bool = True
 
 
-MethodConfig = Annotated[Union[tuple(cfg for _, cfg in METHODS.values())], Field(discriminator="name")]
+class Wav2Vec2MethodConfig(Wav2Vec2Config):
+    """wav2vec 2.0 under ``method:``: the fields of ``Wav2Vec2Config``, defaulting to ``preset``'s when given."""
+
+    name: Literal["wav2vec2"] = "wav2vec2"
+    preset: Literal["tiny", "base", "large"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data):
+        if isinstance(data, dict) and data.get("preset") in ("tiny", "base", "large"):
+            return {**getattr(Wav2Vec2Config, data["preset"])().model_dump(), **data}
+        return data
+
+
+METHOD_NAMES = {*METHODS, "wav2vec2"}
+MethodConfig = Annotated[Union[(*(cfg for _, cfg in METHODS.values()), Wav2Vec2MethodConfig)],
+                         Field(discriminator="name")]
 
 
 class ExperimentConfig(Strict):
@@ -122,6 +143,13 @@ class ExperimentConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _data_kind_matches_method(self):
+        wanted = "audio" if self.method.name == "wav2vec2" else "image"
+        if self.data.kind != wanted:
+            raise ValueError(f"data.kind must be {wanted!r} for method {self.method.name!r}, not {self.data.kind!r}")
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -150,9 +178,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHODS))
+        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHOD_NAMES))
         msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
+        lines.append(f"  {key or '(top level)'}: {msg}")
     return "\n".join(lines)
 
 
@@ -163,7 +191,11 @@ def parse_config(tree: dict, overrides: list[str] = (), source: str = "<dict>") 
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key, yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: value {raw!r} is not plain YAML data ({err.problem})") from None
+        _set_dotted(tree, key, value)
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as err:

@@ -70,20 +70,17 @@ def plan_epoch(counts: list[int], ranks: int, workers: int, batch_size: int, see
     return EpochPlan(steps, order, ranges, quotas)
 
 
-def batches_before(quotas: list[int], step: int) -> list[int]:
-    """How many batches each worker has yielded after ``step`` DataLoader steps (round-robin over
-    the workers that still have batches, as torch's DataLoader serves an IterableDataset)."""
-    done, left = [0] * len(quotas), step
-    while left > 0:
-        active = [w for w in range(len(quotas)) if done[w] < quotas[w]]
-        if not active:
-            break
-        for w in active:
-            if left == 0:
-                break
-            done[w] += 1
-            left -= 1
-    return done
+def batches_before(quotas: list[int], step: int) -> tuple[list[int], int]:
+    """After ``step`` DataLoader steps: how many batches each worker has yielded, and which worker
+    serves next (torch's DataLoader serves an IterableDataset round-robin over the workers that
+    still have batches)."""
+    done, served, nxt = [0] * len(quotas), 0, 0
+    while served < step and any(d < q for d, q in zip(done, quotas)):
+        if done[nxt] < quotas[nxt]:
+            done[nxt] += 1
+            served += 1
+        nxt = (nxt + 1) % len(quotas)
+    return done, nxt
 
 
 def decode_image(sample: dict, channels: int, size: int) -> tuple[torch.Tensor, int]:
@@ -109,6 +106,37 @@ def decode_image(sample: dict, channels: int, size: int) -> tuple[torch.Tensor, 
 def collate_images(items: list[tuple[torch.Tensor, int]]) -> dict:
     """[(uint8 (C, H, W), label)] -> {"images": uint8 (B, C, H, W), "labels": int64 (B,)}."""
     return {"images": torch.stack([i[0] for i in items]), "labels": torch.tensor([i[1] for i in items])}
+
+
+def decode_audio_sample(sample: dict, min_samples: int) -> tuple[torch.Tensor, int]:
+    """A raw audio sample -> (float32 (T,) 16 kHz waveform, label or -1); raises ValueError naming the
+    key for a bad clip or one shorter than ``min_samples`` (so the stream skips and counts it)."""
+    (wave, _), info = decode_sample(sample, "audio")
+    if len(wave) < min_samples:
+        raise ValueError(f"sample {sample.get('__key__', '?')}: {len(wave)} samples, shorter than the "
+                         f"minimum {min_samples} (data.min_seconds or the receptive field)")
+    label = info.get("label", -1)
+    return torch.from_numpy(wave), int(label) if label not in ("", None) else -1
+
+
+def collate_audio(items: list[tuple[torch.Tensor, int]], max_samples: int, min_samples: int,
+                  rng: random.Random | None = None) -> dict:
+    """[(float32 (T_i,), label)] -> {"waves": float32 (B, S), "lengths": int64 (B,), "labels": int64 (B,)}.
+
+    As fairseq batches without padding: every clip is randomly cropped to S = min(shortest T_i,
+    ``max_samples``). ``rng`` picks the crop offsets (default: Python's ``random``, which torch seeds
+    per DataLoader worker).
+    """
+    rng = rng or random
+    size = min(min(len(w) for w, _ in items), max_samples)
+    if size < min_samples:
+        raise ValueError(f"a clip of {size} samples reached collate_audio; decode must drop clips under {min_samples}")
+    crops = []
+    for wave, _ in items:
+        start = rng.randrange(len(wave) - size + 1)
+        crops.append(wave[start:start + size])
+    return {"waves": torch.stack(crops), "lengths": torch.full((len(items),), size, dtype=torch.int64),
+            "labels": torch.tensor([label for _, label in items], dtype=torch.int64)}
 
 
 @dataclass
@@ -188,12 +216,14 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker = info.id if info else 0
         if info and info.num_workers != self.workers:
             raise RuntimeError(f"ShardStream planned for {self.workers} workers, DataLoader has {info.num_workers}")
         plan = self.plan()
-        quota = plan.quotas[self.rank][worker]
-        skip = batches_before(plan.quotas[self.rank], self.start_step)[worker]
+        done, next_worker = batches_before(plan.quotas[self.rank], self.start_step)
+        # a resumed DataLoader starts its round-robin at worker 0: rotate so that worker 0 plays the
+        # worker that was due next, and the batch order continues exactly where it stopped
+        worker = ((info.id if info else 0) + next_worker) % self.workers
+        quota, skip = plan.quotas[self.rank][worker], done[worker]
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))
         bad: list[str] = []
         mine = plan.ranges[self.rank][worker]
