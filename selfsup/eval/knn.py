@@ -100,8 +100,8 @@ def weighted_knn(
     settings = _check_settings(settings, len(bank))
 
     k_max = max(k for _, k, _ in settings)
-    inv_bank = _inverse_norms(bank)
-    q = queries.astype(np.float32) * _inverse_norms(queries)[:, None]
+    inv_bank = inverse_norms(bank)
+    q = queries.astype(np.float32) * inverse_norms(queries)[:, None]
     recall = None
     if index == "flat":
         nb, sims = _exact_neighbours(bank, inv_bank, q, k_max, backend, chunk_size)
@@ -180,7 +180,7 @@ def _check_settings(settings: Sequence[tuple[int, float]], n: int) -> list[tuple
     return out
 
 
-def _inverse_norms(x: np.ndarray) -> np.ndarray:
+def inverse_norms(x: np.ndarray) -> np.ndarray:
     """(rows,) float32 1 / max(||row||, 1e-12), computed block by block."""
     step = max(1, _BLOCK_BYTES // (4 * x.shape[1]))
     norms = np.concatenate([np.linalg.norm(x[s : s + step].astype(np.float32), axis=1) for s in range(0, len(x), step)])
