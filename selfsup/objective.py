@@ -31,7 +31,9 @@ class Objective(Protocol):
     """A self-supervised objective: an ``nn.Module`` with these methods.
 
     - ``forward(batch, progress)`` returns a dict with a scalar ``"loss"`` that carries gradient,
-      plus any number of scalar metrics (detached tensors; the loop calls ``.item()`` only when it logs).
+      plus any number of scalar metrics (detached tensors; the loop calls ``.item()`` only when it logs),
+      and optionally ``"embedding"``: a detached (B, D) batch of embeddings whose collapse statistics
+      (std, RankMe) the loop computes at logging steps only.
     - ``on_after_step(progress)`` runs after every optimiser step (momentum/EMA updates, annealing).
     - ``param_groups()`` returns optimiser parameter groups; a group with ``"fixed_lr": True`` keeps
       its base learning rate (SimSiam's predictor), ``"weight_decay": 0.0`` exempts a group.

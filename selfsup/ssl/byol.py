@@ -12,7 +12,6 @@ from ..objective import Progress
 from .heads import MLPHead
 from .losses import normalized_mse
 from .momentum import cosine_momentum, momentum_copy, update_momentum
-from .monitor import embedding_stats
 
 
 class BYOLConfig(BaseModel):
@@ -57,7 +56,7 @@ class BYOL(nn.Module):
             t1 = self.target_projector(self.target_encoder(x1))
             t2 = self.target_projector(self.target_encoder(x2))
         loss = normalized_mse(self.predictor(z1), t2) + normalized_mse(self.predictor(z2), t1)
-        return {"loss": loss, **embedding_stats(z1.detach())}
+        return {"loss": loss, "embedding": z1.detach()}
 
     def on_after_step(self, progress: Progress) -> None:
         tau = cosine_momentum(self.cfg.tau_base, progress)

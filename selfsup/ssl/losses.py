@@ -13,10 +13,15 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
     z1, z2: (B, D) projections of the two views on this rank. Each of the 2B local anchors has its
     other view as positive and the 2·world·B − 2 other embeddings as negatives. Returns the mean loss.
-    Computed in fp32.
+    Computed in fp32 (also under autocast).
     """
-    z1 = F.normalize(z1.float(), dim=1)
-    z2 = F.normalize(z2.float(), dim=1)
+    with torch.autocast(z1.device.type, enabled=False):
+        return _nt_xent_fp32(z1.float(), z2.float(), temperature)
+
+
+def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    z1 = F.normalize(z1, dim=1)
+    z2 = F.normalize(z2, dim=1)
     b = z1.shape[0]
     local = torch.cat([z1, z2], 0)  # (2B, D)
     everyone = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], 0)  # (2·W·B, D): all z1, then all z2

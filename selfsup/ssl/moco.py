@@ -24,7 +24,6 @@ from .distributed import gather_no_grad, world_size
 from .heads import MLPHead
 from .losses import info_nce_cross_rank, info_nce_queue
 from .momentum import cosine_momentum, momentum_copy, update_momentum
-from .monitor import embedding_stats
 
 
 class MoCoV2Config(BaseModel):
@@ -97,7 +96,7 @@ class MoCoV2(nn.Module):
             self.enqueue(torch.cat([k2, k1]))
         else:
             self.enqueue(k2)
-        return {"loss": loss, **embedding_stats(z1.detach())}
+        return {"loss": loss, "embedding": z1.detach()}
 
     def on_after_step(self, progress: Progress) -> None:
         update_momentum(self.key_encoder, self.encoder, self.cfg.momentum)
@@ -151,7 +150,7 @@ class MoCoV3(nn.Module):
             k1 = self.key_projector(self.key_encoder(x1))
             k2 = self.key_projector(self.key_encoder(x2))
         loss = info_nce_cross_rank(q1, k2, self.cfg.temperature) + info_nce_cross_rank(q2, k1, self.cfg.temperature)
-        return {"loss": loss, **embedding_stats(z1.detach())}
+        return {"loss": loss, "embedding": z1.detach()}
 
     def on_after_step(self, progress: Progress) -> None:
         m = cosine_momentum(self.cfg.momentum_base, progress)

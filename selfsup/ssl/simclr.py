@@ -11,7 +11,6 @@ from torch import nn
 from ..objective import Progress
 from .heads import MLPHead
 from .losses import nt_xent
-from .monitor import embedding_stats
 
 
 class SimCLRConfig(BaseModel):
@@ -26,7 +25,7 @@ class SimCLRConfig(BaseModel):
 
 
 class SimCLR(nn.Module):
-    """Backbone + projection head; ``forward([v1, v2], progress)`` -> {"loss", embedding stats}."""
+    """Backbone + projection head; ``forward([v1, v2], progress)`` -> {"loss", "embedding" (B, proj_dim)}."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SimCLRConfig):
         super().__init__()
@@ -38,7 +37,7 @@ class SimCLR(nn.Module):
         b = views[0].shape[0]
         z = self.projector(self.encoder(torch.cat(views[:2], 0)))  # one pass keeps BN statistics shared
         z1, z2 = z[:b], z[b:]
-        return {"loss": nt_xent(z1, z2, self.cfg.temperature), **embedding_stats(z1.detach())}
+        return {"loss": nt_xent(z1, z2, self.cfg.temperature), "embedding": z1.detach()}
 
     def on_after_step(self, progress: Progress) -> None:
         pass

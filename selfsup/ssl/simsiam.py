@@ -11,7 +11,6 @@ from torch import nn
 from ..objective import Progress
 from .heads import MLPHead
 from .losses import negative_cosine
-from .monitor import embedding_stats
 
 
 class SimSiamConfig(BaseModel):
@@ -51,7 +50,7 @@ class SimSiam(nn.Module):
         z2 = self.projector(self.encoder(x2))
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = negative_cosine(p1, z2.detach()) / 2 + negative_cosine(p2, z1.detach()) / 2
-        return {"loss": loss, **embedding_stats(z1.detach())}
+        return {"loss": loss, "embedding": z1.detach()}
 
     def on_after_step(self, progress: Progress) -> None:
         pass

@@ -116,7 +116,7 @@ def test_moco_v2_loss_matches_explicit_formula(symmetric):
         expected += ref_moco_v2(q2, k1, queue, 0.2)
     out = method([x1, x2], MID)
     assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
-    assert {"embed_std", "rankme"} <= out.keys() and not out["embed_std"].requires_grad
+    assert out["embedding"].shape == (len(x1), q1.shape[1]) and not out["embedding"].requires_grad
 
 
 def test_moco_v3_loss_matches_explicit_formula():
@@ -289,4 +289,14 @@ def test_resnet_backbone_trains_one_step(name):
     method.on_after_step(MID)
     out = method(views(), MID)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
-    assert all(v.ndim == 0 and not v.requires_grad for k, v in out.items() if k != "loss")
+    assert all(v.ndim == 0 and not v.requires_grad for k, v in out.items() if k not in ("loss", "embedding"))
+
+
+def test_embedding_stats_spot_collapse():
+    from selfsup.ssl.monitor import embedding_stats
+
+    spread = embedding_stats(torch.randn(256, 64, generator=torch.Generator().manual_seed(0)))
+    collapsed = embedding_stats(torch.ones(256, 64) + 1e-4 * torch.randn(256, 64))
+    assert spread["embed_std"].item() == pytest.approx(64 ** -0.5, rel=0.1)
+    assert spread["rankme"].item() > 50
+    assert collapsed["embed_std"].item() < 0.01 and collapsed["rankme"].item() < 20
