@@ -18,6 +18,7 @@ normalising block by block, so a bank is never copied whole.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -189,18 +190,26 @@ def inverse_norms(x: np.ndarray) -> np.ndarray:
 
 def _bank_block(bank: np.ndarray, inv: np.ndarray, start: int, stop: int) -> np.ndarray:
     """(stop - start, D) float32 unit rows of ``bank``, converted from its own dtype."""
-    return bank[start:stop].astype(np.float32) * inv[start:stop, None]
+    block = bank[start:stop].astype(np.float32)
+    block *= inv[start:stop, None]
+    return block
 
 
 def _faiss_gpu() -> bool:
     return faiss is not None and hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0
 
 
+@functools.cache
+def _gpu_resources():
+    """One faiss GPU resource object (scratch memory, streams) per process."""
+    return faiss.StandardGpuResources()
+
+
 def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products of ``q`` (m, D) against ``block`` (n, D), in any order: (m, k) f32, (m, k) i64."""
     if backend == "faiss":
         if _faiss_gpu():
-            return faiss.knn_gpu(faiss.StandardGpuResources(), q, block, k, metric=faiss.METRIC_INNER_PRODUCT)
+            return faiss.knn_gpu(_gpu_resources(), q, block, k, metric=faiss.METRIC_INNER_PRODUCT)
         return faiss.knn(q, block, k, metric=faiss.METRIC_INNER_PRODUCT)
     if backend == "torch":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -248,16 +257,15 @@ def _rescore(bank: np.ndarray, inv: np.ndarray, q: np.ndarray, idx: np.ndarray) 
     """(m, kc) float32 cosine similarities of ``q`` (m, D) with bank rows ``idx`` (m, kc).
 
     Each value depends only on its (query, bank row) pair, never on the engine or on its
-    neighbours in the batch, so equal rows give bit-identical similarities.
+    neighbours in the batch (numpy's einsum reduces each pair on its own, single-threaded, which
+    also keeps it fast on a busy machine), so equal rows give bit-identical similarities.
     """
     m, kc = idx.shape
     out = np.empty((m, kc), np.float32)
     step = max(1, _RESCORE_ELEMENTS // (kc * bank.shape[1]))  # small gathers stay in cache
-    bank_t = torch.from_numpy(bank)
     for s in range(0, m, step):
-        i = torch.from_numpy(idx[s : s + step])
-        rows = bank_t.index_select(0, i.reshape(-1)).view(*i.shape, -1).float()  # (step, kc, D)
-        out[s : s + step] = (rows * torch.from_numpy(q[s : s + step]).unsqueeze(1)).sum(-1).numpy()
+        rows = bank[idx[s : s + step]].astype(np.float32, copy=False)  # (step, kc, D)
+        out[s : s + step] = np.einsum("mkd,md->mk", rows, q[s : s + step])
     return out * inv[idx]
 
 
@@ -301,8 +309,10 @@ def _approximate_neighbours(bank, inv, q, k: int, kind: str) -> tuple[np.ndarray
     for start in range(0, n, rows):
         index.add(_bank_block(bank, inv, start, min(n, start + rows)))
     _, idx = index.search(q, k)
-    idx = np.where(idx < 0, 0, idx)  # an IVF probe can return fewer than k rows
-    return _order(_rescore(bank, inv, q, idx), idx, k)
+    missing = idx < 0  # an IVF probe can return fewer than k rows: they get weight exp(-inf) = 0
+    sims = _rescore(bank, inv, q, np.where(missing, 0, idx))
+    sims[missing] = -np.inf
+    return _order(sims, idx, k)
 
 
 def _vote(nb_labels, sims, t: float, c: int, y: np.ndarray, chunk_size: int):
