@@ -63,3 +63,11 @@ def num_frames(num_samples: int, kernels: Sequence[int], strides: Sequence[int])
     for kernel, stride in zip(kernels, strides, strict=True):
         n = max(0, (n - kernel) // stride + 1)
     return n
+
+
+def receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> tuple[int, int]:
+    """(samples one frame sees, samples between frames): (400, 320) with the paper's stack."""
+    field, hop = 1, 1
+    for kernel, stride in zip(kernels, strides, strict=True):
+        field, hop = field + (kernel - 1) * hop, hop * stride
+    return field, hop

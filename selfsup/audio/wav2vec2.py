@@ -122,9 +122,12 @@ class Wav2Vec2Config(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Wav2Vec2Config:
-        """Read the ``model:`` section of a ``configs/wav2vec2-*.yaml`` file."""
+        """The model fields of the ``method:`` section of a ``configs/wav2vec2-*.yaml`` experiment."""
+        from selfsup.config import Wav2Vec2MethodConfig
+
         with open(path) as f:
-            return cls(**yaml.safe_load(f)["model"])
+            method = Wav2Vec2MethodConfig(**yaml.safe_load(f)["method"])
+        return cls(**method.model_dump(exclude={"name", "preset"}))
 
 
 class Wav2Vec2Encoder(nn.Module):

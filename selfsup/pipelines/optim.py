@@ -68,7 +68,7 @@ def build_optimizer(groups: list[dict], cfg, lr: float, use_fused: bool) -> Opti
         return torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=use_fused or None)
     if cfg.name == "adamw":
         clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-        return torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, fused=use_fused or None)
+        return torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=use_fused or None)
     return LARS(groups, lr=lr, momentum=cfg.momentum)
 
 

@@ -1,6 +1,7 @@
 """Readers of real datasets, each yielding samples ready for ``shards.write_shards``.
 
 A sample is a dict: ``{"__key__": str, "png": bytes, "cls": int}`` for images.
+For audio: ``{"__key__": str, "flac": bytes (16 kHz mono), "json": {"duration", "original_rate", "path", ...}}``.
 """
 
 from __future__ import annotations
@@ -151,3 +152,107 @@ def image_folder_samples(root: str | Path) -> tuple[Iterator[dict], int, list[st
             yield {"__key__": f"img-{i:08d}", "png": data, "cls": c}
 
     return gen(), len(files), classes
+
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au"}
+
+
+def _read_audio_labels(root: Path, labels_csv: Path) -> list[dict]:
+    """Rows of ``labels_csv`` (a ``path`` column relative to ``root``, plus any others)."""
+    import csv
+
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0]:
+        raise ValueError(f"{labels_csv}: needs a header with a 'path' column (path relative to {root})")
+    return rows
+
+
+def audio_label_classes(labels_csv: str | Path | None) -> list[str]:
+    """Class names of a labels CSV's ``label`` column: 0..C-1 when every label is an integer, else sorted."""
+    if labels_csv is None:
+        return []
+    rows = _read_audio_labels(Path(labels_csv).parent, Path(labels_csv))
+    names = {r.get("label", "") for r in rows} - {""}
+    if names and all(n.lstrip("-").isdigit() for n in names):
+        return [str(c) for c in range(max(int(n) for n in names) + 1)]
+    return sorted(names)
+
+
+def audio_label_splits(labels_csv: str | Path | None) -> list[str]:
+    """The values of a labels CSV's ``split`` column, sorted (empty without a CSV or the column)."""
+    if labels_csv is None:
+        return []
+    rows = _read_audio_labels(Path(labels_csv).parent, Path(labels_csv))
+    return sorted({r["split"] for r in rows if r.get("split")})
+
+
+def _one_thread() -> None:
+    """Pool initialiser: one torch thread per decoding process (the processes are the parallelism)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _audio_sample(job: tuple[int, str, str, dict]) -> dict:
+    """Worker: (index, file, path as listed, metadata) -> a shard sample, or ``__error__`` naming the file."""
+    from ..audio.decode import SAMPLE_RATE, decode_audio, encode_flac
+
+    index, file, shown, meta = job
+    key = f"audio-{index:08d}"
+    try:
+        data = Path(file).read_bytes()
+    except OSError as err:
+        return {"__key__": key, "__error__": f"{shown}: cannot read ({err.strerror or err})"}
+    try:
+        wave, rate = decode_audio(data, shown)
+    except ValueError as err:
+        return {"__key__": key, "__error__": str(err)}
+    info = {"duration": len(wave) / SAMPLE_RATE, "original_rate": rate, "path": shown, **meta}
+    return {"__key__": key, "flac": encode_flac(wave), "json": info}
+
+
+def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None, split: str | None = None,
+                         processes: int = 2) -> tuple[Iterator[dict], int, list[str]]:
+    """Samples from audio files under ``root`` (any layout, WAV/FLAC/OGG/MP3 at any rate), their count
+    and class names.
+
+    Without ``labels_csv`` every audio file under ``root`` is read (recursively). With it, the files are
+    the CSV's ``path`` column (relative to ``root``), ``label`` becomes an integer class index and the
+    other columns are kept in each sample's ``.json``; ``split`` keeps only rows of that split.
+    Each file is decoded to 16 kHz mono (``decode_audio``) and stored as FLAC; a bad file (undecodable,
+    silent, NaN, missing) yields ``{"__key__", "__error__"}`` so ``write_shards`` lists it as skipped.
+    Decoding runs in a pool of ``processes`` (1: in this process).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFound(f"audio folder {root} does not exist")
+    classes: list[str] = []
+    if labels_csv is None:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+        jobs = [(i, str(p), str(p.relative_to(root)), {}) for i, p in enumerate(files)]
+    else:
+        classes = audio_label_classes(labels_csv)
+        index = {name: c for c, name in enumerate(classes)}
+        jobs = []
+        for i, row in enumerate(_read_audio_labels(root, Path(labels_csv))):
+            if split is not None and row.get("split") != split:
+                continue
+            meta = {k: v for k, v in row.items() if k != "path" and k is not None}
+            if meta.get("label", "") != "":
+                meta["label"] = index[meta["label"]] if meta["label"] in index else index[str(int(meta["label"]))]
+            jobs.append((i, str(root / row["path"]), row["path"], meta))
+    if not jobs:
+        raise ValueError(f"{root}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})"
+                         + (f" in split {split!r} of {labels_csv}" if split else ""))
+
+    def gen():
+        if processes <= 1:
+            yield from map(_audio_sample, jobs)
+            return
+        import multiprocessing
+
+        with multiprocessing.Pool(processes, initializer=_one_thread) as pool:
+            yield from pool.imap(_audio_sample, jobs, chunksize=8)
+
+    return gen(), len(jobs), classes

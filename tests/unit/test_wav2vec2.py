@@ -16,6 +16,7 @@ from selfsup.audio.loss import contrastive_logits, sample_negatives
 from selfsup.audio.masking import compute_span_mask
 from selfsup.audio.quantizer import gumbel_temperature
 from selfsup.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Pretraining
+from selfsup.config import load_config
 from selfsup.objective import Objective, Progress
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -249,13 +250,17 @@ def test_base_has_95m_parameters():
 
 @pytest.mark.parametrize("name", ["tiny", "base", "large"])
 def test_yaml_presets_match_the_config(name):
-    raw = yaml.safe_load((CONFIGS / f"wav2vec2-{name}.yaml").read_text())
-    assert set(raw["model"]) == set(Wav2Vec2Config.model_fields)
-    assert Wav2Vec2Config(**raw["model"]) == getattr(Wav2Vec2Config, name)()
-    assert {"lr", "warmup_steps", "total_steps", "betas", "eps", "weight_decay"} <= raw["optim"].keys()
-    assert raw["data"]["max_seconds"] > 0
+    path = CONFIGS / f"wav2vec2-{name}.yaml"
+    raw = yaml.safe_load(path.read_text())
+    model = {k: v for k, v in raw["method"].items() if k != "name"}
+    assert raw["method"]["name"] == "wav2vec2"
+    assert set(model) == set(Wav2Vec2Config.model_fields)
+    assert Wav2Vec2Config(**model) == getattr(Wav2Vec2Config, name)() == Wav2Vec2Config.from_yaml(path)
+    assert {"lr", "warmup_epochs", "epochs", "betas", "eps", "weight_decay"} <= raw["optim"].keys()
+    cfg = load_config(path)  # a full experiment that `selfsup pretrain` accepts
+    assert cfg.data.kind == "audio" and cfg.data.max_seconds > 0
     with pytest.raises(ValueError, match="no_such_key"):
-        Wav2Vec2Config(**raw["model"], no_such_key=1)
+        Wav2Vec2Config(**model, no_such_key=1)
 
 
 def _feed(monitor, series):
