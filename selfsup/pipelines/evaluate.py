@@ -1,4 +1,5 @@
-"""Checkpoint -> features -> kNN and linear probe -> report, beside raw-pixel and random-init baselines."""
+"""Checkpoint -> features -> kNN and linear probe -> report, beside raw-pixel and random-init baselines
+(images), or log-mel and random-init baselines (wav2vec 2.0, ``evaluate_audio``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from ..vision.augment import BatchViews
 from ..vision.backbones import build_backbone
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .loader import decode_image
-from .shards import iter_shard, read_manifest
+from .shards import decode_sample, iter_shard, read_manifest
 
 log = logging.getLogger("selfsup.evaluate")
 
@@ -80,6 +81,8 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
         torch.set_num_threads(threads)
     ckpt = resolve_checkpoint(checkpoint)
     cfg, model_state, _ = load_checkpoint(ckpt)
+    if cfg.method.name == "wav2vec2":
+        return evaluate_audio(ckpt, train, test, out, baselines)
     out = Path(out) if out else ckpt.parent.parent / f"eval-{Path(test.rstrip('/')).name}"
     d = cfg.data
     views = BatchViews(cfg.view_recipes(), d.image_size, d.mean, d.std)
@@ -131,3 +134,157 @@ def _encoder(cfg: ExperimentConfig, model_state: dict | None) -> nn.Module:
     if model_state is not None:
         method.load_state_dict(model_state)
     return method.encoder
+
+
+def read_audio(location: str) -> tuple[list[np.ndarray], np.ndarray, list[str], list[str], list[str]]:
+    """Every decodable clip of an audio shard folder, in order: float32 (T_i,) 16 kHz waveforms,
+    labels (N,), group per clip (its ``voice`` or ``speaker`` column, else ""), class names, and one
+    line per skipped sample or shard."""
+    manifest, urls = read_manifest(location)
+    waves, labels, groups, problems = [], [], [], []
+    for url in urls:
+        try:
+            for sample in iter_shard(url):
+                try:
+                    (wave, _), info = decode_sample(sample, "audio")
+                    if info.get("label", "") in ("", None):
+                        raise ValueError(f"sample {sample.get('__key__')}: no label in its .json")
+                except ValueError as err:
+                    problems.append(f"{url}: {err}")
+                    continue
+                waves.append(wave)
+                labels.append(int(info["label"]))
+                groups.append(str(info.get("voice", info.get("speaker", ""))))
+        except Exception as err:  # truncated tar
+            problems.append(f"{url}: unreadable ({type(err).__name__}: {err})")
+    if not waves:
+        raise ValueError(f"{location}: no decodable labelled clips; run `selfsup shards verify {location}`")
+    return waves, np.asarray(labels), groups, manifest.get("classes", []), problems
+
+
+@torch.no_grad()
+def audio_layer_features(encoder: nn.Module, waves: list[np.ndarray], min_samples: int,
+                         desc: str = "features") -> list[np.ndarray]:
+    """Mean over frames of every encoder layer's output, one clip at a time (no padding effects):
+    [(N, D)] for the projected features and each transformer layer. Clips under ``min_samples``
+    (the receptive field) are zero-padded to it."""
+    encoder.eval()
+    per_layer: list[list[torch.Tensor]] = []
+    for wave in tqdm(waves, desc=desc, unit="clip", mininterval=1.0):
+        x = torch.from_numpy(np.pad(wave, (0, max(0, min_samples - len(wave)))))[None]
+        layers, _ = encoder(x, torch.tensor([x.shape[1]]))
+        if not per_layer:
+            per_layer = [[] for _ in layers]
+        for i, h in enumerate(layers):
+            per_layer[i].append(h[0].float().mean(dim=0))
+    return [torch.stack(f).numpy() for f in per_layer]
+
+
+def log_mel_features(waves: list[np.ndarray], n_mels: int = 80) -> np.ndarray:
+    """The log-mel baseline: 25 ms windows, 10 ms hop, ``n_mels`` bands; mean and std over time -> (N, 2 * n_mels)."""
+    import torchaudio
+
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=16_000, n_fft=400, hop_length=160, n_mels=n_mels)
+    out = []
+    for wave in waves:
+        spec = torch.log(mel(torch.from_numpy(wave)) + 1e-6)  # (n_mels, frames)
+        out.append(torch.cat([spec.mean(dim=1), spec.std(dim=1, correction=0)]))
+    return torch.stack(out).numpy()
+
+
+def _standardise(train_x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Z-score every feature with the train rows' mean and std (features of different encoders and
+    layers differ wildly in offset and scale, which cosine kNN would otherwise see)."""
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+    return [(x - mean) / std for x in (train_x, *others)]
+
+
+def holdout_split(labels: np.ndarray, groups: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Boolean (N,) mask of held-out train rows: whole groups (voices/speakers) when the clips have
+    them, as the test split holds unseen voices; else a random ``fraction`` of rows."""
+    rng = np.random.default_rng(seed)
+    names = sorted(set(groups))
+    if len(names) >= 5:
+        held = set(rng.permutation(names)[: max(1, round(fraction * len(names)))].tolist())
+        mask = np.array([g in held for g in groups])
+        if len(np.unique(labels[~mask])) == len(np.unique(labels)):
+            return mask
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[rng.permutation(len(labels))[: max(1, round(fraction * len(labels)))]] = True
+    return mask
+
+
+def best_layer(train_layers: list[np.ndarray], labels: np.ndarray, held: np.ndarray, num_classes: int) -> tuple[int, list[float]]:
+    """The layer whose features classify the held-out train rows best by weighted kNN@20 (T=0.07)
+    against the rest: (layer index, held-out top-1 of every layer)."""
+    k, scores = min(20, int((~held).sum())), []
+    for x in train_layers:
+        fit, val = _standardise(x[~held], x[held])
+        result = weighted_knn(fit, labels[~held], val, labels[held], settings=[(k, 0.07)], num_classes=num_classes)
+        scores.append(result.top1[f"knn@{k}"])
+    return int(np.argmax(scores)), scores
+
+
+def evaluate_audio(checkpoint: str | Path, train: str, test: str, out: str | Path | None = None,
+                   baselines: bool = True, holdout: float = 0.2) -> dict:
+    """Score a wav2vec 2.0 checkpoint on labelled audio shards; writes the report to ``out`` and
+    returns ``{"scores": {encoder: {metric: top-1}}, "details": {encoder: {...}}, "report": out}``.
+
+    Every encoder layer is mean-pooled; the layer is picked by kNN on a held-out part of ``train``
+    (``holdout``, by voice/speaker when known); kNN and the linear probe then score it on ``test``
+    with all of ``train`` as the bank. Baselines, through the same evaluators: log-mel (mean + std
+    pooled) and the same model at random initialisation (its own best layer).
+    """
+    from ..audio.feature_encoder import receptive_field
+    from ..audio.wav2vec2 import Wav2Vec2Pretraining
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg, model_state, _ = load_checkpoint(ckpt)
+    out = Path(out) if out else ckpt.parent.parent / f"eval-{Path(test.rstrip('/')).name}"
+    train_w, train_y, groups, classes, bad_train = read_audio(train)
+    test_w, test_y, _, _, bad_test = read_audio(test)
+    num_classes = max(len(classes), int(max(train_y.max(), test_y.max())) + 1)
+    classes = classes or [str(c) for c in range(num_classes)]
+    knn_settings = [tuple(s) for s in cfg.eval.knn]
+    held = holdout_split(train_y, groups, holdout, cfg.seed)
+    min_samples, _ = receptive_field(cfg.method.conv_kernels, cfg.method.conv_strides)
+
+    def model_features(state: dict | None, name: str) -> tuple[np.ndarray, np.ndarray, dict]:
+        torch.manual_seed(cfg.seed)
+        objective = Wav2Vec2Pretraining(cfg.method)
+        if state is not None:
+            objective.load_state_dict(state)
+        train_layers = audio_layer_features(objective.encoder, train_w, min_samples, f"features ({name}, train)")
+        layer, val_scores = best_layer(train_layers, train_y, held, num_classes)
+        log.info("%s: layer %d is best on held-out train (kNN@20 per layer %s)", name, layer,
+                 [round(v, 3) for v in val_scores])
+        test_layer = audio_layer_features(objective.encoder, test_w, min_samples, f"features ({name}, test)")[layer]
+        return train_layers[layer], test_layer, {"layer": layer, "heldout_knn20_per_layer": val_scores}
+
+    features = {"checkpoint": model_features(model_state, "checkpoint")}
+    if baselines:
+        features["log_mel"] = (log_mel_features(train_w), log_mel_features(test_w), {})
+        features["random_init"] = model_features(None, "random_init")
+    encoders: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    for name, (bank, queries, extra) in features.items():
+        bank, queries = _standardise(bank, queries)
+        encoders[name], details[name] = score(name, bank, train_y, queries, test_y, num_classes, knn_settings)
+        details[name].update(extra)
+    notes = [f"checkpoint: {ckpt}", f"train: {train} ({len(train_y)} clips, {int(held.sum())} held out to pick "
+             f"the layer), test: {test} ({len(test_y)} clips)",
+             "features: mean over frames of one encoder layer (0 = projected conv features), z-scored with "
+             "train statistics; log-mel: 80 bands, mean + std over time"]
+    if bad_train or bad_test:
+        notes.append(f"skipped {len(bad_train)} train and {len(bad_test)} test clips: "
+                     + "; ".join((bad_train + bad_test)[:5]))
+    plain = {k: {kk: vv for kk, vv in v.items() if kk not in ("predictions", "probabilities")}
+             for k, v in details.items()}
+    write_report(
+        out, title=f"selfsup evaluation: {cfg.name} (wav2vec2, {cfg.method.num_layers} layers of {cfg.method.embed_dim})",
+        encoders=encoders, details=plain | {"checkpoint_path": str(ckpt), "skipped": bad_train + bad_test},
+        class_names=classes, confusion_matrix=confusion(test_y, details["checkpoint"]["predictions"], num_classes),
+        notes=notes)
+    print(format_table(encoders))
+    print(f"report: {out / 'report.md'}")
+    return {"scores": encoders, "details": plain, "report": out}
