@@ -91,10 +91,19 @@ class TrainConfig(Strict):
 
 
 class ScalingConfig(Strict):
-    num_workers: int = Field(1, ge=1, description="training processes (one per GPU)")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="training processes (one per GPU); [min, max] for elastic training (Ray picks the count)")
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_range(cls, v):
+        low, high = v if isinstance(v, tuple) else (v, v)
+        if low < 1 or high < low:
+            raise ValueError("needs a count >= 1, or [min, max] with 1 <= min <= max")
+        return v
 
 
 class TrackingConfig(Strict):
@@ -153,7 +162,19 @@ class ExperimentConfig(Strict):
 
     @property
     def run_dir(self) -> Path:
+        """The run's local directory (for an s3:// or gs:// ``run_root``, its local mirror)."""
+        if self.run_url:
+            from .pipelines.storage import mirror_dir
+
+            return mirror_dir(self.run_root, self.name)
         return Path(self.run_root) / self.name
+
+    @property
+    def run_url(self) -> str | None:
+        """``<run_root>/<name>`` when ``run_root`` is an s3:// or gs:// URL, else None."""
+        if self.run_root.startswith(("s3://", "gs://")):
+            return f"{self.run_root.rstrip('/')}/{self.name}"
+        return None
 
     def view_recipes(self) -> list[ViewRecipe]:
         from .vision.augment import preset_views

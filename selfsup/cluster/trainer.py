@@ -36,11 +36,38 @@ class RayReporter:
         self.inner.finish(summary)
 
 
+class RunSyncReporter:
+    """Pushes the run's metrics and summary to its bucket (``run_root: s3://…``) when the run finishes."""
+
+    def __init__(self, inner, cfg: ExperimentConfig):
+        self.inner, self.cfg = inner, cfg
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.inner.log(step, metrics)
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.inner.checkpoint(step, path)
+
+    def finish(self, summary: dict) -> None:
+        from ..pipelines.storage import push_run_files
+        from ..ssl.distributed import rank
+
+        self.inner.finish(summary)
+        if rank() == 0:
+            push_run_files(self.cfg.run_dir, self.cfg.run_url)
+
+
 def make_reporter(cfg: ExperimentConfig, under_ray: bool):
-    """FileReporter, wrapped for Ray and W&B (W&B on rank 0 only)."""
+    """FileReporter, wrapped for Ray and W&B (W&B on rank 0 only), and for the bucket of a remote run."""
     from ..ssl.distributed import rank
 
     reporter = FileReporter(cfg.run_dir)
+    if cfg.run_url:
+        from ..pipelines.storage import pull_run_files
+
+        if rank() == 0:
+            pull_run_files(cfg.run_url, cfg.run_dir)  # the W&B id and metrics of an earlier attempt
+        reporter = RunSyncReporter(reporter, cfg)
     if under_ray:
         reporter = RayReporter(reporter)
     run = None
@@ -103,8 +130,12 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
         train_loop_config=cfg.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling,
-        run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.run_root) / "_ray"),
+        run_config=RunConfig(name=cfg.name, storage_path=str(cfg.run_dir.parent / "_ray"),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
     )
     trainer.fit()
+    if cfg.run_url and not (cfg.run_dir / "summary.json").is_file():  # rank 0 ran on another node
+        from ..pipelines.storage import pull_run_files
+
+        pull_run_files(cfg.run_url, cfg.run_dir)
     return json.loads((cfg.run_dir / "summary.json").read_text())

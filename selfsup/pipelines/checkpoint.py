@@ -61,6 +61,11 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, train_state: di
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if cfg.run_url:  # object storage: files, then the COMPLETE marker; then metrics and the W&B id
+        from .storage import push_checkpoint, push_run_files
+
+        push_checkpoint(final, cfg.run_url, keep)
+        push_run_files(run_dir, cfg.run_url)
     return final
 
 
@@ -72,7 +77,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "model.pt").is_file() and (p / "state.pt").is_file())
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: Path, remote: str | None = None) -> Path | None:
+    """The newest complete checkpoint; with ``remote`` (the run's URL) the bucket's newest is pulled first."""
+    if remote:
+        from .storage import pull_latest
+
+        pull_latest(remote, run_dir)
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 

@@ -137,7 +137,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
     warmup_steps = int(cfg.optim.warmup_epochs * steps_per_epoch)
 
     step, start_epoch, start_in_epoch = 0, 0, 0
-    found = latest_checkpoint(run_dir)
+    found = latest_checkpoint(run_dir, remote=cfg.run_url)
     if found is not None:
         _, model_state, state = load_checkpoint(found, with_state=True)
         objective.load_state_dict(model_state)

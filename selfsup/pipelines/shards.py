@@ -19,6 +19,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .. import __version__
+from .storage import open_read
 
 MANIFEST = "manifest.json"
 
@@ -84,7 +85,7 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
     """The manifest of a shard folder (local path or URL) and the URL of each shard, in order."""
     base = location.rstrip("/")
     try:
-        with wds.gopen(f"{base}/{MANIFEST}", "rb") as f:
+        with open_read(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
         raise ManifestError(f"{base} has no {MANIFEST}; write shards with `selfsup shards write` "
@@ -136,7 +137,7 @@ def decode_sample(sample: dict, kind: str):
 def iter_shard(url: str, handler=None):
     """Raw samples (dicts of bytes) of one tar shard."""
     handler = handler or wds.reraise_exception
-    with wds.gopen(url, "rb") as stream:
+    with open_read(url) as stream:
         files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler, eof_value=None)
         yield from wds.tariterators.group_by_keys(files, handler=handler)
 

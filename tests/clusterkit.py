@@ -1,0 +1,123 @@
+"""Helpers for the cluster-operations tests: a tiny config, free ports, a local S3 server."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+
+def tiny_config(name: str, shards: Path | str, run_root: Path | str, **sections) -> dict:
+    """A SimCLR run small enough for two CPU cores (ResNet-18 of width 4, batch 8, no loader processes)."""
+    tree = {
+        "name": name, "run_root": str(run_root), "seed": 3,
+        "data": {"train": str(shards), "batch_size": 8, "loader_workers": 0, "shuffle_buffer": 16},
+        "model": {"width": 4},
+        "method": {"name": "simclr"},
+        "optim": {"lr": 0.1, "epochs": 1, "warmup_epochs": 0.2},
+        "train": {"log_every_steps": 1, "checkpoint_every_steps": 4, "threads": 1},
+        "tracking": {"mode": "disabled"},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
+    return tree
+
+
+def write_config(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def s3_server(bucket: str = "selfsup-test"):
+    """A moto S3 server on 127.0.0.1 with ``bucket``; yields the env a client needs to reach it."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3").create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def upload_dir(local: Path, bucket: str, prefix: str) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    for f in sorted(Path(local).iterdir()):
+        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+
+
+@contextmanager
+def ray_head(env: dict, num_cpus: int = 2):
+    """``ray start --head --block`` on 127.0.0.1 with free ports and its own temp dir; yields
+    (dashboard URL, GCS address, temp dir). Stopped by signalling that process only (never ``ray stop``,
+    which would stop every Ray on the machine)."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.error
+    import urllib.request
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    gcs, dash = free_port(), free_port()
+    ports = {f"--{name}": free_port() for name in (
+        "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+           f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
+           *(f"{k}={v}" for k, v in ports.items())]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        for _ in range(120):
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {proc.returncode}")
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # up, and asking for the token
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError("the Ray dashboard did not come up in 120 s")
+        yield url, f"127.0.0.1:{gcs}", Path(temp)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
