@@ -79,6 +79,26 @@ def _eval(args) -> None:
 def _export(args) -> None:
     import torch
 
+def _submit(args) -> int:
+    from .cluster.submit import SubmitError, submit
+
+    try:
+        return submit(args.config, args.overrides, args.address, wait=not args.no_wait, env_names=args.env)
+    except SubmitError as err:
+        print(f"selfsup: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _jobs(args) -> int:
+    from .cluster.submit import SubmitError, jobs
+
+    try:
+        return jobs(args.action, args.job_id, args.address)
+    except SubmitError as err:
+        print(f"selfsup: error: {err}", file=sys.stderr)
+        return 2
+
+
     from .pipelines.evaluate import _encoder
     from .pipelines.checkpoint import load_checkpoint
     from .vision.backbones import export_state_dict
@@ -151,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint")
     x.add_argument("out")
     x.set_defaults(func=_export)
+    s = sub.add_parser("submit", help="run `selfsup pretrain` as a Ray job on a cluster (Job Submission SDK)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key.sub=value")
+    s.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    s.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="pass this environment variable to the job (secrets: never on the command line)")
+    s.set_defaults(func=_submit)
+    j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    j.add_argument("action", choices=["status", "logs", "stop"])
+    j.add_argument("job_id")
+    j.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    j.set_defaults(func=_jobs)
+
 
     d = sub.add_parser("demo", help="Fashion-MNIST -> shards -> SimCLR under Ray -> evaluation report")
     d.add_argument("--config", default="configs/quickstart.yaml")
