@@ -70,6 +70,11 @@ def plan_epoch(counts: list[int], ranks: int, workers: int, batch_size: int, see
     return EpochPlan(steps, order, ranges, quotas)
 
 
+def seed_for(seed: int, epoch: int) -> int:
+    """A 63-bit seed for (run seed, epoch)."""
+    return (seed * 100_003 + epoch) % (2**63 - 1)
+
+
 def batches_before(quotas: list[int], step: int) -> tuple[list[int], int]:
     """After ``step`` DataLoader steps: how many batches each worker has yielded, and which worker
     serves next (torch's DataLoader serves an IterableDataset round-robin over the workers that
@@ -174,6 +179,8 @@ class ShardStream(IterableDataset):
         self.rank, self.ranks, self.workers = rank, ranks, max(1, workers)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.epoch, self.start_step = 0, 0
+        # seeds the DataLoader's workers; kept apart from the global RNG, which a resumed run restores
+        self.generator = torch.Generator().manual_seed(seed)
 
     def plan(self) -> EpochPlan:
         return plan_epoch(self.counts, self.ranks, self.workers, self.batch_size, self.seed, self.epoch, self.shuffle)
@@ -184,6 +191,7 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """Read epoch ``epoch``, beginning after its first ``start_step`` batches (for resuming)."""
         self.epoch, self.start_step = epoch, start_step
+        self.generator.manual_seed(seed_for(self.seed, epoch))
 
     def _raw(self, pieces: list[Piece], bad: list[str]) -> Iterator[dict]:
         for p in pieces:
@@ -271,4 +279,5 @@ def make_loader(stream: ShardStream, processes: int) -> DataLoader:
     if max(1, processes) != stream.workers:
         raise ValueError(f"the stream is planned for {stream.workers} workers, not {processes}")
     return DataLoader(stream, batch_size=None, num_workers=processes, pin_memory=torch.cuda.is_available(),
+                      generator=stream.generator,
                       prefetch_factor=4 if processes else None, persistent_workers=False)

@@ -1,0 +1,56 @@
+"""Seeded, deterministic CPU runs: 2N steps straight == N steps, a crash, a resume, N more (within 1e-6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfsup.config import parse_config
+from selfsup.pipelines.checkpoint import latest_checkpoint
+from selfsup.pipelines.pretrain import FileReporter, pretrain
+from tests.clusterkit import tiny_config
+from tests.conftest import write_tiny_shards
+
+pytestmark = pytest.mark.integration
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfterCheckpoint(FileReporter):
+    """Raises right after the checkpoint of step ``at`` is written (as a killed process would stop)."""
+
+    def __init__(self, run_dir, at: int):
+        super().__init__(run_dir)
+        self.at = at
+
+    def checkpoint(self, step, path):
+        if step == self.at:
+            raise Crash(f"injected at step {step}")
+
+
+def _weights(run_dir):
+    return torch.load(latest_checkpoint(run_dir) / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("crash_at", [5, 8])  # mid-epoch, and exactly at the epoch boundary
+def test_crash_and_resume_gives_the_same_weights(tmp_path, crash_at):
+    shards = write_tiny_shards(tmp_path / "shards", [20, 30, 14])  # 8 steps an epoch
+    tree = tiny_config("det", shards, tmp_path / "straight", seed=11, deterministic=True,
+                       optim={"epochs": 2, "name": "sgd", "warmup_epochs": 0.5},
+                       train={"checkpoint_every_steps": 1, "keep_checkpoints": 1},
+                       data={"loader_workers": 1, "shuffle_buffer": 8})
+    straight = parse_config(tree)
+    assert pretrain(straight, FileReporter(straight.run_dir))["steps"] == 16
+
+    resumed = parse_config(tree, [f"run_root={tmp_path / 'resumed'}"])
+    with pytest.raises(Crash):
+        pretrain(resumed, CrashAfterCheckpoint(resumed.run_dir, crash_at))
+    assert latest_checkpoint(resumed.run_dir).name == f"step-{crash_at:08d}"
+    assert pretrain(resumed, FileReporter(resumed.run_dir))["steps"] == 16
+
+    a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst <= 1e-6
