@@ -18,6 +18,7 @@ normalising block by block, so a bank is never copied whole.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -205,6 +206,17 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
+@contextlib.contextmanager
+def _full_fp32_matmul():
+    """Exact fp32 matmuls even where training code allowed TF32 / bf16 (the _TOL bound needs them)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products of ``q`` (m, D) against ``block`` (n, D), in any order: (m, k) f32, (m, k) i64."""
     if backend == "faiss":
@@ -216,10 +228,11 @@ def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple
         b = torch.from_numpy(block).to(device)
         step = max(1, (_TILE_ELEMENTS * (8 if device == "cuda" else 1)) // len(block))
         sims, idx = [], []
-        for s in range(0, len(q), step):
-            v, i = torch.topk(torch.from_numpy(q[s : s + step]).to(device) @ b.T, k, dim=1, sorted=False)
-            sims.append(v.cpu().numpy())
-            idx.append(i.cpu().numpy())
+        with _full_fp32_matmul():
+            for s in range(0, len(q), step):
+                v, i = torch.topk(torch.from_numpy(q[s : s + step]).to(device) @ b.T, k, dim=1, sorted=False)
+                sims.append(v.cpu().numpy())
+                idx.append(i.cpu().numpy())
         return np.concatenate(sims), np.concatenate(idx)
     step = max(1, _TILE_ELEMENTS // len(block))
     sims, idx = [], []

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from selfsup.eval import knn
 from selfsup.eval.knn import weighted_knn
@@ -159,3 +160,18 @@ def test_validation_errors():
         weighted_knn(bank, yb, bank, yb, backend="annoy")
     with pytest.raises(ValueError, match="distinct k"):
         weighted_knn(bank, yb, bank, yb, settings=((5, 0.1), (5, 0.07)))
+
+
+def test_torch_engine_ignores_reduced_matmul_precision():
+    rng = np.random.default_rng(7)
+    bank, yb, centres = clustered(rng, 300)
+    queries, yq, _ = clustered(rng, 20, centres=centres)
+    ref = weighted_knn(bank, yb, queries, yq, ((10, 0.1),), backend="numpy")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        r = weighted_knn(bank, yb, queries, yq, ((10, 0.1),), backend="torch")
+        assert torch.get_float32_matmul_precision() == "medium"  # restored afterwards
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    np.testing.assert_array_equal(r.neighbours, ref.neighbours)
