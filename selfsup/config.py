@@ -61,7 +61,8 @@ class AugmentConfig(Strict):
 class ModelConfig(Strict):
     backbone: Literal["resnet18", "resnet34", "resnet50", "vit_b_16"] = "resnet18"
     width: int = Field(64, gt=0, description="channels of the first ResNet stage (64 = standard)")
-    small_stem: bool = True
+    small_stem: bool = Field(True, description="3x3 stem without max-pool, for 28-32 px images")
+    stem_stride: int = Field(1, ge=1, le=2, description="stride of the small stem (2 quarters the compute)")
 
 
 class OptimConfig(Strict):

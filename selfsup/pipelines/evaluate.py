@@ -16,11 +16,10 @@ from ..eval.knn import weighted_knn
 from ..eval.linear import linear_probe
 from ..eval.metrics import confusion
 from ..eval.report import format_table, write_report
-from ..ssl import build_method
 from ..vision.augment import BatchViews
-from ..vision.backbones import build_backbone
 from .checkpoint import load_checkpoint, resolve_checkpoint
 from .loader import decode_image
+from .pretrain import build_vision_method
 from .shards import decode_sample, iter_shard, read_manifest
 
 log = logging.getLogger("selfsup.evaluate")
@@ -128,9 +127,7 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
 
 def _encoder(cfg: ExperimentConfig, model_state: dict | None) -> nn.Module:
     """The method's encoder with the checkpoint's weights (or at random initialisation)."""
-    backbone, dim = build_backbone(cfg.model.backbone, cfg.model.width, cfg.data.channels, cfg.model.small_stem,
-                                   cfg.data.image_size)
-    method = build_method(cfg.method, backbone, dim)
+    method = build_vision_method(cfg)
     if model_state is not None:
         method.load_state_dict(model_state)
     return method.encoder

@@ -28,10 +28,11 @@ from ..config import ExperimentConfig
 from ..objective import Progress
 from ..ssl import build_method
 from ..ssl.distributed import rank as current_rank, world_size
+from ..ssl.monitor import CollapseMonitor, embedding_stats
 from ..vision.augment import BatchViews
 from ..vision.backbones import build_backbone
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .loader import DataHealth, ShardStream, collate_images, decode_image, make_loader
+from .loader import DataHealth, ShardStream, collate_audio, collate_images, decode_audio_sample, decode_image, make_loader
 from .optim import build_optimizer, scaled_lr, set_lr
 
 log = logging.getLogger("selfsup.pretrain")
@@ -96,11 +97,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def build_vision_method(cfg: ExperimentConfig) -> nn.Module:
+    """The image method of ``cfg`` around its backbone, at random initialisation."""
+    m = cfg.model
+    backbone, dim = build_backbone(m.backbone, m.width, cfg.data.channels, m.small_stem, cfg.data.image_size,
+                                   m.stem_stride)
+    return build_method(cfg.method, backbone, dim)
+
+
 def build_vision(cfg: ExperimentConfig, device: torch.device):
     """(objective, train stream, batch -> objective input) for an image method."""
-    backbone, dim = build_backbone(cfg.model.backbone, cfg.model.width, cfg.data.channels, cfg.model.small_stem,
-                                   cfg.data.image_size)
-    objective = build_method(cfg.method, backbone, dim)
+    objective = build_vision_method(cfg)
     views = BatchViews(cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
     decode = functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size)
     stream = ShardStream(cfg.data.train, cfg.data.batch_size, decode, collate_images, rank=current_rank(),
@@ -115,6 +122,52 @@ def build_vision(cfg: ExperimentConfig, device: torch.device):
     return objective, stream, to_input
 
 
+def build_audio(cfg: ExperimentConfig, device: torch.device):
+    """(wav2vec 2.0 objective, train stream of cropped 16 kHz clips, batch -> (waves (B, S), lengths (B,)))."""
+    from ..audio.decode import SAMPLE_RATE
+    from ..audio.feature_encoder import receptive_field
+    from ..audio.wav2vec2 import Wav2Vec2Pretraining
+
+    objective = Wav2Vec2Pretraining(cfg.method)
+    field, hop = receptive_field(cfg.method.conv_kernels, cfg.method.conv_strides)
+    # at least one mask span of frames beyond the receptive field, so masking and distractors work
+    min_samples = max(int(cfg.data.min_seconds * SAMPLE_RATE), field + cfg.method.mask_length * hop)
+    max_samples = int(cfg.data.max_seconds * SAMPLE_RATE)
+    if max_samples < min_samples:
+        raise ValueError(f"data.max_seconds {cfg.data.max_seconds} is below the shortest usable clip "
+                         f"({min_samples / SAMPLE_RATE:g} s: data.min_seconds or the receptive field)")
+    stream = ShardStream(cfg.data.train, cfg.data.batch_size, functools.partial(decode_audio_sample, min_samples=min_samples),
+                         functools.partial(collate_audio, max_samples=max_samples, min_samples=min_samples),
+                         rank=current_rank(), ranks=world_size(), workers=max(1, cfg.data.loader_workers),
+                         seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+
+    def to_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch["waves"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
+
+    return objective, stream, to_input
+
+
+class CodebookHealthReporter:
+    """A Reporter that passes every logged record through a ``CodebookHealthMonitor`` first (rank 0):
+    alarms are logged as warnings and counted in the record as ``codebook_alarms``."""
+
+    def __init__(self, inner: Reporter, groups: int):
+        from ..audio.health import CodebookHealthMonitor
+
+        self.inner, self.monitor = inner, CodebookHealthMonitor(groups=groups)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if current_rank() == 0:
+            metrics = {**metrics, "codebook_alarms": len(self.monitor.update(step, metrics))}
+        self.inner.log(step, metrics)
+
+    def checkpoint(self, step: int, path: Path) -> None:
+        self.inner.checkpoint(step, path)
+
+    def finish(self, summary: dict) -> None:
+        self.inner.finish(summary)
+
+
 def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
     """Train until ``cfg.optim.epochs`` are done; returns a summary (steps, last metrics, data health)."""
     seed_everything(cfg.seed + current_rank(), cfg.deterministic)
@@ -122,7 +175,11 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg)
     run_dir = cfg.run_dir
-    objective, stream, to_input = build_vision(cfg, device)
+    if cfg.method.name == "wav2vec2":
+        objective, stream, to_input = build_audio(cfg, device)
+        reporter = CodebookHealthReporter(reporter, cfg.method.codebook_groups)
+    else:
+        objective, stream, to_input = build_vision(cfg, device)
     if world_size() > 1 and getattr(cfg.method, "sync_bn", False):
         objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
     objective.to(device)
@@ -148,12 +205,16 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
 
     model = objective
     if world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+        # LayerDrop skips whole layers, leaving their parameters without gradients in that step
+        model = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=getattr(cfg.method, "layer_drop", 0) > 0,
+                                                    broadcast_buffers=False)
     step_fn = torch.compile(model) if cfg.train.compile else model
     amp = autocast_dtype(cfg, device)
     loader = make_loader(stream, cfg.data.loader_workers)
     health = DataHealth()
     bad_in_row, bad_total = 0, 0
+    collapse = CollapseMonitor()
     last: dict = {}
     epochs = math.ceil(cfg.optim.epochs)
     timer, images_since = time.perf_counter(), 0
@@ -212,7 +273,12 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             bar.update(1)
             if step % cfg.train.log_every_steps == 0 or in_epoch == epoch_steps:
                 elapsed = time.perf_counter() - timer
+                embedding = out.pop("embedding", None)
                 last = {k: float(v.detach().float()) for k, v in out.items()}
+                if embedding is not None:
+                    last.update({k: float(v) for k, v in embedding_stats(embedding).items()})
+                    if show:
+                        last["collapse_alarms"] = len(collapse.update(step, last, embedding.shape[1]))
                 last.update(lr=current_lr, epoch=epoch + in_epoch / epoch_steps,
                             images_per_s=images_since * world_size() / max(elapsed, 1e-9),
                             skipped_samples=health.skipped, bad_steps=bad_total)

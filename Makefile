@@ -1,0 +1,39 @@
+# `make demo` and `make test` each create or refresh .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-10)
+DEV_STAMP := $(STAMP)-dev
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test venv dataset clean
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+# Debian's dataset-fashion-mnist, when it is missing and apt-get can install it; otherwise the
+# demo downloads the official files.
+dataset:
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ($$SUDO apt-get install -y -q dataset-fashion-mnist || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist)) \
+	  || echo "could not install dataset-fashion-mnist; the demo will download Fashion-MNIST"; \
+	fi
+
+demo: $(STAMP) dataset
+	$(BIN)/selfsup demo $(if $(wildcard $(FMNIST)),,--download)
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs data/fashion-mnist
