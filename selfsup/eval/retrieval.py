@@ -24,7 +24,9 @@ _RANK_ELEMENTS = 2**24  # (query, bank) pairs ranked at once
 
 def retrieval_metrics(bank, bank_labels, queries, query_labels, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """Mean over queries (M, D) of ranking the bank (N, D): "recall@k" (any relevant item in the top
-    k), "precision@k" (share of the top k that is relevant), "map@r" (mAP@R) and "map" (full ranking)."""
+    k), "precision@k" (share of the top k that is relevant), "map@r" (mAP@R) and "map" (full ranking).
+
+    Holds a float32 copy of the bank; queries are ranked in chunks of ``_RANK_ELEMENTS`` pairs."""
     bank = check_features(bank, "bank", "train")
     queries = check_features(queries, "queries", "test")
     if bank.shape[1] != queries.shape[1]:
