@@ -294,6 +294,11 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
                         epoch + 1, health.skipped, health.repeated, health.where[:3])
         write_checkpoint(epoch + 1, 0)
+    if world_size() > 1:  # the bad samples of every rank, not only rank 0's
+        ranks_health = [None] * world_size()
+        dist.all_gather_object(ranks_health, health)
+        health = DataHealth(sum(h.skipped for h in ranks_health), sum(h.repeated for h in ranks_health),
+                            [w for h in ranks_health for w in h.where])
     summary = {"steps": step, "total_steps": total_steps, "epochs": cfg.optim.epochs, "last": last,
                "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
                "bad_steps": bad_total, "checkpoint": str(latest_checkpoint(run_dir))}
