@@ -199,7 +199,12 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
         _, model_state, state = load_checkpoint(found, with_state=True)
         objective.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # this world size's LR, not the saved one (elastic runs resize)
+            group["base_lr"] = lr
         step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if len(state["rng"]) != world_size():  # saved by another number of ranks: same samples, this size's steps
+            start_in_epoch = start_in_epoch * len(state["rng"]) // world_size()
+            step = start_epoch * steps_per_epoch + start_in_epoch
         set_rng_state(state["rng"][current_rank()] if current_rank() < len(state["rng"]) else state["rng"][0])
         log.info("resumed %s from %s (step %d)", cfg.name, found, step)
 
