@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -50,3 +51,21 @@ def test_isolated_bad_losses_are_skipped_and_counted(tmp_path, monkeypatch):
     assert records[-1]["bad_steps"] == 3
     _, model_state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
     assert all(torch.isfinite(v).all() for v in model_state.values() if v.is_floating_point())
+
+
+def test_the_loop_warns_when_embeddings_collapse(tmp_path, monkeypatch, caplog):
+    cfg = tiny_config(tmp_path)
+    forward = SimCLR.forward
+
+    def collapsing(self, views, progress):
+        out = forward(self, views, progress)
+        if progress.step >= 4:  # from step 5 on every sample has the same embedding
+            out["embedding"] = torch.ones_like(out["embedding"]) + 1e-6 * torch.randn_like(out["embedding"])
+        return out
+
+    monkeypatch.setattr(SimCLR, "forward", collapsing)
+    with caplog.at_level(logging.WARNING, logger="selfsup.collapse"):
+        pretrain(cfg, FileReporter(cfg.run_dir))
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["collapse_alarms"] for r in records] == [0, 0, 1, 0]  # logged at steps 2, 4, 6, 8; warned once
+    assert len(caplog.records) == 1 and "representation collapse: embed_std" in caplog.records[0].getMessage()
