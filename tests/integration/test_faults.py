@@ -1,0 +1,65 @@
+"""Fault figures run once each (the full figures: `python -m benchmarks.faults`), and W&B resuming its run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks import faults
+from selfsup.cluster.trainer import make_reporter
+from selfsup.config import parse_config
+from selfsup.pipelines.pretrain import pretrain
+from tests.clusterkit import tiny_config
+from tests.conftest import write_tiny_shards
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_sigkilled_worker_is_restarted_and_the_run_finishes(tmp_path):
+    r = faults.worker_failure(tmp_path, random.Random(3))
+    assert r["rc"] == 0, r["tail"]
+    assert r["killed_at_step"] is not None and len(r["restarts"]) == 1
+    assert r["final_steps"] == r["planned"]
+    assert all(0 <= lost <= r["interval"] for lost in r["lost_steps"])
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path):
+    r = faults.driver_failure(tmp_path, random.Random(4))
+    assert r["rc"] == 0, r["tail"]
+    assert r["checkpoints_at_kill"] and r["resumed"]
+    assert f"(step {int(r['checkpoints_at_kill'][-1].split('-')[1])})" in r["resumed"][0]
+    assert r["final_steps"] == r["planned"]
+
+
+def test_a_rank_whose_share_is_unreadable_does_not_hang_ddp(tmp_path):
+    r = faults.uneven(tmp_path, timeout=240)
+    assert not r["hung"] and r["rc"] == 0, r.get("tail")
+    assert r["final_steps"] == r["planned"] and r["skipped"] == 40  # the zero-byte shard, from the other rank
+
+
+def test_corrupt_samples_are_skipped_counted_and_located(tmp_path):
+    r = faults.corrupt(tmp_path)
+    assert r["rc"] == 0, r["tail"]
+    assert r["final_steps"] == r["planned"]
+    assert r["skipped"] == r["corrupted"]["total"] == 10 and r["repeated"] == 10  # no good sample dropped
+    where = "\n".join(r["where"])
+    for bad in ("train-000005.tar: unreadable after sample 0", "train-000004.tar: unreadable after sample 33",
+                "sample s00005: undecodable", "sample s00047: undecodable", "sample s00101: undecodable"):
+        assert bad in where
+    assert r["printed"] and "10 bad samples skipped" in r["printed"][0]
+
+
+def test_wandb_resumes_the_same_run_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "fake-key-that-must-not-be-logged")
+    shards = write_tiny_shards(tmp_path / "shards", [32, 32])
+    tree = tiny_config("wb", shards, tmp_path / "runs", tracking={"mode": "offline"})
+    first = parse_config(tree)
+    pretrain(first, make_reporter(first, under_ray=False))
+    run_id = (first.run_dir / "wandb_id").read_text()
+    second = parse_config(tree, ["optim.epochs=2"])
+    assert pretrain(second, make_reporter(second, under_ray=False))["steps"] == 16
+    runs = sorted((second.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
+    assert not [p for p in (second.run_dir / "wandb").rglob("*") if p.is_file()
+                and b"fake-key-that-must-not-be-logged" in p.read_bytes()]

@@ -1,0 +1,56 @@
+"""What `selfsup submit` sends: secrets only in env_vars, a resolved config, a local dashboard by default."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from selfsup.cluster import submit as sub
+from tests.clusterkit import tiny_config, write_config
+
+
+def test_secrets_go_only_to_env_vars(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-123")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret-456")
+    cfg = write_config(tmp_path / "c.yaml", tiny_config("job", "shards", "runs"))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    spec = sub.job_spec(str(cfg), ["optim.epochs=3"], staging, ["HF_TOKEN"])
+    assert spec["runtime_env"]["env_vars"]["WANDB_API_KEY"] == "wandb-secret-123"
+    assert spec["runtime_env"]["env_vars"]["HF_TOKEN"] == "hf-secret-456"
+    shipped = (staging / "config.yaml").read_text()
+    for secret in ("wandb-secret-123", "hf-secret-456"):
+        assert secret not in spec["entrypoint"] and secret not in shipped and secret not in str(spec["metadata"])
+    resolved = yaml.safe_load(shipped)
+    assert resolved["optim"]["epochs"] == 3  # overrides applied before shipping
+    assert resolved["run_root"] == str((tmp_path.cwd() / "runs").resolve())  # local paths made absolute
+    assert spec["entrypoint"] == "python -m selfsup.cli pretrain config.yaml"
+    assert spec["runtime_env"]["working_dir"] == str(staging)
+
+
+def test_a_missing_env_name_and_a_bad_config_fail_before_submitting(tmp_path, monkeypatch):
+    from selfsup.config import ConfigError
+
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config("job", "shards", "runs"))
+    with pytest.raises(sub.SubmitError, match="--env NOPE_NOT_SET: not set"):
+        sub.job_spec(str(cfg), [], tmp_path, ["NOPE_NOT_SET"])
+    with pytest.raises(ConfigError, match="optim.epochs"):
+        sub.job_spec(str(cfg), ["optim.epochs=-1"], tmp_path)
+
+
+def test_redact_hides_secret_values():
+    assert sub.redact("key=abcd1234 ok", {"K": "abcd1234"}) == "key=*** ok"
+
+
+def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch):
+    import ray
+
+    from selfsup.cluster.trainer import init_ray
+
+    seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    init_ray()
+    assert seen["dashboard_host"] == "127.0.0.1" and "address" not in seen
