@@ -79,8 +79,8 @@ def speed(args) -> None:
     t_faiss, res = best_of(2, lambda: weighted_knn(bank, yb, queries, yq, ((k, 0.07),), backend="faiss"))
     t_torch, pred_torch = best_of(2, lambda: torch_knn(bank, yb, queries, k, 0.07, args.classes))
 
-    def sk():
-        return KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute", n_jobs=args.threads).fit(bank, yb).predict(queries)
+    def sk():  # n_jobs=1: its BLAS gets the same threads; joblib workers on top would oversubscribe
+        return KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(bank, yb).predict(queries)
 
     t_sk, pred_sk = best_of(1, sk)
     key = f"knn@{k}"
