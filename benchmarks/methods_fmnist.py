@@ -1,0 +1,119 @@
+"""Quality of the five vision methods on Fashion-MNIST at the same backbone and wall-clock budget.
+
+    python -m benchmarks.methods_fmnist                         # 20 min of pretraining per method
+    python -m benchmarks.methods_fmnist --minutes 3 --methods simclr byol
+
+Each method trains from its CPU recipe (``configs/<method>-resnet18-fmnist-cpu.yaml``: ResNet-18,
+width 16, 3x3 stem, batch 256) through ``selfsup.pipelines.pretrain``. A short probe run measures
+the method's images/s first, and the schedule (epochs, warm-up as the same fraction of the recipe's)
+is sized so the whole cosine schedule fits ``--minutes``. Every checkpoint is then scored with
+``selfsup.pipelines.evaluate.evaluate`` (weighted kNN at k=20 and k=200, linear probe) on the 10k
+test images against the 60k training images; raw pixels and the randomly initialised backbone are
+the baselines (scored once: they do not depend on the method). Prints a table, writes a JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from selfsup.config import load_config
+from selfsup.pipelines.evaluate import evaluate
+from selfsup.pipelines.pretrain import FileReporter, pretrain
+from selfsup.pipelines.shards import read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
+METRICS = ["knn@20", "knn@200", "linear"]
+
+
+def images_per_second(path: Path, overrides: list[str], probe_steps: int) -> float:
+    """Training images/s of a ``probe_steps``-step run of the recipe (the first logged interval, which
+    holds start-up and the first step, is left out)."""
+    cfg = load_config(path, overrides)
+    steps_per_epoch = read_manifest(cfg.data.train)[0]["num_samples"] // cfg.data.batch_size
+    cfg = load_config(path, [*overrides, f"name={cfg.name}-probe", f"optim.epochs={probe_steps / steps_per_epoch}",
+                             f"train.log_every_steps={probe_steps // 3}"])
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    pretrain(cfg, FileReporter(cfg.run_dir))
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    rates = [r["images_per_s"] for r in records[1:]]
+    return sum(rates) / len(rates)
+
+
+def run_method(method: str, args, evaluate_baselines: bool) -> dict:
+    """Pretrain ``method`` for ``args.minutes`` and evaluate it: {"train": {...}, "encoders": {...}}."""
+    path = ROOT / "configs" / f"{method}-resnet18-fmnist-cpu.yaml"
+    data = Path(args.data)
+    overrides = [f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"run_root={args.out}",
+                 f"name={method}", "train.checkpoint_every_steps=1000000", f"seed={args.seed}"]
+    if torch.cpu._is_avx512_bf16_supported():
+        overrides.append("train.precision=bf16")
+    recipe = load_config(path, overrides)
+    rate = images_per_second(path, overrides, args.probe_steps)
+    n = read_manifest(recipe.data.train)[0]["num_samples"]
+    epochs = rate * args.minutes * 60 / n
+    warmup = recipe.optim.warmup_epochs / recipe.optim.epochs * epochs
+    cfg = load_config(path, [*overrides, f"optim.epochs={epochs:.4f}", f"optim.warmup_epochs={warmup:.4f}"])
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    print(f"[{method}] probe: {rate:.0f} img/s -> {epochs:.3f} epochs in {args.minutes:g} min", flush=True)
+    started = time.perf_counter()
+    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    train_minutes = (time.perf_counter() - started) / 60
+    report = evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report",
+                      baselines=evaluate_baselines)
+    last = summary["last"]
+    return {"train": {"minutes": round(train_minutes, 2), "epochs": round(epochs, 4), "steps": summary["steps"],
+                      "probe_images_per_s": round(rate, 1), "final_loss": last.get("loss"),
+                      "embed_std": last.get("embed_std"), "rankme": last.get("rankme"),
+                      "precision": cfg.train.precision},
+            "encoders": report["encoders"]}
+
+
+def table(results: dict, baselines: dict) -> str:
+    """Rows: methods, then the baselines; columns: kNN@20, kNN@200, linear (top-1 %), training budget."""
+    head = f"{'encoder':<14} {'kNN@20':>7} {'kNN@200':>8} {'linear':>7} {'epochs':>7} {'steps':>6} {'train min':>9}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        s, t = r["encoders"]["checkpoint"], r["train"]
+        lines.append(f"{name:<14} " + " ".join(f"{100 * s[m]:>{w}.2f}" for m, w in zip(METRICS, (7, 8, 7)))
+                     + f" {t['epochs']:>7.3f} {t['steps']:>6d} {t['minutes']:>9.1f}")
+    for name, s in baselines.items():
+        lines.append(f"{name:<14} " + " ".join(f"{100 * s[m]:>{w}.2f}" for m, w in zip(METRICS, (7, 8, 7)))
+                     + f" {'–':>7} {'–':>6} {'–':>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=20.0, help="pretraining wall-clock budget per method")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--data", default=str(ROOT / "data/fashion-mnist"), help="folder with train/ and test/ shards")
+    p.add_argument("--out", default=str(ROOT / "runs/methods_fmnist"))
+    p.add_argument("--json", help="results file (default: OUT/results.json)")
+    p.add_argument("--probe-steps", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    results, baselines = {}, {}
+    for i, method in enumerate(args.methods):
+        results[method] = run_method(method, args, evaluate_baselines=i == 0)
+        if i == 0:
+            baselines = {k: v for k, v in results[method]["encoders"].items() if k != "checkpoint"}
+    text = table(results, baselines)
+    print(f"\nFashion-MNIST, ResNet-18 w16 (3x3 stem), batch 256, {args.minutes:g} min of pretraining per method, "
+          f"{torch.get_num_threads()} threads; top-1 % on the 10k test set\n{text}")
+    out = Path(args.json or Path(args.out) / "results.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"minutes": args.minutes, "methods": results, "baselines": baselines}, indent=1,
+                              default=float))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Pretraining throughput of every vision method: the real path against a plain torchvision baseline.
+
+    python -m benchmarks.throughput                       # CPU: Fashion-MNIST shards, ~3 min on 2 cores
+    python -m benchmarks.throughput --methods simclr --steps 5
+    python -m benchmarks.throughput --device cuda         # ResNet-18 @ 32 px and ResNet-50 @ 224 px, synthetic
+
+Real path: uint8 batches (CPU: shards -> ``ShardStream`` DataLoader; CUDA: synthetic images already on
+the GPU) -> ``BatchViews`` on the training device -> method -> optimiser step, under bf16 autocast
+where the device supports it (CUDA; CPUs with AVX-512 BF16) and channels_last on CUDA.
+Baseline: the same model, loss and optimiser fed by a ``DataLoader`` that applies torchvision's
+per-image PIL transforms (RandomResizedCrop, RandomHorizontalFlip, GaussianBlur, ToTensor,
+Normalize) to the same uint8 images, in fp32 and the default memory format.
+
+Both paths use the same number of loader processes. Achieved GFLOP/s counts the matmul/conv FLOPs
+of one training step (torch's FlopCounterMode: forward + backward, target/key passes included),
+and is set against a large GEMM measured in the same run (CPU) or the H100's dense bf16 peak (CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
+
+from selfsup.config import ExperimentConfig, load_config
+from selfsup.objective import Progress
+from selfsup.pipelines.loader import ShardStream, collate_images, decode_image, make_loader
+from selfsup.pipelines.optim import build_optimizer, scaled_lr
+from selfsup.pipelines.pretrain import build_vision_method
+from selfsup.pipelines.shards import iter_shard, read_manifest
+from selfsup.vision.augment import BatchViews, ViewRecipe
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
+H100_BF16_DENSE = 989e12
+
+
+@dataclass
+class Setting:
+    """One benchmark row group: a backbone at an image size, and where its images come from."""
+
+    label: str
+    overrides: list[str]
+    synthetic: bool  # CUDA: random uint8 images instead of shards
+
+
+def method_config(method: str, device: str, setting: Setting) -> ExperimentConfig:
+    """The method's own recipe (heads, loss, optimiser) with the setting's backbone, data and batch."""
+    recipe = "resnet50-imagenet" if "resnet50" in setting.label else "resnet18-fmnist" + ("-cpu" if device == "cpu" else "")
+    # the same augmentations as the baseline's (crop, flip, blur), whatever the recipe's preset
+    return load_config(ROOT / "configs" / f"{method}-{recipe}.yaml", ["augment.preset=grey", "augment.views=null",
+                                                                        *setting.overrides])
+
+
+def settings_for(device: str, batch: int | None, data: str) -> list[Setting]:
+    """CPU: the Fashion-MNIST recipe's backbone on the shards at ``data``; CUDA: ResNet-18 @ 32 px and
+    ResNet-50 @ 224 px on synthetic RGB images."""
+    if device == "cpu":
+        return [Setting("resnet18-w16 @ 28 px grey", [f"data.train={data}", f"data.batch_size={batch or 256}"], False)]
+    rgb = ["data.channels=3", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "data.train=unused"]
+    return [Setting("resnet18 @ 32 px", [*rgb, "model.width=64", "model.small_stem=true", "data.image_size=32",
+                                         f"data.batch_size={batch or 256}"], True),
+            Setting("resnet50 @ 224 px", [*rgb, "data.image_size=224", f"data.batch_size={batch or 128}"], True)]
+
+
+def build(cfg: ExperimentConfig, device: torch.device, channels_last: bool):
+    """(method, optimiser) on ``device``, seeded so both paths start from the same weights."""
+    torch.manual_seed(cfg.seed)
+    model = build_vision_method(cfg).to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.reference_batch, cfg.optim.lr_scaling)
+    return model, build_optimizer(model.param_groups(), cfg.optim, lr, use_fused=device.type == "cuda")
+
+
+def first_images(location: str, n: int, channels: int, size: int) -> torch.Tensor:
+    """The first ``n`` images of a shard folder: uint8 (n, C, size, size)."""
+    _, urls = read_manifest(location)
+    samples = itertools.islice((s for url in urls for s in iter_shard(url)), n)
+    return torch.stack([decode_image(s, channels, size)[0] for s in samples])
+
+
+class TorchvisionViews(Dataset):
+    """The baseline's data: per-image PIL transforms, one pipeline per view recipe.
+
+    ``[i] -> [float (C, size, size)] * len(recipes)``; each image goes through PIL like a torchvision dataset.
+    """
+
+    def __init__(self, images: torch.Tensor, recipes: list[ViewRecipe], size: int, mean, std):
+        self.images = images.permute(0, 2, 3, 1).squeeze(-1).numpy() if images.shape[1] == 1 else \
+            images.permute(0, 2, 3, 1).numpy()
+        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+        self.pipelines = [T.Compose([
+            T.RandomResizedCrop(size, scale=r.crop_scale, ratio=r.crop_ratio),
+            T.RandomHorizontalFlip(r.flip_p),
+            T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=r.blur_p),
+            T.ToTensor(), T.Normalize(mean, std)]) for r in recipes]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        img = Image.fromarray(self.images[i])
+        return [p(img) for p in self.pipelines]
+
+
+def step_flops(cfg: ExperimentConfig, device: torch.device, batch: int = 16) -> float:
+    """Matmul/conv FLOPs of one training step at ``cfg.data.batch_size``, counted at ``batch`` and scaled."""
+    model, _ = build(cfg, device, channels_last=False)
+    views = [torch.randn(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
+             for _ in range(2)]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(views, Progress(0, 1))["loss"].backward()
+    return counter.get_total_flops() * cfg.data.batch_size / batch
+
+
+def train_rate(model, optimizer, batches, steps: int, warmup: int, device: torch.device,
+               amp: torch.dtype | None) -> float:
+    """Images/s of ``steps`` training steps after ``warmup`` untimed ones; ``batches`` yields lists of views."""
+    progress, seen = Progress(0, steps + warmup), 0
+    for i, views in enumerate(itertools.islice(batches, steps + warmup)):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, seen = time.perf_counter(), 0
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(views, progress)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.on_after_step(progress)
+        seen += views[0].shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def real_batches(cfg: ExperimentConfig, device: torch.device, channels_last: bool, workers: int,
+                 synthetic: torch.Tensor | None):
+    """The pipeline's views: uint8 batches (shards through ``ShardStream``, or ``synthetic`` on the device)
+    -> ``BatchViews`` on ``device``."""
+    views = BatchViews(cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if synthetic is not None:
+        uint8 = itertools.repeat(synthetic)
+    else:
+        stream = ShardStream(cfg.data.train, cfg.data.batch_size,
+                             functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size), collate_images,
+                             workers=max(1, workers), seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+        uint8 = (b["images"].to(device, non_blocking=True) for b in make_loader(stream, workers))
+    return ([v.contiguous(memory_format=fmt) for v in views(x)] for x in uint8)
+
+
+def baseline_batches(cfg: ExperimentConfig, images: torch.Tensor, device: torch.device, workers: int):
+    """The baseline's views: per-image torchvision transforms in ``workers`` DataLoader processes."""
+    data = TorchvisionViews(images, cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    return ([v.to(device, non_blocking=True) for v in views] for views in itertools.cycle(loader))
+
+
+def gemm_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """FLOP/s of an n x n @ n x n matmul in ``dtype``, best of ``repeats``."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per path (after --warmup untimed ones)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, help="per-step batch (default: 256 on the CPU, 256 / 128 on CUDA)")
+    p.add_argument("--workers", type=int, help="loader processes for both paths (default: 1 on the CPU, 8 on CUDA)")
+    p.add_argument("--data", default=str(ROOT / "data/fashion-mnist/train"), help="CPU: shard folder")
+    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    settings = settings_for(device.type, args.batch, args.data)
+    if device.type == "cuda":
+        workers = 8 if args.workers is None else args.workers
+        amp, channels_last = torch.bfloat16, True
+        peak = {"bf16": H100_BF16_DENSE, "fp32": H100_BF16_DENSE}
+        peak_note = f"H100 dense bf16 peak {H100_BF16_DENSE / 1e12:.0f} TFLOP/s"
+    else:
+        workers = 1 if args.workers is None else args.workers
+        amp = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+        channels_last = False
+        peak = {"bf16": gemm_rate(device, torch.bfloat16, 2048), "fp32": gemm_rate(device, torch.float32, 2048)}
+        peak_note = f"measured 2048^3 GEMM: bf16 {peak['bf16'] / 1e9:.0f}, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s"
+    real_kind = "bf16" if amp is not None else "fp32"
+    print(f"device {device}, torch threads {torch.get_num_threads()}, loader processes {workers}, "
+          f"real path {real_kind}{' + channels_last' if channels_last else ''}, baseline fp32; {peak_note}")
+    unit = 1e12 if device.type == "cuda" else 1e9
+    unit_name = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
+    rows = []
+    for setting in settings:
+        for method in args.methods:
+            cfg = method_config(method, device.type, setting)
+            b, c, s = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size
+            pool = b * (args.steps + args.warmup)
+            if setting.synthetic:
+                images = torch.randint(0, 256, (pool, c, s, s), dtype=torch.uint8)
+                synthetic = images[:b].to(device)
+            else:
+                images, synthetic = first_images(cfg.data.train, pool, c, s), None
+            flops = step_flops(cfg, device) / b  # per image
+            model, opt = build(cfg, device, channels_last)
+            real = train_rate(model, opt, real_batches(cfg, device, channels_last, workers, synthetic),
+                              args.steps, args.warmup, device, amp)
+            model, opt = build(cfg, device, channels_last=False)
+            base = train_rate(model, opt, baseline_batches(cfg, images, device, workers), args.steps, args.warmup,
+                              device, None)
+            rows.append((setting.label, method, flops / 1e9, base, real, real / base, flops * real / unit,
+                         flops * real / peak[real_kind], flops * base / peak["fp32"]))
+            print(f"  {setting.label} {method}: baseline {base:.1f} img/s, real {real:.1f} img/s", flush=True)
+    head = (f"{'backbone':<26} {'method':<8} {'GFLOP/img':>9} {'baseline img/s':>14} {'selfsup img/s':>13} {'ratio':>6} "
+            f"{unit_name:>8} {'of peak':>8} {'baseline of peak':>16}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for label, method, gflop, base, real, ratio, achieved, frac, base_frac in rows:
+        print(f"{label:<26} {method:<8} {gflop:>9.2f} {base:>14.1f} {real:>13.1f} {ratio:>5.2f}x {achieved:>8.1f} "
+              f"{frac:>8.1%} {base_frac:>16.1%}")
+    print(f"\nFLOPs: matmul/conv of forward + backward (+ target/key forwards); 'of peak': achieved / "
+          + ("the H100 dense bf16 peak (MFU)" if device.type == "cuda" else "the measured GEMM peak of the path's dtype"))
+
+if __name__ == "__main__":
+    main()
