@@ -35,6 +35,15 @@ def _shards_write(args) -> None:
         m = shards.write_shards(samples, out, split=args.split, classes=classes, total=n,
                                 samples_per_shard=args.per_shard, source=f"image folder {root}")
         print(f"wrote {m['num_samples']} samples ({len(m['skipped'])} unreadable skipped) to {out}")
+    elif args.source == "audio-folder":
+        root, out = args.paths
+        splits = sources.audio_label_splits(args.labels)
+        for split in splits or [args.split]:
+            samples, n, classes = sources.audio_folder_samples(root, args.labels, split if splits else None)
+            dest = Path(out) / split if splits else Path(out)
+            m = shards.write_shards(samples, dest, split=split, kind="audio", classes=classes, total=n,
+                                    samples_per_shard=args.per_shard, source=f"audio folder {root}")
+            print(f"wrote {m['num_samples']} clips ({len(m['skipped'])} bad skipped) to {dest}")
 
 
 def _shards_verify(args) -> int:
@@ -138,10 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh = sub.add_parser("shards", help="write, verify and inspect WebDataset shards").add_subparsers(
         dest="action", required=True)
     w = sh.add_parser("write", help="write shards from a dataset")
-    w.add_argument("source", choices=["fashion-mnist", "idx", "image-folder"])
-    w.add_argument("paths", nargs="+", help="fashion-mnist OUT | idx IMAGES LABELS OUT | image-folder DIR OUT")
+    w.add_argument("source", choices=["fashion-mnist", "idx", "image-folder", "audio-folder"])
+    w.add_argument("paths", nargs="+",
+                   help="fashion-mnist OUT | idx IMAGES LABELS OUT | image-folder DIR OUT | audio-folder DIR OUT")
     w.add_argument("--split", default="train")
     w.add_argument("--classes", help="comma-separated class names (idx)")
+    w.add_argument("--labels", help="audio-folder: CSV with path (relative to DIR), label, split, ... columns; "
+                                    "a split column writes OUT/<split> per split")
     w.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
     w.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is not installed")
     w.set_defaults(func=_shards_write)
