@@ -71,6 +71,7 @@ class OptimConfig(Strict):
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     reference_batch: int = Field(256, gt=0, description="global batch at which `lr` applies")
     momentum: float = Field(0.9, ge=0, lt=1)
+    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient (SimCLR 0.001; solo-learn CIFAR 0.02)")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)

@@ -69,7 +69,7 @@ def build_optimizer(groups: list[dict], cfg, lr: float, use_fused: bool) -> Opti
     if cfg.name == "adamw":
         clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
         return torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=use_fused or None)
-    return LARS(groups, lr=lr, momentum=cfg.momentum)
+    return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_fraction: float = 0.0) -> float:
