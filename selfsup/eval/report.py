@@ -50,15 +50,18 @@ def write_report(
     class_names: list[str] | None = None,
     confusion_matrix: np.ndarray | None = None,
     roc: dict | None = None,
-    embedding_2d: tuple[np.ndarray, np.ndarray] | None = None,
+    embedding_2d: tuple[np.ndarray, np.ndarray] | dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    figures: dict[str, str] | None = None,
     notes: list[str] | None = None,
 ) -> dict:
     """Write report.json, report.md and the plots that the arguments allow; return the report dict.
 
     ``confusion_matrix``: (C, C) counts, rows = true class. ``roc``: the dict of
-    :func:`selfsup.eval.metrics.roc_auc_ovr`. ``embedding_2d``: ((N, 2) points, (N,) labels).
+    :func:`selfsup.eval.metrics.roc_auc_ovr`. ``embedding_2d``: ((N, 2) points, (N,) labels) for
+    embedding.png, or file stem -> such a pair (one PNG each). ``figures``: PNGs the caller already
+    wrote in ``out_dir``, key -> file name, listed with the others.
     ``details["per_class"]``: rows of :func:`selfsup.eval.metrics.per_class_report`, or
-    encoder name -> such rows; written to per_class.md.
+    encoder name -> such rows; written to per_class.md and shown in report.md.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +84,13 @@ def write_report(
         if roc.get("skipped"):
             notes.append(f"ROC AUC skipped classes without positives or negatives: {[label(c) for c in roc['skipped']]}")
     if embedding_2d is not None:
-        files["embedding"] = _plot_embedding(out_dir / "embedding.png", *embedding_2d, label)
+        maps = embedding_2d if isinstance(embedding_2d, dict) else {"embedding": embedding_2d}
+        for stem, (points, labels) in maps.items():
+            files[stem] = _plot_embedding(out_dir / f"{stem}.png", points, labels, label)
+    for key, name in (figures or {}).items():
+        if not (out_dir / name).is_file():
+            raise FileNotFoundError(f"figure {key!r}: {out_dir / name} does not exist")
+        files[key] = name
     if "per_class" in details:
         files["per_class"] = _write_per_class(out_dir / "per_class.md", details["per_class"])
 
@@ -92,7 +101,7 @@ def write_report(
     md += [f"- {note}" for note in notes] + ([""] if notes else [])
     md += [f"![{key}]({name})" for key, name in files.items() if name.endswith(".png")]
     if "per_class" in files:
-        md.append(f"Per-class metrics: [{files['per_class']}]({files['per_class']})")
+        md += ["", "## Per-class metrics", "", (out_dir / files["per_class"]).read_text()]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     return report
 

@@ -77,6 +77,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "model.pt").is_file() and (p / "state.pt").is_file())
 
 
+def checkpoint_step(path: Path) -> int:
+    """The training step in a checkpoint directory's name (``step-00001234`` -> 1234)."""
+    name = Path(path).name
+    if not name.startswith("step-") or not name[5:].isdigit():
+        raise CheckpointError(f"{path}: a checkpoint directory is named step-<number>")
+    return int(name[5:])
+
+
 def latest_checkpoint(run_dir: Path, remote: str | None = None) -> Path | None:
     """The newest complete checkpoint; with ``remote`` (the run's URL) the bucket's newest is pulled first."""
     if remote:

@@ -14,26 +14,38 @@ from tqdm import tqdm
 from ..config import ExperimentConfig
 from ..eval.knn import weighted_knn
 from ..eval.linear import linear_probe
-from ..eval.metrics import confusion
+from ..eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr
 from ..eval.report import format_table, write_report
+from ..eval.retrieval import retrieval_metrics, save_neighbour_grid
 from ..vision.augment import BatchViews
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from .loader import decode_image
 from .pretrain import build_vision_method
 from .shards import decode_sample, iter_shard, read_manifest
 
 log = logging.getLogger("selfsup.evaluate")
 
+_ARRAYS = ("predictions", "probabilities", "neighbours")  # per-query details kept out of report.json
+_TSNE_POINTS = 2000  # test samples in the t-SNE map (t-SNE is quadratic)
+_GRID_QUERIES, _GRID_NEIGHBOURS = 10, 8  # neighbours.png: one query per class (at most 10), 8 neighbours each
 
-def read_images(location: str, channels: int, size: int) -> tuple[torch.Tensor, np.ndarray, list[str], list[str]]:
+
+def read_images(location: str, channels: int, size: int, limit: int | None = None,
+                ) -> tuple[torch.Tensor, np.ndarray, list[str], list[str]]:
     """Every decodable image of a shard folder, in order: uint8 (N, C, size, size), labels (N,),
-    class names, and one line per skipped sample or shard."""
+    class names, and one line per skipped sample or shard. ``limit``: at most that many images,
+    taken evenly from the first samples of every shard."""
     manifest, urls = read_manifest(location)
+    per_shard = -(-limit // max(1, len(urls))) if limit else None
     images, labels, problems = [], [], []
-    with tqdm(total=manifest["num_samples"], desc=f"read {location}", unit="img", mininterval=1.0) as bar:
+    total = min(limit, manifest["num_samples"]) if limit else manifest["num_samples"]
+    with tqdm(total=total, desc=f"read {location}", unit="img", mininterval=1.0, disable=bool(limit)) as bar:
         for url in urls:
+            taken = 0
             try:
                 for sample in iter_shard(url):
+                    if (per_shard and taken >= per_shard) or (limit and len(images) >= limit):
+                        break
                     try:
                         img, label = decode_image(sample, channels, size)
                     except ValueError as err:
@@ -41,23 +53,32 @@ def read_images(location: str, channels: int, size: int) -> tuple[torch.Tensor, 
                         continue
                     images.append(img)
                     labels.append(label)
+                    taken += 1
                     bar.update(1)
             except Exception as err:  # truncated tar
                 problems.append(f"{url}: unreadable ({type(err).__name__}: {err})")
     if not images:
-        raise ValueError(f"{location}: no decodable images; run `selfsup shards verify {location}`")
+        raise ValueError(f"{location}: the split is empty (no decodable images); "
+                         f"run `selfsup shards verify {location}`")
     return torch.stack(images), np.asarray(labels), manifest.get("classes", []), problems
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, batch_size: int = 1024,
                      desc: str = "features") -> np.ndarray:
-    """Un-augmented features: uint8 (N, C, H, W) -> float32 (N, D)."""
+    """Un-augmented features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D);
+    NaN or inf features (diverged weights) are an error naming ``desc``."""
     encoder.eval()
+    device = next(encoder.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
-        out.append(encoder(views.plain(images[i:i + batch_size])).float())
-    return torch.cat(out).numpy()
+        out.append(encoder(views.plain(images[i:i + batch_size].to(device))).float().cpu())
+    features = torch.cat(out).numpy()
+    bad = int((~np.isfinite(features).all(axis=1)).sum())
+    if bad:
+        raise ValueError(f"{desc}: {bad} of {len(features)} feature rows are NaN or inf; "
+                         "the weights have probably diverged (see the run's metrics.jsonl)")
+    return features
 
 
 def score(name: str, bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray,
@@ -69,13 +90,18 @@ def score(name: str, bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, 
     scores = {**knn.top1, "linear": probe.top1}
     details = {"knn_top5": knn.top5, "linear_top5": probe.top5,
                "linear_hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "val_top1": probe.val_top1},
-               "predictions": probe.predictions, "probabilities": probe.probabilities}
+               "predictions": probe.predictions, "probabilities": probe.probabilities, "neighbours": knn.neighbours}
     return scores, details
 
 
 def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | None = None,
-             baselines: bool = True, threads: int | None = None) -> dict:
-    """Score a checkpoint's encoder (and the baselines) on ``test`` against ``train``; writes the report."""
+             baselines: bool = True, threads: int | None = None, tsne: bool = False, tracking: bool = True) -> dict:
+    """Score a checkpoint's encoder (and the baselines) on ``test`` against ``train``; writes the report.
+
+    For the checkpoint: kNN, linear probe, retrieval metrics, per-class scores, ROC, confusion,
+    a PCA map of the test features (``tsne``: a t-SNE map too) and a query/neighbour grid. With
+    ``tracking`` and the run's ``tracking.mode`` not "disabled", the same goes to its W&B run.
+    """
     if threads:
         torch.set_num_threads(threads)
     ckpt = resolve_checkpoint(checkpoint)
@@ -88,7 +114,7 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     train_x, train_y, classes, bad_train = read_images(train, d.channels, d.image_size)
     test_x, test_y, _, bad_test = read_images(test, d.channels, d.image_size)
     num_classes = max(len(classes), int(max(train_y.max(), test_y.max())) + 1)
-    classes = classes or [str(c) for c in range(num_classes)]
+    classes = list(classes) + [str(c) for c in range(len(classes), num_classes)]
     knn_settings = [tuple(s) for s in cfg.eval.knn]
 
     encoders: dict[str, dict] = {}
@@ -98,6 +124,11 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     queries = extract_features(trained, test_x, views, desc="features (checkpoint, test)")
     encoders["checkpoint"], details["checkpoint"] = score("checkpoint", bank, train_y, queries, test_y,
                                                           num_classes, knn_settings)
+    encoders["checkpoint"].update(retrieval_metrics(bank, train_y, queries, test_y))
+    maps = {"embedding": (project_2d(queries, "pca"), test_y)}
+    if tsne:
+        rows = np.random.default_rng(0).permutation(len(queries))[:_TSNE_POINTS]
+        maps["embedding-tsne"] = (project_2d(queries[rows], "tsne"), test_y[rows])
     if baselines:
         flat = lambda x: x.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
         encoders["pixels"], details["pixels"] = score("pixels", flat(train_x), train_y, flat(test_x), test_y,
@@ -109,20 +140,61 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
         encoders["random_init"], details["random_init"] = score("random_init", bank, train_y, queries, test_y,
                                                                 num_classes, knn_settings)
     best = details["checkpoint"]
-    notes = [f"checkpoint: {ckpt}", f"train: {train} ({len(train_y)} samples), test: {test} ({len(test_y)} samples)"]
+    hp = best["linear_hparams"]
+    notes = [f"checkpoint: {ckpt}", f"train: {train} ({len(train_y)} samples), test: {test} ({len(test_y)} samples)",
+             f"linear probe (checkpoint): lr={hp['lr']:g}, weight_decay={hp['weight_decay']:g} chosen on held-out "
+             f"train rows (top-1 {100 * hp['val_top1']:.2f}%); per-class scores, ROC and confusion are its predictions"]
+    only_test = sorted(set(test_y.tolist()) - set(train_y.tolist()))
+    if only_test:
+        notes.append(f"classes present only in test (never predictable): {[classes[c] for c in only_test]}")
     if bad_train or bad_test:
         notes.append(f"skipped {len(bad_train)} train and {len(bad_test)} test samples: "
                      + "; ".join((bad_train + bad_test)[:5]))
+    out.mkdir(parents=True, exist_ok=True)
+    shown = np.unique(test_y, return_index=True)[1][:_GRID_QUERIES]  # the first test sample of each class
+    save_neighbour_grid(out / "neighbours.png", test_x[shown], train_x[best["neighbours"][shown, :_GRID_NEIGHBOURS]],
+                        test_y[shown], train_y[best["neighbours"][shown, :_GRID_NEIGHBOURS]], classes)
     report = write_report(
         out, title=f"selfsup evaluation: {cfg.name} ({cfg.method.name}, {cfg.model.backbone} w{cfg.model.width})",
         encoders=encoders,
-        details={k: {kk: vv for kk, vv in v.items() if kk not in ("predictions", "probabilities")}
-                 for k, v in details.items()} | {"checkpoint_path": str(ckpt), "skipped": bad_train + bad_test},
+        details={k: {kk: vv for kk, vv in v.items() if kk not in _ARRAYS} for k, v in details.items()}
+        | {"checkpoint_path": str(ckpt), "skipped": bad_train + bad_test, "classes_only_in_test": only_test,
+           "per_class": per_class_report(test_y, best["predictions"], classes)},
         class_names=classes, confusion_matrix=confusion(test_y, best["predictions"], num_classes),
+        roc=roc_auc_ovr(test_y, best["probabilities"]), embedding_2d=maps, figures={"neighbours": "neighbours.png"},
         notes=notes)
+    if tracking and cfg.tracking.mode != "disabled":
+        log_to_wandb(ckpt, cfg, report, out)
     print(format_table(encoders))
     print(f"report: {out / 'report.md'}")
     return report
+
+
+def log_to_wandb(ckpt: Path, cfg: ExperimentConfig, report: dict, out: Path) -> None:
+    """The report's numbers (``eval/<encoder>/<metric>`` against ``eval/step``, the checkpoint's
+    step), its tables and its PNGs, to the W&B run of the checkpoint's run (resumed by id, job_type "eval")."""
+    import wandb
+
+    from ..cluster.tracking import start_run
+
+    if ckpt.parent.name != "checkpoints":
+        log.info("W&B: %s is not inside a run's checkpoints/ folder; not logged", ckpt)
+        return
+    run = start_run(ckpt.parent.parent, cfg.name, cfg.tracking.mode, cfg.tracking.project, cfg.tracking.entity,
+                    cfg.model_dump(mode="json"), job_type="eval")
+    run.define_metric("eval/step")
+    run.define_metric("eval/*", step_metric="eval/step")
+    encoders = report["encoders"]
+    metrics = list(dict.fromkeys(m for values in encoders.values() for m in values))
+    per_class = report["details"]["per_class"]
+    record = {f"eval/{name}/{m}": v for name, values in encoders.items() for m, v in values.items()}
+    record |= {f"eval/{key}": wandb.Image(str(out / name)) for key, name in report["files"].items() if name.endswith(".png")}
+    record["eval/scores"] = wandb.Table(columns=["encoder", *metrics],
+                                        data=[[name, *[values.get(m) for m in metrics]] for name, values in encoders.items()])
+    record["eval/per_class"] = wandb.Table(columns=list(per_class[0]), data=[list(r.values()) for r in per_class])
+    run.log({"eval/step": checkpoint_step(ckpt), **record})
+    run.summary.update({"eval/checkpoint": str(ckpt), "eval/linear_hparams": report["details"]["checkpoint"]["linear_hparams"]})
+    run.finish()
 
 
 def _encoder(cfg: ExperimentConfig, model_state: dict | None) -> nn.Module:
@@ -275,8 +347,7 @@ def evaluate_audio(checkpoint: str | Path, train: str, test: str, out: str | Pat
     if bad_train or bad_test:
         notes.append(f"skipped {len(bad_train)} train and {len(bad_test)} test clips: "
                      + "; ".join((bad_train + bad_test)[:5]))
-    plain = {k: {kk: vv for kk, vv in v.items() if kk not in ("predictions", "probabilities")}
-             for k, v in details.items()}
+    plain = {k: {kk: vv for kk, vv in v.items() if kk not in _ARRAYS} for k, v in details.items()}
     write_report(
         out, title=f"selfsup evaluation: {cfg.name} (wav2vec2, {cfg.method.num_layers} layers of {cfg.method.embed_dim})",
         encoders=encoders, details=plain | {"checkpoint_path": str(ckpt), "skipped": bad_train + bad_test},

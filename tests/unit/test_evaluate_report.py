@@ -1,0 +1,85 @@
+"""evaluate() on tiny shards and a tiny checkpoint: every report part, refusals with clear messages."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.config import parse_config
+from selfsup.pipelines.checkpoint import save_checkpoint
+from selfsup.pipelines.evaluate import evaluate
+from selfsup.pipelines.pretrain import build_vision_method
+from selfsup.pipelines.shards import write_shards
+from selfsup.pipelines.sources import encode_png
+from tests.conftest import make_images
+
+
+def shards(out, images, labels):
+    samples = ({"__key__": f"s{i:05d}", "png": encode_png(img), "cls": int(c)} for i, (img, c) in enumerate(zip(images, labels)))
+    write_shards(samples, out, classes=list("abcd"))
+    return str(out)
+
+
+def tiny_checkpoint(tmp_path, train: str, spoil: bool = False):
+    """A step-7 checkpoint of a random-init SimCLR (width 4); ``spoil`` puts NaN in its first conv."""
+    cfg = parse_config({"name": "tiny", "run_root": str(tmp_path / "runs"), "data": {"train": train},
+                        "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
+                        "tracking": {"mode": "disabled"}})
+    torch.manual_seed(0)
+    state = build_vision_method(cfg).state_dict()
+    if spoil:
+        first = next(k for k, v in state.items() if v.ndim == 4)
+        state[first] = torch.full_like(state[first], float("nan"))
+    return save_checkpoint(cfg.run_dir, 7, state, {"step": 7}, cfg, {}, keep=1)
+
+
+@pytest.fixture
+def split(tmp_path):
+    """Train shards without class "d" (3); test shards with it."""
+    x, y = make_images(260, seed=1)
+    keep = y[:200] != 3
+    return shards(tmp_path / "train", x[:200][keep], y[:200][keep]), shards(tmp_path / "test", x[200:], y[200:]), y[200:]
+
+
+def test_report_has_every_part(tmp_path, split):
+    train, test, test_y = split
+    report = evaluate(tiny_checkpoint(tmp_path, train), train, test, tmp_path / "report", tsne=True, tracking=False, threads=1)
+    out = tmp_path / "report"
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["encoders"]["checkpoint"]["map"] == pytest.approx(report["encoders"]["checkpoint"]["map"])
+    assert set(saved["encoders"]) == {"checkpoint", "pixels", "random_init"}
+    ckpt = saved["encoders"]["checkpoint"]
+    for key in ("knn@20", "knn@200", "linear", "recall@1", "recall@5", "recall@10", "precision@5", "map@r", "map"):
+        assert 0.0 <= ckpt[key] <= 1.0, key
+    assert ckpt["recall@1"] <= ckpt["recall@5"] <= ckpt["recall@10"]
+    assert {"knn@20", "linear"} <= set(saved["encoders"]["pixels"]) and "map" not in saved["encoders"]["pixels"]
+    # class "d" is in test only: flagged, and its recall is 0 (nothing can predict it)
+    assert saved["details"]["classes_only_in_test"] == [3]
+    assert any("only in test" in n and "'d'" in n for n in saved["notes"])
+    rows = {r["class"]: r for r in saved["details"]["per_class"]}
+    assert rows["d"]["recall"] == 0 and rows["d"]["support"] == int((test_y == 3).sum())
+    assert sum(r["support"] for r in rows.values()) == len(test_y)
+    hp = saved["details"]["checkpoint"]["linear_hparams"]
+    assert any(f"lr={hp['lr']:g}" in n for n in saved["notes"])
+    assert set(saved["details"]["roc_auc"]["per_class"]) == {"a", "b", "c", "d"}
+    for name in ("confusion.png", "roc.png", "embedding.png", "embedding-tsne.png", "neighbours.png"):
+        assert (out / name).stat().st_size > 1000, name
+    md = (out / "report.md").read_text()
+    assert "| d | 0.00 |" in md and "![neighbours](neighbours.png)" in md and "recall@10 (%)" in md
+    assert "predictions" not in saved["details"]["checkpoint"]  # per-query arrays stay out of the JSON
+
+
+def test_empty_split_is_refused(tmp_path, split):
+    train, _, _ = split
+    empty = shards(tmp_path / "empty", [], [])
+    with pytest.raises(ValueError, match="split is empty"):
+        evaluate(tiny_checkpoint(tmp_path, train), train, empty, tmp_path / "r", baselines=False, tracking=False)
+
+
+def test_nan_features_name_the_cause(tmp_path, split):
+    train, test, _ = split
+    with pytest.raises(ValueError, match=r"checkpoint, train\): \d+ of \d+ feature rows are NaN.*diverged"):
+        evaluate(tiny_checkpoint(tmp_path, train, spoil=True), train, test, tmp_path / "r", baselines=False, tracking=False)
