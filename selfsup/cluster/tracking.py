@@ -57,7 +57,7 @@ class WandbReporter:
     def log(self, step: int, metrics: dict) -> None:
         self.inner.log(step, metrics)
         if self.run is not None:
-            self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+            self.run.log({k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     def checkpoint(self, step: int, path: Path) -> None:
         self.inner.checkpoint(step, path)

@@ -33,6 +33,7 @@ from ..vision.augment import BatchViews
 from ..vision.backbones import build_backbone
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .loader import DataHealth, ShardStream, collate_audio, collate_images, decode_audio_sample, decode_image, make_loader
+from .monitor import OnlineMonitor
 from .optim import build_optimizer, scaled_lr, set_lr
 
 log = logging.getLogger("selfsup.pretrain")
@@ -239,6 +240,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             dist.barrier()
 
     show = current_rank() == 0
+    monitor = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
     for epoch in range(start_epoch, epochs):
         in_epoch = start_in_epoch if epoch == start_epoch else 0
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
@@ -298,6 +300,8 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
         if health.skipped and show:
             log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
                         epoch + 1, health.skipped, health.repeated, health.where[:3])
+        if monitor is not None and monitor.due(epoch + 1):  # every rank logs (Ray's report); rank 0 measures
+            reporter.log(step, monitor(objective.encoder) if show else {})
         write_checkpoint(epoch + 1, 0)
     if world_size() > 1:  # the bad samples of every rank, not only rank 0's
         ranks_health = [None] * world_size()

@@ -1,0 +1,70 @@
+"""Online monitoring in the training loop: kNN@20 + RankMe on held-out shards, logged every N epochs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selfsup.config import parse_config
+from selfsup.eval.knn import weighted_knn
+from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.pipelines.evaluate import _encoder, extract_features, read_images
+from selfsup.pipelines.monitor import OnlineMonitor
+from selfsup.pipelines.pretrain import FileReporter, pretrain
+from tests.conftest import write_tiny_shards
+
+
+def config(tmp_path, *overrides):
+    train = write_tiny_shards(tmp_path / "train", [40, 40])
+    test = write_tiny_shards(tmp_path / "test", [30], seed=1, split="test")
+    tree = {"name": "mon", "run_root": str(tmp_path / "runs"),
+            "data": {"train": str(train), "test": str(test), "batch_size": 16, "loader_workers": 0, "shuffle_buffer": 0},
+            "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
+            "optim": {"warmup_epochs": 0, "epochs": 2},
+            "train": {"precision": "fp32", "threads": 1, "log_every_steps": 100, "checkpoint_every_steps": 1000,
+                      "monitor_every_epochs": 1}}
+    return parse_config(tree, list(overrides))
+
+
+def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
+    cfg = config(tmp_path)
+    pretrain(cfg, FileReporter(cfg.run_dir))
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    monitored = [r for r in records if "monitor/knn@20" in r]
+    assert [r["step"] for r in monitored] == [5, 10]  # 80 samples / batch 16 = 5 steps per epoch
+    for r in monitored:
+        assert 0 < r["monitor/seconds"] and 0 < r["monitor/fraction"] < 1
+        assert 1 <= r["monitor/rankme"] <= 32  # at most the feature dimension (ResNet-18 width 4: 32)
+    # the last monitor saw the final weights: the same kNN computed offline from the checkpoint agrees
+    ckpt_cfg, state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
+    encoder = _encoder(ckpt_cfg, state)
+    monitor = OnlineMonitor(ckpt_cfg)
+    bank_x, bank_y, _, _ = read_images(cfg.data.train, 1, 28)
+    query_x, query_y, _, _ = read_images(cfg.data.test, 1, 28)
+    bank = extract_features(encoder, bank_x, monitor.views)
+    queries = extract_features(encoder, query_x, monitor.views)
+    knn = weighted_knn(bank, bank_y, queries, query_y, settings=[(20, 0.07)], num_classes=4)
+    assert monitored[-1]["monitor/knn@20"] == pytest.approx(knn.top1["knn@20"])
+
+
+def test_monitor_reads_a_spread_subset_once_and_keeps_the_mode(tmp_path):
+    cfg = config(tmp_path)
+    monitor = OnlineMonitor(cfg, bank_size=20, query_size=7)
+    encoder = _encoder(cfg, None).train()
+    first = monitor(encoder)
+    assert encoder.training
+    bank_x, bank_y, query_x, _ = monitor.data
+    assert len(bank_x) == 20 and len(query_x) == 7
+    all_x, _, _, _ = read_images(cfg.data.train, 1, 28)
+    assert torch.equal(bank_x[10:], all_x[40:50])  # 10 from each of the 2 shards, not 20 from the first
+    data = monitor.data
+    second = monitor(encoder)
+    assert monitor.data is data and second["monitor/knn@20"] == first["monitor/knn@20"]
+    assert monitor.due(2) and OnlineMonitor(config(tmp_path / "b", "train.monitor_every_epochs=3")).due(2) is False
+
+
+def test_monitor_needs_test_shards(tmp_path):
+    with pytest.raises(ValueError, match="data.test"):
+        OnlineMonitor(config(tmp_path, "data.test=null"))
