@@ -7,6 +7,9 @@ SGD with Nesterov momentum 0.9 and a cosine schedule on the mean cross-entropy; 
 applies to weights, not biases. Members are scored on a held-out ``val_fraction`` of the train
 set; the best (lowest lr, then lowest decay on ties) is refit on the full train set and scored
 on the test set.
+
+``linear_probe_paper`` is the papers' protocol instead (SimCLR / MoCo / DINO): one linear layer
+on the frozen backbone, trained on random-resized crops with flips for 100 epochs.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from selfsup.eval.knn import check_features, check_labels
 
@@ -154,3 +158,68 @@ def _fit(x, y, c: int, grid, epochs: int, batch_size: int, gen: torch.Generator)
             model.bias -= scale * (grad_b + _MOMENTUM * vel_b)
             step += 1
     return model
+
+
+def linear_probe_paper(
+    encoder: nn.Module,
+    train_images: torch.Tensor,
+    train_y,
+    test_images: torch.Tensor,
+    test_y,
+    num_classes: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    epochs: int = 100,
+    batch_size: int = 256,
+    lr: float = 0.1,
+    weight_decay: float = 0.0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    seed: int = 0,
+) -> LinearProbeResult:
+    """The paper protocol: BatchNorm (no affine) + one linear layer on the frozen ``encoder`` (eval
+    mode), trained on uint8 ``train_images`` (N, C, H, W) through random-resized crops + horizontal
+    flips (``BatchViews``), SGD momentum 0.9, ``lr`` scaled by ``batch_size`` / 256 with a cosine
+    schedule per step, for ``epochs``; scored on un-augmented ``test_images`` (M, C, H, W).
+    ``val_top1`` is NaN and ``grid`` empty: nothing is tuned."""
+    from selfsup.vision.augment import BatchViews, ViewRecipe
+
+    train_y = torch.from_numpy(check_labels(train_y, len(train_images), "train"))
+    test_y = check_labels(test_y, len(test_images), "test")
+    if len(train_images) == 0 or len(test_images) == 0:
+        raise ValueError("the train or test split is empty")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    device = next(encoder.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    views = BatchViews([ViewRecipe(crop_scale=crop_scale, flip_p=0.5)], image_size, list(mean), list(std), generator=gen)
+    encoder.eval()
+    with torch.no_grad():
+        dim = encoder(views.plain(test_images[:2].to(device))).shape[1]
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
+    nn.init.zeros_(head[1].weight)
+    nn.init.zeros_(head[1].bias)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=_MOMENTUM, weight_decay=weight_decay)
+    total = epochs * math.ceil(len(train_images) / batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
+    for _ in range(epochs):
+        head.train()
+        order = torch.randperm(len(train_images), generator=gen)
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            with torch.no_grad():
+                features = encoder(views(train_images[rows])[0].to(device)).float()
+            loss = nn.functional.cross_entropy(head(features), train_y[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    head.eval()
+    with torch.no_grad():
+        logits = torch.cat([head(encoder(views.plain(test_images[s : s + 1024].to(device))).float())
+                            for s in range(0, len(test_images), 1024)])
+    probabilities = torch.softmax(logits.double(), dim=-1).cpu().numpy()
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(5, num_classes)]
+    return LinearProbeResult(top1=float((top[:, 0] == test_y).mean()), top5=float((top == test_y[:, None]).any(axis=1).mean()),
+                             probabilities=probabilities, predictions=top[:, 0].astype(np.int64), lr=lr,
+                             weight_decay=weight_decay, val_top1=float("nan"))

@@ -76,3 +76,20 @@ def test_validation_errors(overlapping):
         linear_probe(xtr, ytr, xte, yte, 6, val_fraction=0.0)
     with pytest.raises(ValueError, match="dimension 24 but test features have 3"):
         linear_probe(xtr, ytr, xte[:, :3], yte, 6)
+
+
+def test_paper_probe_learns_through_augmented_crops_and_leaves_the_backbone_frozen():
+    from torch import nn
+
+    from selfsup.eval.linear import linear_probe_paper
+    from tests.conftest import make_images
+
+    x, y = make_images(400, seed=3)  # a bright square in one quadrant (0 1 / 2 3) ...
+    images, y = torch.from_numpy(x)[:, None], y // 2  # ... as top / bottom: classes that survive a horizontal flip
+    encoder = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Flatten())  # 8 quadrant features
+    before = [p.detach().clone() for p in encoder.parameters()]
+    r = linear_probe_paper(encoder, images[:200], y[:200], images[300:], y[300:], 2, image_size=28, mean=[0.3],
+                           std=[0.3], epochs=2, batch_size=32, lr=0.3, crop_scale=(0.6, 1.0))
+    assert r.top1 > 0.9 and r.top1 == pytest.approx((r.predictions == y[300:]).mean())
+    assert r.probabilities.shape == (100, 2) and np.isnan(r.val_top1)
+    assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, encoder.parameters()))
