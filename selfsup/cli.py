@@ -80,9 +80,18 @@ def _pretrain(args) -> None:
 
 
 def _eval(args) -> None:
+    if args.checkpoint[0] == "compare":
+        from .pipelines.compare import compare
+
+        if len(args.checkpoint) < 2:
+            raise SystemExit("usage: selfsup eval compare RUN_DIR [RUN_DIR ...] --train DIR --test DIR [--out DIR]")
+        compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
+        return
     from .pipelines.evaluate import evaluate
 
-    evaluate(args.checkpoint, args.train, args.test, args.out, baselines=not args.no_baselines)
+    if len(args.checkpoint) != 1:
+        raise SystemExit("selfsup eval takes one checkpoint; `selfsup eval compare RUN_DIR ...` compares runs")
+    evaluate(args.checkpoint[0], args.train, args.test, args.out, baselines=not args.no_baselines, tsne=args.tsne)
 
 
 def _export(args) -> None:
@@ -171,12 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
     t.set_defaults(func=_pretrain)
 
-    e = sub.add_parser("eval", help="kNN + linear probe of a checkpoint, with baselines")
-    e.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    e = sub.add_parser("eval", help="kNN + linear probe of a checkpoint, with baselines; `eval compare RUN…`: "
+                                    "every checkpoint of each run")
+    e.add_argument("checkpoint", nargs="+", help="checkpoint directory, or a run directory (its latest checkpoint); "
+                                                 "or `compare RUN_DIR [RUN_DIR ...]`")
     e.add_argument("--train", required=True)
     e.add_argument("--test", required=True)
     e.add_argument("--out")
     e.add_argument("--no-baselines", action="store_true")
+    e.add_argument("--tsne", action="store_true", help="a t-SNE map of the test features besides the PCA one")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="write the backbone as a torchvision state dict")
