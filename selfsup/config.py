@@ -77,6 +77,8 @@ class OptimConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     epochs: float = Field(10, gt=0)
+    minutes: float | None = Field(None, gt=0, description="fit training into this wall time: after a few "
+                                  "steps the schedule is cut to the steps that fit (never beyond `epochs`)")
     grad_clip: float | None = Field(None, gt=0)
     max_bad_steps: int = Field(10, ge=1, description="consecutive NaN/inf losses before the run stops")
 

@@ -69,6 +69,20 @@ class FileReporter:
             (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
 
 
+SIZING_STEPS = 20  # steps timed before a time-budgeted run fixes its length
+
+
+def steps_in_budget(minutes: float, seconds_so_far: float, steps_timed: int, step: int, planned: int) -> int:
+    """Total steps of a run that must end ``minutes`` after it started, at the measured pace; every
+    rank gets the smallest answer so that all take the same steps."""
+    per_step = seconds_so_far / max(1, steps_timed)
+    fit = step + int(max(0.0, minutes * 60 - seconds_so_far) / per_step)
+    total = torch.tensor(max(step + 1, min(planned, fit)))
+    if world_size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.MIN)
+    return int(total)
+
+
 class TooManyBadSteps(RuntimeError):
     """The loss was NaN or inf for too many steps in a row."""
 
@@ -195,6 +209,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
     warmup_steps = int(cfg.optim.warmup_epochs * steps_per_epoch)
 
     step, start_epoch, start_in_epoch = 0, 0, 0
+    sized = cfg.optim.minutes is None  # a time-budgeted run fixes total_steps after SIZING_STEPS steps
     found = latest_checkpoint(run_dir, remote=cfg.run_url)
     if found is not None:
         _, model_state, state = load_checkpoint(found, with_state=True)
@@ -203,6 +218,8 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
         for group in optimizer.param_groups:  # this world size's LR, not the saved one (elastic runs resize)
             group["base_lr"] = lr
         step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if state.get("sized_total_steps"):
+            total_steps, sized = state["sized_total_steps"], True
         if len(state["rng"]) != world_size():  # saved by another number of ranks: same samples, this size's steps
             start_in_epoch = start_in_epoch * len(state["rng"]) // world_size()
             step = start_epoch * steps_per_epoch + start_in_epoch
@@ -222,8 +239,9 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
     bad_in_row, bad_total = 0, 0
     collapse = CollapseMonitor()
     last: dict = {}
-    epochs = math.ceil(cfg.optim.epochs)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     timer, images_since = time.perf_counter(), 0
+    started, first_step = time.perf_counter(), step
 
     def write_checkpoint(epoch: int, in_epoch: int) -> None:
         rngs = [None] * world_size()
@@ -233,7 +251,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             rngs = [rng_state()]
         if current_rank() == 0:
             state = {"optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                     "rng": rngs, "data_health": {"skipped": health.skipped, "repeated": health.repeated}}
+                     "sized_total_steps": total_steps if cfg.optim.minutes and sized else 0, "rng": rngs, "data_health": {"skipped": health.skipped, "repeated": health.repeated}}
             path = save_checkpoint(run_dir, step, objective.state_dict(), state, cfg, last, cfg.train.keep_checkpoints)
             reporter.checkpoint(step, path)
         if world_size() > 1:
@@ -241,7 +259,8 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
 
     show = current_rank() == 0
     monitor = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
-    for epoch in range(start_epoch, epochs):
+    epoch = start_epoch - 1
+    while (epoch := epoch + 1) * steps_per_epoch < total_steps:
         in_epoch = start_in_epoch if epoch == start_epoch else 0
         epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         if in_epoch >= epoch_steps:
@@ -278,6 +297,15 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             objective.on_after_step(Progress(step, total_steps))
             images_since += len(batch["labels"]) if "labels" in batch else cfg.data.batch_size
             bar.update(1)
+            if not sized and step - first_step == SIZING_STEPS:
+                total_steps = steps_in_budget(cfg.optim.minutes, time.perf_counter() - started, SIZING_STEPS,
+                                              step, total_steps)
+                sized, epochs = True, math.ceil(total_steps / steps_per_epoch)
+                epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+                bar.total, bar.desc = epoch_steps, f"epoch {epoch + 1}/{epochs}"
+                if show:
+                    log.info("time budget %.1f min: training for %d steps (%.2f epochs)", cfg.optim.minutes,
+                             total_steps, total_steps / steps_per_epoch)
             if step % cfg.train.log_every_steps == 0 or in_epoch == epoch_steps:
                 elapsed = time.perf_counter() - timer
                 embedding = out.pop("embedding", None)
@@ -308,7 +336,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
         dist.all_gather_object(ranks_health, health)
         health = DataHealth(sum(h.skipped for h in ranks_health), sum(h.repeated for h in ranks_health),
                             [w for h in ranks_health for w in h.where])
-    summary = {"steps": step, "total_steps": total_steps, "epochs": cfg.optim.epochs, "last": last,
+    summary = {"steps": step, "total_steps": total_steps, "epochs": total_steps / steps_per_epoch, "last": last,
                "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
                "bad_steps": bad_total, "checkpoint": str(latest_checkpoint(run_dir))}
     reporter.finish(summary)
