@@ -68,11 +68,12 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews
                      desc: str = "features") -> np.ndarray:
     """Un-augmented features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D);
     NaN or inf features (diverged weights) are an error naming ``desc``."""
-    encoder.eval()
+    encoder.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     device = next(encoder.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
-        out.append(encoder(views.plain(images[i:i + batch_size].to(device))).float().cpu())
+        x = views.plain(images[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        out.append(encoder(x).float().cpu())
     features = torch.cat(out).numpy()
     bad = int((~np.isfinite(features).all(axis=1)).sum())
     if bad:
