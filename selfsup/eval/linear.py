@@ -191,8 +191,9 @@ def linear_probe_paper(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     device = next(encoder.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    views = BatchViews([ViewRecipe(crop_scale=crop_scale, flip_p=0.5)], image_size, list(mean), list(std), generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # batch order; the crops draw on the encoder's device
+    views = BatchViews([ViewRecipe(crop_scale=crop_scale, flip_p=0.5)], image_size, list(mean), list(std),
+                       generator=torch.Generator(device=device).manual_seed(seed))
     encoder.eval()
     with torch.no_grad():
         dim = encoder(views.plain(test_images[:2].to(device))).shape[1]
@@ -208,7 +209,7 @@ def linear_probe_paper(
         for s in range(0, len(order), batch_size):
             rows = order[s : s + batch_size]
             with torch.no_grad():
-                features = encoder(views(train_images[rows])[0].to(device)).float()
+                features = encoder(views(train_images[rows].to(device))[0]).float()
             loss = nn.functional.cross_entropy(head(features), train_y[rows].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
