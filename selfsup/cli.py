@@ -79,24 +79,6 @@ def _pretrain(args) -> None:
           f"{summary['data']['skipped']} bad samples skipped")
 
 
-def _eval(args) -> None:
-    if args.checkpoint[0] == "compare":
-        from .pipelines.compare import compare
-
-        if len(args.checkpoint) < 2:
-            raise SystemExit("usage: selfsup eval compare RUN_DIR [RUN_DIR ...] --train DIR --test DIR [--out DIR]")
-        compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
-        return
-    from .pipelines.evaluate import evaluate
-
-    if len(args.checkpoint) != 1:
-        raise SystemExit("selfsup eval takes one checkpoint; `selfsup eval compare RUN_DIR ...` compares runs")
-    evaluate(args.checkpoint[0], args.train, args.test, args.out, baselines=not args.no_baselines, tsne=args.tsne)
-
-
-def _export(args) -> None:
-    import torch
-
 def _submit(args) -> int:
     from .cluster.submit import SubmitError, submit
 
@@ -116,6 +98,24 @@ def _jobs(args) -> int:
         print(f"selfsup: error: {err}", file=sys.stderr)
         return 2
 
+
+def _eval(args) -> None:
+    if args.checkpoint[0] == "compare":
+        from .pipelines.compare import compare
+
+        if len(args.checkpoint) < 2:
+            raise SystemExit("usage: selfsup eval compare RUN_DIR [RUN_DIR ...] --train DIR --test DIR [--out DIR]")
+        compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
+        return
+    from .pipelines.evaluate import evaluate
+
+    if len(args.checkpoint) != 1:
+        raise SystemExit("selfsup eval takes one checkpoint; `selfsup eval compare RUN_DIR ...` compares runs")
+    evaluate(args.checkpoint[0], args.train, args.test, args.out, baselines=not args.no_baselines, tsne=args.tsne)
+
+
+def _export(args) -> None:
+    import torch
 
     from .pipelines.evaluate import _encoder
     from .pipelines.checkpoint import load_checkpoint
@@ -180,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
     t.set_defaults(func=_pretrain)
 
+    s = sub.add_parser("submit", help="run `selfsup pretrain` as a Ray job on a cluster (Job Submission SDK)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="key.sub=value")
+    s.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    s.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="pass this environment variable to the job (secrets: never on the command line)")
+    s.set_defaults(func=_submit)
+    j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    j.add_argument("action", choices=["status", "logs", "stop"])
+    j.add_argument("job_id")
+    j.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    j.set_defaults(func=_jobs)
+
     e = sub.add_parser("eval", help="kNN + linear probe of a checkpoint, with baselines; `eval compare RUN…`: "
                                     "every checkpoint of each run")
     e.add_argument("checkpoint", nargs="+", help="checkpoint directory, or a run directory (its latest checkpoint); "
@@ -195,20 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint")
     x.add_argument("out")
     x.set_defaults(func=_export)
-    s = sub.add_parser("submit", help="run `selfsup pretrain` as a Ray job on a cluster (Job Submission SDK)")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", help="key.sub=value")
-    s.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
-    s.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
-    s.add_argument("--env", action="append", default=[], metavar="NAME",
-                   help="pass this environment variable to the job (secrets: never on the command line)")
-    s.set_defaults(func=_submit)
-    j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
-    j.add_argument("action", choices=["status", "logs", "stop"])
-    j.add_argument("job_id")
-    j.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
-    j.set_defaults(func=_jobs)
-
 
     d = sub.add_parser("demo", help="Fashion-MNIST -> shards -> SimCLR under Ray -> evaluation report")
     d.add_argument("--config", default="configs/quickstart.yaml")
