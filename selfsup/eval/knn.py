@@ -82,12 +82,7 @@ def weighted_knn(
     ``index``: "flat" (exact) or "ivf" / "hnsw" (approximate faiss index for very large banks; its
     recall against exact search on ``recall_sample`` queries is logged and returned).
     """
-    bank = check_features(bank, "bank", "train")
-    queries = check_features(queries, "queries", "test")
-    if bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"bank has dimension {bank.shape[1]} but queries have {queries.shape[1]}")
-    bank_labels = check_labels(bank_labels, len(bank), "bank")
-    query_labels = check_labels(query_labels, len(queries), "queries")
+    bank, bank_labels, queries, query_labels = check_split_pair(bank, bank_labels, queries, query_labels)
     if num_classes is None:
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     elif max(bank_labels.max(), query_labels.max()) >= num_classes:
@@ -164,6 +159,17 @@ def check_labels(y, n: int, name: str) -> np.ndarray:
     if y.min() < 0:
         raise ValueError(f"{name} labels must be non-negative, got {y.min()}")
     return y.astype(np.int64)
+
+
+
+def check_split_pair(train_x, train_y, test_x, test_y, names: tuple[str, str] = ("bank", "queries")):
+    """Validated (train (N, D), train labels (N,), test (M, D), test labels (M,)): finite features of
+    one dimension and one label per row; errors name the split."""
+    train_x = check_features(train_x, names[0], "train")
+    test_x = check_features(test_x, names[1], "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"{names[0]} has dimension {train_x.shape[1]} but {names[1]} have {test_x.shape[1]}")
+    return train_x, check_labels(train_y, len(train_x), names[0]), test_x, check_labels(test_y, len(test_x), names[1])
 
 
 def _check_settings(settings: Sequence[tuple[int, float]], n: int) -> list[tuple[str, int, float]]:

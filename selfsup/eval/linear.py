@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.eval.knn import check_features, check_labels
+from selfsup.eval.knn import check_labels, check_split_pair
 
 _MOMENTUM = 0.9
 
@@ -62,12 +62,8 @@ def linear_probe(
     The grid ``lrs`` x ``weight_decays`` is trained in parallel on all but a random ``val_fraction``
     of the train rows and chosen on those; ``refit`` retrains the winner on all train rows.
     """
-    train_x = check_features(train_x, "train features", "train")
-    test_x = check_features(test_x, "test features", "test")
-    if train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train features have dimension {train_x.shape[1]} but test features have {test_x.shape[1]}")
-    train_y = check_labels(train_y, len(train_x), "train")
-    test_y = check_labels(test_y, len(test_x), "test")
+    train_x, train_y, test_x, test_y = check_split_pair(train_x, train_y, test_x, test_y,
+                                                        ("train features", "test features"))
     if max(train_y.max(), test_y.max()) >= num_classes:
         raise ValueError(f"labels go up to {max(train_y.max(), test_y.max())} but num_classes={num_classes}")
     grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]

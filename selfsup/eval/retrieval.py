@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from selfsup.eval.knn import check_features, check_labels, inverse_norms  # noqa: E402
+from selfsup.eval.knn import check_split_pair, inverse_norms  # noqa: E402
 
 _RANK_ELEMENTS = 2**24  # (query, bank) pairs ranked at once
 
@@ -27,12 +27,7 @@ def retrieval_metrics(bank, bank_labels, queries, query_labels, ks: Sequence[int
     k), "precision@k" (share of the top k that is relevant), "map@r" (mAP@R) and "map" (full ranking).
 
     Holds a float32 copy of the bank; queries are ranked in chunks of ``_RANK_ELEMENTS`` pairs."""
-    bank = check_features(bank, "bank", "train")
-    queries = check_features(queries, "queries", "test")
-    if bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"bank has dimension {bank.shape[1]} but queries have {queries.shape[1]}")
-    bank_labels = check_labels(bank_labels, len(bank), "bank")
-    query_labels = check_labels(query_labels, len(queries), "queries")
+    bank, bank_labels, queries, query_labels = check_split_pair(bank, bank_labels, queries, query_labels)
     if not ks or min(ks) < 1 or max(ks) > len(bank):
         raise ValueError(f"ks must lie in [1, {len(bank)}] (the bank size), got {tuple(ks)}")
     b = torch.from_numpy(bank.astype(np.float32) * inverse_norms(bank)[:, None])
