@@ -237,8 +237,8 @@ class ShardStream(IterableDataset):
         mine = plan.ranges[self.rank][worker]
         # top-up source: everything after this worker's range, once round
         total = sum(self.counts)
-        end = sum(p.stop - p.start for r in plan.ranges[: self.rank] for w in r for p in w) + \
-            sum(p.stop - p.start for w in plan.ranges[self.rank][: worker + 1] for p in w)
+        slots_before = sum(sum(q) for q in plan.quotas[: self.rank]) + sum(plan.quotas[self.rank][: worker + 1])
+        end = slots_before * self.batch_size  # ranges are laid out back to back, quota x batch each
         spare = _pieces(self.counts, plan.order, end, total) + _pieces(self.counts, plan.order, 0, end)
         counters = {"skipped": 0, "repeated": 0}
         items, made = [], 0
