@@ -31,9 +31,9 @@ def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tor
     idx = torch.arange(b, device=z1.device) + offset
     self_idx = torch.cat([idx, idx + n_all])
     pos_idx = torch.cat([idx + n_all, idx])
-    rows = torch.arange(2 * b, device=z1.device)
-    logits[rows, self_idx] = float("-inf")
-    return F.cross_entropy(logits, pos_idx)
+    # masked_fill takes the scalar as a kernel argument; an indexed assignment would copy it from the host
+    self_mask = F.one_hot(self_idx, logits.shape[1]).bool()  # (2B, 2WB)
+    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), pos_idx)
 
 
 def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -189,7 +189,7 @@ class BatchViews:
         if recipe.solarize_p > 0:
             sol = _per_sample(torch.rand(b, device=dev, generator=g) < recipe.solarize_p)
             x = torch.where(sol & (x >= 0.5), 1 - x, x)
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        return self.normalise(x)
 
     def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
         return [self.view(images, r) for r in self.recipes]
@@ -199,4 +199,11 @@ class BatchViews:
         x = images.float().div_(255)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return self.normalise(x)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std per channel; the constants move to ``x``'s device once, not every batch
+        (a host-to-device copy each step would make the GPU step wait for the host)."""
+        if self.mean.device != x.device:
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - self.mean) / self.std
