@@ -4,8 +4,8 @@
     python -m benchmarks.throughput --methods simclr --steps 5
     python -m benchmarks.throughput --device cuda         # ResNet-18 @ 32 px and ResNet-50 @ 224 px, synthetic
 
-Real path: uint8 batches (CPU: shards -> ``ShardStream`` DataLoader; CUDA: synthetic images already on
-the GPU) -> ``BatchViews`` on the training device -> method -> optimiser step, under bf16 autocast
+Real path: uint8 batches (CPU: shards -> ``ShardStream`` DataLoader; CUDA: synthetic images in pinned
+host memory, copied to the GPU every step) -> ``BatchViews`` on the training device -> method -> optimiser step, under bf16 autocast
 where the device supports it (CUDA; CPUs with AVX-512 BF16) and channels_last on CUDA.
 Baseline: the same model, loss and optimiser fed by a ``DataLoader`` that applies torchvision's
 per-image PIL transforms (RandomResizedCrop, RandomHorizontalFlip, GaussianBlur, ToTensor,
@@ -13,7 +13,8 @@ Normalize) to the same uint8 images, in fp32 and the default memory format.
 
 Both paths use the same number of loader processes. Achieved GFLOP/s counts the matmul/conv FLOPs
 of one training step (torch's FlopCounterMode: forward + backward, target/key passes included),
-and is set against a large GEMM measured in the same run (CPU) or the H100's dense bf16 peak (CUDA).
+and is set against a large GEMM measured in the same run (CPU) or the H100's dense bf16 peak (CUDA:
+989 TFLOP/s for SXM, 756 for PCIe, 835 for NVL, read off the device name).
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from selfsup.vision.augment import BatchViews, ViewRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
-H100_BF16_DENSE = 989e12
+H100_BF16_DENSE = {"PCIe": 756e12, "NVL": 835e12, "SXM": 989e12}
+
+
+def h100_peak(name: str) -> tuple[float, str]:
+    """(dense bf16 FLOP/s, variant) of the H100 named ``name``; SXM unless the name says otherwise."""
+    variant = next((v for v in ("PCIe", "NVL") if v.lower() in name.lower()), "SXM")
+    return H100_BF16_DENSE[variant], variant
 
 
 @dataclass
@@ -65,21 +72,23 @@ def settings_for(device: str, batch: int | None, data: str) -> list[Setting]:
     """CPU: the Fashion-MNIST recipe's backbone on the shards at ``data``; CUDA: ResNet-18 @ 32 px and
     ResNet-50 @ 224 px on synthetic RGB images."""
     if device == "cpu":
-        return [Setting("resnet18-w16 @ 28 px grey", [f"data.train={data}", f"data.batch_size={batch or 256}"], False)]
+        return [Setting("fmnist-cpu recipe @ 28 px grey", [f"data.train={data}", f"data.batch_size={batch or 256}"], False)]
     rgb = ["data.channels=3", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "data.train=unused"]
     return [Setting("resnet18 @ 32 px", [*rgb, "model.width=64", "model.small_stem=true", "data.image_size=32",
                                          f"data.batch_size={batch or 256}"], True),
             Setting("resnet50 @ 224 px", [*rgb, "data.image_size=224", f"data.batch_size={batch or 128}"], True)]
 
 
-def build(cfg: ExperimentConfig, device: torch.device, channels_last: bool):
-    """(method, optimiser) on ``device``, seeded so both paths start from the same weights."""
+def build(cfg: ExperimentConfig, device: torch.device, channels_last: bool, compile: bool = False):
+    """(method, optimiser) on ``device``, seeded so both paths start from the same weights; the method
+    is wrapped in ``torch.compile`` when ``compile`` (as ``train.compile`` does in the training loop)."""
     torch.manual_seed(cfg.seed)
     model = build_vision_method(cfg).to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.reference_batch, cfg.optim.lr_scaling)
-    return model, build_optimizer(model.param_groups(), cfg.optim, lr, use_fused=device.type == "cuda")
+    optimizer = build_optimizer(model.param_groups(), cfg.optim, lr, use_fused=device.type == "cuda")
+    return (torch.compile(model) if compile else model), optimizer
 
 
 def first_images(location: str, n: int, channels: int, size: int) -> torch.Tensor:
@@ -147,12 +156,12 @@ def train_rate(model, optimizer, batches, steps: int, warmup: int, device: torch
 
 def real_batches(cfg: ExperimentConfig, device: torch.device, channels_last: bool, workers: int,
                  synthetic: torch.Tensor | None):
-    """The pipeline's views: uint8 batches (shards through ``ShardStream``, or ``synthetic`` on the device)
+    """The pipeline's views: uint8 batches (shards through ``ShardStream``, or pinned ``synthetic`` images copied each step)
     -> ``BatchViews`` on ``device``."""
     views = BatchViews(cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if synthetic is not None:
-        uint8 = itertools.repeat(synthetic)
+        uint8 = (synthetic.to(device, non_blocking=True) for _ in itertools.count())
     else:
         stream = ShardStream(cfg.data.train, cfg.data.batch_size,
                              functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size), collate_images,
@@ -194,16 +203,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, help="loader processes for both paths (default: 1 on the CPU, 8 on CUDA)")
     p.add_argument("--data", default=str(ROOT / "data/fashion-mnist/train"), help="CPU: shard folder")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    p.add_argument("--backbones", nargs="+", choices=["resnet18", "resnet50"], help="CUDA: only these settings")
+    p.add_argument("--compile", action="store_true", help="torch.compile the real path (the first warm-up step compiles)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    settings = settings_for(device.type, args.batch, args.data)
+    settings = [s for s in settings_for(device.type, args.batch, args.data)
+                if not args.backbones or s.label.split()[0] in args.backbones]
     if device.type == "cuda":
         workers = 8 if args.workers is None else args.workers
         amp, channels_last = torch.bfloat16, True
-        peak = {"bf16": H100_BF16_DENSE, "fp32": H100_BF16_DENSE}
-        peak_note = f"H100 dense bf16 peak {H100_BF16_DENSE / 1e12:.0f} TFLOP/s"
+        name = torch.cuda.get_device_name()
+        bf16_peak, variant = h100_peak(name)
+        peak = {"bf16": bf16_peak, "fp32": bf16_peak}
+        peak_note = f"{name}: H100 {variant} dense bf16 peak {bf16_peak / 1e12:.0f} TFLOP/s"
     else:
         workers = 1 if args.workers is None else args.workers
         amp = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
@@ -212,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         peak_note = f"measured 2048^3 GEMM: bf16 {peak['bf16'] / 1e9:.0f}, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s"
     real_kind = "bf16" if amp is not None else "fp32"
     print(f"device {device}, torch threads {torch.get_num_threads()}, loader processes {workers}, "
-          f"real path {real_kind}{' + channels_last' if channels_last else ''}, baseline fp32; {peak_note}")
+          f"real path {real_kind}{' + channels_last' if channels_last else ''}{' + torch.compile' if args.compile else ''}, "
+          f"baseline fp32; {peak_note}")
     unit = 1e12 if device.type == "cuda" else 1e9
     unit_name = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
     rows = []
@@ -223,11 +238,11 @@ def main(argv: list[str] | None = None) -> None:
             pool = b * (args.steps + args.warmup)
             if setting.synthetic:
                 images = torch.randint(0, 256, (pool, c, s, s), dtype=torch.uint8)
-                synthetic = images[:b].to(device)
+                synthetic = images[:b].pin_memory()
             else:
                 images, synthetic = first_images(cfg.data.train, pool, c, s), None
             flops = step_flops(cfg, device) / b  # per image
-            model, opt = build(cfg, device, channels_last)
+            model, opt = build(cfg, device, channels_last, args.compile)
             real = train_rate(model, opt, real_batches(cfg, device, channels_last, workers, synthetic),
                               args.steps, args.warmup, device, amp)
             model, opt = build(cfg, device, channels_last=False)
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<26} {method:<8} {gflop:>9.2f} {base:>14.1f} {real:>13.1f} {ratio:>5.2f}x {achieved:>8.1f} "
               f"{frac:>8.1%} {base_frac:>16.1%}")
     print(f"\nFLOPs: matmul/conv of forward + backward (+ target/key forwards); 'of peak': achieved / "
-          + ("the H100 dense bf16 peak (MFU)" if device.type == "cuda" else "the measured GEMM peak of the path's dtype"))
+          + ("the H100's dense bf16 peak (MFU)" if device.type == "cuda" else "the measured GEMM peak of the path's dtype"))
 
 if __name__ == "__main__":
     main()
