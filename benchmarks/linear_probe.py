@@ -1,5 +1,6 @@
 """Fast linear probe (DINOv2-style grid on cached features) vs the papers' protocol (frozen backbone,
-random-resized crops + flips, SGD momentum 0.9, cosine, 100 epochs) on a Fashion-MNIST checkpoint.
+random-resized crops + flips, SGD momentum 0.9, cosine, 100 epochs) on a Fashion-MNIST checkpoint;
+the crops keep 70-100% of a 28-px image (``paper_crop_scale``).
 
     python -m benchmarks.linear_probe                                  # trains runs/probe-bench first if missing
     python -m benchmarks.linear_probe --checkpoint runs/quickstart --paper-epochs 100
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from selfsup.eval.linear import linear_probe, linear_probe_paper
+from selfsup.eval.linear import linear_probe, linear_probe_paper, paper_crop_scale
 from selfsup.pipelines.checkpoint import load_checkpoint, resolve_checkpoint
 from selfsup.pipelines.evaluate import _encoder, extract_features, read_images
 from selfsup.vision.augment import BatchViews
@@ -33,7 +34,7 @@ def main() -> None:
     p.add_argument("--test", default="data/fashion-mnist/test")
     p.add_argument("--paper-epochs", type=int, default=100)
     p.add_argument("--paper-lr", type=float, default=0.1, help="paper probe LR at batch 256")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not Path(args.checkpoint).exists():
@@ -66,7 +67,7 @@ def main() -> None:
           f"{len(train_y)} train / {len(test_y)} test images; {args.threads} torch thread(s)")
     print(f"fast probe  (grid lr={fast.lr:g} wd={fast.weight_decay:g}, 20 epochs on cached features): "
           f"top-1 {100 * fast.top1:.2f}%  in {fast_s:.1f} s (feature extraction included)")
-    print(f"paper probe ({args.paper_epochs} epochs, lr={paper.lr:g}, crops+flips): top-1 {100 * paper.top1:.2f}%  "
+    print(f"paper probe ({args.paper_epochs} epochs, lr={paper.lr:g}, crops of scale {paper_crop_scale(d.image_size)} + flips): top-1 {100 * paper.top1:.2f}%  "
           f"in {paper_s:.1f} s ({paper_s / args.paper_epochs:.1f} s/epoch; 100 epochs ~ {paper_100_s:.0f} s)")
     diff = 100 * (fast.top1 - paper.top1)
     print(f"difference fast - paper: {diff:+.2f} points (target |diff| <= 0.5: "

@@ -37,8 +37,8 @@ def test_mixture_accuracy_matches_sklearn_and_probabilities_are_distributions(ov
     np.testing.assert_allclose(r.probabilities.sum(1), 1.0, atol=1e-12)
     np.testing.assert_array_equal(r.predictions, r.probabilities.argmax(1))
     assert r.top1 == pytest.approx((r.predictions == yte).mean())
-    assert (r.lr, r.weight_decay) in [(lr, wd) for lr in (0.01, 0.03, 0.1, 0.3, 1.0) for wd in (0, 1e-4, 1e-3, 1e-2)]
-    assert len(r.grid) == 20 and r.val_top1 == max(r.grid.values()) and 0.7 < r.val_top1 <= 1.0
+    assert (r.lr, r.weight_decay) in [(lr, wd) for lr in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0) for wd in (0, 1e-4, 1e-3, 1e-2)]
+    assert len(r.grid) == 28 and r.val_top1 == max(r.grid.values()) and 0.7 < r.val_top1 <= 1.0
 
 
 def test_separable_data_is_learned_exactly():
