@@ -87,7 +87,7 @@ def build(cfg: ExperimentConfig, device: torch.device, channels_last: bool, comp
     if channels_last:
         model.to(memory_format=torch.channels_last)
     lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size, cfg.optim.reference_batch, cfg.optim.lr_scaling)
-    optimizer = build_optimizer(model.param_groups(), cfg.optim, lr, use_fused=device.type == "cuda")
+    optimizer = build_optimizer(model.param_groups(), cfg.optim, lr)
     return (torch.compile(model) if compile else model), optimizer
 
 

@@ -80,7 +80,7 @@ class OptimConfig(Strict):
     minutes: float | None = Field(None, gt=0, description="fit training into this wall time: after a few "
                                   "steps the schedule is cut to the steps that fit (never beyond `epochs`)")
     grad_clip: float | None = Field(None, gt=0)
-    max_bad_steps: int = Field(10, ge=1, description="consecutive NaN/inf losses before the run stops")
+    max_bad_steps: int = Field(10, ge=1, description="consecutive NaN/inf losses (each skipped) that stop the run at the next logging step")
 
 
 class TrainConfig(Strict):

@@ -11,7 +11,9 @@ from torch.optim import Optimizer
 class LARS(Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), as SimCLR and BYOL use it.
 
-    Parameters with ``lars_exclude=True`` in their group (biases, norms) get plain SGD.
+    Parameters with ``lars_exclude=True`` in their group (biases, norms) get plain SGD. Like torch's
+    fused optimisers, a ``found_inf`` attribute (0-d tensor, non-zero = skip) set before ``step``
+    leaves parameters and momentum untouched, decided on the device without a host sync.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
@@ -19,11 +21,18 @@ class LARS(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
+            momentum, neg_lr = group["momentum"], -group["lr"]
+            if keep is not None:  # a skipped step: zero update, momentum kept as it is
+                momentum, neg_lr = torch.where(keep, momentum, 1.0), torch.where(keep, neg_lr, 0.0)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 d = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
+                if keep is not None:
+                    d = torch.where(keep, d, 0.0)
                 if not group["lars_exclude"]:
                     pn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     trust = torch.where((pn > 0) & (dn > 0), group["eta"] * pn / dn, torch.ones_like(pn))
@@ -32,8 +41,11 @@ class LARS(Optimizer):
                 if buf is None:
                     buf = self.state[p]["momentum_buffer"] = d
                 else:
-                    buf.mul_(group["momentum"]).add_(d)
-                p.add_(buf, alpha=-group["lr"])
+                    buf.mul_(momentum).add_(d)
+                if keep is None:
+                    p.add_(buf, alpha=neg_lr)
+                else:
+                    p.addcmul_(buf, neg_lr)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
@@ -57,18 +69,19 @@ def split_decay(groups: list[dict]) -> list[dict]:
     return out
 
 
-def build_optimizer(groups: list[dict], cfg, lr: float, use_fused: bool) -> Optimizer:
-    """The optimiser named by ``cfg.name`` over ``groups`` (from ``Objective.param_groups``)."""
+def build_optimizer(groups: list[dict], cfg, lr: float) -> Optimizer:
+    """The optimiser named by ``cfg.name`` over ``groups`` (from ``Objective.param_groups``). SGD and
+    AdamW are torch's fused kernels (CPU and CUDA); all three honour ``found_inf`` (see LARS)."""
     groups = split_decay(groups)
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay)
         g["base_lr"] = lr
     if cfg.name == "sgd":
         clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-        return torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=use_fused or None)
+        return torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=True)
     if cfg.name == "adamw":
         clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-        return torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=use_fused or None)
+        return torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
 
 

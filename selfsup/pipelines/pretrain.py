@@ -203,7 +203,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
 
     global_batch = cfg.data.batch_size * world_size()
     lr = scaled_lr(cfg.optim.lr, global_batch, cfg.optim.reference_batch, cfg.optim.lr_scaling)
-    optimizer = build_optimizer(objective.param_groups(), cfg.optim, lr, use_fused=device.type == "cuda")
+    optimizer = build_optimizer(objective.param_groups(), cfg.optim, lr)
     steps_per_epoch = stream.steps_per_epoch()
     total_steps = max(1, math.ceil(cfg.optim.epochs * steps_per_epoch))
     warmup_steps = int(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -236,7 +236,9 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
     amp = autocast_dtype(cfg, device)
     loader = make_loader(stream, cfg.data.loader_workers)
     health = DataHealth()
-    bad_in_row, bad_total = 0, 0
+    # NaN/inf steps: all of them, the current run and the longest run, counted on the device and read
+    # at logging steps (a check every step would make the host wait for the GPU each step)
+    bad_total, bad_run, worst_run = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     collapse = CollapseMonitor()
     last: dict = {}
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -279,20 +281,20 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 out = step_fn(inputs, progress)
             loss = out["loss"]
-            if not torch.isfinite(loss.detach()):
-                bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                optimizer.zero_grad(set_to_none=True)
-                if bad_in_row >= cfg.optim.max_bad_steps:
-                    raise TooManyBadSteps(f"loss was NaN/inf for {bad_in_row} steps in a row at step {step}; "
-                                          "lower optim.lr, set optim.grad_clip, or check the data")
-                step, in_epoch = step + 1, in_epoch + 1
-                continue
-            bad_in_row = 0
+            bad = ~torch.isfinite(loss.detach())
+            if world_size() > 1:  # one rank's NaN reaches every rank's gradients through the all-reduce
+                bad = bad.to(torch.int32)
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                bad = bad.bool()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip)
+            optimizer.found_inf = bad.float()  # the optimiser skips a bad step on the device: no host sync
             optimizer.step()
+            bad_total += bad
+            bad_run = (bad_run + 1) * bad
+            worst_run = torch.maximum(worst_run, bad_run)
             step, in_epoch = step + 1, in_epoch + 1
             objective.on_after_step(Progress(step, total_steps))
             images_since += len(batch["labels"]) if "labels" in batch else cfg.data.batch_size
@@ -310,14 +312,18 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
                 elapsed = time.perf_counter() - timer
                 embedding = out.pop("embedding", None)
                 last = {k: float(v.detach().float()) for k, v in out.items()}
-                if embedding is not None:
+                if embedding is not None and bool(torch.isfinite(embedding).all()):  # not on a skipped NaN step
                     last.update({k: float(v) for k, v in embedding_stats(embedding).items()})
                     if show:
                         last["collapse_alarms"] = len(collapse.update(step, last, embedding.shape[1]))
                 last.update(lr=current_lr, epoch=epoch + in_epoch / epoch_steps,
                             images_per_s=images_since * world_size() / max(elapsed, 1e-9),
-                            skipped_samples=health.skipped, bad_steps=bad_total)
+                            skipped_samples=health.skipped, bad_steps=int(bad_total))
                 reporter.log(step, last)
+                if (worst := int(worst_run)) >= cfg.optim.max_bad_steps:
+                    raise TooManyBadSteps(f"loss was NaN/inf for {worst} steps in a row by step {step} (limit "
+                                          f"optim.max_bad_steps={cfg.optim.max_bad_steps}), each skipped; "
+                                          "lower optim.lr, set optim.grad_clip, or check the data")
                 bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}")
                 timer, images_since = time.perf_counter(), 0
             if step % cfg.train.checkpoint_every_steps == 0 and in_epoch < epoch_steps:
@@ -338,6 +344,6 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
                             [w for h in ranks_health for w in h.where])
     summary = {"steps": step, "total_steps": total_steps, "epochs": total_steps / steps_per_epoch, "last": last,
                "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
-               "bad_steps": bad_total, "checkpoint": str(latest_checkpoint(run_dir))}
+               "bad_steps": int(bad_total), "checkpoint": str(latest_checkpoint(run_dir))}
     reporter.finish(summary)
     return summary

@@ -74,7 +74,7 @@ def _cuda_step_parts(method: str):
     cfg = _method_config(method)
     torch.manual_seed(0)
     model = build_vision_method(cfg).cuda().to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model.param_groups(), cfg.optim, 0.05, use_fused=True)
+    optimizer = build_optimizer(model.param_groups(), cfg.optim, 0.05)
     views = BatchViews(cfg.view_recipes(), 32, cfg.data.mean, cfg.data.std, torch.Generator(device="cuda").manual_seed(0))
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return model, optimizer, views, images.cuda()
@@ -172,3 +172,40 @@ def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path
     with torch.no_grad():
         features = model.encoder(torch.rand(4, 1, 28, 28))
     assert features.shape == (4, 64) and torch.isfinite(features).all()
+
+
+def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, monkeypatch):
+    """Reading the batch, augmenting, the step, the NaN check (counted on the device) and the
+    momentum update: no sync in any step that neither logs nor checkpoints."""
+    from selfsup.pipelines.pretrain import FileReporter, pretrain
+    from selfsup.ssl.byol import BYOL
+    from tests.conftest import write_tiny_shards
+
+    shards = write_tiny_shards(tmp_path / "shards", [128, 128])
+    tree = {"name": "sync", "run_root": str(tmp_path / "runs"),
+            "data": {"train": str(shards), "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 0},
+            "model": {"width": 8}, "method": {"name": "byol", "proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_dim": 16},
+            "optim": {"warmup_epochs": 0, "epochs": 2}, "scaling": {"use_gpu": True}, "tracking": {"mode": "disabled"},
+            "train": {"log_every_steps": 4, "checkpoint_every_steps": 1000, "channels_last": True}}
+    cfg = parse_config(tree, [])
+    marks: list[tuple[int, int]] = []  # (step, warnings caught when its forward began)
+    forward = BYOL.forward
+
+    def marked(self, views, progress):
+        marks.append((progress.step, len(caught)))
+        return forward(self, views, progress)
+
+    monkeypatch.setattr(BYOL, "forward", marked)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pretrain(cfg, FileReporter(cfg.run_dir))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    is_sync = [("synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)) for w in caught]
+    where = [f"{w.filename}:{w.lineno}" for w, s in zip(caught, is_sync) if s]
+    assert [s for s, _ in marks] == list(range(16))
+    quiet = [s for s in range(1, 15) if (s + 1) % 4]  # steps 1, 2, 4, 5, 6, 8, ...: no logging after them
+    syncs = {s: sum(is_sync[marks[s][1]:marks[s + 1][1]]) for s in quiet}
+    assert not any(syncs.values()), f"host syncs per quiet step {syncs}; all syncs at {sorted(set(where))}"
