@@ -63,6 +63,7 @@ class ModelConfig(Strict):
     width: int = Field(64, gt=0, description="channels of the first ResNet stage (64 = standard)")
     small_stem: bool = Field(True, description="3x3 stem without max-pool, for 28-32 px images")
     stem_stride: int = Field(1, ge=1, le=2, description="stride of the small stem (2 quarters the compute)")
+    freeze_patch_embed: bool = Field(False, description="ViT: keep the patch projection random and frozen (MoCo v3)")
 
 
 class OptimConfig(Strict):

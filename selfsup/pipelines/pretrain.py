@@ -116,7 +116,7 @@ def build_vision_method(cfg: ExperimentConfig) -> nn.Module:
     """The image method of ``cfg`` around its backbone, at random initialisation."""
     m = cfg.model
     backbone, dim = build_backbone(m.backbone, m.width, cfg.data.channels, m.small_stem, cfg.data.image_size,
-                                   m.stem_stride)
+                                   m.stem_stride, m.freeze_patch_embed)
     return build_method(cfg.method, backbone, dim)
 
 

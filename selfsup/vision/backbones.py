@@ -51,14 +51,19 @@ def build_resnet(name: str, width: int = 64, in_channels: int = 3, small_stem: b
 
 
 class ViTBackbone(nn.Module):
-    """torchvision ViT-B/16 without its head: (B, C, H, W) -> (B, 768) class-token features."""
+    """torchvision ViT-B/16 without its head: (B, C, H, W) -> (B, 768) class-token features.
 
-    def __init__(self, image_size: int = 224, in_channels: int = 3):
+    ``freeze_patch_embed`` keeps the patch projection at its random initialisation, the trick the
+    MoCo v3 paper (Chen, Xie, He 2021, sec. 4.2) uses against the training instability of ViTs.
+    """
+
+    def __init__(self, image_size: int = 224, in_channels: int = 3, freeze_patch_embed: bool = False):
         super().__init__()
         self.vit = VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=12,
                                      hidden_dim=768, mlp_dim=3072)
         if in_channels != 3:
             self.vit.conv_proj = nn.Conv2d(in_channels, 768, kernel_size=16, stride=16)
+        self.vit.conv_proj.requires_grad_(not freeze_patch_embed)
         self.vit.heads = nn.Identity()
 
     def forward(self, x):
@@ -66,10 +71,12 @@ class ViTBackbone(nn.Module):
 
 
 def build_backbone(name: str, width: int = 64, in_channels: int = 3, small_stem: bool = True,
-                   image_size: int = 224, stem_stride: int = 1) -> tuple[nn.Module, int]:
+                   image_size: int = 224, stem_stride: int = 1, freeze_patch_embed: bool = False) -> tuple[nn.Module, int]:
     """Backbone by name -> (module mapping (B, C, H, W) to (B, D), D)."""
     if name == "vit_b_16":
-        return ViTBackbone(image_size, in_channels), 768
+        return ViTBackbone(image_size, in_channels, freeze_patch_embed), 768
+    if freeze_patch_embed:
+        raise ValueError(f"model.freeze_patch_embed is for ViT backbones; {name} has no patch projection")
     return build_resnet(name, width, in_channels, small_stem, stem_stride)
 
 

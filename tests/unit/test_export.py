@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -58,3 +60,20 @@ def test_exported_backbone_loads_strictly_into_torchvision(tmp_path, method, sma
     assert got.shape == (2, 512)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(fresh, want, atol=1e-3)
+
+
+def test_moco_v3_vit_recipe_keeps_the_patch_projection_random_and_out_of_the_optimiser():
+    from selfsup.config import load_config
+    from selfsup.pipelines.optim import build_optimizer
+    from selfsup.pipelines.pretrain import build_vision_method
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/moco_v3-vit_b_16-imagenet.yaml")
+    assert cfg.model.freeze_patch_embed
+    model = build_vision_method(cfg)
+    patch = list(model.encoder.vit.conv_proj.parameters())
+    assert patch and not any(p.requires_grad for p in patch)
+    optimised = {id(p) for g in build_optimizer(model.param_groups(), cfg.optim, 1e-3).param_groups for p in g["params"]}
+    assert not optimised & {id(p) for p in patch}
+    assert {id(p) for p in model.encoder.parameters() if p.requires_grad} <= optimised
+    with pytest.raises(ValueError, match="freeze_patch_embed is for ViT"):
+        build_backbone("resnet18", freeze_patch_embed=True)
