@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--test", default="data/fashion-mnist/test")
     p.add_argument("--paper-epochs", type=int, default=100)
     p.add_argument("--paper-lr", type=float, default=0.1, help="paper probe LR at batch 256")
+    p.add_argument("--paper-batch", type=int, default=256, help="paper probe batch (the LR scales linearly)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the encoder runs")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -45,7 +47,7 @@ def main() -> None:
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg, state, _ = load_checkpoint(ckpt)
     d = cfg.data
-    encoder = _encoder(cfg, state)
+    encoder = _encoder(cfg, state).to(args.device)
     train_x, train_y, classes, _ = read_images(args.train, d.channels, d.image_size)
     test_x, test_y, _, _ = read_images(args.test, d.channels, d.image_size)
     num_classes = len(classes)
@@ -59,15 +61,15 @@ def main() -> None:
 
     start = time.perf_counter()
     paper = linear_probe_paper(encoder, train_x, train_y, test_x, test_y, num_classes, d.image_size, d.mean, d.std,
-                               epochs=args.paper_epochs, lr=args.paper_lr)
+                               epochs=args.paper_epochs, batch_size=args.paper_batch, lr=args.paper_lr)
     paper_s = time.perf_counter() - start
     paper_100_s = paper_s * 100 / args.paper_epochs
 
     print(f"checkpoint {ckpt} ({cfg.method.name}, {cfg.model.backbone} w{cfg.model.width}); "
-          f"{len(train_y)} train / {len(test_y)} test images; {args.threads} torch thread(s)")
+          f"{len(train_y)} train / {len(test_y)} test images; {args.device}, {args.threads} torch thread(s)")
     print(f"fast probe  (grid lr={fast.lr:g} wd={fast.weight_decay:g}, 20 epochs on cached features): "
           f"top-1 {100 * fast.top1:.2f}%  in {fast_s:.1f} s (feature extraction included)")
-    print(f"paper probe ({args.paper_epochs} epochs, lr={paper.lr:g}, crops of scale {paper_crop_scale(d.image_size)} + flips): top-1 {100 * paper.top1:.2f}%  "
+    print(f"paper probe ({args.paper_epochs} epochs, batch {args.paper_batch}, lr={paper.lr:g} at 256, crops of scale {paper_crop_scale(d.image_size)} + flips): top-1 {100 * paper.top1:.2f}%  "
           f"in {paper_s:.1f} s ({paper_s / args.paper_epochs:.1f} s/epoch; 100 epochs ~ {paper_100_s:.0f} s)")
     diff = 100 * (fast.top1 - paper.top1)
     print(f"difference fast - paper: {diff:+.2f} points (target |diff| <= 0.5: "
