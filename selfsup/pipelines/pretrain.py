@@ -69,14 +69,13 @@ class FileReporter:
             (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
 
 
-SIZING_STEPS = 20  # steps timed before a time-budgeted run fixes its length
+SIZING_STEPS = 20  # steps timed, after the first one, before a time-budgeted run fixes its length
 
 
-def steps_in_budget(minutes: float, seconds_so_far: float, steps_timed: int, step: int, planned: int) -> int:
-    """Total steps of a run that must end ``minutes`` after it started, at the measured pace; every
+def steps_in_budget(minutes: float, seconds_so_far: float, seconds_per_step: float, step: int, planned: int) -> int:
+    """Total steps of a run that must end ``minutes`` after it started, at ``seconds_per_step``; every
     rank gets the smallest answer so that all take the same steps."""
-    per_step = seconds_so_far / max(1, steps_timed)
-    fit = step + int(max(0.0, minutes * 60 - seconds_so_far) / per_step)
+    fit = step + int(max(0.0, minutes * 60 - seconds_so_far) / max(seconds_per_step, 1e-9))
     total = torch.tensor(max(step + 1, min(planned, fit)))
     if world_size() > 1:
         dist.all_reduce(total, op=dist.ReduceOp.MIN)
@@ -244,6 +243,7 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
     epochs = math.ceil(total_steps / steps_per_epoch)
     timer, images_since = time.perf_counter(), 0
     started, first_step = time.perf_counter(), step
+    paced_from = started  # reset after the first step: the budget's pace leaves its start-up out
 
     def write_checkpoint(epoch: int, in_epoch: int) -> None:
         rngs = [None] * world_size()
@@ -299,8 +299,11 @@ def pretrain(cfg: ExperimentConfig, reporter: Reporter) -> dict:
             objective.on_after_step(Progress(step, total_steps))
             images_since += len(batch["labels"]) if "labels" in batch else cfg.data.batch_size
             bar.update(1)
-            if not sized and step - first_step == SIZING_STEPS:
-                total_steps = steps_in_budget(cfg.optim.minutes, time.perf_counter() - started, SIZING_STEPS,
+            if not sized and step - first_step == 1:  # the pace is timed without the first step's start-up
+                paced_from = time.perf_counter()
+            if not sized and step - first_step == SIZING_STEPS + 1:
+                now = time.perf_counter()
+                total_steps = steps_in_budget(cfg.optim.minutes, now - started, (now - paced_from) / SIZING_STEPS,
                                               step, total_steps)
                 sized, epochs = True, math.ceil(total_steps / steps_per_epoch)
                 epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)

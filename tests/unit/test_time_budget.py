@@ -19,12 +19,12 @@ def config(tmp_path, shards, minutes):
 
 
 def test_steps_in_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
-    assert steps_in_budget(1.0, seconds_so_far=10, steps_timed=20, step=20, planned=10_000) == 20 + 100
-    assert steps_in_budget(100.0, 10, 20, 20, planned=300) == 300
-    assert steps_in_budget(0.1, 60, 20, 20, planned=300) == 21  # already over time: one more step
+    assert steps_in_budget(1.0, seconds_so_far=10, seconds_per_step=0.5, step=20, planned=10_000) == 20 + 100
+    assert steps_in_budget(100.0, 10, 0.5, 20, planned=300) == 300
+    assert steps_in_budget(0.1, 60, 0.5, 20, planned=300) == 21  # already over time: one more step
 
 
-@pytest.mark.parametrize("minutes, expected", [(1e-5, SIZING_STEPS + 1), (600, 62)])
+@pytest.mark.parametrize("minutes, expected", [(1e-5, SIZING_STEPS + 2), (600, 62)])
 def test_a_time_budget_cuts_the_run_and_is_kept_on_resume(tmp_path, tiny_shards, minutes, expected):
     cfg = config(tmp_path, tiny_shards, minutes)  # 250 samples / 8 = 31 steps an epoch, 62 planned
     summary = pretrain(cfg, FileReporter(cfg.run_dir))
