@@ -152,18 +152,24 @@ def test_wav2vec2_steps_on_cuda_in_bf16_without_host_sync():
     assert torch.isfinite(first).item() and torch.isfinite(second).item()
 
 
-def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
-    from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
-    from selfsup.pipelines.pretrain import FileReporter, build_vision_method, pretrain
+def _tiny_byol_run(tmp_path):
+    """BYOL on 256 tiny images, batch 32, 2 epochs (16 steps), on the GPU, logging every 4 steps."""
     from tests.conftest import write_tiny_shards
 
     shards = write_tiny_shards(tmp_path / "shards", [128, 128])
-    tree = {"name": "gpu", "run_root": str(tmp_path / "runs"),
-            "data": {"train": str(shards), "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 0},
-            "model": {"width": 8}, "method": {"name": "byol", "proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_dim": 16},
-            "optim": {"warmup_epochs": 0, "epochs": 2}, "scaling": {"use_gpu": True},
-            "train": {"log_every_steps": 4, "checkpoint_every_steps": 1000, "channels_last": True}}
-    cfg = parse_config(tree, [])
+    return parse_config({
+        "name": "gpu", "run_root": str(tmp_path / "runs"),
+        "data": {"train": str(shards), "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 0},
+        "model": {"width": 8}, "method": {"name": "byol", "proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_dim": 16},
+        "optim": {"warmup_epochs": 0, "epochs": 2}, "scaling": {"use_gpu": True},
+        "train": {"log_every_steps": 4, "checkpoint_every_steps": 1000, "channels_last": True}}, [])
+
+
+def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
+    from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
+    from selfsup.pipelines.pretrain import FileReporter, build_vision_method, pretrain
+
+    cfg = _tiny_byol_run(tmp_path)
     summary = pretrain(cfg, FileReporter(cfg.run_dir))
     assert summary["steps"] == summary["total_steps"] == 16 and summary["bad_steps"] == 0
     saved, state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
@@ -179,15 +185,8 @@ def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, mo
     momentum update: no sync in any step that neither logs nor checkpoints."""
     from selfsup.pipelines.pretrain import FileReporter, pretrain
     from selfsup.ssl.byol import BYOL
-    from tests.conftest import write_tiny_shards
 
-    shards = write_tiny_shards(tmp_path / "shards", [128, 128])
-    tree = {"name": "sync", "run_root": str(tmp_path / "runs"),
-            "data": {"train": str(shards), "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 0},
-            "model": {"width": 8}, "method": {"name": "byol", "proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_dim": 16},
-            "optim": {"warmup_epochs": 0, "epochs": 2}, "scaling": {"use_gpu": True}, "tracking": {"mode": "disabled"},
-            "train": {"log_every_steps": 4, "checkpoint_every_steps": 1000, "channels_last": True}}
-    cfg = parse_config(tree, [])
+    cfg = _tiny_byol_run(tmp_path)
     marks: list[tuple[int, int]] = []  # (step, warnings caught when its forward began)
     forward = BYOL.forward
 
