@@ -3,7 +3,7 @@
 1. builds the speech corpus and the spoken-digit set (``shared/data`` scripts) into ``--data``;
 2. writes 16 kHz FLAC shards with ``selfsup shards write audio-folder``;
 3. pretrains ``configs/wav2vec2-tiny.yaml`` without Ray for its ``optim.epochs``, or fewer if they do not
-   fit ``--minutes`` of training (a short calibration run measures steps per second);
+   fit ``--minutes`` of training (``optim.minutes``: the loop times its first steps and sizes the schedule);
 4. evaluates with ``evaluate_audio``: best layer by kNN on held-out train voices, then kNN@20 and
    the linear probe on the test voices, against random init and log-mel.
 
@@ -24,7 +24,7 @@ from selfsup.cli import main as selfsup
 from selfsup.config import load_config
 from selfsup.pipelines.evaluate import evaluate_audio
 from selfsup.pipelines.pretrain import FileReporter, pretrain
-from selfsup.pipelines.shards import MANIFEST, read_manifest
+from selfsup.pipelines.shards import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "wav2vec2-tiny.yaml"
@@ -54,43 +54,6 @@ def build(data: Path, per_class: int) -> tuple[Path, Path]:
     return speech_shards, digit_shards
 
 
-def steps_per_epoch(overrides: list[str]) -> int:
-    cfg = load_config(CONFIG, overrides)
-    counts = [s["count"] for s in read_manifest(cfg.data.train)[0]["shards"]]
-    return sum(counts) // cfg.data.batch_size
-
-
-class _TimedReporter(FileReporter):
-    """A FileReporter that also notes when each logged step finished."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(run_dir)
-        self.times: list[tuple[int, float]] = []
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.times.append((step, time.perf_counter()))
-        super().log(step, metrics)
-
-
-def calibrate(overrides: list[str], run_root: Path, steps: int) -> tuple[float, float]:
-    """(steps per second, start-up seconds) of a short run. The rate is timed between the first and
-    the last logged step and the start-up is the rest, paid once: spreading the start-up over the
-    steps of a 60-step run under-estimated the rate, and a "15 minute" run once trained 3.4 minutes."""
-    cfg = load_config(CONFIG, overrides + [f"run_root={run_root}", "name=calibration", "train.log_every_steps=10",
-                                           f"optim.epochs={steps / steps_per_epoch(overrides)}"])
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    reporter = _TimedReporter(cfg.run_dir)
-    start = time.perf_counter()
-    summary = pretrain(cfg, reporter)
-    seconds = time.perf_counter() - start
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    (first_step, first_time), (last_step, last_time) = reporter.times[0], reporter.times[-1]
-    if last_step <= first_step:  # too few logs: whole run, start-up included (conservative)
-        return summary["steps"] / seconds, 0.0
-    rate = (last_step - first_step) / (last_time - first_time)
-    return rate, max(0.0, seconds - summary["steps"] / rate)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=15.0, help="pretraining budget (default 15)")
@@ -105,17 +68,10 @@ def main() -> None:
     speech, digits = build(Path(args.data), args.per_class)
     overrides = [f"data.train={speech}", *([f"train.threads={args.threads}"] if args.threads else []), *args.overrides]
     print("config: configs/wav2vec2-tiny.yaml", " ".join(overrides))
-    steps_per_s, startup_s = calibrate(overrides, Path(args.run_root), steps=80)
-    per_epoch = steps_per_epoch(overrides)
-    planned = int(load_config(CONFIG, overrides).optim.epochs * per_epoch)  # the recipe's length
-    steps = min(planned, int(max(60.0, args.minutes * 60 - startup_s) * steps_per_s))
-    cfg = load_config(CONFIG, overrides + [
-        f"run_root={args.run_root}", f"optim.epochs={steps / per_epoch:.4f}",
-        f"optim.warmup_epochs={0.08 * steps / per_epoch:.4f}"])
+    cfg = load_config(CONFIG, overrides + [f"run_root={args.run_root}", f"optim.minutes={args.minutes}"])
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
-    print(f"pretraining wav2vec2-tiny: {steps} steps of {cfg.data.batch_size} clips (<= {cfg.data.max_seconds:g} s) "
-          f"= {steps / per_epoch:.2f} epochs (config: {planned}), budget {args.minutes:g} min at {steps_per_s:.1f} steps/s after {startup_s:.0f} s "
-          "of start-up")
+    print(f"pretraining wav2vec2-tiny: {cfg.optim.epochs:g} epochs of {cfg.data.batch_size} clips "
+          f"(<= {cfg.data.max_seconds:g} s), or fewer if they do not fit {args.minutes:g} min")
     train_start = time.time()
     summary = pretrain(cfg, FileReporter(cfg.run_dir))
     train_minutes = (time.time() - train_start) / 60
