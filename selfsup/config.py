@@ -120,6 +120,8 @@ class TrackingConfig(Strict):
 class EvalConfig(Strict):
     knn: list[tuple[int, float]] = [(20, 0.07), (200, 0.1)]
     baselines: bool = True
+    probe_views: int = Field(4, ge=1, description="linear probe train rows per image: the un-augmented features "
+                             "plus probe_views - 1 passes of the paper probe's crops and flips")
 
 
 class Wav2Vec2MethodConfig(Wav2Vec2Config):

@@ -57,16 +57,21 @@ def linear_probe(
     num_classes: int,
     lrs: Sequence[float] = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
     weight_decays: Sequence[float] = (0.0, 1e-4, 1e-3, 1e-2),
-    epochs: int = 20,
+    epochs: int | None = None,
     batch_size: int = 512,
     val_fraction: float = 0.1,
     seed: int = 0,
     refit: bool = True,
+    train_views: int = 1,
 ) -> LinearProbeResult:
-    """Train linear classifiers on ``train_x`` (N, D) / ``train_y`` (N,), score on ``test_x`` (M, D).
+    """Train linear classifiers on ``train_x`` (V·N, D) / ``train_y`` (V·N,), score on ``test_x`` (M, D).
 
     The grid ``lrs`` x ``weight_decays`` is trained in parallel on all but a random ``val_fraction``
-    of the train rows and chosen on those; ``refit`` retrains the winner on all train rows.
+    of the train images and chosen on those; ``refit`` retrains the winner on all train rows.
+    ``train_views`` = V: the train rows are V blocks of the same N images, block 0 un-augmented and
+    the others augmented views (``selfsup.pipelines.evaluate.probe_features``); every block is
+    trained on, the held-out images are scored on block 0 only, and no image is on both sides.
+    ``epochs`` (passes over the train rows) defaults to 20 / V: the same number of steps at any V.
     """
     train_x, train_y, test_x, test_y = check_split_pair(train_x, train_y, test_x, test_y,
                                                         ("train features", "test features"))
@@ -75,18 +80,26 @@ def linear_probe(
     grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
     if not grid or min(lr for lr, _ in grid) <= 0 or min(wd for _, wd in grid) < 0:
         raise ValueError("lrs must be positive and weight_decays non-negative, neither empty")
+    if train_views < 1 or len(train_x) % train_views:
+        raise ValueError(f"{len(train_x)} train rows do not split into train_views={train_views} equal blocks")
+    epochs = max(1, round(20 / train_views)) if epochs is None else epochs
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
-    n_val = round(len(train_x) * val_fraction)
-    if len(grid) > 1 and not 1 <= n_val < len(train_x):
-        raise ValueError(f"val_fraction={val_fraction} leaves no held-out rows (or no training rows) of {len(train_x)}")
+    images = len(train_x) // train_views
+    if (train_y.reshape(train_views, images) != train_y[:images]).any():
+        raise ValueError(f"the {train_views} blocks of train rows must hold the same images in the same order "
+                         "(their labels differ)")
+    n_val = round(images * val_fraction)
+    if len(grid) > 1 and not 1 <= n_val < images:
+        raise ValueError(f"val_fraction={val_fraction} leaves no held-out images (or no training images) of {images}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(train_x.astype(np.float32, copy=False)).to(device)
     y = torch.from_numpy(train_y).to(device)
-    perm = torch.randperm(len(x), generator=gen).to(device)
-    fit_rows, val_rows = perm[n_val:], perm[:n_val]
+    perm = torch.randperm(images, generator=gen).to(device)
+    val_rows = perm[:n_val]
+    fit_rows = (perm[n_val:] + images * torch.arange(train_views, device=device).unsqueeze(1)).reshape(-1)
 
     model = _fit(x[fit_rows], y[fit_rows], num_classes, grid, epochs, batch_size, gen)
     if n_val:

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from ..eval.report import format_table  # noqa: E402
 from ..vision.augment import BatchViews  # noqa: E402
 from .checkpoint import CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint  # noqa: E402
-from .evaluate import _encoder, extract_features, read_images, score  # noqa: E402
+from .evaluate import _encoder, eval_device, extract_features, read_images, score  # noqa: E402
 
 log = logging.getLogger("selfsup.compare")
 
@@ -77,7 +77,7 @@ def _features(ckpt: Path, cfg, state: dict, train_x, test_x, cache: Path, splits
             if str(cached["key"]) == key:
                 return cached["train"], cached["test"]
     d = cfg.data
-    encoder, views = _encoder(cfg, state), BatchViews(cfg.view_recipes(), d.image_size, d.mean, d.std)
+    encoder, views = _encoder(cfg, state, eval_device()), BatchViews(cfg.view_recipes(), d.image_size, d.mean, d.std)
     train = extract_features(encoder, train_x, views, desc=f"features ({ckpt.name}, train)")
     test = extract_features(encoder, test_x, views, desc=f"features ({ckpt.name}, test)")
     cache.mkdir(parents=True, exist_ok=True)

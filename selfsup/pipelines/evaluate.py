@@ -13,11 +13,11 @@ from tqdm import tqdm
 
 from ..config import ExperimentConfig
 from ..eval.knn import weighted_knn
-from ..eval.linear import linear_probe
+from ..eval.linear import linear_probe, paper_crop_scale
 from ..eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr
 from ..eval.report import format_table, write_report
 from ..eval.retrieval import retrieval_metrics, save_neighbour_grid
-from ..vision.augment import BatchViews
+from ..vision.augment import BatchViews, ViewRecipe
 from .checkpoint import checkpoint_step, load_checkpoint, resolve_checkpoint
 from .loader import decode_image
 from .pretrain import build_vision_method
@@ -65,15 +65,17 @@ def read_images(location: str, channels: int, size: int, limit: int | None = Non
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, batch_size: int = 1024,
-                     desc: str = "features") -> np.ndarray:
-    """Un-augmented features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D);
-    NaN or inf features (diverged weights) are an error naming ``desc``."""
+def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, batch_size: int = 256,
+                     desc: str = "features", augment: bool = False) -> np.ndarray:
+    """Features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D), un-augmented, or
+    through ``views``' first recipe with ``augment``; NaN or inf features (diverged weights) are an
+    error naming ``desc``."""
     encoder.eval().to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
     device = next(encoder.parameters()).device
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
-        x = views.plain(images[i:i + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        batch = images[i:i + batch_size].to(device)
+        x = (views(batch)[0] if augment else views.plain(batch)).contiguous(memory_format=torch.channels_last)
         out.append(encoder(x).float().cpu())
     features = torch.cat(out).numpy()
     bad = int((~np.isfinite(features).all(axis=1)).sum())
@@ -83,12 +85,31 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews
     return features
 
 
+def probe_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, n_views: int, seed: int = 0,
+                   desc: str = "features") -> np.ndarray:
+    """The linear probe's train rows: uint8 (N, C, H, W) -> float32 (n_views·N, D), the un-augmented
+    features, then ``n_views`` - 1 passes of the paper probe's random-resized crops and flips
+    (``paper_crop_scale``), block by block as ``linear_probe(train_views=n_views)`` reads them."""
+    blocks = [extract_features(encoder, images, views, desc=desc)]
+    if n_views > 1:
+        device = next(encoder.parameters()).device
+        crops = BatchViews([ViewRecipe(crop_scale=paper_crop_scale(views.size), flip_p=0.5)], views.size,
+                           views.mean.flatten().tolist(), views.std.flatten().tolist(),
+                           generator=torch.Generator(device=device).manual_seed(seed))
+        blocks += [extract_features(encoder, images, crops, desc=f"{desc}, view {v + 1}/{n_views}", augment=True)
+                   for v in range(1, n_views)]
+    return np.concatenate(blocks)
+
+
 def score(name: str, bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray,
-          num_classes: int, knn_settings) -> tuple[dict, dict]:
-    """kNN at each (k, T) and the linear probe: ({metric: top-1 fraction}, details)."""
+          num_classes: int, knn_settings, probe_train: np.ndarray | None = None) -> tuple[dict, dict]:
+    """kNN of ``queries`` (M, D) against ``bank`` (N, D) at each (k, T), and the linear probe, trained on
+    ``probe_train`` ((V·N, D) from ``probe_features``) or else on ``bank``: ({metric: top-1}, details)."""
     log.info("scoring %s (%d-d features)", name, bank.shape[1])
     knn = weighted_knn(bank, bank_y, queries, query_y, settings=knn_settings, num_classes=num_classes)
-    probe = linear_probe(bank, bank_y, queries, query_y, num_classes=num_classes)
+    views = 1 if probe_train is None else len(probe_train) // len(bank)
+    probe = linear_probe(bank if probe_train is None else probe_train, np.tile(bank_y, views), queries, query_y,
+                         num_classes=num_classes, train_views=views)
     scores = {**knn.top1, "linear": probe.top1}
     details = {"knn_top5": knn.top5, "linear_top5": probe.top5,
                "linear_hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "val_top1": probe.val_top1},
@@ -121,11 +142,12 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
 
     encoders: dict[str, dict] = {}
     details: dict[str, dict] = {}
-    trained = _encoder(cfg, model_state)
-    bank = extract_features(trained, train_x, views, desc="features (checkpoint, train)")
+    trained = _encoder(cfg, model_state, eval_device())
+    probe_train = probe_features(trained, train_x, views, cfg.eval.probe_views, desc="features (checkpoint, train)")
+    bank = probe_train[: len(train_x)]
     queries = extract_features(trained, test_x, views, desc="features (checkpoint, test)")
     encoders["checkpoint"], details["checkpoint"] = score("checkpoint", bank, train_y, queries, test_y,
-                                                          num_classes, knn_settings)
+                                                          num_classes, knn_settings, probe_train)
     ranked = np.sort(np.random.default_rng(0).permutation(len(queries))[:_RETRIEVAL_QUERIES])
     encoders["checkpoint"].update(retrieval_metrics(bank, train_y, queries[ranked], test_y[ranked]))
     maps = {"embedding": (project_2d(queries, "pca"), test_y)}
@@ -137,16 +159,19 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
         encoders["pixels"], details["pixels"] = score("pixels", flat(train_x), train_y, flat(test_x), test_y,
                                                       num_classes, knn_settings)
         torch.manual_seed(cfg.seed)
-        random_init = _encoder(cfg, None)
-        bank = extract_features(random_init, train_x, views, desc="features (random init, train)")
+        random_init = _encoder(cfg, None, eval_device())
+        probe_train = probe_features(random_init, train_x, views, cfg.eval.probe_views,
+                                     desc="features (random init, train)")
+        bank = probe_train[: len(train_x)]
         queries = extract_features(random_init, test_x, views, desc="features (random init, test)")
         encoders["random_init"], details["random_init"] = score("random_init", bank, train_y, queries, test_y,
-                                                                num_classes, knn_settings)
+                                                                num_classes, knn_settings, probe_train)
     best = details["checkpoint"]
     hp = best["linear_hparams"]
     notes = [f"checkpoint: {ckpt}", f"train: {train} ({len(train_y)} samples), test: {test} ({len(test_y)} samples)",
-             f"linear probe (checkpoint): lr={hp['lr']:g}, weight_decay={hp['weight_decay']:g} chosen on held-out "
-             f"train rows (top-1 {100 * hp['val_top1']:.2f}%); per-class scores, ROC and confusion are its predictions"]
+             f"linear probe (checkpoint): {cfg.eval.probe_views} view(s) per train image (un-augmented + crops and flips); "
+             f"lr={hp['lr']:g}, weight_decay={hp['weight_decay']:g} chosen on held-out train images "
+             f"(top-1 {100 * hp['val_top1']:.2f}%); per-class scores, ROC and confusion are its predictions"]
     if len(ranked) < len(test_y):
         notes.append(f"retrieval metrics: {len(ranked)} random test queries, each ranking all {len(train_y)} train samples")
     only_test = sorted(set(test_y.tolist()) - set(train_y.tolist()))
@@ -202,12 +227,17 @@ def log_to_wandb(ckpt: Path, cfg: ExperimentConfig, report: dict, out: Path) -> 
     run.finish()
 
 
-def _encoder(cfg: ExperimentConfig, model_state: dict | None) -> nn.Module:
-    """The method's encoder with the checkpoint's weights (or at random initialisation)."""
+def eval_device() -> torch.device:
+    """Where evaluation runs the encoders: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _encoder(cfg: ExperimentConfig, model_state: dict | None, device: torch.device | str = "cpu") -> nn.Module:
+    """The method's encoder on ``device`` with the checkpoint's weights (or at random initialisation)."""
     method = build_vision_method(cfg)
     if model_state is not None:
         method.load_state_dict(model_state)
-    return method.encoder
+    return method.encoder.to(device)
 
 
 def read_audio(location: str) -> tuple[list[np.ndarray], np.ndarray, list[str], list[str], list[str]]:

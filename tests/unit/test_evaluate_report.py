@@ -63,7 +63,7 @@ def test_report_has_every_part(tmp_path, split):
     assert rows["d"]["recall"] == 0 and rows["d"]["support"] == int((test_y == 3).sum())
     assert sum(r["support"] for r in rows.values()) == len(test_y)
     hp = saved["details"]["checkpoint"]["linear_hparams"]
-    assert any(f"lr={hp['lr']:g}" in n for n in saved["notes"])
+    assert any(f"lr={hp['lr']:g}" in n and "4 view(s) per train image" in n for n in saved["notes"])
     assert set(saved["details"]["roc_auc"]["per_class"]) == {"a", "b", "c", "d"}
     for name in ("confusion.png", "roc.png", "embedding.png", "embedding-tsne.png", "neighbours.png"):
         assert (out / name).stat().st_size > 1000, name
@@ -83,3 +83,20 @@ def test_nan_features_name_the_cause(tmp_path, split):
     train, test, _ = split
     with pytest.raises(ValueError, match=r"checkpoint, train\): \d+ of \d+ feature rows are NaN.*diverged"):
         evaluate(tiny_checkpoint(tmp_path, train, spoil=True), train, test, tmp_path / "r", baselines=False, tracking=False)
+
+
+def test_probe_features_are_the_plain_features_then_seeded_crops():
+    from selfsup.pipelines.evaluate import extract_features, probe_features
+    from selfsup.vision.augment import BatchViews, ViewRecipe
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
+    images = torch.from_numpy(make_images(40, seed=5)[0])[:, None]  # (40, 1, 28, 28) uint8
+    views = BatchViews([ViewRecipe(blur_p=1.0)], 28, [0.3], [0.3])  # the method's views are not the probe's
+    rows = probe_features(encoder, images, views, 3, seed=1)
+    assert rows.shape == (120, 12)
+    np.testing.assert_array_equal(rows[:40], extract_features(encoder, images, views))
+    assert not np.allclose(rows[40:80], rows[:40]) and not np.allclose(rows[80:], rows[40:80])
+    np.testing.assert_array_equal(rows, probe_features(encoder, images, views, 3, seed=1))  # seeded
+    assert not np.array_equal(rows[40:], probe_features(encoder, images, views, 3, seed=2)[40:])
+    np.testing.assert_array_equal(probe_features(encoder, images, views, 1), rows[:40])

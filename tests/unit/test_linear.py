@@ -72,10 +72,29 @@ def test_validation_errors(overlapping):
         linear_probe(xtr, ytr, np.where(np.arange(1200)[:, None] < 2, np.nan, xte), yte, 6)
     with pytest.raises(ValueError, match="num_classes=5"):
         linear_probe(xtr, ytr, xte, yte, 5)
-    with pytest.raises(ValueError, match="val_fraction=0.0 leaves no held-out rows"):
+    with pytest.raises(ValueError, match="val_fraction=0.0 leaves no held-out images"):
         linear_probe(xtr, ytr, xte, yte, 6, val_fraction=0.0)
     with pytest.raises(ValueError, match="dimension 24 but test features have 3"):
         linear_probe(xtr, ytr, xte[:, :3], yte, 6)
+
+
+def test_augmented_views_are_trained_on_but_held_out_by_image():
+    """Random labels on 512-D noise: a linear layer memorises its training rows, so a held-out image
+    whose second view sat in the training rows would score ~100%; held out by image it scores chance."""
+    rng = np.random.default_rng(4)
+    images, views = 300, 2
+    x0 = rng.normal(size=(images, 512)).astype(np.float32)
+    y0 = rng.integers(0, 4, images)
+    x = np.concatenate([x0, x0 + 0.01 * rng.normal(size=x0.shape).astype(np.float32)])  # view 2 ~ view 1
+    y = np.tile(y0, views)
+    r = linear_probe(x, y, x0[:50], y0[:50], 4, lrs=(1.0,), weight_decays=(0.0,), epochs=30, val_fraction=0.2,
+                     train_views=views)
+    assert r.val_top1 < 0.5  # chance is 0.25; a leak would give ~1.0
+    assert r.top1 > 0.95  # the refit on every row memorises the train images, test rows included here
+    with pytest.raises(ValueError, match="do not split into train_views=2"):
+        linear_probe(x[:-1], y[:-1], x0, y0, 4, train_views=2)
+    with pytest.raises(ValueError, match="same images in the same order"):
+        linear_probe(x, np.concatenate([y0, (y0 + 1) % 4]), x0, y0, 4, train_views=2)
 
 
 def test_paper_probe_learns_through_augmented_crops_and_leaves_the_backbone_frozen():
