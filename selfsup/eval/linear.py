@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from selfsup.eval.knn import check_labels, check_split_pair
 
@@ -222,7 +223,7 @@ def linear_probe_paper(
     optimizer = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=_MOMENTUM, weight_decay=weight_decay)
     total = epochs * math.ceil(len(train_images) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0):
         head.train()
         order = torch.randperm(len(train_images), generator=gen)
         for s in range(0, len(order), batch_size):
