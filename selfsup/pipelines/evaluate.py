@@ -142,10 +142,13 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
 
     encoders: dict[str, dict] = {}
     details: dict[str, dict] = {}
-    trained = _encoder(cfg, model_state, eval_device())
-    probe_train = probe_features(trained, train_x, views, cfg.eval.probe_views, desc="features (checkpoint, train)")
-    bank = probe_train[: len(train_x)]
-    queries = extract_features(trained, test_x, views, desc="features (checkpoint, test)")
+    def features(encoder: nn.Module, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probe train rows (V·N, D), bank (N, D): their un-augmented block, queries (M, D))."""
+        probe_train = probe_features(encoder, train_x, views, cfg.eval.probe_views, desc=f"features ({name}, train)")
+        return probe_train, probe_train[: len(train_x)], extract_features(encoder, test_x, views,
+                                                                          desc=f"features ({name}, test)")
+
+    probe_train, bank, queries = features(_encoder(cfg, model_state, eval_device()), "checkpoint")
     encoders["checkpoint"], details["checkpoint"] = score("checkpoint", bank, train_y, queries, test_y,
                                                           num_classes, knn_settings, probe_train)
     ranked = np.sort(np.random.default_rng(0).permutation(len(queries))[:_RETRIEVAL_QUERIES])
@@ -159,11 +162,7 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
         encoders["pixels"], details["pixels"] = score("pixels", flat(train_x), train_y, flat(test_x), test_y,
                                                       num_classes, knn_settings)
         torch.manual_seed(cfg.seed)
-        random_init = _encoder(cfg, None, eval_device())
-        probe_train = probe_features(random_init, train_x, views, cfg.eval.probe_views,
-                                     desc="features (random init, train)")
-        bank = probe_train[: len(train_x)]
-        queries = extract_features(random_init, test_x, views, desc="features (random init, test)")
+        probe_train, bank, queries = features(_encoder(cfg, None, eval_device()), "random init")
         encoders["random_init"], details["random_init"] = score("random_init", bank, train_y, queries, test_y,
                                                                 num_classes, knn_settings, probe_train)
     best = details["checkpoint"]
