@@ -1,23 +1,30 @@
-# `make demo` and `make test` each create or refresh .venv themselves.
+# `make demo` and `make test` each create or refresh .venv themselves, with the tested versions
+# (constraints.txt); the stamp changes, and the install reruns, when pyproject.toml or constraints.txt does.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-10)
+CONSTRAINTS := constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | sha1sum | cut -c1-10)
 DEV_STAMP := $(STAMP)-dev
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test venv dataset clean
+.PHONY: demo test venv dataset constraints clean
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
 	@touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	@touch $@
 
 venv: $(STAMP)
+
+# Record the versions installed in .venv as the tested ones (after an upgrade that passed `make test`).
+constraints:
+	@{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/python -m pip freeze --all --exclude pip --exclude-editable | grep -iv '^selfsup=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 # Debian's dataset-fashion-mnist, when it is missing and apt-get can install it; otherwise the
 # demo downloads the official files.

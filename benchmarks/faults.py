@@ -181,8 +181,8 @@ def uneven(tmp: Path, timeout: float = 300) -> dict:
 def write_corrupt_shards(out: Path) -> tuple[Path, dict]:
     """200 samples in 6 shards, 10 of them (5%) corrupt: 3 bad PNG payloads, the last 3 members of one
     shard truncated away, and a zero-byte shard of 4; returns (folder, what was corrupted)."""
-    from selfsup.pipelines.shards import write_shards
-    from selfsup.pipelines.sources import encode_png
+    from selfsup.data.shards import write_shards
+    from selfsup.data.sources import encode_png
     from tests.conftest import make_images
 
     sizes = [40, 40, 40, 40, 36, 4]

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfsup.eval.linear import linear_probe, linear_probe_paper, paper_crop_scale
-from selfsup.pipelines.checkpoint import load_checkpoint, resolve_checkpoint
-from selfsup.pipelines.evaluate import _encoder, extract_features, probe_features, read_images
-from selfsup.vision.augment import BatchViews
+from selfsup.core.checkpoint import load_checkpoint, resolve_checkpoint
+from selfsup.eval.features import encoder_from_checkpoint
+from selfsup.eval.linear import linear_probe, linear_probe_paper
+from selfsup.tasks.vision import VisionTask, extract_features, paper_crop_scale, probe_features, views_for
 
 
 def main() -> None:
@@ -51,12 +51,12 @@ def main() -> None:
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg, state, _ = load_checkpoint(ckpt)
     d = cfg.data
-    encoder = _encoder(cfg, state).to(args.device)
-    train_x, train_y, classes, _ = read_images(args.train, d.channels, d.image_size)
-    test_x, test_y, _, _ = read_images(args.test, d.channels, d.image_size)
-    num_classes = len(classes)
+    encoder = encoder_from_checkpoint(cfg, state, args.device)
+    train, test = VisionTask().read_labelled(args.train, cfg), VisionTask().read_labelled(args.test, cfg)
+    train_x, train_y, test_x, test_y = train.inputs, train.labels, test.inputs, test.labels
+    num_classes = len(train.classes)
 
-    views = BatchViews(cfg.view_recipes(), d.image_size, d.mean, d.std)
+    views = views_for(cfg)
     fast = {}
     for n_views in args.views:
         start = time.perf_counter()

@@ -6,9 +6,9 @@
 
 Each method trains from its CPU recipe (``configs/<method>-resnet18-fmnist-cpu.yaml``: the demo's
 half-width ResNet-18 with a stride-2 3x3 stem, batch 256, bf16 + channels_last on CPUs with native
-bf16) through ``selfsup.pipelines.pretrain`` with ``optim.minutes`` set to ``--minutes``: the loop
+bf16) through ``selfsup.train.trainer`` with ``optim.minutes`` set to ``--minutes``: the loop
 times its first steps and sizes the whole cosine schedule to end inside the budget. Every checkpoint is then scored with
-``selfsup.pipelines.evaluate.evaluate`` (weighted kNN at k=20 and k=200, linear probe) on the 10k
+``selfsup.eval.run.evaluate`` (weighted kNN at k=20 and k=200, linear probe) on the 10k
 test images against the 60k training images; raw pixels and the randomly initialised backbone are
 the baselines (scored once: they do not depend on the method; ``--no-baselines`` skips them).
 ``--recipe gpu`` trains the GPU recipes (``configs/<method>-resnet18-fmnist.yaml``: full-width
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from selfsup.config import load_config
-from selfsup.pipelines.evaluate import evaluate
-from selfsup.pipelines.pretrain import FileReporter, pretrain
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.eval.run import evaluate
+from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
@@ -45,7 +46,7 @@ def run_method(method: str, args, evaluate_baselines: bool) -> dict:
     cfg = load_config(path, overrides)
     shutil.rmtree(cfg.run_dir, ignore_errors=True)
     started = time.perf_counter()
-    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()  # a fresh run
     train_minutes = (time.perf_counter() - started) / 60
     report = evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report",
                       baselines=evaluate_baselines)

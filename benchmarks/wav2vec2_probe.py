@@ -4,7 +4,7 @@
 2. writes 16 kHz FLAC shards with ``selfsup shards write audio-folder``;
 3. pretrains ``configs/wav2vec2-tiny.yaml`` without Ray for its ``optim.epochs``, or fewer if they do not
    fit ``--minutes`` of training (``optim.minutes``: the loop times its first steps and sizes the schedule);
-4. evaluates with ``evaluate_audio``: best layer by kNN on held-out train voices, then kNN@20 and
+4. evaluates with ``evaluate``: best layer by kNN on held-out train voices, then kNN@20 and
    the linear probe on the test voices, against random init and log-mel.
 
     python -m benchmarks.wav2vec2_probe            # the config's ~1,800 updates within a 15-minute budget (<= 20)
@@ -22,9 +22,10 @@ import torch
 
 from selfsup.cli import main as selfsup
 from selfsup.config import load_config
-from selfsup.pipelines.evaluate import evaluate_audio
-from selfsup.pipelines.pretrain import FileReporter, pretrain
-from selfsup.pipelines.shards import MANIFEST
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.eval.run import evaluate
+from selfsup.train.trainer import Trainer
+from selfsup.data.reader import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "wav2vec2-tiny.yaml"
@@ -73,9 +74,9 @@ def main() -> None:
     print(f"pretraining wav2vec2-tiny: {cfg.optim.epochs:g} epochs of {cfg.data.batch_size} clips "
           f"(<= {cfg.data.max_seconds:g} s), or fewer if they do not fit {args.minutes:g} min")
     train_start = time.time()
-    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()  # a fresh run
     train_minutes = (time.time() - train_start) / 60
-    result = evaluate_audio(cfg.run_dir, str(digits / "train"), str(digits / "test"), cfg.run_dir / "report")
+    result = evaluate(cfg.run_dir, str(digits / "train"), str(digits / "test"), cfg.run_dir / "report")
 
     last = summary["last"]
     print(f"\nwav2vec2-tiny, {summary['steps']} steps in {train_minutes:.1f} min on {torch.get_num_threads()} CPU threads; "
@@ -84,10 +85,10 @@ def main() -> None:
     print(f"| {'encoder':<22} | layer | kNN@20 | linear |")
     print(f"|{'-' * 24}|-------|--------|--------|")
     names = {"checkpoint": "wav2vec2-tiny pretrained", "random_init": "wav2vec2-tiny random", "log_mel": "log-mel mean+std"}
-    for key, scores in result["scores"].items():
+    for key, scores in result["encoders"].items():
         layer = result["details"][key].get("layer", "-")
         print(f"| {names.get(key, key):<22} | {layer!s:>5} | {scores['knn@20']:6.3f} | {scores['linear']:6.3f} |")
-    print(f"\nreport: {result['report']}; total {(time.time() - started) / 60:.1f} min")
+    print(f"\nreport: {cfg.run_dir / 'report'}; total {(time.time() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-from selfsup.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Pretraining
-from selfsup.objective import Progress
+from selfsup.audio.wav2vec2 import Wav2Vec2Pretraining
+from selfsup.config import Wav2Vec2Config
+from selfsup.core.objective import Progress
 
 
 def _time_steps(step: Callable[[], None], warmup: int, steps: int) -> list[float]:

@@ -1,4 +1,10 @@
-"""``selfsup shards|pretrain|eval|export|demo …``: parse, validate, call. Nothing else lives here."""
+"""The ``selfsup`` command line: parse the arguments, then call the one function of the command.
+
+Each ``_<command>(args)`` imports what it needs inside itself, so ``selfsup --help`` loads no torch
+(``tests/unit/test_startup.py``). Work two commands share is a plain function that takes plain
+values (``write_fashion_mnist_shards``, ``run_pretraining``). This is the only module that parses
+arguments.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +15,66 @@ import sys
 import time
 from pathlib import Path
 
+from selfsup import __version__
+
+DESCRIPTION = (
+    "Self-supervised pretraining on WebDataset shards: SimCLR, MoCo v2/v3, BYOL and SimSiam for images,\n"
+    "wav2vec 2.0 for speech, trained under Ray Train on this machine or a cluster, and scored by kNN,\n"
+    "retrieval and a linear probe. `selfsup demo` runs the whole path on Fashion-MNIST.")
+EPILOG = """examples:
+  selfsup demo --download              Fashion-MNIST -> shards -> SimCLR -> evaluation report
+  selfsup configs                      the shipped configs, by name
+  selfsup pretrain quickstart --no-ray optim.epochs=2
+
+Options and key.sub=value overrides may come in any order; `selfsup COMMAND --help` explains each."""
+OVERRIDES_HELP = "config overrides key.sub=value, values parsed as YAML (optim.lr=0.1 data.batch_size=128)"
+CONFIG_HELP = "a YAML file, or the name of a shipped config (`selfsup configs` lists them)"
+ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
+SHOWN_SKIPPED = 20  # `shards write` prints this many skipped files, then a count
+
+# The errors that end a command with one line instead of a traceback, by the module that defines each.
+ONE_LINE_ERRORS = {
+    "selfsup.config": "ConfigError",
+    "selfsup.core.checkpoint": "CheckpointError",
+    "selfsup.data.reader": "ManifestError",
+    "selfsup.data.sources": "DatasetNotFound",
+    "selfsup.cluster.submit": "SubmitError",
+}
+
+
+def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) -> None:
+    """Fashion-MNIST's train and test splits as shards in ``out/train`` and ``out/test``."""
+    from selfsup.data import shards, sources
+
+    folder = sources.find_fashion_mnist(Path(out) / "download" if download else None)
+    for split in ("train", "test"):
+        samples, n = sources.fashion_mnist_samples(split, folder)
+        shards.write_shards(samples, Path(out) / split, split=split, classes=sources.FASHION_MNIST_CLASSES,
+                            total=n, samples_per_shard=per_shard, source=f"fashion-mnist {folder}")
+    print(f"wrote {out}/train and {out}/test")
+
+
+def run_pretraining(cfg, no_ray: bool, address: str | None) -> None:
+    """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a local Ray, or the cluster at
+    ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary."""
+    if no_ray:
+        from selfsup.cluster.trainer import pretrain_here
+
+        summary = pretrain_here(cfg)
+    else:
+        from selfsup.cluster import trainer as ray_trainer
+
+        summary = ray_trainer.run_pretraining(cfg, address)
+    print(f"done: {summary['steps']} steps, last checkpoint {summary['checkpoint']}, "
+          f"{summary['data']['skipped']} bad samples skipped")
+
 
 def _shards_write(args) -> None:
-    from .pipelines import shards, sources
+    from selfsup.data import shards, sources
 
     if args.source == "fashion-mnist":
         (out,) = args.paths
-        folder = sources.find_fashion_mnist(Path(out) / "download" if args.download else None)
-        for split in ("train", "test"):
-            samples, n = sources.fashion_mnist_samples(split, folder)
-            shards.write_shards(samples, Path(out) / split, split=split, classes=sources.FASHION_MNIST_CLASSES,
-                                total=n, samples_per_shard=args.per_shard, source=f"fashion-mnist {folder}")
-        print(f"wrote {out}/train and {out}/test")
+        write_fashion_mnist_shards(out, args.download, args.per_shard)
     elif args.source == "idx":
         if len(args.paths) != 3:
             raise SystemExit("usage: selfsup shards write idx IMAGES LABELS OUT")
@@ -29,12 +83,14 @@ def _shards_write(args) -> None:
         m = shards.write_shards(samples, out, split=args.split, total=n, samples_per_shard=args.per_shard,
                                 classes=args.classes.split(",") if args.classes else None, source=f"idx {images}")
         print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {out}")
+        _print_skipped(m, out)
     elif args.source == "image-folder":
         root, out = args.paths
         samples, n, classes = sources.image_folder_samples(root)
         m = shards.write_shards(samples, out, split=args.split, classes=classes, total=n,
                                 samples_per_shard=args.per_shard, source=f"image folder {root}")
         print(f"wrote {m['num_samples']} samples ({len(m['skipped'])} unreadable skipped) to {out}")
+        _print_skipped(m, out)
     elif args.source == "audio-folder":
         root, out = args.paths
         splits = sources.audio_label_splits(args.labels)
@@ -44,10 +100,21 @@ def _shards_write(args) -> None:
             m = shards.write_shards(samples, dest, split=split, kind="audio", classes=classes, total=n,
                                     samples_per_shard=args.per_shard, source=f"audio folder {root}")
             print(f"wrote {m['num_samples']} clips ({len(m['skipped'])} bad skipped) to {dest}")
+            _print_skipped(m, dest)
+
+
+def _print_skipped(manifest: dict, out: str | Path) -> None:
+    """The files ``write_shards`` skipped (its manifest's ``skipped``): the first ``SHOWN_SKIPPED``, then a count."""
+    skipped = manifest.get("skipped", [])
+    for entry in skipped[:SHOWN_SKIPPED]:
+        print(f"  skipped: {entry}")
+    if len(skipped) > SHOWN_SKIPPED:
+        print(f"  ... and {len(skipped) - SHOWN_SKIPPED} more; all {len(skipped)} are listed in "
+              f"{Path(out) / 'manifest.json'} under \"skipped\"")
 
 
 def _shards_verify(args) -> int:
-    from .pipelines.shards import verify_shards
+    from selfsup.data.shards import verify_shards
 
     report = verify_shards(args.dir)
     for p in report.problems:
@@ -57,183 +124,249 @@ def _shards_verify(args) -> int:
 
 
 def _shards_info(args) -> None:
-    from .pipelines.shards import shards_info
+    from selfsup.data.shards import shards_info
 
     print(json.dumps(shards_info(args.dir), indent=1))
 
 
 def _pretrain(args) -> None:
-    from .config import load_config
+    from selfsup.config import load_config
+
+    run_pretraining(load_config(args.config, args.overrides), args.no_ray, args.address)
+
+
+def _configs(args) -> None:
+    from selfsup.config import CONFIG_DIR, config_description, shipped_configs
+
+    configs = shipped_configs()
+    width = max(map(len, configs))
+    for name, path in configs.items():
+        print(f"{name:<{width}}  {config_description(path)}")
+    print(f"\n{len(configs)} configs in {CONFIG_DIR}; run one by name: selfsup pretrain NAME [key.sub=value ...]")
+
+
+def _config_show(args) -> None:
+    from selfsup.config import dump_config, find_config, load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.no_ray:
-        from .cluster.trainer import make_reporter
-        from .pipelines.pretrain import pretrain
-
-        summary = pretrain(cfg, make_reporter(cfg, under_ray=False))
-    else:
-        from .cluster.trainer import run_pretraining
-
-        summary = run_pretraining(cfg, args.address)
-    print(f"done: {summary['steps']} steps, last checkpoint {summary['checkpoint']}, "
-          f"{summary['data']['skipped']} bad samples skipped")
+    print(f"# {find_config(args.config)} {' '.join(args.overrides)}".rstrip())
+    print(dump_config(cfg), end="")
 
 
 def _submit(args) -> int:
-    from .cluster.submit import SubmitError, submit
+    from selfsup.cluster.submit import submit
 
-    try:
-        return submit(args.config, args.overrides, args.address, wait=not args.no_wait, env_names=args.env)
-    except SubmitError as err:
-        print(f"selfsup: error: {err}", file=sys.stderr)
-        return 2
+    return submit(args.config, args.overrides, args.address, wait=not args.no_wait, env_names=args.env)
 
 
 def _jobs(args) -> int:
-    from .cluster.submit import SubmitError, jobs
+    from selfsup.cluster.submit import jobs
 
-    try:
-        return jobs(args.action, args.job_id, args.address)
-    except SubmitError as err:
-        print(f"selfsup: error: {err}", file=sys.stderr)
-        return 2
+    return jobs(args.action, args.job_id, args.address)
 
 
 def _eval(args) -> None:
     if args.checkpoint[0] == "compare":
-        from .pipelines.compare import compare
+        from selfsup.eval.compare import compare
 
         if len(args.checkpoint) < 2:
             raise SystemExit("usage: selfsup eval compare RUN_DIR [RUN_DIR ...] --train DIR --test DIR [--out DIR]")
         compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
         return
-    from .pipelines.evaluate import evaluate
+    from selfsup.eval.run import evaluate, report_dir
+    from selfsup.tracking.wandb_run import log_eval_report
 
     if len(args.checkpoint) != 1:
         raise SystemExit("selfsup eval takes one checkpoint; `selfsup eval compare RUN_DIR ...` compares runs")
-    evaluate(args.checkpoint[0], args.train, args.test, args.out, baselines=not args.no_baselines, tsne=args.tsne)
+    out = report_dir(args.checkpoint[0], args.test, args.out)
+    log_eval_report(evaluate(args.checkpoint[0], args.train, args.test, out, not args.no_baselines, tsne=args.tsne), out)
 
 
 def _export(args) -> None:
     import torch
 
-    from .pipelines.evaluate import _encoder
-    from .pipelines.checkpoint import load_checkpoint
-    from .vision.backbones import export_state_dict
+    from selfsup.core.checkpoint import load_checkpoint
+    from selfsup.eval.features import encoder_from_checkpoint
+    from selfsup.vision.backbones import export_state_dict
 
     cfg, state, _ = load_checkpoint(args.checkpoint)
-    torch.save(export_state_dict(_encoder(cfg, state)), args.out)
+    torch.save(export_state_dict(encoder_from_checkpoint(cfg, state)), args.out)
     print(f"wrote {cfg.model.backbone} backbone weights (torchvision key names) to {args.out}")
 
 
 def _demo(args) -> None:
-    from .config import load_config
-    from .pipelines.evaluate import evaluate
-    from .pipelines.shards import MANIFEST
+    from selfsup.config import load_config
+    from selfsup.data.reader import MANIFEST
+    from selfsup.eval.run import evaluate
+    from selfsup.tracking.wandb_run import log_eval_report
 
     started = time.time()
     data = Path(args.data)
     if not (data / "train" / MANIFEST).exists() or not (data / "test" / MANIFEST).exists():
         print(f"[1/3] writing Fashion-MNIST shards to {data}")
-        _shards_write(argparse.Namespace(source="fashion-mnist", paths=[str(data)], download=args.download,
-                                         per_shard=5000))
+        write_fashion_mnist_shards(data, args.download, per_shard=5000)
     else:
         print(f"[1/3] shards already in {data}")
-    overrides = [f"data.train={data / 'train'}", f"data.test={data / 'test'}", *args.overrides]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, [f"data.train={data / 'train'}", f"data.test={data / 'test'}", *args.overrides])
     print(f"[2/3] pretraining {cfg.method.name} ({cfg.model.backbone}, width {cfg.model.width}) "
           f"for {cfg.optim.epochs} epochs under Ray Train")
-    _pretrain(argparse.Namespace(config=args.config, overrides=overrides, no_ray=args.no_ray, address=None))
+    run_pretraining(cfg, args.no_ray, address=None)
     print("[3/3] evaluating the final checkpoint")
-    evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report")
+    log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report"),
+                    cfg.run_dir / "report")
     print(f"demo finished in {(time.time() - started) / 60:.1f} min")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="selfsup", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    sh = sub.add_parser("shards", help="write, verify and inspect WebDataset shards").add_subparsers(
-        dest="action", required=True)
-    w = sh.add_parser("write", help="write shards from a dataset")
-    w.add_argument("source", choices=["fashion-mnist", "idx", "image-folder", "audio-folder"])
-    w.add_argument("paths", nargs="+",
-                   help="fashion-mnist OUT | idx IMAGES LABELS OUT | image-folder DIR OUT | audio-folder DIR OUT")
-    w.add_argument("--split", default="train")
-    w.add_argument("--classes", help="comma-separated class names (idx)")
-    w.add_argument("--labels", help="audio-folder: CSV with path (relative to DIR), label, split, ... columns; "
-                                    "a split column writes OUT/<split> per split")
-    w.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
-    w.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is not installed")
-    w.set_defaults(func=_shards_write)
-    v = sh.add_parser("verify", help="check checksums and decode every sample")
-    v.add_argument("dir")
-    v.set_defaults(func=_shards_verify)
-    i = sh.add_parser("info", help="counts and classes")
-    i.add_argument("dir")
-    i.set_defaults(func=_shards_info)
-
-    t = sub.add_parser("pretrain", help="pretrain under Ray Train (local, or the cluster at RAY_ADDRESS)")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="key.sub=value")
-    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    t.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
-    t.set_defaults(func=_pretrain)
-
-    s = sub.add_parser("submit", help="run `selfsup pretrain` as a Ray job on a cluster (Job Submission SDK)")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", help="key.sub=value")
-    s.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
-    s.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
-    s.add_argument("--env", action="append", default=[], metavar="NAME",
-                   help="pass this environment variable to the job (secrets: never on the command line)")
-    s.set_defaults(func=_submit)
-    j = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
-    j.add_argument("action", choices=["status", "logs", "stop"])
-    j.add_argument("job_id")
-    j.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
-    j.set_defaults(func=_jobs)
-
-    e = sub.add_parser("eval", help="kNN + linear probe of a checkpoint, with baselines; `eval compare RUN…`: "
-                                    "every checkpoint of each run")
-    e.add_argument("checkpoint", nargs="+", help="checkpoint directory, or a run directory (its latest checkpoint); "
-                                                 "or `compare RUN_DIR [RUN_DIR ...]`")
-    e.add_argument("--train", required=True)
-    e.add_argument("--test", required=True)
-    e.add_argument("--out")
-    e.add_argument("--no-baselines", action="store_true")
-    e.add_argument("--tsne", action="store_true", help="a t-SNE map of the test features besides the PCA one")
-    e.set_defaults(func=_eval)
-
-    x = sub.add_parser("export", help="write the backbone as a torchvision state dict")
-    x.add_argument("checkpoint")
-    x.add_argument("out")
-    x.set_defaults(func=_export)
-
-    d = sub.add_parser("demo", help="Fashion-MNIST -> shards -> SimCLR under Ray -> evaluation report")
-    d.add_argument("--config", default="configs/quickstart.yaml")
-    d.add_argument("--data", default="data/fashion-mnist")
-    d.add_argument("--download", action="store_true")
-    d.add_argument("--no-ray", action="store_true")
-    d.add_argument("overrides", nargs="*")
-    d.set_defaults(func=_demo)
+def _command(sub, name: str, help: str, examples: list[str], func, rest: str | None = None):
+    """The parser of one command, with ``examples`` as its epilog. ``rest`` names its list positional,
+    which also takes the positionals that come after an option (``parse_args``)."""
+    p = sub.add_parser(name, help=help, description=help,
+                       epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func, rest=rest)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .pipelines.checkpoint import CheckpointError
-    from .pipelines.shards import ManifestError
-    from .pipelines.sources import DatasetNotFound
+def _add_shards(sub) -> None:
+    sh = sub.add_parser("shards", help="write, verify and inspect WebDataset shards",
+                        description="write, verify and inspect WebDataset shards").add_subparsers(
+        dest="action", required=True)
+    w = _command(sh, "write", "write shards from a dataset", [
+        "selfsup shards write fashion-mnist data/fashion-mnist --download",
+        "selfsup shards write image-folder /data/imagenet/train data/imagenet/train",
+        "selfsup shards write idx train-images.gz train-labels.gz data/digits/train --classes 0,1,2,3,4,5,6,7,8,9",
+        "selfsup shards write audio-folder data/speech data/speech-shards --labels data/speech/metadata.csv"],
+        _shards_write, rest="paths")
+    w.add_argument("source", choices=["fashion-mnist", "idx", "image-folder", "audio-folder"],
+                   help="what to read: Fashion-MNIST (installed, or --download), idx files, a folder of "
+                        "class folders of images, or a folder of audio clips")
+    w.add_argument("paths", nargs="+",
+                   help="fashion-mnist OUT | idx IMAGES LABELS OUT | image-folder DIR OUT | audio-folder DIR OUT")
+    w.add_argument("--split", default="train", help="the split name written in the manifest (default: train)")
+    w.add_argument("--classes", help="idx: comma-separated class names, in label order")
+    w.add_argument("--labels", help="audio-folder: CSV with path (relative to DIR), label, split, ... columns; "
+                                    "a split column writes OUT/<split> per split")
+    w.add_argument("--per-shard", type=int, default=5000, help="samples per shard (default: 5000)")
+    w.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is not installed")
+    v = _command(sh, "verify", "check checksums and decode every sample",
+                 ["selfsup shards verify data/fashion-mnist/train"], _shards_verify)
+    v.add_argument("dir", help="a shard folder (with its manifest.json)")
+    i = _command(sh, "info", "print a shard folder's counts and classes",
+                 ["selfsup shards info data/fashion-mnist/train"], _shards_info)
+    i.add_argument("dir", help="a shard folder (with its manifest.json)")
 
+
+def _add_configs(sub) -> None:
+    _command(sub, "configs", "list the shipped configs, with a line on each", ["selfsup configs"], _configs)
+    c = sub.add_parser("config", help="print a resolved config (`selfsup config show --help`)",
+                       description="print a resolved config").add_subparsers(dest="action", required=True)
+    s = _command(c, "show", "print the config a command would run, overrides applied, as YAML", [
+        "selfsup config show quickstart method.name=byol",
+        "selfsup config show configs/simclr-resnet18-fmnist.yaml optim.epochs=50 > my-run.yaml"],
+        _config_show, rest="overrides")
+    s.add_argument("config", help=CONFIG_HELP)
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + "; method.name=OTHER starts from OTHER's defaults")
+
+
+def _add_cluster(sub) -> None:
+    t = _command(sub, "pretrain", "pretrain under Ray Train (local, or the cluster at RAY_ADDRESS)", [
+        "selfsup pretrain quickstart --no-ray optim.epochs=2",
+        "selfsup pretrain simclr-resnet18-fmnist scaling.num_workers=8 scaling.use_gpu=true",
+        "selfsup pretrain configs/wav2vec2-tiny.yaml data.train=data/speech/train"], _pretrain, rest="overrides")
+    t.add_argument("config", help=CONFIG_HELP)
+    t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
+
+    s = _command(sub, "submit", "run `selfsup pretrain` as a Ray job on a cluster (Job Submission SDK)", [
+        "selfsup submit simclr-resnet50-imagenet data.train=s3://BUCKET/shards/train run_root=s3://BUCKET/runs "
+        "--address http://127.0.0.1:8265 --env WANDB_API_KEY"], _submit, rest="overrides")
+    s.add_argument("config", help=CONFIG_HELP)
+    s.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    s.add_argument("--address", help=ADDRESS_HELP)
+    s.add_argument("--no-wait", action="store_true", help="print the job id and return without following the logs")
+    s.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="pass this environment variable to the job (secrets: never on the command line)")
+    j = _command(sub, "jobs", "status, logs or stop of a submitted job",
+                 ["selfsup jobs logs raysubmit_1a2b3c --address http://127.0.0.1:8265"], _jobs)
+    j.add_argument("action", choices=["status", "logs", "stop"], help="what to do with the job")
+    j.add_argument("job_id", help="the id `selfsup submit` printed")
+    j.add_argument("--address", help=ADDRESS_HELP)
+
+
+def _add_eval(sub) -> None:
+    e = _command(sub, "eval", "kNN + linear probe of a checkpoint, with baselines; `eval compare RUN…`: "
+                              "every checkpoint of each run", [
+        "selfsup eval runs/quickstart --train data/fashion-mnist/train --test data/fashion-mnist/test",
+        "selfsup eval compare runs/simclr runs/byol --train data/fashion-mnist/train --test data/fashion-mnist/test"],
+        _eval, rest="checkpoint")
+    e.add_argument("checkpoint", nargs="+", help="checkpoint directory, or a run directory (its latest checkpoint); "
+                                                 "or `compare RUN_DIR [RUN_DIR ...]`")
+    e.add_argument("--train", required=True, help="labelled shards the kNN bank and the linear probe train on")
+    e.add_argument("--test", required=True, help="labelled shards the scores are measured on")
+    e.add_argument("--out", help="report folder (default: report/ in the run, or RUN/../compare for compare)")
+    e.add_argument("--no-baselines", action="store_true",
+                   help="skip the raw-pixel and random-initialisation baselines")
+    e.add_argument("--tsne", action="store_true", help="a t-SNE map of the test features besides the PCA one")
+
+    x = _command(sub, "export", "write the backbone as a torchvision state dict",
+                 ["selfsup export runs/quickstart encoder.pt"], _export)
+    x.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    x.add_argument("out", help="the file to write (torch.save of the state dict)")
+
+    d = _command(sub, "demo", "Fashion-MNIST -> shards -> SimCLR under Ray -> evaluation report",
+                 ["selfsup demo --download", "selfsup demo --no-ray optim.minutes=2"], _demo, rest="overrides")
+    d.add_argument("--config", default="quickstart", help=CONFIG_HELP + " (default: quickstart)")
+    d.add_argument("--data", default="data/fashion-mnist",
+                   help="where the shards are, or are written when missing (default: data/fashion-mnist)")
+    d.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is not installed")
+    d.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+    d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``selfsup`` parser; each command's ``func`` takes the parsed arguments."""
+    p = argparse.ArgumentParser(prog="selfsup", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"selfsup {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_shards(sub)
+    _add_configs(sub)
+    _add_cluster(sub)
+    _add_eval(sub)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. Options may come anywhere: argparse ends a list positional at the
+    first option, so the positionals after one (``pretrain CONFIG --no-ray key=value``) are added
+    to the command's ``rest`` list; anything else left over is an error."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (getattr(args, "rest", None) is None or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, args.rest).extend(extra)
+    return args
+
+
+def _one_line_errors() -> tuple[type[Exception], ...]:
+    """The ``ONE_LINE_ERRORS`` of the modules loaded by now: an error can only come from a loaded
+    module, and catching it this way imports nothing heavy (torch) for a command that did not."""
+    return tuple(getattr(sys.modules[m], name) for m, name in ONE_LINE_ERRORS.items() if m in sys.modules)
+
+
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, CheckpointError, ManifestError, DatasetNotFound) as err:
-        print(f"selfsup: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if isinstance(err, _one_line_errors()):
+            print(f"selfsup: error: {err}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

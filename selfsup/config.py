@@ -2,19 +2,301 @@
 
 Unknown keys and bad values are errors that name the key. Any value can be overridden on the
 command line as ``key.sub=value`` (the value is parsed as YAML).
+
+This module is the schema only: every config class, including each method's hyper-parameters
+(registered by name in ``METHOD_CONFIGS``) and the augmentation presets, as plain data. It imports
+nothing from selfsup and no torch, so a config validates anywhere (``selfsup submit`` on a laptop).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .audio.wav2vec2 import Wav2Vec2Config
-from .ssl import METHODS
-from .vision.augment import PRESETS, ViewRecipe
+
+class ViewRecipe(BaseModel):
+    """Augmentations for one view; every probability is per sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(0.0, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.0, ge=0, le=1)
+    blur_p: float = Field(0.0, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = Field(0.0, ge=0, le=1)
+
+
+_SIMCLR = dict(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.2, blur_p=0.5)
+_MOCO_V2 = dict(crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+                grayscale_p=0.2, blur_p=0.5)
+_BYOL = dict(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+             grayscale_p=0.2)
+
+PRESETS: dict[str, list[dict]] = {
+    # grey images (Fashion-MNIST): crop, flip, blur; no colour operations
+    "grey": [dict(blur_p=0.5), dict(blur_p=0.5)],
+    "grey-byol": [dict(blur_p=1.0), dict(blur_p=0.1, solarize_p=0.2)],
+    "simclr": [_SIMCLR, _SIMCLR],
+    "moco-v2": [_MOCO_V2, _MOCO_V2],
+    # BYOL's asymmetric pair: view 1 always blurred, view 2 rarely blurred and sometimes solarized
+    "byol": [dict(_BYOL, blur_p=1.0), dict(_BYOL, blur_p=0.1, solarize_p=0.2)],
+}
+
+
+def preset_views(name: str) -> list[ViewRecipe]:
+    """The per-view recipes of the preset ``name`` (a key of ``PRESETS``; ``AugmentConfig`` checks it)."""
+    return [ViewRecipe(**v) for v in PRESETS[name]]
+
+
+class ImageMethodConfig(BaseModel):
+    """Base of the image methods' hyper-parameters; ``data_kind`` is the ``data.kind`` a method trains on."""
+
+    model_config = ConfigDict(extra="forbid")
+    data_kind: ClassVar[str] = "image"
+
+
+class SimCLRConfig(ImageMethodConfig):
+    """SimCLR's hyper-parameters."""
+
+    name: Literal["simclr"] = "simclr"
+    temperature: float = 0.2
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    proj_layers: int = 2
+
+
+class MoCoV2Config(ImageMethodConfig):
+    """MoCo v2's hyper-parameters (the paper's ImageNet values).
+
+    ``proj_hidden_dim=None`` sizes the head's hidden layer to the backbone's feature dimension
+    (2048 for ResNet-50). ``symmetric`` adds the swapped query/key loss (sum of both) and enqueues
+    both views' keys; the paper's v2 is asymmetric.
+    """
+
+    name: Literal["moco_v2"] = "moco_v2"
+    temperature: float = Field(0.2, gt=0)
+    momentum: float = Field(0.999, ge=0, le=1)
+    queue_size: int = Field(65536, gt=0)
+    proj_hidden_dim: int | None = Field(None, gt=0)
+    proj_dim: int = Field(128, gt=0)
+    symmetric: bool = False
+    sync_bn: bool = True
+
+
+class MoCoV3Config(ImageMethodConfig):
+    """MoCo v3's hyper-parameters (the paper's ResNet-50 values; for ViT use ``temperature=0.2``).
+
+    ``None`` hidden sizes scale with the backbone: projector and predictor hidden layers are
+    2 x feature_dim (4096 for ResNet-50). The momentum follows a cosine schedule from
+    ``momentum_base`` to 1.
+    """
+
+    name: Literal["moco_v3"] = "moco_v3"
+    temperature: float = Field(1.0, gt=0)
+    momentum_base: float = Field(0.99, ge=0, le=1)
+    proj_hidden_dim: int | None = Field(None, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    pred_hidden_dim: int | None = Field(None, gt=0)
+    sync_bn: bool = True
+
+
+class BYOLConfig(ImageMethodConfig):
+    """BYOL's hyper-parameters (the paper's ResNet-50 values).
+
+    ``tau_base`` is the target EMA rate at the start, raised to 1 on a cosine schedule: 0.99 for
+    runs up to ~300 epochs, 0.996 as the paper uses for 1000 epochs. ``None`` hidden sizes scale with
+    the backbone: 2 x feature_dim (4096 for ResNet-50), for the projector and the predictor.
+    """
+
+    name: Literal["byol"] = "byol"
+    tau_base: float = Field(0.99, ge=0, le=1)
+    proj_hidden_dim: int | None = Field(None, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    pred_hidden_dim: int | None = Field(None, gt=0)
+    sync_bn: bool = True
+
+
+class SimSiamConfig(ImageMethodConfig):
+    """SimSiam's hyper-parameters. ``None`` sizes scale with the backbone as in the paper.
+
+    ``proj_dim`` and ``proj_hidden_dim`` default to the feature dimension (2048 for ResNet-50);
+    ``pred_hidden_dim`` to ``proj_dim // 4`` (the 512-wide bottleneck). The predictor's learning
+    rate is fixed (not decayed), as the paper recommends.
+    """
+
+    name: Literal["simsiam"] = "simsiam"
+    proj_dim: int | None = Field(None, gt=0)
+    proj_hidden_dim: int | None = Field(None, gt=0)
+    pred_hidden_dim: int | None = Field(None, gt=0)
+    sync_bn: bool = True
+
+
+class Wav2Vec2Config(BaseModel):
+    """Model and objective hyper-parameters; defaults are the paper's BASE (95M parameters)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Feature encoder (raw 16 kHz waveform -> 50 Hz frames)
+    conv_channels: int = Field(512, gt=0)
+    conv_kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_norm: Literal["group_norm", "layer_norm"] = "group_norm"
+    conv_bias: bool = False
+    feature_grad_mult: float = Field(0.1, ge=0.0)  # gradient scale into the conv stack
+    normalize_waveform: bool = False  # zero-mean unit-variance per utterance (LARGE)
+    # Context network (transformer)
+    embed_dim: int = Field(768, gt=0)
+    num_layers: int = Field(12, gt=0)
+    num_heads: int = Field(12, gt=0)
+    ffn_dim: int = Field(3072, gt=0)
+    pos_conv_kernel: int = Field(128, gt=0)
+    pos_conv_groups: int = Field(16, gt=0)
+    layer_norm_first: bool = False  # False: post-LN (BASE); True: pre-LN (LARGE)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    activation_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout_input: float = Field(0.1, ge=0.0, lt=1.0)  # on the projected features
+    dropout_features: float = Field(0.1, ge=0.0, lt=1.0)  # on the quantiser input
+    layer_drop: float = Field(0.05, ge=0.0, lt=1.0)
+    # Masking
+    mask_prob: float = Field(0.65, ge=0.0, le=1.0)
+    mask_length: int = Field(10, gt=0)
+    min_mask_spans: int = Field(2, ge=1)
+    # Quantiser
+    codebook_groups: int = Field(2, gt=0)
+    codebook_entries: int = Field(320, gt=1)
+    codevector_dim: int = Field(256, gt=0)
+    final_dim: int = Field(256, gt=0)  # projection of context outputs and targets
+    gumbel_temperature_start: float = Field(2.0, gt=0.0)
+    gumbel_temperature_end: float = Field(0.5, gt=0.0)
+    gumbel_temperature_decay: float = Field(0.999995, gt=0.0, le=1.0)
+    gumbel_reference_updates: int = Field(400_000, gt=0)  # the schedule is rescaled to the planned updates
+    # Loss
+    num_negatives: int = Field(100, gt=0)
+    logit_temperature: float = Field(0.1, gt=0.0)  # kappa
+    diversity_weight: float = Field(0.1, ge=0.0)  # alpha
+    feature_penalty_weight: float = Field(10.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Wav2Vec2Config:
+        if len(self.conv_kernels) != len(self.conv_strides):
+            raise ValueError("conv_kernels and conv_strides must have the same length")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.embed_dim % self.pos_conv_groups:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by pos_conv_groups {self.pos_conv_groups}")
+        if self.codevector_dim % self.codebook_groups:
+            raise ValueError(f"codevector_dim {self.codevector_dim} is not divisible by codebook_groups")
+        if self.gumbel_temperature_end > self.gumbel_temperature_start:
+            raise ValueError("gumbel_temperature_end must not exceed gumbel_temperature_start")
+        return self
+
+    @classmethod
+    def base(cls) -> Wav2Vec2Config:
+        """Paper BASE: 12 layers of 768, group-norm conv stack, 95M parameters."""
+        return cls()
+
+    @classmethod
+    def large(cls) -> Wav2Vec2Config:
+        """Paper LARGE: 24 pre-LN layers of 1024, layer-norm conv stack, 317M parameters."""
+        return cls(
+            conv_norm="layer_norm",
+            conv_bias=True,
+            normalize_waveform=True,
+            embed_dim=1024,
+            num_layers=24,
+            num_heads=16,
+            ffn_dim=4096,
+            layer_norm_first=True,
+            layer_drop=0.2,
+            codevector_dim=768,
+            final_dim=768,
+            gumbel_temperature_end=0.1,
+            gumbel_reference_updates=250_000,
+        )
+
+    @classmethod
+    def tiny(cls) -> Wav2Vec2Config:
+        """A few-hundred-thousand-parameter model that trains on a 2-core CPU in minutes.
+
+        Besides the sizes, the objective is eased for ~2 s crops and a few thousand small updates
+        (with BASE's objective the contrastive loss stays at chance and the features degrade):
+        full gradient into the conv stack, a feature penalty of 0.1 instead of 10, no dropout,
+        p=0.5 spans of 5, 64 entries per codebook and 20 distractors."""
+        return cls(
+            conv_channels=64,
+            feature_grad_mult=1.0,
+            embed_dim=128,
+            num_layers=2,
+            num_heads=2,
+            ffn_dim=256,
+            pos_conv_kernel=32,
+            dropout=0.0,
+            attention_dropout=0.0,
+            dropout_input=0.0,
+            dropout_features=0.0,
+            layer_drop=0.0,
+            mask_prob=0.5,
+            mask_length=5,
+            codebook_entries=64,
+            codevector_dim=64,
+            final_dim=64,
+            gumbel_reference_updates=400_000,
+            num_negatives=20,
+            feature_penalty_weight=0.1,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Wav2Vec2Config:
+        """The model fields of the ``method:`` section of a ``configs/wav2vec2-*.yaml`` experiment."""
+        with open(path) as f:
+            method = Wav2Vec2MethodConfig(**yaml.safe_load(f)["method"])
+        return cls(**method.model_dump(exclude={"name", "preset"}))
+
+
+class Wav2Vec2MethodConfig(Wav2Vec2Config):
+    """wav2vec 2.0 under ``method:``: the fields of ``Wav2Vec2Config``, defaulting to ``preset``'s when given."""
+
+    data_kind: ClassVar[str] = "audio"
+    name: Literal["wav2vec2"] = "wav2vec2"
+    preset: Literal["tiny", "base", "large"] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_defaults(cls, data):
+        if isinstance(data, dict) and data.get("preset") in ("tiny", "base", "large"):
+            return {**getattr(Wav2Vec2Config, data["preset"])().model_dump(), **data}
+        return data
+
+
+METHOD_CONFIGS: dict[str, type[BaseModel]] = {
+    "simclr": SimCLRConfig,
+    "moco_v2": MoCoV2Config,
+    "moco_v3": MoCoV3Config,
+    "byol": BYOLConfig,
+    "simsiam": SimSiamConfig,
+    "wav2vec2": Wav2Vec2MethodConfig,
+}
+MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
+
+
+def mirror_dir(run_root: str, name: str) -> Path:
+    """The local working copy (under ``$SELFSUP_CACHE``, default ``~/.cache/selfsup``) of the run
+    ``<run_root>/<name>``, ``run_root`` an s3:// or gs:// URL."""
+    scheme, rest = run_root.split("://", 1)
+    cache = Path(os.environ.get("SELFSUP_CACHE", "~/.cache/selfsup")).expanduser()
+    return cache / "runs" / scheme / rest.strip("/") / name
 
 
 class Strict(BaseModel):
@@ -36,6 +318,11 @@ class DataConfig(Strict):
     std: list[float] = [0.3530]
     max_seconds: float = Field(15.625, gt=0, description="audio: random crop length; batches are cut to their shortest clip")
     min_seconds: float = Field(2.0, ge=0, description="audio: shorter clips are skipped (and counted)")
+    max_tokens: int | None = Field(None, gt=0, description="audio: samples per rank per batch, filled from clips of "
+                                   "similar length (fairseq's max_tokens); None: data.batch_size clips per batch")
+    bucket_size: int = Field(1000, gt=1, description="audio with max_tokens: consecutive clips of a shard sorted by "
+                             "length together and cut into batches (more: closer lengths, more loader memory)")
+    verify_checksums: bool = Field(False, description="check each shard's sha256 while streaming")
 
     @model_validator(mode="after")
     def _stats_match_channels(self):
@@ -77,6 +364,8 @@ class OptimConfig(Strict):
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
+    decay: Literal["cosine", "linear"] = Field("cosine", description="after the warm-up: cosine to 0, or linear "
+                                                "to 0 (fairseq's polynomial_decay, power 1)")
     epochs: float = Field(10, gt=0)
     minutes: float | None = Field(None, gt=0, description="fit training into this wall time: after a few "
                                   "steps the schedule is cut to the steps that fit (never beyond `epochs`)")
@@ -124,25 +413,6 @@ class EvalConfig(Strict):
                              "plus probe_views - 1 passes of the paper probe's crops and flips")
 
 
-class Wav2Vec2MethodConfig(Wav2Vec2Config):
-    """wav2vec 2.0 under ``method:``: the fields of ``Wav2Vec2Config``, defaulting to ``preset``'s when given."""
-
-    name: Literal["wav2vec2"] = "wav2vec2"
-    preset: Literal["tiny", "base", "large"] | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset_defaults(cls, data):
-        if isinstance(data, dict) and data.get("preset") in ("tiny", "base", "large"):
-            return {**getattr(Wav2Vec2Config, data["preset"])().model_dump(), **data}
-        return data
-
-
-METHOD_NAMES = {*METHODS, "wav2vec2"}
-MethodConfig = Annotated[Union[(*(cfg for _, cfg in METHODS.values()), Wav2Vec2MethodConfig)],
-                         Field(discriminator="name")]
-
-
 class ExperimentConfig(Strict):
     """One pretraining experiment."""
 
@@ -162,7 +432,7 @@ class ExperimentConfig(Strict):
 
     @model_validator(mode="after")
     def _data_kind_matches_method(self):
-        wanted = "audio" if self.method.name == "wav2vec2" else "image"
+        wanted = self.method.data_kind
         if self.data.kind != wanted:
             raise ValueError(f"data.kind must be {wanted!r} for method {self.method.name!r}, not {self.data.kind!r}")
         return self
@@ -171,8 +441,6 @@ class ExperimentConfig(Strict):
     def run_dir(self) -> Path:
         """The run's local directory (for an s3:// or gs:// ``run_root``, its local mirror)."""
         if self.run_url:
-            from .pipelines.storage import mirror_dir
-
             return mirror_dir(self.run_root, self.name)
         return Path(self.run_root) / self.name
 
@@ -184,8 +452,7 @@ class ExperimentConfig(Strict):
         return None
 
     def view_recipes(self) -> list[ViewRecipe]:
-        from .vision.augment import preset_views
-
+        """The augmentation of each view: ``augment.views`` when given, else the preset's."""
         return self.augment.views or preset_views(self.augment.preset)
 
 
@@ -206,23 +473,34 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHOD_NAMES))
+        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHOD_CONFIGS))
         msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {key or '(top level)'}: {msg}")
     return "\n".join(lines)
 
 
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``key.sub=value`` as its key and its value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}: value {raw!r} is not plain YAML data ({err.problem})") from None
+
+
 def parse_config(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> ExperimentConfig:
-    """Validate a config tree after applying ``key.sub=value`` overrides."""
+    """Validate a config tree after applying ``key.sub=value`` overrides.
+
+    ``method.name=OTHER`` switches the method: the old method's keys are dropped, so the new one
+    starts from its own defaults (later ``method.*`` overrides still apply)."""
     tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {key}: value {raw!r} is not plain YAML data ({err.problem})") from None
+        key, value = _parse_override(item)
+        method = tree.get("method")
+        if key == "method.name" and isinstance(method, dict) and method.get("name") != value:
+            tree["method"] = {}
         _set_dotted(tree, key, value)
     try:
         return ExperimentConfig.model_validate(tree)
@@ -230,11 +508,38 @@ def parse_config(tree: dict, overrides: list[str] = (), source: str = "<dict>") 
         raise ConfigError(_format_errors(err, source)) from None
 
 
+CONFIG_DIR = Path(__file__).with_name("configs")  # the shipped configs (package data)
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship inside the package (``selfsup/configs/``), by name: the file's stem."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def config_description(path: str | Path) -> str:
+    """A config file's one-line description: its first line, when that is a comment."""
+    first = Path(path).read_text(encoding="utf-8").split("\n", 1)[0]
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def find_config(path_or_name: str | Path) -> Path:
+    """The config file a command names: a path to a YAML file, or the name of a shipped config
+    (``quickstart``, ``simclr-resnet50-imagenet``; ``selfsup configs`` lists them)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    bare = path.parent == Path(".")
+    shipped = shipped_configs().get(path.name.removesuffix(".yaml")) if bare else None
+    if shipped:
+        return shipped
+    also = ", nor is it the name of a shipped config" if bare else ""
+    raise ConfigError(f"config file {path} does not exist{also}: give a YAML file, or one of the names "
+                      "`selfsup configs` lists")
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read and validate a YAML experiment file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    """Read and validate a YAML experiment file, given by path or by a shipped config's name."""
+    path = find_config(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

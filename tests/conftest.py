@@ -36,8 +36,8 @@ def make_images(n: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.n
 
 def write_tiny_shards(out: Path, sizes: list[int], seed: int = 0, split: str = "train") -> Path:
     """A shard folder whose shards hold ``sizes`` samples each."""
-    from selfsup.pipelines.shards import write_shards
-    from selfsup.pipelines.sources import encode_png
+    from selfsup.data.shards import write_shards
+    from selfsup.data.sources import encode_png
 
     images, labels = make_images(sum(sizes), seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -29,13 +29,16 @@ class HealthRecord:
 
 
 class CodebookHealthMonitor:
-    """Keeps a history of (step, accuracy, perplexity) and raises alarms.
+    """Keeps a history of (step, accuracy, perplexity) and raises alarms; a health monitor
+    (``selfsup.core.objective.HealthMonitor``) that the loop logs as ``codebook_alarms``.
 
     groups: G; perplexity_key: which metric to watch (``perplexity_hard`` or ``perplexity_soft``);
     collapse_factor: alarm when perplexity < collapse_factor * G; window: records compared by the
     trend alarm; accuracy_rise: absolute accuracy increase and perplexity_drop: relative perplexity
     decrease (first vs last record of the window) that together trigger it.
     """
+
+    name = "codebook"
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from selfsup.objective import Progress
+from selfsup.core.objective import Progress
 
 
 def gumbel_temperature(

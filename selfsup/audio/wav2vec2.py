@@ -1,148 +1,25 @@
-"""wav2vec 2.0 pretraining (Baevski et al., 2020): config, encoder for probes, and the objective."""
+"""wav2vec 2.0 pretraining (Baevski et al., 2020): the encoder for probes, and the objective.
+
+The hyper-parameters are ``selfsup.config.Wav2Vec2Config``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from selfsup.audio.context import ContextNetwork
 from selfsup.audio.feature_encoder import GradMultiply, build_feature_extractor
+from selfsup.audio.health import CodebookHealthMonitor
 from selfsup.audio.loss import contrastive_logits, sample_negatives
 from selfsup.audio.masking import compute_span_mask
 from selfsup.audio.quantizer import GumbelVectorQuantizer, QuantizerOutput, gumbel_temperature
-from selfsup.objective import Progress
-
-
-class Wav2Vec2Config(BaseModel):
-    """Model and objective hyper-parameters; defaults are the paper's BASE (95M parameters)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Feature encoder (raw 16 kHz waveform -> 50 Hz frames)
-    conv_channels: int = Field(512, gt=0)
-    conv_kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
-    conv_norm: Literal["group_norm", "layer_norm"] = "group_norm"
-    conv_bias: bool = False
-    feature_grad_mult: float = Field(0.1, ge=0.0)  # gradient scale into the conv stack
-    normalize_waveform: bool = False  # zero-mean unit-variance per utterance (LARGE)
-    # Context network (transformer)
-    embed_dim: int = Field(768, gt=0)
-    num_layers: int = Field(12, gt=0)
-    num_heads: int = Field(12, gt=0)
-    ffn_dim: int = Field(3072, gt=0)
-    pos_conv_kernel: int = Field(128, gt=0)
-    pos_conv_groups: int = Field(16, gt=0)
-    layer_norm_first: bool = False  # False: post-LN (BASE); True: pre-LN (LARGE)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    attention_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    activation_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    dropout_input: float = Field(0.1, ge=0.0, lt=1.0)  # on the projected features
-    dropout_features: float = Field(0.1, ge=0.0, lt=1.0)  # on the quantiser input
-    layer_drop: float = Field(0.05, ge=0.0, lt=1.0)
-    # Masking
-    mask_prob: float = Field(0.65, ge=0.0, le=1.0)
-    mask_length: int = Field(10, gt=0)
-    min_mask_spans: int = Field(2, ge=1)
-    # Quantiser
-    codebook_groups: int = Field(2, gt=0)
-    codebook_entries: int = Field(320, gt=1)
-    codevector_dim: int = Field(256, gt=0)
-    final_dim: int = Field(256, gt=0)  # projection of context outputs and targets
-    gumbel_temperature_start: float = Field(2.0, gt=0.0)
-    gumbel_temperature_end: float = Field(0.5, gt=0.0)
-    gumbel_temperature_decay: float = Field(0.999995, gt=0.0, le=1.0)
-    gumbel_reference_updates: int = Field(400_000, gt=0)  # the schedule is rescaled to the planned updates
-    # Loss
-    num_negatives: int = Field(100, gt=0)
-    logit_temperature: float = Field(0.1, gt=0.0)  # kappa
-    diversity_weight: float = Field(0.1, ge=0.0)  # alpha
-    feature_penalty_weight: float = Field(10.0, ge=0.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> Wav2Vec2Config:
-        if len(self.conv_kernels) != len(self.conv_strides):
-            raise ValueError("conv_kernels and conv_strides must have the same length")
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.embed_dim % self.pos_conv_groups:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by pos_conv_groups {self.pos_conv_groups}")
-        if self.codevector_dim % self.codebook_groups:
-            raise ValueError(f"codevector_dim {self.codevector_dim} is not divisible by codebook_groups")
-        if self.gumbel_temperature_end > self.gumbel_temperature_start:
-            raise ValueError("gumbel_temperature_end must not exceed gumbel_temperature_start")
-        return self
-
-    @classmethod
-    def base(cls) -> Wav2Vec2Config:
-        """Paper BASE: 12 layers of 768, group-norm conv stack, 95M parameters."""
-        return cls()
-
-    @classmethod
-    def large(cls) -> Wav2Vec2Config:
-        """Paper LARGE: 24 pre-LN layers of 1024, layer-norm conv stack, 317M parameters."""
-        return cls(
-            conv_norm="layer_norm",
-            conv_bias=True,
-            normalize_waveform=True,
-            embed_dim=1024,
-            num_layers=24,
-            num_heads=16,
-            ffn_dim=4096,
-            layer_norm_first=True,
-            layer_drop=0.2,
-            codevector_dim=768,
-            final_dim=768,
-            gumbel_temperature_end=0.1,
-            gumbel_reference_updates=250_000,
-        )
-
-    @classmethod
-    def tiny(cls) -> Wav2Vec2Config:
-        """A few-hundred-thousand-parameter model that trains on a 2-core CPU in minutes.
-
-        Besides the sizes, the objective is eased for ~2 s crops and a few thousand small updates
-        (with BASE's objective the contrastive loss stays at chance and the features degrade):
-        full gradient into the conv stack, a feature penalty of 0.1 instead of 10, no dropout,
-        p=0.5 spans of 5, 64 entries per codebook and 20 distractors."""
-        return cls(
-            conv_channels=64,
-            feature_grad_mult=1.0,
-            embed_dim=128,
-            num_layers=2,
-            num_heads=2,
-            ffn_dim=256,
-            pos_conv_kernel=32,
-            dropout=0.0,
-            attention_dropout=0.0,
-            dropout_input=0.0,
-            dropout_features=0.0,
-            layer_drop=0.0,
-            mask_prob=0.5,
-            mask_length=5,
-            codebook_entries=64,
-            codevector_dim=64,
-            final_dim=64,
-            gumbel_reference_updates=400_000,
-            num_negatives=20,
-            feature_penalty_weight=0.1,
-        )
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Wav2Vec2Config:
-        """The model fields of the ``method:`` section of a ``configs/wav2vec2-*.yaml`` experiment."""
-        from selfsup.config import Wav2Vec2MethodConfig
-
-        with open(path) as f:
-            method = Wav2Vec2MethodConfig(**yaml.safe_load(f)["method"])
-        return cls(**method.model_dump(exclude={"name", "preset"}))
+from selfsup.config import Wav2Vec2Config
+from selfsup.core.objective import Progress
 
 
 class Wav2Vec2Encoder(nn.Module):
@@ -214,15 +91,18 @@ class Wav2Vec2Step:
 
 
 class Wav2Vec2Pretraining(nn.Module):
-    """The wav2vec 2.0 objective (``selfsup.objective.Objective``).
+    """The wav2vec 2.0 objective (``selfsup.core.objective.Objective``).
 
     ``forward((waveforms (B, S) float32 16 kHz, lengths (B,) int64), progress)`` returns ``loss`` =
     contrastive + alpha * diversity + feature_penalty_weight * feature_penalty, plus detached metrics.
     """
 
+    sync_batchnorm = False  # no BatchNorm: GroupNorm and LayerNorm only
+
     def __init__(self, cfg: Wav2Vec2Config | None = None):
         super().__init__()
         self.cfg = cfg = cfg or Wav2Vec2Config()
+        self.find_unused_parameters = cfg.layer_drop > 0  # LayerDrop leaves skipped layers without gradients
         self.encoder = Wav2Vec2Encoder(cfg)
         self.mask_embedding = nn.Parameter(torch.empty(cfg.embed_dim).uniform_())
         self.dropout_features = nn.Dropout(cfg.dropout_features)
@@ -246,6 +126,10 @@ class Wav2Vec2Pretraining(nn.Module):
             cfg.gumbel_temperature_decay,
             cfg.gumbel_reference_updates,
         )
+
+    def health_monitors(self) -> list[CodebookHealthMonitor]:
+        """The codebook collapse alarm on the logged accuracy and perplexity."""
+        return [CodebookHealthMonitor(groups=self.cfg.codebook_groups)]
 
     def on_after_step(self, progress: Progress) -> None:
         """Anneal the Gumbel temperature."""

@@ -2,25 +2,28 @@
 
 The config is validated here, resolved (overrides applied, local paths made absolute) and shipped
 as the job's ``working_dir``; the ``selfsup`` package travels in ``py_modules``, so the cluster runs
-this code. Secrets (``WANDB_API_KEY`` and the variables named by ``--env``) travel only in the
-runtime environment's ``env_vars``: never on the command line, in the shipped config or in what
-this command prints. Ray's runtime-env agent logs each job's ``env_vars`` at INFO, so the cluster
-templates start Ray with ``RAY_LOGGER_LEVEL=warning``; anyone holding the cluster token can still
-read a job's runtime_env through the dashboard. Token authentication: set ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``
-(or ``~/.ray/auth_token``) in this environment; Ray's SDK sends it.
+this code. Secrets (``WANDB_API_KEY`` and the variables named by ``--env``) travel in the job's
+metadata, never in its ``env_vars`` (Ray's runtime-env agent writes a job's ``env_vars`` into its
+logs, mode 644), on the command line, in the shipped config or in what this command prints. The
+job's driver reads them back (:func:`job_secrets`) and hands them to the training workers in memory.
+Anyone holding the cluster token can read a job's metadata through the dashboard, as they can
+submit jobs. Token authentication: set ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or
+``~/.ray/auth_token``) in this environment; Ray's SDK sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-from ..config import dump_config, load_config
+from selfsup.config import dump_config, load_config
 
 SECRET_ENV = ("WANDB_API_KEY",)
+SECRET_PREFIX = "secret:"  # job metadata keys that carry a secret: "secret:WANDB_API_KEY" -> value
 EXIT_CODES = {"SUCCEEDED": 0, "STOPPED": 3}  # anything else (FAILED) is 1
 
 
@@ -50,6 +53,13 @@ def secret_env(names: list[str]) -> dict[str, str]:
     return env
 
 
+def job_secrets() -> dict[str, str]:
+    """Inside a job started by ``selfsup submit``: the secrets its metadata carries (empty elsewhere)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    metadata = job.get("metadata") or {}
+    return {k[len(SECRET_PREFIX):]: v for k, v in metadata.items() if k.startswith(SECRET_PREFIX)}
+
+
 def redact(text: str, secrets: dict[str, str]) -> str:
     """``text`` with every secret value replaced by ``***``."""
     for value in secrets.values():
@@ -59,8 +69,9 @@ def redact(text: str, secrets: dict[str, str]) -> str:
 
 
 def job_spec(config: str, overrides: list[str], staging: Path, env_names: list[str] = ()) -> dict:
-    """The keyword arguments of ``submit_job``: entrypoint, runtime_env (working_dir, py_modules, env_vars)."""
-    from .trainer import absolute_paths
+    """The keyword arguments of ``submit_job``: entrypoint, runtime_env (working_dir, py_modules, env_vars),
+    metadata (the run, and the secrets under ``secret:NAME``)."""
+    from selfsup.cluster.trainer import absolute_paths
 
     cfg = absolute_paths(load_config(config, overrides))
     (staging / "config.yaml").write_text(dump_config(cfg))
@@ -68,8 +79,9 @@ def job_spec(config: str, overrides: list[str], staging: Path, env_names: list[s
     return {
         "entrypoint": "python -m selfsup.cli pretrain config.yaml",
         "runtime_env": {"working_dir": str(staging), "py_modules": [str(package)],
-                        "env_vars": {"RAY_TRAIN_V2_ENABLED": "1", **secret_env(list(env_names))}},
-        "metadata": {"selfsup_run": cfg.name, "run_dir": cfg.run_url or str(cfg.run_dir)},
+                        "env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+        "metadata": {"selfsup_run": cfg.name, "run_dir": cfg.run_url or str(cfg.run_dir),
+                     **{SECRET_PREFIX + k: v for k, v in secret_env(list(env_names)).items()}},
     }
 
 
@@ -96,7 +108,8 @@ def submit(config: str, overrides: list[str], address: str | None, wait: bool = 
     if not wait:
         print(f"follow it with: selfsup jobs logs {job_id} --address {address or '$RAY_ADDRESS'}")
         return 0
-    status = wait_for(client, job_id, spec["runtime_env"]["env_vars"])
+    secrets = {k: v for k, v in spec["metadata"].items() if k.startswith(SECRET_PREFIX)}
+    status = wait_for(client, job_id, secrets)
     print(f"job {job_id}: {status}")
     return EXIT_CODES.get(status, 1)
 

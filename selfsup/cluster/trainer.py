@@ -1,4 +1,6 @@
-"""Ray Train: runs ``pipelines.pretrain`` in a ``TorchTrainer``, one process per GPU (or CPU slot).
+"""Ray Train: runs the ``Trainer`` in a ``TorchTrainer``, one process per GPU (or CPU slot);
+``pretrain_here`` runs the same Trainer in this process (``--no-ray``). Both report to the run's
+sinks: its files, W&B, its bucket, and Ray under Ray.
 
 Locally it starts Ray on this machine; with ``RAY_ADDRESS`` set (or ``address``) the same call
 runs on that cluster. Ray's token authentication stays on (``RAY_AUTH_MODE=token`` unless set).
@@ -10,71 +12,70 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import ExperimentConfig
-from ..pipelines.pretrain import FileReporter, pretrain
-from .tracking import WandbReporter, start_run
+from selfsup.config import ExperimentConfig
+from selfsup.core.checkpoint import latest_checkpoint
+from selfsup.core.distributed import rank
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.tracking.wandb_run import WandbReporter, start_run
+from selfsup.train.trainer import Trainer
 
 log = logging.getLogger("selfsup.cluster")
 
 
 class RayReporter:
-    """Sends metrics to ``ray.train.report`` (so Ray's dashboard and result see them), then to ``inner``."""
-
-    def __init__(self, inner):
-        self.inner = inner
+    """Sink (every rank): each record and each checkpoint go to ``ray.train.report``, so Ray's
+    dashboard, result and checkpoint storage see them. Every rank reports the same number of times;
+    rank 0 passes the checkpoint directory, the others none."""
 
     def log(self, step: int, metrics: dict) -> None:
         import ray.train
 
-        self.inner.log(step, metrics)
         ray.train.report({"step": step, **metrics})
 
-    def checkpoint(self, step: int, path: Path) -> None:
-        self.inner.checkpoint(step, path)
+    def checkpoint(self, step: int, path: Path | None, metrics: dict) -> None:
+        import ray.train
 
-    def finish(self, summary: dict) -> None:
-        self.inner.finish(summary)
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint)
 
 
 class RunSyncReporter:
-    """Pushes the run's metrics and summary to its bucket (``run_root: s3://…``) when the run finishes."""
+    """Sink (rank 0): pushes the run's metrics and summary to its bucket (``run_root: s3://…``) when
+    the run finishes (checkpoints push them too, see ``selfsup.core.checkpoint``)."""
 
-    def __init__(self, inner, cfg: ExperimentConfig):
-        self.inner, self.cfg = inner, cfg
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.inner.log(step, metrics)
-
-    def checkpoint(self, step: int, path: Path) -> None:
-        self.inner.checkpoint(step, path)
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
 
     def finish(self, summary: dict) -> None:
-        from ..pipelines.storage import push_run_files
-        from ..ssl.distributed import rank
+        from selfsup.core.storage import push_run_files
 
-        self.inner.finish(summary)
         if rank() == 0:
             push_run_files(self.cfg.run_dir, self.cfg.run_url)
 
 
-def make_reporter(cfg: ExperimentConfig, under_ray: bool):
-    """FileReporter, wrapped for Ray and W&B (W&B on rank 0 only), and for the bucket of a remote run."""
-    from ..ssl.distributed import rank
-
-    reporter = FileReporter(cfg.run_dir)
+def run_reporters(cfg: ExperimentConfig, under_ray: bool) -> Reporters:
+    """The run's sinks: its files; its bucket when remote (whose run files, the W&B id and metrics
+    of an earlier attempt, are pulled first); Ray under Ray; W&B on rank 0 unless disabled."""
+    sinks: list[object] = [FileReporter(cfg.run_dir)]
     if cfg.run_url:
-        from ..pipelines.storage import pull_run_files
+        from selfsup.core.storage import pull_run_files
 
         if rank() == 0:
-            pull_run_files(cfg.run_url, cfg.run_dir)  # the W&B id and metrics of an earlier attempt
-        reporter = RunSyncReporter(reporter, cfg)
+            pull_run_files(cfg.run_url, cfg.run_dir)
+        sinks.append(RunSyncReporter(cfg))
     if under_ray:
-        reporter = RayReporter(reporter)
-    run = None
-    if rank() == 0:
-        run = start_run(cfg.run_dir, cfg.name, cfg.tracking.mode, cfg.tracking.project, cfg.tracking.entity,
-                        cfg.model_dump(mode="json"), job_type="pretrain")
-    return WandbReporter(reporter, run)
+        sinks.append(RayReporter())
+    if rank() == 0 and (run := start_run(cfg.run_dir, cfg.name, cfg.tracking.mode, cfg.tracking.project,
+                                         cfg.tracking.entity, cfg.model_dump(mode="json"), job_type="pretrain")):
+        sinks.append(WandbReporter(run))
+    return Reporters(*sinks)
+
+
+def pretrain_here(cfg: ExperimentConfig, under_ray: bool = False) -> dict:
+    """Train ``cfg`` in this process (``--no-ray``, or one Ray worker), from the run's latest
+    checkpoint if it has one; returns the summary."""
+    reporter = run_reporters(cfg, under_ray)
+    return Trainer(cfg, reporter, latest_checkpoint(cfg.run_dir, remote=cfg.run_url)).fit()
 
 
 def _train_worker(config: dict) -> None:
@@ -84,7 +85,7 @@ def _train_worker(config: dict) -> None:
     import torch
 
     torch.set_num_threads(torch_threads)
-    pretrain(cfg, make_reporter(cfg, under_ray=True))
+    pretrain_here(cfg, under_ray=True)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -118,7 +119,7 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
     """Pretrain under Ray Train; returns the summary the loop wrote to ``<run>/summary.json``."""
     import json
 
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = absolute_paths(cfg)
@@ -132,11 +133,12 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=RunConfig(name=cfg.name, storage_path=str(cfg.run_dir.parent / "_ray"),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
     )
     trainer.fit()
     if cfg.run_url and not (cfg.run_dir / "summary.json").is_file():  # rank 0 ran on another node
-        from ..pipelines.storage import pull_run_files
+        from selfsup.core.storage import pull_run_files
 
         pull_run_files(cfg.run_url, cfg.run_dir)
     return json.loads((cfg.run_dir / "summary.json").read_text())

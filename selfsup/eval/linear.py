@@ -28,12 +28,6 @@ from selfsup.eval.knn import check_labels, check_split_pair
 _MOMENTUM = 0.9
 
 
-def paper_crop_scale(image_size: int) -> tuple[float, float]:
-    """The paper probe's random-resized-crop scale: ImageNet's (0.08, 1), or (0.7, 1) for images of
-    32 px or less (about the area CIFAR's 4-pixel pad-and-crop keeps)."""
-    return (0.7, 1.0) if image_size <= 32 else (0.08, 1.0)
-
-
 @dataclass
 class LinearProbeResult:
     """Test ``top1`` / ``top5`` fractions, test ``probabilities`` (M, C) and ``predictions`` (M,),
@@ -70,7 +64,7 @@ def linear_probe(
     The grid ``lrs`` x ``weight_decays`` is trained in parallel on all but a random ``val_fraction``
     of the train images and chosen on those; ``refit`` retrains the winner on all train rows.
     ``train_views`` = V: the train rows are V blocks of the same N images, block 0 un-augmented and
-    the others augmented views (``selfsup.pipelines.evaluate.probe_features``); every block is
+    the others augmented views (``selfsup.tasks.vision.probe_features``); every block is
     trained on, the held-out images are scored on block 0 only, and no image is on both sides.
     ``epochs`` (passes over the train rows) defaults to 20 / V: the same number of steps at any V.
     """
@@ -200,7 +194,9 @@ def linear_probe_paper(
     ``crop_scale`` defaults to ``paper_crop_scale(image_size)`` (tiny crops of a 28-px image leave a
     few pixels and cost the probe points that no paper's CIFAR protocol loses).
     ``val_top1`` is NaN and ``grid`` empty: nothing is tuned."""
-    from selfsup.vision.augment import BatchViews, ViewRecipe
+    from selfsup.config import ViewRecipe
+    from selfsup.tasks.vision import paper_crop_scale
+    from selfsup.vision.augment import BatchViews
 
     crop_scale = crop_scale or paper_crop_scale(image_size)
 

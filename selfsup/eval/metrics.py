@@ -1,9 +1,8 @@
-"""Classification and representation metrics: per-class scores, confusion, ROC, RankMe, 2-D maps."""
+"""Classification and representation metrics: per-class scores, confusion, ROC, 2-D maps."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score, roc_curve
@@ -43,14 +42,6 @@ def roc_auc_ovr(y_true, probabilities) -> dict:
         curves[c] = (fpr, tpr)
     macro = float(np.mean(list(per_class.values()))) if per_class else float("nan")
     return {"per_class": per_class, "macro": macro, "curves": curves, "skipped": skipped}
-
-
-def rankme(embeddings: torch.Tensor | np.ndarray, eps: float = 1e-7) -> float:
-    """Effective rank of (N, D) embeddings (Garrido et al. 2023): exp(entropy of p_k = s_k / sum(s) + eps)."""
-    z = torch.as_tensor(embeddings).detach().to(torch.float64)
-    s = torch.linalg.svdvals(z)
-    p = s / s.sum() + eps
-    return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
 def project_2d(features, method: str = "pca", seed: int = 0) -> np.ndarray:

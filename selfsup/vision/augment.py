@@ -1,8 +1,9 @@
 """View augmentations done on whole batches as tensor ops, each sample drawing its own parameters.
 
 The same code runs on the CPU and on a GPU: decode to uint8 on the CPU, move the batch to the
-training device, then call :class:`BatchViews`. Recipes follow the papers (SimCLR, MoCo v2, BYOL)
-and have grey-image variants without colour operations.
+training device, then call :class:`BatchViews`. The recipes (``selfsup.config.ViewRecipe`` and its
+``PRESETS``) follow the papers (SimCLR, MoCo v2, BYOL) and have grey-image variants without colour
+operations.
 """
 
 from __future__ import annotations
@@ -11,52 +12,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torchvision.ops import roi_align
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-
-class ViewRecipe(BaseModel):
-    """Augmentations for one view; every probability is per sample."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = Field(0.5, ge=0, le=1)
-    jitter_p: float = Field(0.0, ge=0, le=1)
-    brightness: float = Field(0.4, ge=0)
-    contrast: float = Field(0.4, ge=0)
-    saturation: float = Field(0.2, ge=0)
-    hue: float = Field(0.1, ge=0, le=0.5)
-    grayscale_p: float = Field(0.0, ge=0, le=1)
-    blur_p: float = Field(0.0, ge=0, le=1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = Field(0.0, ge=0, le=1)
-
-
-_SIMCLR = dict(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.2, blur_p=0.5)
-_MOCO_V2 = dict(crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                grayscale_p=0.2, blur_p=0.5)
-_BYOL = dict(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-             grayscale_p=0.2)
-
-PRESETS: dict[str, list[dict]] = {
-    # grey images (Fashion-MNIST): crop, flip, blur; no colour operations
-    "grey": [dict(blur_p=0.5), dict(blur_p=0.5)],
-    "grey-byol": [dict(blur_p=1.0), dict(blur_p=0.1, solarize_p=0.2)],
-    "simclr": [_SIMCLR, _SIMCLR],
-    "moco-v2": [_MOCO_V2, _MOCO_V2],
-    # BYOL's asymmetric pair: view 1 always blurred, view 2 rarely blurred and sometimes solarized
-    "byol": [dict(_BYOL, blur_p=1.0), dict(_BYOL, blur_p=0.1, solarize_p=0.2)],
-}
-
-
-def preset_views(name: str) -> list[ViewRecipe]:
-    """The per-view recipes of a named preset."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {name!r}; choose one of {sorted(PRESETS)}")
-    return [ViewRecipe(**v) for v in PRESETS[name]]
+from selfsup.config import ViewRecipe
 
 
 def _uniform(lo: float, hi: float, n: int, device, generator) -> torch.Tensor:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import latest_checkpoint
-from selfsup.pipelines.pretrain import FileReporter, pretrain
+from selfsup.core.checkpoint import latest_checkpoint
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.train.trainer import Trainer
 from tests.clusterkit import tiny_config
 from tests.conftest import write_tiny_shards
 
@@ -18,16 +19,22 @@ class Crash(RuntimeError):
     pass
 
 
-class CrashAfterCheckpoint(FileReporter):
-    """Raises right after the checkpoint of step ``at`` is written (as a killed process would stop)."""
+class CrashAfterCheckpoint:
+    """Reporter sink that raises right after the checkpoint of step ``at`` is written (as a killed
+    process would stop)."""
 
-    def __init__(self, run_dir, at: int):
-        super().__init__(run_dir)
+    def __init__(self, at: int):
         self.at = at
 
-    def checkpoint(self, step, path):
+    def checkpoint(self, step, path, metrics):
         if step == self.at:
             raise Crash(f"injected at step {step}")
+
+
+def train(cfg, *sinks):
+    """Train ``cfg`` from its latest checkpoint, reporting to its files and ``sinks``."""
+    reporter = Reporters(FileReporter(cfg.run_dir), *sinks)
+    return Trainer(cfg, reporter, resume_from=latest_checkpoint(cfg.run_dir)).fit()
 
 
 def _weights(run_dir):
@@ -42,13 +49,13 @@ def test_crash_and_resume_gives_the_same_weights(tmp_path, crash_at):
                        train={"checkpoint_every_steps": 1, "keep_checkpoints": 1},
                        data={"loader_workers": 1, "shuffle_buffer": 8})
     straight = parse_config(tree)
-    assert pretrain(straight, FileReporter(straight.run_dir))["steps"] == 16
+    assert train(straight)["steps"] == 16
 
     resumed = parse_config(tree, [f"run_root={tmp_path / 'resumed'}"])
     with pytest.raises(Crash):
-        pretrain(resumed, CrashAfterCheckpoint(resumed.run_dir, crash_at))
+        train(resumed, CrashAfterCheckpoint(crash_at))
     assert latest_checkpoint(resumed.run_dir).name == f"step-{crash_at:08d}"
-    assert pretrain(resumed, FileReporter(resumed.run_dir))["steps"] == 16
+    assert train(resumed)["steps"] == 16
 
     a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
     assert a.keys() == b.keys()

@@ -7,9 +7,8 @@ import random
 import pytest
 
 from benchmarks import faults
-from selfsup.cluster.trainer import make_reporter
+from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
-from selfsup.pipelines.pretrain import pretrain
 from tests.clusterkit import tiny_config
 from tests.conftest import write_tiny_shards
 
@@ -55,10 +54,10 @@ def test_wandb_resumes_the_same_run_id(tmp_path, monkeypatch):
     shards = write_tiny_shards(tmp_path / "shards", [32, 32])
     tree = tiny_config("wb", shards, tmp_path / "runs", tracking={"mode": "offline"})
     first = parse_config(tree)
-    pretrain(first, make_reporter(first, under_ray=False))
+    pretrain_here(first)
     run_id = (first.run_dir / "wandb_id").read_text()
     second = parse_config(tree, ["optim.epochs=2"])
-    assert pretrain(second, make_reporter(second, under_ray=False))["steps"] == 16
+    assert pretrain_here(second)["steps"] == 16
     runs = sorted((second.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
     assert not [p for p in (second.run_dir / "wandb").rglob("*") if p.is_file()

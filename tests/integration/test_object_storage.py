@@ -8,12 +8,11 @@ import boto3
 import pytest
 import torch
 
-from selfsup.cluster.trainer import make_reporter
+from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
-from selfsup.pipelines import storage
-from selfsup.pipelines.checkpoint import load_checkpoint
-from selfsup.pipelines.pretrain import pretrain
-from selfsup.pipelines.shards import iter_shard, read_manifest
+from selfsup.core import storage
+from selfsup.core.checkpoint import load_checkpoint
+from selfsup.data.reader import read_manifest, read_shard
 from tests.clusterkit import s3_server, tiny_config, upload_dir
 from tests.conftest import write_tiny_shards
 
@@ -32,13 +31,16 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         upload_dir(local, BUCKET, "data/train")
         manifest, urls = read_manifest(f"s3://{BUCKET}/data/train")
         assert urls[0] == f"s3://{BUCKET}/data/train/train0-000000.tar"
-        assert [sum(1 for _ in iter_shard(u)) for u in urls] == [20, 30, 14]
+        problems = []
+        assert [sum(1 for _ in read_shard(u, problems, s["count"], sha256=s["sha256"]))
+                for u, s in zip(urls, manifest["shards"])] == [20, 30, 14]
+        assert problems == []  # the sha256 hashed as the bytes stream from S3
 
         tree = tiny_config("s3run", f"s3://{BUCKET}/data/train", f"s3://{BUCKET}/runs",
                            optim={"epochs": 1}, train={"keep_checkpoints": 2})
         monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "node-a"))
         cfg = parse_config(tree)
-        first = pretrain(cfg, make_reporter(cfg, under_ray=False))
+        first = pretrain_here(cfg)
         assert first["steps"] == 8  # 64 samples // 8
         assert cfg.run_dir.is_relative_to(tmp_path / "node-a")
         keys = _keys("runs/s3run/")
@@ -57,7 +59,7 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         # another node (empty cache) continues the same run for a second epoch from the bucket
         monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "node-b"))
         cfg2 = parse_config(tree, ["optim.epochs=2"])
-        second = pretrain(cfg2, make_reporter(cfg2, under_ray=False))
+        second = pretrain_here(cfg2)
         assert second["steps"] == 16
         records = [json.loads(x) for x in (cfg2.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == list(range(1, 17))  # pulled metrics, then steps 9..16 only
@@ -67,7 +69,7 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
 
 
 def test_a_missing_remote_manifest_names_the_location(tmp_path):
-    from selfsup.pipelines.shards import ManifestError
+    from selfsup.data.reader import ManifestError
 
     with s3_server(BUCKET):
         with pytest.raises(ManifestError, match=f"s3://{BUCKET}/nothing has no manifest.json"):

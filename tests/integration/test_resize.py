@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import latest_checkpoint
-from selfsup.pipelines.optim import lr_at, scaled_lr
-from selfsup.pipelines.pretrain import FileReporter, pretrain
+from selfsup.core.checkpoint import latest_checkpoint
+from selfsup.train.optim import lr_at, scaled_lr
 from tests.clusterkit import tiny_config
 from tests.conftest import write_tiny_shards
-from tests.integration.test_determinism import Crash, CrashAfterCheckpoint
+from tests.integration.test_determinism import Crash, CrashAfterCheckpoint, train
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +21,7 @@ def test_resume_after_resize_keeps_the_schedule_and_rescales_the_lr(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", [20, 30, 14])  # 8 steps an epoch on 1 rank, 4 on 2
     cfg = parse_config(tiny_config("resize", shards, tmp_path / "runs", train={"checkpoint_every_steps": 4}))
     with pytest.raises(Crash):
-        pretrain(cfg, CrashAfterCheckpoint(cfg.run_dir, 4))
+        train(cfg, CrashAfterCheckpoint(4))
     # make the checkpoint look as if 2 ranks wrote it after 2 of their 4 steps, with their (doubled) LR
     path = latest_checkpoint(cfg.run_dir) / "state.pt"
     state = torch.load(path, weights_only=True)
@@ -32,7 +31,7 @@ def test_resume_after_resize_keeps_the_schedule_and_rescales_the_lr(tmp_path):
     torch.save(state, path)
     (cfg.run_dir / "metrics.jsonl").unlink()
 
-    assert pretrain(cfg, FileReporter(cfg.run_dir))["steps"] == 8
+    assert train(cfg)["steps"] == 8
     records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 6, 7, 8]  # 2 steps of 2 ranks = 4 steps of 1: the same 32 samples
     base = scaled_lr(0.1, 8, 256, "linear")  # batch 8 x world size 1

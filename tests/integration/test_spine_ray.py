@@ -5,7 +5,7 @@ import json
 import pytest
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from tests.conftest import write_tiny_shards
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def ray_local():
 
 def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_local):
     from selfsup.cluster.trainer import run_pretraining
-    from selfsup.pipelines.evaluate import evaluate
+    from selfsup.eval.run import evaluate
 
     train = write_tiny_shards(tmp_path / "train", [48, 40, 40])  # 128 samples: 4 steps/epoch per rank
     test = write_tiny_shards(tmp_path / "test", [40], seed=1, split="test")
@@ -48,6 +48,9 @@ def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_l
     assert ckpt.name == "step-00000004"
     saved_cfg, weights, state = load_checkpoint(ckpt, with_state=True)
     assert saved_cfg.name == "spine" and state["step"] == 4 and state["epoch"] == 1 and len(state["rng"]) == 2
+    # every checkpoint was reported to Ray: its storage keeps the newest (keep_checkpoints: 2), the same files
+    ray_ckpts = sorted(p for p in (cfg.run_dir.parent / "_ray" / "spine").glob("checkpoint_*") if p.is_dir())
+    assert len(ray_ckpts) == 2 and (ray_ckpts[-1] / "model.pt").read_bytes() == (ckpt / "model.pt").read_bytes()
 
     report = evaluate(ckpt, str(train), str(test), tmp_path / "report")
     assert set(report["encoders"]) == {"checkpoint", "pixels", "random_init"}

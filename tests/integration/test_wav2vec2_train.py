@@ -1,4 +1,4 @@
-"""wav2vec 2.0 end to end without Ray: synthetic audio shards -> pretrain -> checkpoint -> evaluate_audio."""
+"""wav2vec 2.0 end to end without Ray: synthetic audio shards -> pretrain -> checkpoint -> evaluate."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 
 from selfsup.audio.decode import encode_flac
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.pipelines.evaluate import evaluate
-from selfsup.pipelines.pretrain import FileReporter, pretrain
-from selfsup.pipelines.shards import write_shards
+from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.eval.run import evaluate
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.train.trainer import Trainer
+from selfsup.data.shards import write_shards
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def test_tiny_pretrain_writes_a_checkpoint_with_finite_loss_and_evaluates(tmp_pa
         "train": {"log_every_steps": 2, "threads": 1},
         "eval": {"knn": [[5, 0.07]]},
     })
-    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
 
     assert summary["steps"] == summary["total_steps"] == 12
     assert math.isfinite(summary["last"]["loss"]) and summary["bad_steps"] == 0
@@ -64,9 +65,9 @@ def test_tiny_pretrain_writes_a_checkpoint_with_finite_loss_and_evaluates(tmp_pa
     assert "encoder.context.layers.0.attention.k_proj.weight" in state
 
     result = evaluate(cfg.run_dir, str(tmp_path / "train"), str(tmp_path / "test"), tmp_path / "report")
-    assert set(result["scores"]) == {"checkpoint", "log_mel", "random_init"}
-    for scores in result["scores"].values():
+    assert set(result["encoders"]) == {"checkpoint", "log_mel", "random_init"}
+    for scores in result["encoders"].values():
         assert 0.0 <= scores["knn@5"] <= 1.0 and 0.0 <= scores["linear"] <= 1.0
-    assert result["scores"]["log_mel"]["linear"] >= 0.9  # tones are trivially separable by their spectrum
+    assert result["encoders"]["log_mel"]["linear"] >= 0.9  # tones are trivially separable by their spectrum
     assert 0 <= result["details"]["checkpoint"]["layer"] <= 2
     assert (tmp_path / "report" / "report.md").is_file()

@@ -1,4 +1,5 @@
-"""Audio data: audio-folder ingestion (formats, rates, bad files, CSV splits) and the audio collate."""
+"""Audio data: audio-folder ingestion (formats, rates, bad files, CSV splits), the audio collate, and
+batches planned by clip length from the manifest (fairseq's max_tokens)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,16 @@ import pytest
 import soundfile as sf
 import torch
 
+from selfsup.audio.decode import encode_flac
 from selfsup.cli import main as selfsup
-from selfsup.pipelines.loader import DataHealth, ShardStream, collate_audio, decode_audio_sample
-from selfsup.pipelines.shards import decode_sample, iter_shard, read_manifest, write_shards
-from selfsup.pipelines.sources import audio_folder_samples
+from selfsup.config import parse_config
+from selfsup.data.buckets import TokenBatching, bucket_batches, manifest_lengths, plan_token_epoch
+from selfsup.data.decode import collate_audio, decode_audio_sample, decode_sample
+from selfsup.data.reader import read_manifest, read_shard
+from selfsup.data.shards import write_shards
+from selfsup.data.stream import DataHealth, ShardStream, make_loader
+from selfsup.data.sources import audio_folder_samples
+from selfsup.tasks.audio import clip_limits
 
 # name -> (format, subtype, rate, channels, seconds): every good file of the folder
 GOOD = {
@@ -55,13 +62,13 @@ def test_folder_without_labels_writes_good_clips_and_lists_bad_ones(audio_folder
     assert m["num_samples"] == len(GOOD) and m["format"] == "audio"
     assert sorted(s.split(":")[0] for s in m["skipped"]) == sorted(BAD)
     _, urls = read_manifest(str(tmp_path / "out"))
-    seen = {}
-    for sample in iter_shard(urls[0]):
+    seen, problems = {}, []
+    for sample in read_shard(urls[0], problems, m["shards"][0]["count"], sha256=m["shards"][0]["sha256"]):
         (wave, rate), info = decode_sample(sample, "audio")
         assert rate == 16000 and wave.ndim == 1  # stored 16 kHz mono
         seen[info["path"]] = info
         assert abs(info["duration"] - len(wave) / 16000) < 1e-6
-    assert set(seen) == set(GOOD)
+    assert set(seen) == set(GOOD) and problems == []
     for name, (_, _, rate, _, seconds) in GOOD.items():
         assert seen[name]["original_rate"] == rate
         assert abs(seen[name]["duration"] - seconds) < 0.08  # MP3 adds encoder padding
@@ -87,7 +94,7 @@ def test_cli_with_labels_csv_writes_one_folder_per_split(audio_folder, tmp_path)
     assert any(s.startswith("broken.wav") for s in test["skipped"])
     infos = {}
     for split in ("train", "test"):
-        for sample in iter_shard(str(out / split / f"{split}-000000.tar")):
+        for sample in read_shard(str(out / split / f"{split}-000000.tar"), []):
             info = json.loads(sample["json"])
             infos[info["path"]] = info
     assert infos["a/one.wav"]["label"] == 1 and infos["a/b/two.flac"]["label"] == 0
@@ -113,7 +120,7 @@ def test_short_clips_are_skipped_and_counted_by_the_stream(audio_folder, tmp_pat
     write_shards(samples, tmp_path / "out", kind="audio", total=n)
     min_samples = 6000  # three.ogg (0.3 s = 4800 samples) is too short
     with pytest.raises(ValueError, match="shorter than the minimum 6000"):
-        sample = next(s for s in iter_shard(str(tmp_path / "out" / "train-000000.tar"))
+        sample = next(s for s in read_shard(str(tmp_path / "out" / "train-000000.tar"), [])
                       if json.loads(s["json"])["path"] == "three.ogg")
         decode_audio_sample(sample, min_samples)
     stream = ShardStream(str(tmp_path / "out"), 2, functools.partial(decode_audio_sample, min_samples=min_samples),
@@ -126,3 +133,160 @@ def test_short_clips_are_skipped_and_counted_by_the_stream(audio_folder, tmp_pat
     assert len(batches) == stream.steps_per_epoch() == 2
     assert [b["waves"].shape for b in batches] == [(2, 6400), (2, 6400)]  # cut to two.flac's 0.4 s
     assert (health.skipped, health.repeated) == (1, 1) and "shorter than the minimum" in health.where[0]
+
+
+def test_the_manifest_records_each_clip_duration(audio_folder, tmp_path):
+    samples, n, _ = audio_folder_samples(audio_folder, processes=1)
+    m = write_shards(samples, tmp_path / "out", kind="audio", total=n)
+    [shard] = m["shards"]
+    waves = [decode_sample(s, "audio")[0][0] for s in read_shard(str(tmp_path / "out" / shard["name"]), [])]
+    assert len(shard["durations"]) == shard["count"] == len(waves) == len(GOOD)
+    assert manifest_lengths(m, 16000) == [[len(w) for w in waves]]  # exact sample counts back
+    assert "durations" not in write_shards(iter([{"__key__": "k", "png": b"x", "cls": 0}]), tmp_path / "img")["shards"][0]
+
+
+SPEC = TokenBatching(max_tokens=24000, min_length=2000, max_length=8000, bucket_size=16, rate=16000)
+
+
+def test_a_bucket_is_cut_longest_first_into_batches_filled_to_max_tokens_at_their_crop():
+    lengths = [9000, 3000, 1500, 6100, 8000, 2900, 6000, 5000, 12000, 2000, 4000, 4000]
+    batches = bucket_batches(lengths, 0, 0, (0, 12), SPEC, random.Random(0))
+    # capped at 8000 and sorted: 8000 x3 (0, 4, 8), 6100 (3), 6000 (6), 5000 (7), 4000 x2 (10, 11), 3000 (1),
+    # 2900 (5), 2000 (9); 1500 (2) is under min_length. From 8000: 1, 2, 3 clips fill 8000, 16000, 24000,
+    # a 4th overflows (4 x 6100). From 6100: 6100, 12000, 15000, 16000, 20000 at 5 clips (crop 4000), then
+    # 6 x 3000 = 18000 < 20000, 7 x 2900 = 20300, 8 x 2000 = 16000: 7 clips, the fullest. Left: 2000.
+    assert [b.positions for b in batches] == [(0, 4, 8), (1, 3, 5, 6, 7, 10, 11), (9,)]
+    assert [len(b.positions) * min(min(lengths[i], 8000) for i in b.positions) for b in batches] == [24000, 20300, 2000]
+    spec = TokenBatching(max_tokens=7000, min_length=2000, max_length=8000, bucket_size=16, rate=16000)
+    assert spec.cap == 7000  # a clip longer than max_tokens is cropped to it: one clip still fits
+    assert [b.positions for b in bucket_batches(lengths, 0, 0, (0, 4), spec, random.Random(0))] == [(0,), (3,), (1,)]
+
+
+def _clip_lengths(n: int = 96, seed: int = 0) -> list[int]:
+    return [int(x) for x in np.random.default_rng(seed).integers(1000, 12000, n)]
+
+
+def test_the_token_plan_gives_equal_steps_each_clip_at_most_once_and_the_same_count_every_epoch():
+    lengths = [_clip_lengths(40, s) for s in range(5)]  # 5 shards, 3 buckets each
+    plans = [plan_token_epoch(lengths, ranks=3, workers=2, spec=SPEC, seed=1, epoch=e) for e in range(3)]
+    assert len({p.steps for p in plans}) == 1 and len({len(p.flat) for p in plans}) == 1
+    assert plans[0].order != plans[1].order and plans[0].flat != plans[1].flat
+    assert plans[0] == plan_token_epoch(lengths, 3, 2, SPEC, seed=1, epoch=0)  # every rank plans the same
+    p = plans[0]
+    assert [sum(q) for q in p.quotas] == [p.steps] * 3 and p.steps == len(p.flat) // 3
+    used = [(b.shard, i) for row in p.batches for w in row for b in w for i in b.positions]
+    assert len(used) == len(set(used))
+    usable = {(s, i) for s, ls in enumerate(lengths) for i, n in enumerate(ls) if n >= SPEC.min_length}
+    left = {(b.shard, i) for b in p.flat[3 * p.steps:] for i in b.positions}  # fewer than `ranks` batches
+    assert set(used) == usable - left and len(p.flat) - 3 * p.steps < 3
+    for b in p.flat:
+        clip = [min(lengths[b.shard][i], SPEC.cap) for i in b.positions]
+        assert len(b.positions) * min(clip) <= SPEC.max_tokens  # the batch tensor, B x crop
+
+
+def write_clip_shards(out: Path, lengths: list[int], per_shard: int) -> Path:
+    """Audio shards of noise clips of ``lengths`` samples at 16 kHz; each clip's label is its index."""
+    rng = np.random.default_rng(0)
+    samples = ({"__key__": f"clip{i:05d}", "flac": encode_flac((0.1 * rng.standard_normal(n)).astype(np.float32)),
+                "json": {"duration": n / 16000, "original_rate": 16000, "label": i}} for i, n in enumerate(lengths))
+    write_shards(samples, out, kind="audio", samples_per_shard=per_shard)
+    return out
+
+
+def token_stream(location, rank=0, ranks=1, workers=1, spec=SPEC, **kw) -> ShardStream:
+    return ShardStream(str(location), 4, functools.partial(decode_audio_sample, min_samples=spec.min_length),
+                       functools.partial(collate_audio, max_samples=spec.cap, min_samples=spec.min_length),
+                       rank=rank, ranks=ranks, workers=workers, seed=5, tokens=spec, **kw)
+
+
+def token_epoch(location, ranks, workers, epoch=0, start_step=0) -> list[list[tuple[list[int], tuple, int]]]:
+    """Per rank: [(clip labels, waves shape, repeated)] of each batch, read through DataLoaders."""
+    out = []
+    for r in range(ranks):
+        stream = token_stream(location, r, ranks, workers)
+        stream.set_epoch(epoch, start_step)
+        out.append([(b["labels"].tolist(), tuple(b["waves"].shape), int(b["repeated"]))
+                    for b in make_loader(stream, workers if workers > 1 else 0)])
+        assert len(out[-1]) == stream.steps_per_epoch() - start_step
+    return out
+
+
+@pytest.fixture
+def clip_shards(tmp_path) -> tuple[Path, list[int]]:
+    lengths = _clip_lengths()
+    return write_clip_shards(tmp_path / "clips", lengths, per_shard=32), lengths
+
+
+def test_max_tokens_batches_through_dataloaders_over_2_ranks_x_2_workers(clip_shards):
+    location, lengths = clip_shards
+    got = token_epoch(location, ranks=2, workers=2)
+    assert len(got[0]) == len(got[1]) > 0  # the same steps on every rank
+    labels = [i for rank in got for ids, _, _ in rank for i in ids]
+    assert len(labels) == len(set(labels)) and all(lengths[i] >= SPEC.min_length for i in labels)
+    shapes = [shape for rank in got for _, shape, _ in rank]
+    assert all(b * s <= SPEC.max_tokens and SPEC.min_length <= s <= SPEC.cap for b, s in shapes)
+    assert len({b for b, _ in shapes}) > 1  # batches of varying size
+    for ids, (_, s), _ in got[0]:  # cropped to the batch's shortest clip, capped
+        assert s == min(min(lengths[i] for i in ids), SPEC.cap)
+    again = token_epoch(location, ranks=2, workers=2, epoch=1)
+    assert [len(r) for r in again] == [len(r) for r in got] and again != got
+
+
+def test_a_resumed_max_tokens_epoch_yields_exactly_the_remaining_batches(clip_shards):
+    location, _ = clip_shards
+    [full] = token_epoch(location, ranks=1, workers=2)
+    [rest] = token_epoch(location, ranks=1, workers=2, start_step=3)
+    assert [ids for ids, _, _ in rest] == [ids for ids, _, _ in full[3:]]
+
+
+def test_max_tokens_batches_lost_to_a_truncated_shard_are_made_up_and_counted(clip_shards):
+    location, lengths = clip_shards
+    shard = location / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    stream = token_stream(location)
+    health, batches = DataHealth(), []
+    for b in stream:
+        batches.append((b["labels"].tolist(), int(b["repeated"])))
+        health.add(b)
+    assert len(batches) == stream.steps_per_epoch()  # the planned steps, whatever was lost
+    planned = {i for i, n in enumerate(lengths) if n >= SPEC.min_length}
+    seen = {i for ids, rep in batches if not rep for i in ids}
+    assert health.skipped == len(planned - seen) > 0 and all(32 <= i < 64 for i in planned - seen)
+    assert health.repeated == sum(len(ids) for ids, rep in batches if rep) > 0
+    assert any(str(shard) in w and "samples lost" in w for w in health.where)
+
+
+def test_max_tokens_batches_check_the_checksum_of_shards_read_whole(clip_shards):
+    location, _ = clip_shards
+    shard = location / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # in the tar's end padding: every clip still reads
+    shard.write_bytes(bytes(data))
+    for verify, mismatched in ((False, 0), (True, 1)):
+        health = DataHealth()
+        for b in token_stream(location, verify_checksums=verify):  # one rank, one worker: every shard whole
+            health.add(b)
+        assert (health.skipped, health.repeated, health.mismatched) == (0, 0, mismatched)
+    assert health.where == [f"{shard}: sha256 differs from the manifest (shard changed or corrupt); "
+                            f"run `selfsup shards verify {location}`"]
+
+
+def test_an_old_manifest_without_durations_falls_back_to_fixed_batches_with_a_warning(clip_shards, caplog):
+    location, lengths = clip_shards
+    manifest = json.loads((location / "manifest.json").read_text())
+    for s in manifest["shards"]:
+        del s["durations"]
+    (location / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="selfsup.data"):
+        stream = token_stream(location)
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "records no clip durations" in line and "data.batch_size" in line and "\n" not in line
+    assert stream.tokens is None and stream.steps_per_epoch() == len(lengths) // 4
+
+
+def test_max_tokens_below_the_shortest_usable_clip_is_refused_naming_both():
+    tree = {"name": "t", "data": {"kind": "audio", "train": "x", "min_seconds": 0.5, "max_seconds": 2.0},
+            "method": {"name": "wav2vec2", "preset": "tiny"}}
+    assert clip_limits(parse_config(tree, ["data.max_tokens=8000"])) == (8000, 32000)
+    with pytest.raises(ValueError, match=r"data.max_tokens 7999 is below the shortest usable clip, 8000 samples"):
+        clip_limits(parse_config(tree, ["data.max_tokens=7999"]))

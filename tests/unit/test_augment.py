@@ -13,7 +13,8 @@ import pytest
 import torch
 import torchvision.transforms.v2 as v2
 
-from selfsup.vision.augment import BatchViews, ViewRecipe, crop_boxes, preset_views
+from selfsup.config import ViewRecipe, preset_views
+from selfsup.vision.augment import BatchViews, crop_boxes
 
 SIZE = 32
 N = 512

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.pipelines.pretrain import FileReporter, TooManyBadSteps, pretrain
-from selfsup.ssl.simclr import SimCLR
+from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.train.trainer import TooManyBadSteps, Trainer
+from selfsup.methods.simclr import SimCLR
 from tests.conftest import write_tiny_shards
 
 
@@ -25,10 +26,14 @@ def tiny_config(tmp_path, *overrides):
     return parse_config(tree, list(overrides))
 
 
+def train(cfg):
+    return Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+
+
 def test_a_diverging_run_stops_after_max_bad_steps(tmp_path):
     cfg = tiny_config(tmp_path, "optim.lr=1e30")  # the first update sends the weights to ~1e30: NaN from then on
     with pytest.raises(TooManyBadSteps, match=r"for \d+ steps in a row by step \d+ \(limit optim.max_bad_steps=3\)") as err:
-        pretrain(cfg, FileReporter(cfg.run_dir))
+        train(cfg)
     assert "lower optim.lr" in str(err.value)
 
 
@@ -46,7 +51,7 @@ def test_isolated_bad_losses_are_skipped_and_counted(tmp_path, monkeypatch, opti
         return out
 
     monkeypatch.setattr(SimCLR, "forward", sometimes_nan)
-    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    summary = train(cfg)
     assert summary["steps"] == summary["total_steps"] == 8 and summary["bad_steps"] == 3
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["bad_steps"] == 3
@@ -66,7 +71,7 @@ def test_the_loop_warns_when_embeddings_collapse(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(SimCLR, "forward", collapsing)
     with caplog.at_level(logging.WARNING, logger="selfsup.collapse"):
-        pretrain(cfg, FileReporter(cfg.run_dir))
+        train(cfg)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["collapse_alarms"] for r in records] == [0, 0, 1, 0]  # logged at steps 2, 4, 6, 8; warned once
     assert len(caplog.records) == 1 and "representation collapse: embed_std" in caplog.records[0].getMessage()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+from selfsup.core.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                           resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
 
 CFG = parse_config({"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}})

@@ -8,9 +8,9 @@ import torch
 
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.pipelines import compare as compare_module
-from selfsup.pipelines.checkpoint import save_checkpoint
-from selfsup.pipelines.pretrain import build_vision_method
+from selfsup.eval import compare as compare_module
+from selfsup.core.checkpoint import save_checkpoint
+from selfsup.tasks.vision import VisionTask
 from tests.conftest import write_tiny_shards
 
 
@@ -20,7 +20,7 @@ def tiny_run(tmp_path, name: str, train: str, steps: list[int]):
                         "tracking": {"mode": "disabled"}, "eval": {"knn": [[20, 0.07]]}})
     for seed, step in enumerate(steps):
         torch.manual_seed(seed)
-        save_checkpoint(cfg.run_dir, step, build_vision_method(cfg).state_dict(), {"step": step}, cfg, {}, keep=5)
+        save_checkpoint(cfg.run_dir, step, VisionTask().build_objective(cfg).state_dict(), {"step": step}, cfg, {}, keep=5)
     return cfg.run_dir
 
 
@@ -44,7 +44,7 @@ def test_compare_two_runs_names_the_best_and_reuses_features(tmp_path, monkeypat
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(compare_module, "extract_features", no_extraction)
+    monkeypatch.setattr(compare_module, "model_features", no_extraction)
     again = compare_module.compare(runs, train, test, out)
     assert [r["linear"] for r in again["checkpoints"]] == [r["linear"] for r in rows]
 

@@ -2,10 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from selfsup.config import ConfigError, dump_config, load_config, parse_config
+from selfsup.config import (METHOD_CONFIGS, BYOLConfig, ConfigError, MoCoV2Config, ViewRecipe, config_description,
+                            dump_config, find_config, load_config, mirror_dir, parse_config, preset_views,
+                            shipped_configs)
 
 BASE = {"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}}
-CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+CONFIGS = sorted(shipped_configs().values())
 
 
 @pytest.mark.parametrize("overrides, key, words", [
@@ -16,6 +18,9 @@ CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     (["augment.preset=rainbow"], "augment.preset", "unknown preset"),
     (["data.channels=3"], "data", "data.mean and data.std need 3 values"),
     (["name=has space"], "name", "pattern"),
+    (["optim.decay=step"], "optim.decay", "'cosine' or 'linear'"),
+    (["data.max_tokens=0"], "data.max_tokens", "greater than 0"),
+    (["data.bucket_size=1"], "data.bucket_size", "greater than 1"),
 ])
 def test_bad_keys_and_values_are_refused_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as err:
@@ -47,3 +52,69 @@ def test_a_config_cannot_name_a_python_callable():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_config_validates(path):
     load_config(path)
+
+
+def test_each_method_config_declares_the_data_it_trains_on():
+    assert all(cfg_cls().name == name for name, cfg_cls in METHOD_CONFIGS.items())
+    assert parse_config({**BASE, "data": {"train": "x", "kind": "audio"}, "method": {"name": "wav2vec2"}})
+    with pytest.raises(ConfigError, match="data.kind must be 'audio' for method 'wav2vec2', not 'image'"):
+        parse_config({**BASE, "method": {"name": "wav2vec2", "preset": "tiny"}})
+    with pytest.raises(ConfigError, match="data.kind must be 'image' for method 'simclr', not 'audio'"):
+        parse_config(BASE, ["data.kind=audio"])
+
+
+def test_a_bucket_run_works_in_its_local_mirror(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path))
+    cfg = parse_config({**BASE, "run_root": "s3://bucket/runs/"})
+    assert cfg.run_url == "s3://bucket/runs/t"
+    assert cfg.run_dir == mirror_dir("s3://bucket/runs/", "t") == tmp_path / "runs" / "s3" / "bucket" / "runs" / "t"
+    local = parse_config(BASE)
+    assert local.run_url is None and local.run_dir == Path("runs") / "t"
+
+
+def test_views_come_from_the_preset_unless_given():
+    assert parse_config(BASE).view_recipes() == preset_views("grey")
+    cfg = parse_config(BASE, ["augment.views=[{blur_p: 1.0}]"])
+    assert cfg.view_recipes() == [ViewRecipe(blur_p=1.0)]
+    assert not parse_config(BASE).data.verify_checksums
+
+
+def test_the_configs_ship_in_the_package_and_the_checkout_folder_is_the_same():
+    assert len(CONFIGS) >= 20 and all(p.parent.name == "configs" and p.parent.parent.name == "selfsup" for p in CONFIGS)
+    checkout = Path(__file__).parents[2] / "configs"
+    assert sorted(p.name for p in checkout.glob("*.yaml")) == [p.name for p in CONFIGS]
+    assert all(config_description(p) for p in CONFIGS), "each shipped config starts with a one-line comment"
+
+
+def test_a_config_is_found_by_name_or_by_path(tmp_path, monkeypatch):
+    shipped = shipped_configs()["simclr-resnet50-imagenet"]
+    assert find_config("simclr-resnet50-imagenet") == find_config("simclr-resnet50-imagenet.yaml") == shipped
+    assert load_config("simclr-resnet50-imagenet") == load_config(shipped)
+    monkeypatch.chdir(tmp_path)  # outside the checkout: a file of that name in the folder wins over the shipped one
+    (tmp_path / "quickstart.yaml").write_text(dump_config(parse_config(BASE)))
+    assert find_config("quickstart.yaml") == Path("quickstart.yaml") and load_config("quickstart.yaml").name == "t"
+    assert find_config("quickstart") == shipped_configs()["quickstart"]
+    with pytest.raises(ConfigError, match="nope does not exist, nor is it the name of a shipped config.*selfsup configs"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="configs/quickstart.yaml does not exist: give a YAML file"):
+        load_config("configs/quickstart.yaml")  # a path is only a path
+
+
+def test_method_name_override_switches_to_the_new_methods_defaults():
+    cfg = load_config("quickstart", ["method.name=byol"])  # quickstart's simclr keys (temperature) are dropped
+    assert cfg.method == BYOLConfig()
+    cfg = load_config("quickstart", ["method.name=moco_v2", "method.queue_size=4096", "optim.lr=0.1"])
+    assert cfg.method == MoCoV2Config(queue_size=4096) and cfg.optim.lr == 0.1
+    same = load_config("quickstart", ["method.name=simclr"])  # naming the same method keeps its keys
+    assert same.method == load_config("quickstart").method and same.method.proj_hidden_dim == 512
+    with pytest.raises(ConfigError, match="method.temperature: unknown key"):
+        load_config("quickstart", ["method.name=byol", "method.temperature=0.1"])
+    with pytest.raises(ConfigError, match="data.kind must be 'audio' for method 'wav2vec2'"):
+        load_config("quickstart", ["method.name=wav2vec2"])
+    assert load_config("quickstart", ["method.name=wav2vec2", "method.preset=tiny", "data.kind=audio"]).method.num_layers == 2
+
+
+def test_lr_decay_and_audio_batching_default_to_the_old_behaviour():
+    cfg = parse_config(BASE)
+    assert cfg.optim.decay == "cosine" and cfg.data.max_tokens is None
+    assert parse_config(BASE, ["optim.decay=linear", "data.max_tokens=1400000"]).data.max_tokens == 1_400_000

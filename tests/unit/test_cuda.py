@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from selfsup.config import parse_config
-from selfsup.objective import Progress
-from selfsup.pipelines.optim import build_optimizer
-from selfsup.vision.augment import BatchViews, ViewRecipe
+from selfsup.config import ViewRecipe, parse_config
+from selfsup.core.objective import Progress
+from selfsup.train.optim import build_optimizer
+from selfsup.vision.augment import BatchViews
 from tests.unit.test_augment import N, SIZE, striped_ramps, view_stats
 
 pytestmark = [pytest.mark.cuda,
@@ -69,11 +69,11 @@ def no_host_sync():
 
 
 def _cuda_step_parts(method: str):
-    from selfsup.pipelines.pretrain import build_vision_method
+    from selfsup.tasks.vision import VisionTask
 
     cfg = _method_config(method)
     torch.manual_seed(0)
-    model = build_vision_method(cfg).cuda().to(memory_format=torch.channels_last)
+    model = VisionTask().build_objective(cfg).cuda().to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.param_groups(), cfg.optim, 0.05)
     views = BatchViews(cfg.view_recipes(), 32, cfg.data.mean, cfg.data.std, torch.Generator(device="cuda").manual_seed(0))
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -129,7 +129,8 @@ def test_torch_knn_on_cuda_matches_the_numpy_reference_exactly():
 
 
 def test_wav2vec2_steps_on_cuda_in_bf16_without_host_sync():
-    from selfsup.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Pretraining
+    from selfsup.audio.wav2vec2 import Wav2Vec2Pretraining
+    from selfsup.config import Wav2Vec2Config
     from tests.unit.test_wav2vec2 import _batch
 
     torch.manual_seed(0)
@@ -166,14 +167,16 @@ def _tiny_byol_run(tmp_path):
 
 
 def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
-    from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
-    from selfsup.pipelines.pretrain import FileReporter, build_vision_method, pretrain
+    from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+    from selfsup.tasks.vision import VisionTask
+    from selfsup.core.reporter import FileReporter, Reporters
+    from selfsup.train.trainer import Trainer
 
     cfg = _tiny_byol_run(tmp_path)
-    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
     assert summary["steps"] == summary["total_steps"] == 16 and summary["bad_steps"] == 0
     saved, state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
-    model = build_vision_method(saved)
+    model = VisionTask().build_objective(saved)
     model.load_state_dict(state, strict=True)  # the GPU run's weights load into a CPU model
     with torch.no_grad():
         features = model.encoder(torch.rand(4, 1, 28, 28))
@@ -183,8 +186,9 @@ def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path
 def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, monkeypatch):
     """Reading the batch, augmenting, the step, the NaN check (counted on the device) and the
     momentum update: no sync in any step that neither logs nor checkpoints."""
-    from selfsup.pipelines.pretrain import FileReporter, pretrain
-    from selfsup.ssl.byol import BYOL
+    from selfsup.core.reporter import FileReporter, Reporters
+    from selfsup.methods.byol import BYOL
+    from selfsup.train.trainer import Trainer
 
     cfg = _tiny_byol_run(tmp_path)
     marks: list[tuple[int, int]] = []  # (step, warnings caught when its forward began)
@@ -199,7 +203,7 @@ def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, mo
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            pretrain(cfg, FileReporter(cfg.run_dir))
+            Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
         finally:
             torch.cuda.set_sync_debug_mode("default")
     is_sync = [("synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)) for w in caught]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import save_checkpoint
-from selfsup.pipelines.evaluate import evaluate
-from selfsup.pipelines.pretrain import build_vision_method
-from selfsup.pipelines.shards import write_shards
-from selfsup.pipelines.sources import encode_png
+from selfsup.core.checkpoint import save_checkpoint
+from selfsup.eval.run import evaluate
+from selfsup.tasks.vision import VisionTask
+from selfsup.data.shards import write_shards
+from selfsup.data.sources import encode_png
 from tests.conftest import make_images
 
 
@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path, train: str, spoil: bool = False):
                         "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
                         "tracking": {"mode": "disabled"}})
     torch.manual_seed(0)
-    state = build_vision_method(cfg).state_dict()
+    state = VisionTask().build_objective(cfg).state_dict()
     if spoil:
         first = next(k for k, v in state.items() if v.ndim == 4)
         state[first] = torch.full_like(state[first], float("nan"))
@@ -46,7 +46,7 @@ def split(tmp_path):
 
 def test_report_has_every_part(tmp_path, split):
     train, test, test_y = split
-    report = evaluate(tiny_checkpoint(tmp_path, train), train, test, tmp_path / "report", tsne=True, tracking=False, threads=1)
+    report = evaluate(tiny_checkpoint(tmp_path, train), train, test, tmp_path / "report", tsne=True, threads=1)
     out = tmp_path / "report"
     saved = json.loads((out / "report.json").read_text())
     assert saved["encoders"]["checkpoint"]["map"] == pytest.approx(report["encoders"]["checkpoint"]["map"])
@@ -76,18 +76,19 @@ def test_empty_split_is_refused(tmp_path, split):
     train, _, _ = split
     empty = shards(tmp_path / "empty", [], [])
     with pytest.raises(ValueError, match="split is empty"):
-        evaluate(tiny_checkpoint(tmp_path, train), train, empty, tmp_path / "r", baselines=False, tracking=False)
+        evaluate(tiny_checkpoint(tmp_path, train), train, empty, tmp_path / "r", baselines=False)
 
 
 def test_nan_features_name_the_cause(tmp_path, split):
     train, test, _ = split
     with pytest.raises(ValueError, match=r"checkpoint, train\): \d+ of \d+ feature rows are NaN.*diverged"):
-        evaluate(tiny_checkpoint(tmp_path, train, spoil=True), train, test, tmp_path / "r", baselines=False, tracking=False)
+        evaluate(tiny_checkpoint(tmp_path, train, spoil=True), train, test, tmp_path / "r", baselines=False)
 
 
 def test_probe_features_are_the_plain_features_then_seeded_crops():
-    from selfsup.pipelines.evaluate import extract_features, probe_features
-    from selfsup.vision.augment import BatchViews, ViewRecipe
+    from selfsup.tasks.vision import extract_features, probe_features
+    from selfsup.config import ViewRecipe
+    from selfsup.vision.augment import BatchViews
 
     torch.manual_seed(0)
     encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())

@@ -11,9 +11,9 @@ from torch import nn
 
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.objective import Progress
-from selfsup.pipelines.checkpoint import save_checkpoint
-from selfsup.ssl import build_method
+from selfsup.core.objective import Progress
+from selfsup.core.checkpoint import save_checkpoint
+from selfsup.methods import build_method
 from selfsup.vision.backbones import build_backbone
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -64,12 +64,12 @@ def test_exported_backbone_loads_strictly_into_torchvision(tmp_path, method, sma
 
 def test_moco_v3_vit_recipe_keeps_the_patch_projection_random_and_out_of_the_optimiser():
     from selfsup.config import load_config
-    from selfsup.pipelines.optim import build_optimizer
-    from selfsup.pipelines.pretrain import build_vision_method
+    from selfsup.train.optim import build_optimizer
+    from selfsup.tasks.vision import VisionTask
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/moco_v3-vit_b_16-imagenet.yaml")
     assert cfg.model.freeze_patch_embed
-    model = build_vision_method(cfg)
+    model = VisionTask().build_objective(cfg)
     patch = list(model.encoder.vit.conv_proj.parameters())
     assert patch and not any(p.requires_grad for p in patch)
     optimised = {id(p) for g in build_optimizer(model.param_groups(), cfg.optim, 1e-3).param_groups for p in g["params"]}

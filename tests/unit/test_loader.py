@@ -4,8 +4,8 @@ from collections import Counter
 import pytest
 import torch
 
-from selfsup.pipelines.loader import (DataHealth, ShardStream, batches_before, collate_images, decode_image,
-                                      make_loader, plan_epoch)
+from selfsup.data.decode import collate_images, decode_image
+from selfsup.data.stream import DataHealth, ShardStream, batches_before, make_loader, plan_epoch
 
 decode = functools.partial(decode_image, channels=1, size=28)
 
@@ -120,3 +120,62 @@ def test_image_batches_are_uint8_with_labels(tiny_shards):
 def test_too_few_samples_for_one_batch_per_rank_is_refused(tiny_shards):
     with pytest.raises(ValueError, match="fewer than one batch"):
         ShardStream(str(tiny_shards), 200, decode, collate_images, ranks=2)
+
+
+def stream_health(location, ranks, batch, **kw) -> list[tuple[int, DataHealth]]:
+    """[(batches, DataHealth)] of each rank's epoch, read in this process (shard order unshuffled)."""
+    out = []
+    for r in range(ranks):
+        s = ShardStream(str(location), batch, decode_key, keyed_collate, rank=r, ranks=ranks, shuffle=False, **kw)
+        health, n = DataHealth(), 0
+        for b in s:
+            health.add(b)
+            n += 1
+        out.append((n, health))
+    return out
+
+
+def test_a_flipped_header_byte_counts_the_rest_of_the_shard_as_skipped(tmp_path):
+    from tests.conftest import write_tiny_shards
+    from tests.unit.test_shards import break_header
+
+    loc = write_tiny_shards(tmp_path / "s", [1000])
+    shard = f"{loc}/train0-000000.tar"
+    break_header(loc / "train0-000000.tar", "s000500")
+    # 4 ranks x 25 batches of 10: ranks 2 and 3 hold samples 500..749 and 750..999, all lost
+    got = stream_health(loc, ranks=4, batch=10)
+    assert [n for n, _ in got] == [25] * 4  # every rank still takes its planned steps
+    assert [h.skipped for _, h in got] == [0, 0, 250, 250]
+    assert [h.repeated for _, h in got] == [0, 0, 250, 250]  # topped up from samples 0..499
+    line = (f"{shard}: the tar ends after sample 500, the manifest says 1000 (a corrupt header or a truncated file); "
+            "250 samples lost")
+    assert [h.where for _, h in got] == [[], [], [line], [line]]
+    total = DataHealth.merge([h for _, h in got])
+    assert (total.skipped, total.repeated, total.mismatched) == (500, 500, 0)
+    assert total.summary() == f"500 bad samples skipped, 500 samples repeated to top up batches; first: {line}; {line}"
+    assert DataHealth.merge([h for _, h in got[:2]]).summary() == ""
+    # one rank: the 500 lost samples of its range, once
+    [(n, health)] = stream_health(loc, ranks=1, batch=10)
+    assert (n, health.skipped, health.repeated) == (100, 500, 500)
+    assert health.where == [line.replace("250 samples lost", "500 samples lost")]
+
+
+def test_checksums_are_checked_when_asked_and_only_for_shards_read_whole(tmp_path):
+    from tests.conftest import write_tiny_shards
+
+    loc = write_tiny_shards(tmp_path / "s", [40, 40])
+    shard1 = loc / "train1-000000.tar"
+    data = bytearray(shard1.read_bytes())
+    data[data.find(b"\x89PNG") + 100] ^= 0xFF  # a changed byte inside an image: still readable
+    shard1.write_bytes(bytes(data))
+    # 1 rank x 10 batches of 8: both shards read whole, from their first sample
+    [(n, off)] = stream_health(loc, ranks=1, batch=8)
+    [(_, on)] = stream_health(loc, ranks=1, batch=8, verify_checksums=True)
+    assert n == 10 and (off.skipped, off.mismatched, off.where) == (0, 0, [])
+    assert (on.skipped, on.repeated, on.mismatched) == (0, 0, 1)
+    assert on.where == [f"{shard1}: sha256 differs from the manifest (shard changed or corrupt); "
+                        f"run `selfsup shards verify {loc}`"]
+    assert "1 shards with a wrong sha256" in on.summary()
+    # 2 ranks x 2 batches of 16: rank 0 reads samples 0..31 of shard 0, rank 1 32..39 of shard 0 and
+    # 0..23 of shard 1: no shard is read whole, so none is hashed
+    assert [h.mismatched for _, h in stream_health(loc, ranks=2, batch=16, verify_checksums=True)] == [0, 0]

@@ -13,13 +13,14 @@ import pytest
 import torch
 from torch import nn
 
-from selfsup.objective import Progress
-from selfsup.ssl import METHODS, build_method
-from selfsup.ssl.byol import BYOL, BYOLConfig
-from selfsup.ssl.losses import nt_xent
-from selfsup.ssl.moco import MoCoV2, MoCoV2Config, MoCoV3, MoCoV3Config
-from selfsup.ssl.momentum import cosine_momentum
-from selfsup.ssl.simsiam import SimSiam, SimSiamConfig
+from selfsup.config import METHOD_CONFIGS, BYOLConfig, MoCoV2Config, MoCoV3Config, SimSiamConfig
+from selfsup.core.objective import Progress
+from selfsup.methods import METHODS, build_method
+from selfsup.methods.byol import BYOL
+from selfsup.methods.losses import nt_xent
+from selfsup.methods.moco import MoCoV2, MoCoV3
+from selfsup.methods.momentum import cosine_momentum
+from selfsup.methods.simsiam import SimSiam
 from selfsup.vision.backbones import build_backbone
 
 BATCH = 4
@@ -273,8 +274,9 @@ def test_moco_v2_queue_is_checkpointed():
 # ---- registry and a real backbone ----
 
 def test_registry_names_match_config_literals():
-    for name, (_, cfg_cls) in METHODS.items():
+    for name, cfg_cls in METHOD_CONFIGS.items():
         assert cfg_cls().name == name
+    assert set(METHODS) == {name for name, cfg_cls in METHOD_CONFIGS.items() if cfg_cls.data_kind == "image"}
     with pytest.raises(ValueError):
         BYOLConfig(tau=0.9)
 
@@ -283,7 +285,7 @@ def test_registry_names_match_config_literals():
 def test_resnet_backbone_trains_one_step(name):
     torch.manual_seed(0)
     backbone, dim = build_backbone("resnet18", width=4, in_channels=1)
-    _, cfg_cls = METHODS[name]
+    cfg_cls = METHOD_CONFIGS[name]
     method = build_method(cfg_cls(**({"queue_size": 16} if name == "moco_v2" else {})), backbone, dim)
     assert method.encoder is backbone
     sgd_step(method)
@@ -294,7 +296,7 @@ def test_resnet_backbone_trains_one_step(name):
 
 
 def test_embedding_stats_spot_collapse():
-    from selfsup.ssl.monitor import embedding_stats
+    from selfsup.core.collapse import embedding_stats
 
     spread = embedding_stats(torch.randn(256, 64, generator=torch.Generator().manual_seed(0)))
     collapsed = embedding_stats(torch.ones(256, 64) + 1e-4 * torch.randn(256, 64))

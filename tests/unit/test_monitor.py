@@ -9,10 +9,12 @@ import torch
 
 from selfsup.config import parse_config
 from selfsup.eval.knn import weighted_knn
-from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.pipelines.evaluate import _encoder, extract_features, read_images
-from selfsup.pipelines.monitor import OnlineMonitor
-from selfsup.pipelines.pretrain import FileReporter, pretrain
+from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.eval.features import encoder_from_checkpoint
+from selfsup.eval.online import OnlineMonitor
+from selfsup.tasks.vision import VisionTask, extract_features, views_for
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.train.trainer import Trainer
 from tests.conftest import write_tiny_shards
 
 
@@ -30,7 +32,7 @@ def config(tmp_path, *overrides):
 
 def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
     cfg = config(tmp_path)
-    pretrain(cfg, FileReporter(cfg.run_dir))
+    Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     monitored = [r for r in records if "monitor/knn@20" in r]
     assert [r["step"] for r in monitored] == [5, 10]  # 80 samples / batch 16 = 5 steps per epoch
@@ -39,26 +41,25 @@ def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
         assert 1 <= r["monitor/rankme"] <= 32  # at most the feature dimension (ResNet-18 width 4: 32)
     # the last monitor saw the final weights: the same kNN computed offline from the checkpoint agrees
     ckpt_cfg, state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
-    encoder = _encoder(ckpt_cfg, state)
-    monitor = OnlineMonitor(ckpt_cfg)
-    bank_x, bank_y, _, _ = read_images(cfg.data.train, 1, 28)
-    query_x, query_y, _, _ = read_images(cfg.data.test, 1, 28)
-    bank = extract_features(encoder, bank_x, monitor.views)
-    queries = extract_features(encoder, query_x, monitor.views)
-    knn = weighted_knn(bank, bank_y, queries, query_y, settings=[(20, 0.07)], num_classes=4)
+    encoder = encoder_from_checkpoint(ckpt_cfg, state)
+    bank_split = VisionTask().read_labelled(cfg.data.train, ckpt_cfg)
+    query_split = VisionTask().read_labelled(cfg.data.test, ckpt_cfg)
+    bank = extract_features(encoder, bank_split.inputs, views_for(ckpt_cfg))
+    queries = extract_features(encoder, query_split.inputs, views_for(ckpt_cfg))
+    knn = weighted_knn(bank, bank_split.labels, queries, query_split.labels, settings=[(20, 0.07)], num_classes=4)
     assert monitored[-1]["monitor/knn@20"] == pytest.approx(knn.top1["knn@20"])
 
 
 def test_monitor_reads_a_spread_subset_once_and_keeps_the_mode(tmp_path):
     cfg = config(tmp_path)
     monitor = OnlineMonitor(cfg, bank_size=20, query_size=7)
-    encoder = _encoder(cfg, None).train()
+    encoder = encoder_from_checkpoint(cfg, None).train()
     first = monitor(encoder)
     assert encoder.training
-    bank_x, bank_y, query_x, _ = monitor.data
-    assert len(bank_x) == 20 and len(query_x) == 7
-    all_x, _, _, _ = read_images(cfg.data.train, 1, 28)
-    assert torch.equal(bank_x[10:], all_x[40:50])  # 10 from each of the 2 shards, not 20 from the first
+    bank, queries = monitor.data
+    assert len(bank.inputs) == 20 and len(queries.inputs) == 7
+    all_x = VisionTask().read_labelled(cfg.data.train, cfg).inputs
+    assert torch.equal(bank.inputs[10:], all_x[40:50])  # 10 from each of the 2 shards, not 20 from the first
     data = monitor.data
     second = monitor(encoder)
     assert monitor.data is data and second["monitor/knn@20"] == first["monitor/knn@20"]

@@ -8,7 +8,8 @@ import torch
 from matplotlib.image import imread
 from threadpoolctl import threadpool_limits
 
-from selfsup.eval.metrics import confusion, per_class_report, project_2d, rankme, roc_auc_ovr
+from selfsup.core.collapse import rankme
+from selfsup.eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr
 from selfsup.eval.report import format_table, write_report
 
 Y_TRUE = np.array([0, 0, 1, 1, 2])

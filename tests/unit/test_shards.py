@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from selfsup.cli import main
-from selfsup.pipelines import sources
-from selfsup.pipelines.shards import ManifestError, read_manifest, shards_info, verify_shards
+from selfsup.data import sources
+from selfsup.data.reader import ManifestError, read_manifest
+from selfsup.data.shards import shards_info, verify_shards
 from tests.conftest import make_images, write_idx
 
 
@@ -83,3 +84,102 @@ def test_image_folder_skips_unreadable_files(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["num_samples"] == 2 and manifest["classes"] == ["cat", "dog"]
     assert len(manifest["skipped"]) == 1 and "b.jpg" in manifest["skipped"][0]
+
+
+def break_header(shard, key: str) -> None:
+    """Flip one byte of the tar header of ``key``'s first member (its name; the header checksum then
+    fails), as a bit flip on disk would."""
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        member = min((m for m in tf.getmembers() if m.name.startswith(key + ".")), key=lambda m: m.offset)
+    data = bytearray(shard.read_bytes())
+    data[member.offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def broken_1000(tmp_path_factory):
+    """One 1,000-sample shard whose header of sample 500 has a flipped byte."""
+    from tests.conftest import write_tiny_shards
+
+    loc = write_tiny_shards(tmp_path_factory.mktemp("broken") / "s", [1000])
+    break_header(loc / "train0-000000.tar", "s000500")
+    return loc
+
+
+def test_a_flipped_header_byte_mid_shard_is_reported_with_the_samples_lost(broken_1000, capsys):
+    report = verify_shards(str(broken_1000))
+    shard = f"{broken_1000}/train0-000000.tar"
+    assert report.samples == 500  # samples 0..499 still read and decode
+    assert report.problems == [
+        f"{shard}: the tar ends after sample 500, the manifest says 1000 (a corrupt header or a truncated file); "
+        "500 samples lost",
+        f"{shard}: sha256 differs from the manifest (shard changed or corrupt)"]
+    assert main(["shards", "verify", str(broken_1000)]) == 1
+    assert f"problem: {shard}: the tar ends after sample 500" in capsys.readouterr().out
+
+
+def test_read_shard_counts_a_range_against_the_manifest(broken_1000):
+    from selfsup.data.reader import read_shard
+
+    url, problems = f"{broken_1000}/train0-000000.tar", []
+    keys = [s["__key__"] for s in read_shard(url, problems, 1000, start=300, stop=700)]
+    assert keys == [f"s{i:06d}" for i in range(300, 500)]
+    assert [(p.position, p.lost) for p in problems] == [(500, 200)]  # 500..699 of the range asked for
+    problems = []
+    assert len(list(read_shard(url, problems, 1000, start=600, stop=800))) == 0
+    assert [(p.position, p.lost) for p in problems] == [(500, 200)]
+    problems = []
+    assert len(list(read_shard(url, problems, 1000, stop=400))) == 400 and problems == []  # stops before the flip
+
+
+def _key(sample):
+    if sample["png"][:4] != b"\x89PNG":
+        raise ValueError(f"sample {sample['__key__']}: not a PNG")
+    return sample["__key__"]
+
+
+@pytest.fixture
+def split_with_problems(tmp_path):
+    """Shards of 10, 10 and 4 samples: s000001 undecodable, shard 2's tar broken at its sample 2."""
+    from tests.conftest import write_tiny_shards
+
+    loc = write_tiny_shards(tmp_path / "s", [10, 10, 4])
+    shard0 = loc / "train0-000000.tar"
+    data = bytearray(shard0.read_bytes())
+    second_png = data.find(b"\x89PNG", data.find(b"\x89PNG") + 1)
+    data[second_png:second_png + 4] = b"JUNK"
+    shard0.write_bytes(bytes(data))
+    break_header(loc / "train2-000000.tar", "s000022")
+    return loc
+
+
+def test_read_split_reads_every_decodable_sample_and_names_each_problem(split_with_problems):
+    from selfsup.data.reader import read_split
+
+    items, manifest, problems = read_split(str(split_with_problems), _key)
+    assert items == [f"s{i:06d}" for i in [0, *range(2, 10), *range(10, 20), 20, 21]]  # 24 - 1 - 2
+    assert manifest["num_samples"] == 24
+    assert problems == [f"{split_with_problems}/train0-000000.tar: sample s000001: not a PNG",
+                        f"{split_with_problems}/train2-000000.tar: the tar ends after sample 2, the manifest says 4 "
+                        "(a corrupt header or a truncated file); 2 samples lost"]
+
+
+def test_read_split_limit_takes_evenly_from_the_first_samples_of_every_shard(split_with_problems):
+    from selfsup.data.reader import read_split
+
+    # limit 7 over 3 shards: ceil(7 / 3) = 3 decodable items per shard, 7 in all
+    items, _, problems = read_split(str(split_with_problems), _key, limit=7)
+    assert items == ["s000000", "s000002", "s000003", "s000010", "s000011", "s000012", "s000020"]
+    assert problems == [f"{split_with_problems}/train0-000000.tar: sample s000001: not a PNG"]  # shard 2's break unread
+
+
+def test_read_split_of_nothing_decodable_says_so(split_with_problems):
+    from selfsup.data.reader import read_split
+
+    def refuse(sample):
+        raise ValueError(f"sample {sample['__key__']}: refused")
+
+    with pytest.raises(ValueError, match="split is empty.*selfsup shards verify"):
+        read_split(str(split_with_problems), refuse)

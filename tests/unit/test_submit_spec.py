@@ -1,6 +1,9 @@
-"""What `selfsup submit` sends: secrets only in env_vars, a resolved config, a local dashboard by default."""
+"""What `selfsup submit` sends: secrets only in the job metadata (never env_vars, which Ray logs), a resolved
+config, a local dashboard by default."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import yaml
@@ -9,18 +12,21 @@ from selfsup.cluster import submit as sub
 from tests.clusterkit import tiny_config, write_config
 
 
-def test_secrets_go_only_to_env_vars(tmp_path, monkeypatch):
+def test_secrets_go_only_to_the_job_metadata(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-123")
     monkeypatch.setenv("HF_TOKEN", "hf-secret-456")
     cfg = write_config(tmp_path / "c.yaml", tiny_config("job", "shards", "runs"))
     staging = tmp_path / "staging"
     staging.mkdir()
     spec = sub.job_spec(str(cfg), ["optim.epochs=3"], staging, ["HF_TOKEN"])
-    assert spec["runtime_env"]["env_vars"]["WANDB_API_KEY"] == "wandb-secret-123"
-    assert spec["runtime_env"]["env_vars"]["HF_TOKEN"] == "hf-secret-456"
+    assert spec["metadata"]["secret:WANDB_API_KEY"] == "wandb-secret-123"
+    assert spec["metadata"]["secret:HF_TOKEN"] == "hf-secret-456"
     shipped = (staging / "config.yaml").read_text()
     for secret in ("wandb-secret-123", "hf-secret-456"):
-        assert secret not in spec["entrypoint"] and secret not in shipped and secret not in str(spec["metadata"])
+        assert secret not in spec["entrypoint"] and secret not in shipped and secret not in str(spec["runtime_env"])
+    # the job's driver reads them back from the job config Ray gives it
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": spec["metadata"]}))
+    assert sub.job_secrets() == {"WANDB_API_KEY": "wandb-secret-123", "HF_TOKEN": "hf-secret-456"}
     resolved = yaml.safe_load(shipped)
     assert resolved["optim"]["epochs"] == 3  # overrides applied before shipping
     assert resolved["run_root"] == str((tmp_path.cwd() / "runs").resolve())  # local paths made absolute

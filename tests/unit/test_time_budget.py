@@ -3,8 +3,10 @@ import json
 import pytest
 
 from selfsup.config import parse_config
-from selfsup.pipelines.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.pipelines.pretrain import SIZING_STEPS, FileReporter, pretrain, steps_in_budget
+from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.train.budget import SIZING_STEPS, TimeBudget
+from selfsup.train.trainer import Trainer
 
 
 def config(tmp_path, shards, minutes):
@@ -18,20 +20,30 @@ def config(tmp_path, shards, minutes):
     })
 
 
-def test_steps_in_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
-    assert steps_in_budget(1.0, seconds_so_far=10, seconds_per_step=0.5, step=20, planned=10_000) == 20 + 100
-    assert steps_in_budget(100.0, 10, 0.5, 20, planned=300) == 300
-    assert steps_in_budget(0.1, 60, 0.5, 20, planned=300) == 21  # already over time: one more step
+def test_the_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
+    assert TimeBudget(1.0, planned=10_000, start_step=0, started=0.0).fit(20, now=10, seconds_per_step=0.5) == 20 + 100
+    assert TimeBudget(100.0, planned=300, start_step=0, started=0.0).fit(20, 10, 0.5) == 300
+    assert TimeBudget(0.1, planned=300, start_step=0, started=0.0).fit(20, 60, 0.5) == 21  # over time: one more step
+
+
+def test_the_budget_sizes_once_after_the_sizing_steps_timed_without_the_first():
+    budget = TimeBudget(1.0, planned=10_000, start_step=100, started=0.0)
+    assert budget.update(101, now=5.0) is None  # a slow first step (start-up): left out of the pace
+    assert [budget.update(101 + i, now=5.0 + 0.5 * i) for i in range(1, SIZING_STEPS)] == [None] * (SIZING_STEPS - 1)
+    now = 5.0 + 0.5 * SIZING_STEPS
+    assert budget.update(101 + SIZING_STEPS, now) == 101 + SIZING_STEPS + int((60 - now) / 0.5)
+    assert budget.next_sizing is None and budget.update(102 + SIZING_STEPS, now + 0.5) is None
 
 
 @pytest.mark.parametrize("minutes, expected", [(1e-5, SIZING_STEPS + 2), (600, 62)])
 def test_a_time_budget_cuts_the_run_and_is_kept_on_resume(tmp_path, tiny_shards, minutes, expected):
     cfg = config(tmp_path, tiny_shards, minutes)  # 250 samples / 8 = 31 steps an epoch, 62 planned
-    summary = pretrain(cfg, FileReporter(cfg.run_dir))
+    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
     assert summary["steps"] == summary["total_steps"] == expected
     _, _, state = load_checkpoint(latest_checkpoint(cfg.run_dir), with_state=True)
     assert state["sized_total_steps"] == expected
-    again = pretrain(cfg, FileReporter(cfg.run_dir))  # resuming a finished run trains no further
+    # resuming a finished run trains no further
+    again = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=latest_checkpoint(cfg.run_dir)).fit()
     assert again["steps"] == expected
     logged = [json.loads(l)["step"] for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == expected

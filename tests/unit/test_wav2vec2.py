@@ -15,9 +15,9 @@ from selfsup.audio.health import CodebookCollapse, CodebookHealthMonitor
 from selfsup.audio.loss import contrastive_logits, sample_negatives
 from selfsup.audio.masking import compute_span_mask
 from selfsup.audio.quantizer import gumbel_temperature
-from selfsup.audio.wav2vec2 import Wav2Vec2Config, Wav2Vec2Pretraining
-from selfsup.config import load_config
-from selfsup.objective import Objective, Progress
+from selfsup.audio.wav2vec2 import Wav2Vec2Pretraining
+from selfsup.config import Wav2Vec2Config, load_config
+from selfsup.core.objective import Objective, Progress
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METRICS = {

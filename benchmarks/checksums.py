@@ -1,0 +1,121 @@
+"""What ``data.verify_checksums: true`` costs: one shard folder streamed with and without sha256 checks.
+
+    python -m benchmarks.checksums                  # 20,000 Fashion-MNIST images (synthetic if absent)
+    python -m benchmarks.checksums --size 96        # synthetic 96x96 RGB images: more bytes per sample
+
+The shards are written inside the run (from Fashion-MNIST's idx files when ``find_fashion_mnist``
+finds them, else from random images; nothing is downloaded) into a temporary folder, so both modes
+read them from the page cache. Each mode streams the whole folder through ``ShardStream`` (1 rank,
+read in this process) twice: with the training decode (PNG -> uint8 tensor) and with a decode that
+only takes the key (the I/O-bound worst case for the checksum's relative cost). Modes alternate,
+and the best of ``--repeats`` passes (after one warm-up) is kept. hashlib's sha256 rate over the
+same bytes is printed for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from selfsup.data.decode import collate_images, decode_image
+from selfsup.data.shards import write_shards
+from selfsup.data.sources import DatasetNotFound, encode_png, fashion_mnist_samples, find_fashion_mnist
+from selfsup.data.stream import DataHealth, ShardStream
+
+
+def write_folder(out: Path, n: int, size: int, per_shard: int) -> str:
+    """``n`` samples as shards in ``out``; returns where they came from."""
+    if size == 28:
+        try:
+            samples, total = fashion_mnist_samples("train", find_fashion_mnist())
+            write_shards((s for _, s in zip(range(n), samples)), out, total=min(n, total), samples_per_shard=per_shard)
+            return f"Fashion-MNIST train, first {min(n, total)} images"
+        except DatasetNotFound:
+            pass
+    rng = np.random.default_rng(0)
+    shape = (size, size) if size == 28 else (size, size, 3)
+
+    def gen():
+        for i in range(n):
+            yield {"__key__": f"synth-{i:07d}", "png": encode_png(rng.integers(0, 256, shape, dtype=np.uint8)),
+                   "cls": int(rng.integers(10))}
+
+    write_shards(gen(), out, total=n, samples_per_shard=per_shard)
+    return f"synthetic {'x'.join(map(str, shape))} random images ({n})"
+
+
+def stream_once(location: str, decode, collate, verify: bool, batch: int) -> tuple[float, int, DataHealth]:
+    """(seconds, samples, health) of one epoch of ``location`` through ShardStream."""
+    stream = ShardStream(location, batch, decode, collate, shuffle=False, verify_checksums=verify)
+    health, samples = DataHealth(), 0
+    start = time.perf_counter()
+    for b in stream:
+        health.add(b)
+        samples += batch
+    return time.perf_counter() - start, samples, health
+
+
+def _key(sample: dict) -> str:
+    return sample["__key__"]
+
+
+def _keys(items: list[str]) -> dict:
+    return {"keys": items}
+
+
+def compare(location: str, decode, collate, repeats: int, batch: int) -> dict:
+    """{"off"/"on": best samples/s} for ``decode``, the modes alternating; checks the checks passed."""
+    best = {"off": 0.0, "on": 0.0}
+    stream_once(location, decode, collate, False, batch)  # warm-up: imports, page cache
+    for _ in range(repeats):
+        for mode in ("off", "on"):
+            seconds, samples, health = stream_once(location, decode, collate, mode == "on", batch)
+            if health.summary():
+                raise RuntimeError(f"the benchmark's own shards failed a check: {health.summary()}")
+            best[mode] = max(best[mode], samples / seconds)
+    return best
+
+
+def sha256_rate(location: str) -> float:
+    """MB/s of hashlib's sha256 alone over the folder's shards, already in memory."""
+    data = [f.read_bytes() for f in sorted(Path(location).glob("*.tar"))]
+    start = time.perf_counter()
+    for d in data:
+        hashlib.sha256(d).hexdigest()
+    return sum(map(len, data)) / 1e6 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--size", type=int, default=28, help="image side; 28 uses Fashion-MNIST when present")
+    p.add_argument("--per-shard", type=int, default=5000)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = write_folder(Path(tmp) / "shards", args.samples, args.size, args.per_shard)
+        location = str(Path(tmp) / "shards")
+        mb = sum(f.stat().st_size for f in Path(location).glob("*.tar")) / 1e6
+        print(f"{source}: {mb:.1f} MB in {len(list(Path(location).glob('*.tar')))} shards, "
+              f"{mb * 1e6 / args.samples:.0f} bytes/sample; best of {args.repeats}; "
+              f"sha256 alone: {sha256_rate(location):,.0f} MB/s")
+        channels = 1 if args.size == 28 else 3
+        decoders = {"training decode (PNG -> tensor)": (functools.partial(decode_image, channels=channels,
+                                                                           size=args.size), collate_images),
+                    "key only (read + tar parse)": (_key, _keys)}
+        for name, (decode, collate) in decoders.items():
+            r = compare(location, decode, collate, args.repeats, args.batch)
+            print(f"{name}: without checksums {r['off']:,.0f} samples/s, with {r['on']:,.0f} samples/s "
+                  f"({r['on'] * mb * 1e6 / args.samples / 1e6:,.0f} MB/s hashed); "
+                  f"with/without = {r['on'] / r['off']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

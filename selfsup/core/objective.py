@@ -1,0 +1,70 @@
+"""The contract between a pretraining objective and the training loop.
+
+Vision methods (``selfsup.methods``) and wav2vec 2.0 (``selfsup.audio``) implement :class:`Objective`;
+``selfsup.train.trainer`` drives any of them without knowing which it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands: ``step`` optimiser steps done out of ``total_steps`` planned."""
+
+    step: int
+    total_steps: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total_steps))
+
+
+class HealthMonitor(Protocol):
+    """Turns logged records into alarms; the loop runs it on rank 0 at logging steps and records the
+    number of alarms raised as ``<name>_alarms``.
+
+    ``update(step, record)`` takes one logged record (floats) and returns the alarms raised now,
+    each also logged as a warning.
+    """
+
+    name: str
+
+    def update(self, step: int, record: Mapping[str, float]) -> list[str]: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A self-supervised objective: an ``nn.Module`` with these methods and capabilities.
+
+    - ``forward(batch, progress)`` returns a dict with a scalar ``"loss"`` that carries gradient,
+      plus any number of scalar metrics (detached tensors; the loop calls ``.item()`` only when it logs),
+      and optionally ``"embedding"``: a detached (B, D) batch of embeddings whose collapse statistics
+      (std, RankMe) the loop computes at logging steps only.
+    - ``on_after_step(progress)`` runs after every optimiser step (momentum/EMA updates, annealing).
+    - ``param_groups()`` returns optimiser parameter groups; a group with ``"fixed_lr": True`` keeps
+      its base learning rate (SimSiam's predictor), ``"weight_decay": 0.0`` exempts a group.
+    - ``encoder`` is the module that is evaluated and exported (backbone only, no heads).
+    - ``sync_batchnorm``: the loop converts BatchNorm to SyncBatchNorm when there is more than one rank.
+    - ``find_unused_parameters``: some parameters may get no gradient in a step (DDP must look for them).
+    - ``health_monitors()``: fresh monitors of this objective's logged records (see :class:`HealthMonitor`).
+    """
+
+    encoder: nn.Module
+    sync_batchnorm: bool
+    find_unused_parameters: bool
+
+    def forward(self, batch: Any, progress: Progress) -> dict[str, torch.Tensor]: ...
+
+    def on_after_step(self, progress: Progress) -> None: ...
+
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def health_monitors(self) -> list[HealthMonitor]: ...

@@ -1,0 +1,151 @@
+"""Object storage (``s3://``, ``gs://``) for shards, checkpoints and run state, through pyarrow's filesystems.
+
+Credentials and endpoints come from the usual environment (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS`` …), never from the config.
+
+A run whose ``run_root`` is a URL works in a local mirror (``selfsup.config.mirror_dir``: under
+``$SELFSUP_CACHE``, default ``~/.cache/selfsup``) and pushes to the bucket: each checkpoint's files first, then a
+``COMPLETE`` marker, so a reader never takes a half-written checkpoint; the run's small files
+(``metrics.jsonl``, ``summary.json``, ``wandb_id``) after them. A restarted run, on any node,
+pulls the newest complete checkpoint back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+MARKER = "COMPLETE"
+RUN_FILES = ("wandb_id", "metrics.jsonl", "summary.json")
+SCHEMES = ("s3://", "gs://")
+
+
+def is_remote(location: str | os.PathLike | None) -> bool:
+    """True for an object-storage URL this module handles (s3://, gs://)."""
+    return isinstance(location, str) and location.startswith(SCHEMES)
+
+
+def _fs(url: str):
+    import pyarrow.fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(url)
+    except Exception as err:  # missing credentials, unknown bucket region, bad URL
+        raise OSError(f"{url}: cannot open the object store ({type(err).__name__}: {err}); check the URL "
+                      "and the AWS_*/GOOGLE_* environment (AWS_ENDPOINT_URL for a non-AWS S3 server)") from None
+
+
+def open_read(url: str):
+    """A binary reader of ``url``: object-store URLs through pyarrow, the rest through webdataset's gopen."""
+    if not is_remote(url):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    fs, path = _fs(url)
+    try:
+        return fs.open_input_stream(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if "does not exist" in str(err) or "NoSuchKey" in str(err):
+            raise FileNotFoundError(url) from None
+        raise
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to the object ``url``."""
+    fs, path = _fs(url)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def delete(url: str) -> None:
+    """Remove the file at ``url`` (a path or an object-store URL); a missing one is fine."""
+    if not is_remote(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    fs, path = _fs(url)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def _upload(local: Path, url: str) -> None:
+    fs, path = _fs(url)
+    with open(local, "rb") as src, fs.open_output_stream(path) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _download(url: str, local: Path) -> None:
+    fs, path = _fs(url)
+    with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def _children(url: str) -> list[str]:
+    """Names directly under the prefix ``url`` (empty when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(url)
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
+def remote_checkpoints(run_url: str) -> list[str]:
+    """Names of the complete checkpoints under ``<run_url>/checkpoints``, oldest first."""
+    root = f"{run_url}/checkpoints"
+    return [n for n in _children(root) if n.startswith("step-") and MARKER in _children(f"{root}/{n}")]
+
+
+def push_checkpoint(local: Path, run_url: str, keep: int) -> str:
+    """Upload the checkpoint dir ``local`` (files, then the marker) and delete all but the newest ``keep``."""
+    root = f"{run_url}/checkpoints"
+    url = f"{root}/{local.name}"
+    fs, path = _fs(url)
+    fs.delete_dir_contents(path, missing_dir_ok=True)  # a re-written step: drop its marker first
+    for f in sorted(local.iterdir()):
+        _upload(f, f"{url}/{f.name}")
+    write_bytes(f"{url}/{MARKER}", b"")
+    for old in remote_checkpoints(run_url)[:-keep]:
+        fs.delete_dir(_fs(f"{root}/{old}")[1])
+    return url
+
+
+def pull_latest(run_url: str, local_run_dir: Path) -> Path | None:
+    """Download the newest complete remote checkpoint into ``<local_run_dir>/checkpoints`` unless it is there."""
+    names = remote_checkpoints(run_url)
+    if not names:
+        return None
+    name = names[-1]
+    dest = Path(local_run_dir) / "checkpoints" / name
+    if (dest / "model.pt").is_file() and (dest / "state.pt").is_file():
+        return dest
+    tmp = dest.parent / f".pull-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in _children(f"{run_url}/checkpoints/{name}"):
+        if f != MARKER:
+            _download(f"{run_url}/checkpoints/{name}/{f}", tmp / f)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another rank on this node pulled it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def push_run_files(local_run_dir: Path, run_url: str) -> None:
+    """Upload the run's small files (metrics, summary, W&B id) that exist locally."""
+    for name in RUN_FILES:
+        if (Path(local_run_dir) / name).is_file():
+            _upload(Path(local_run_dir) / name, f"{run_url}/{name}")
+
+
+def pull_run_files(run_url: str, local_run_dir: Path) -> None:
+    """Download the run's small files missing here (so a resumed run keeps its W&B id and metrics)."""
+    present = set(_children(run_url))
+    Path(local_run_dir).mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if name in present and not (Path(local_run_dir) / name).exists():
+            _download(f"{run_url}/{name}", Path(local_run_dir) / name)

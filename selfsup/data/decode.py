@@ -1,0 +1,93 @@
+"""Raw shard samples -> tensors, and lists of them -> batches.
+
+A decoder raises ValueError naming the sample's key for a bad sample, which every reader counts and
+skips (``ShardStream``, ``verify_shards``, ``read_split``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+
+import numpy as np
+import torch
+
+
+def decode_sample(sample: dict, kind: str):
+    """Decode one raw sample's payload: (uint8 image array, label) for "image", ((float32 (T,) 16 kHz
+    waveform, original rate), its .json dict) for "audio"; raises ValueError naming the key when it is bad."""
+    key = sample.get("__key__", "?")
+    if kind == "image":
+        from PIL import Image
+
+        if "png" not in sample or "cls" not in sample:
+            raise ValueError(f"sample {key}: needs .png and .cls, has {sorted(k for k in sample if not k.startswith('__'))}")
+        try:
+            img = np.asarray(Image.open(io.BytesIO(sample["png"])))
+            label = int(sample["cls"])
+        except Exception as err:  # PIL raises many types for bad bytes
+            raise ValueError(f"sample {key}: undecodable ({type(err).__name__}: {err})") from None
+        return img, label
+    if kind == "audio":
+        from selfsup.audio.decode import decode_audio  # torchaudio loads only for audio data
+
+        if "flac" not in sample or "json" not in sample:
+            raise ValueError(f"sample {key}: needs .flac and .json")
+        return decode_audio(sample["flac"], key), json.loads(sample["json"])
+    raise ValueError(f"unknown sample format {kind!r}")
+
+
+def decode_image(sample: dict, channels: int, size: int) -> tuple[torch.Tensor, int]:
+    """A raw image sample -> (uint8 (C, size, size), label); raises ValueError naming the key."""
+    from torchvision.transforms.v2 import functional as TF
+
+    img, label = decode_sample(sample, "image")
+    t = torch.from_numpy(np.array(img))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.shape[0] != channels:
+        if channels == 1:
+            t = t[:3].float().mean(0, keepdim=True).round().to(torch.uint8) if t.shape[0] >= 3 else t[:1]
+        elif t.shape[0] == 1:
+            t = t.expand(channels, -1, -1)
+        else:
+            t = t[:channels]
+    if t.shape[1] != size or t.shape[2] != size:
+        t = TF.center_crop(TF.resize(t, size, antialias=True), [size, size])
+    return t.contiguous(), label
+
+
+def collate_images(items: list[tuple[torch.Tensor, int]]) -> dict:
+    """[(uint8 (C, H, W), label)] -> {"images": uint8 (B, C, H, W), "labels": int64 (B,)}."""
+    return {"images": torch.stack([i[0] for i in items]), "labels": torch.tensor([i[1] for i in items])}
+
+
+def decode_audio_sample(sample: dict, min_samples: int) -> tuple[torch.Tensor, int]:
+    """A raw audio sample -> (float32 (T,) 16 kHz waveform, label or -1); raises ValueError naming the
+    key for a bad clip or one shorter than ``min_samples`` (so the stream skips and counts it)."""
+    (wave, _), info = decode_sample(sample, "audio")
+    if len(wave) < min_samples:
+        raise ValueError(f"sample {sample.get('__key__', '?')}: {len(wave)} samples, shorter than the "
+                         f"minimum {min_samples} (data.min_seconds or the receptive field)")
+    label = info.get("label", -1)
+    return torch.from_numpy(wave), int(label) if label not in ("", None) else -1
+
+
+def collate_audio(items: list[tuple[torch.Tensor, int]], max_samples: int, min_samples: int,
+                  rng: random.Random | None = None) -> dict:
+    """[(float32 (T_i,), label)] -> {"waves": float32 (B, S), "lengths": int64 (B,), "labels": int64 (B,)}.
+
+    As fairseq batches without padding: every clip is randomly cropped to S = min(shortest T_i,
+    ``max_samples``). ``rng`` picks the crop offsets (default: Python's ``random``, which torch seeds
+    per DataLoader worker).
+    """
+    rng = rng or random
+    size = min(min(len(w) for w, _ in items), max_samples)
+    if size < min_samples:
+        raise ValueError(f"a clip of {size} samples reached collate_audio; decode must drop clips under {min_samples}")
+    crops = []
+    for wave, _ in items:
+        start = rng.randrange(len(wave) - size + 1)
+        crops.append(wave[start:start + size])
+    return {"waves": torch.stack(crops), "lengths": torch.full((len(items),), size, dtype=torch.int64),
+            "labels": torch.tensor([label for _, label in items], dtype=torch.int64)}

@@ -1,0 +1,172 @@
+"""The one way through a shard folder: its manifest, and each shard's raw samples checked against it.
+
+Every reader of shards (the training stream, ``shards verify``, the evaluator's ``read_split``)
+goes through ``read_shard``. It reads with webdataset's tar iterators and compares the samples it
+read with the manifest's count, so a truncated tar, a corrupt header (which makes Python's tarfile
+end the stream early without an error) or any other shortfall becomes one ``ShardProblem`` naming
+the shard, the sample where reading stopped and how many samples were lost. With ``sha256`` it also
+hashes the bytes as they stream and reports a mismatch at the end of the shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import webdataset as wds
+from tqdm import tqdm
+
+from selfsup.core.storage import open_read
+
+T = TypeVar("T")
+MANIFEST = "manifest.json"
+
+SHORT, CHECKSUM, EXTRA = "short", "checksum", "extra"
+
+
+class ManifestError(ValueError):
+    """A shard folder without a usable manifest."""
+
+
+def read_manifest(location: str) -> tuple[dict, list[str]]:
+    """The manifest of a shard folder (local path or URL) and the URL of each shard, in order."""
+    base = location.rstrip("/")
+    try:
+        with open_read(f"{base}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
+    except FileNotFoundError:
+        raise ManifestError(f"{base} has no {MANIFEST}; write shards with `selfsup shards write` "
+                            "or check the path") from None
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise ManifestError(f"{base}/{MANIFEST} cannot be read: {err}") from None
+    if not isinstance(manifest, dict) or "shards" not in manifest:
+        raise ManifestError(f"{base}/{MANIFEST} lists no shards; re-write the shards")
+    return manifest, [f"{base}/{s['name']}" for s in manifest["shards"]]
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A shard not read as its manifest says. ``position``: samples read before reading stopped
+    (the index of the first one lost); ``lost``: samples of the range asked for that were not read;
+    ``kind``: SHORT (lost samples), CHECKSUM (sha256 differs) or EXTRA (more samples than listed)."""
+
+    url: str
+    position: int
+    lost: int
+    reason: str
+    kind: str = SHORT
+
+    def __str__(self) -> str:
+        if self.kind == SHORT:
+            return f"{self.url}: {self.reason}; {self.lost} samples lost"
+        return f"{self.url}: {self.reason}"
+
+
+class _Hashing:
+    """A binary reader that hashes every byte read through it."""
+
+    def __init__(self, raw):
+        self.raw, self.hash = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        return data
+
+    def hexdigest_of_all(self) -> str:
+        """The sha256 of the whole file: what was read so far, then the rest."""
+        while chunk := self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
+def _samples(url: str, stream) -> Iterator[dict]:
+    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception,
+                                               eof_value=None)
+    return wds.tariterators.group_by_keys(files, handler=wds.reraise_exception)
+
+
+def _message(err: Exception) -> str:
+    """An exception's own message, without the stream and URL that webdataset appends to its args."""
+    first = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return f"{type(err).__name__}: {first.split(' @ <')[0]}"
+
+
+def read_shard(url: str, problems: list[ShardProblem], count: int | None = None, *, start: int = 0,
+               stop: int | None = None, sha256: str | None = None) -> Iterator[dict]:
+    """Raw samples (dicts of bytes, with ``__key__`` and ``__url__``) ``start`` to ``stop`` of one tar
+    shard holding ``count`` samples by its manifest. What goes wrong is appended to ``problems``:
+    reading that stops before ``stop`` (or ``count``) is one SHORT problem; with ``sha256`` (the
+    manifest's hex digest) the whole file is hashed as it streams, and a mismatch is a CHECKSUM problem."""
+    end = stop if stop is not None else count
+    i, failed, digest = 0, None, None
+    try:
+        with open_read(url) as raw:
+            stream = _Hashing(raw) if sha256 else raw
+            try:
+                for sample in _samples(url, stream):
+                    if i >= start:
+                        yield sample
+                    i += 1
+                    if stop is not None and i >= stop:
+                        break
+            except Exception as err:  # truncated or unreadable tar: the rest of the range is lost
+                failed = err
+            digest = stream.hexdigest_of_all() if sha256 else None
+    except Exception as err:  # the shard cannot be opened, or its rest cannot be read
+        failed = failed or err
+    _check(url, problems, i, start, end, count, stop is None, failed)
+    if digest is not None and digest != sha256:
+        problems.append(ShardProblem(url, i, 0, "sha256 differs from the manifest (shard changed or corrupt)",
+                                     CHECKSUM))
+
+
+def _check(url: str, problems: list[ShardProblem], i: int, start: int, end: int | None, count: int | None,
+           whole: bool, failed: Exception | None) -> None:
+    """Append the problem, if any, of a read of [start, end) that stopped after ``i`` samples of a
+    shard of ``count``; ``whole``: it read to the end of the tar."""
+    lost = max(0, end - max(i, start)) if end is not None else 0
+    says = f", the manifest says {count}" if count is not None else ""
+    if failed is not None:
+        problems.append(ShardProblem(url, i, lost, f"unreadable after sample {i} ({_message(failed)}){says}"))
+    elif lost:
+        problems.append(ShardProblem(url, i, lost, f"the tar ends after sample {i}{says} "
+                                     "(a corrupt header or a truncated file)"))
+    elif whole and count is not None and i > count:
+        problems.append(ShardProblem(url, i, 0, f"{i} samples in the tar{says}", EXTRA))
+
+
+def read_split(location: str, decode: Callable[[dict], T], limit: int | None = None,
+               ) -> tuple[list[T], dict, list[str]]:
+    """Every decodable item of a shard folder, in order, its manifest, and one line per bad sample
+    (``decode`` raised ValueError; the line names the shard and the error, which names the key) or
+    bad shard. ``limit``: at most that many items, ``ceil(limit / shards)`` from the first samples
+    of every shard. An empty result is an error naming the folder."""
+    manifest, urls = read_manifest(location)
+    per_shard = math.ceil(limit / max(1, len(urls))) if limit else None
+    items: list[T] = []
+    lines: list[str] = []
+    total = min(limit, manifest["num_samples"]) if limit else manifest["num_samples"]
+    with tqdm(total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit)) as bar:
+        for entry, url in zip(manifest["shards"], urls):
+            problems: list[ShardProblem] = []
+            taken = 0
+            for sample in read_shard(url, problems, entry["count"]):
+                if (per_shard and taken >= per_shard) or (limit and len(items) >= limit):
+                    break
+                try:
+                    items.append(decode(sample))
+                except ValueError as err:
+                    lines.append(f"{url}: {err}")
+                    continue
+                taken += 1
+                bar.update(1)
+            lines += [str(p) for p in problems]
+    if not items:
+        raise ValueError(f"{location}: the split is empty (no decodable samples); "
+                         f"run `selfsup shards verify {location}`")
+    return items, manifest, lines

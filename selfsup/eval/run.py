@@ -1,0 +1,165 @@
+"""Checkpoint -> features -> kNN and linear probe -> report, beside the task's baselines (raw pixels
+for images, log-mel for audio) and the same model at random initialisation."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfsup.config import ExperimentConfig
+from selfsup.core.checkpoint import load_checkpoint, resolve_checkpoint
+from selfsup.eval.features import EncoderFeatures, baseline_features, model_features, num_classes
+from selfsup.eval.knn import weighted_knn
+from selfsup.eval.linear import linear_probe
+from selfsup.eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr
+from selfsup.eval.report import format_table, write_report
+from selfsup.eval.retrieval import retrieval_metrics, save_neighbour_grid
+from selfsup.tasks import EvalSpec, LabelledSplit, task_for
+
+log = logging.getLogger("selfsup.evaluate")
+
+_ARRAYS = ("predictions", "probabilities", "neighbours")  # per-query details kept out of report.json
+_TSNE_POINTS = 2000  # test samples in the t-SNE map (t-SNE is quadratic)
+_RETRIEVAL_QUERIES = 2000  # test queries that rank the whole bank (about 20 s against 60,000 on one core)
+_GRID_QUERIES, _GRID_NEIGHBOURS = 10, 8  # neighbours.png: one query per class (at most 10), 8 neighbours each
+
+
+def score(name: str, bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray,
+          num_classes: int, knn_settings, probe_train: np.ndarray | None = None) -> tuple[dict, dict]:
+    """kNN of ``queries`` (M, D) against ``bank`` (N, D) at each (k, T), and the linear probe, trained on
+    ``probe_train`` ((V·N, D), V views of the bank's samples) or else on ``bank``: ({metric: top-1}, details)."""
+    log.info("scoring %s (%d-d features)", name, bank.shape[1])
+    knn = weighted_knn(bank, bank_y, queries, query_y, settings=knn_settings, num_classes=num_classes)
+    views = 1 if probe_train is None else len(probe_train) // len(bank)
+    probe = linear_probe(bank if probe_train is None else probe_train, np.tile(bank_y, views), queries, query_y,
+                         num_classes=num_classes, train_views=views)
+    scores = {**knn.top1, "linear": probe.top1}
+    details = {"knn_top5": knn.top5, "linear_top5": probe.top5,
+               "linear_hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "val_top1": probe.val_top1},
+               "predictions": probe.predictions, "probabilities": probe.probabilities, "neighbours": knn.neighbours}
+    return scores, details
+
+
+@dataclass
+class _Eval:
+    """One evaluation: the checkpoint, its config, how its task's report reads, the two splits."""
+
+    ckpt: Path
+    cfg: ExperimentConfig
+    spec: EvalSpec
+    train: LabelledSplit
+    test: LabelledSplit
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes(self.train, self.test)
+
+    @property
+    def classes(self) -> list[str]:
+        """The manifest's class names, then the label numbers beyond them."""
+        return list(self.train.classes) + [str(c) for c in range(len(self.train.classes), self.num_classes)]
+
+
+def report_dir(checkpoint: str | Path, test: str, out: str | Path | None = None) -> Path:
+    """Where :func:`evaluate` writes: ``out``, else ``<run>/eval-<name of the test folder>``."""
+    return Path(out) if out else resolve_checkpoint(checkpoint).parent.parent / f"eval-{Path(test.rstrip('/')).name}"
+
+
+def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | None = None,
+             baselines: bool = True, threads: int | None = None, tsne: bool = False) -> dict:
+    """Score a checkpoint's encoder (and the baselines) on ``test`` against ``train``; writes the report
+    to :func:`report_dir` and returns it (``selfsup.tracking.wandb_run.log_eval_report`` logs it to W&B).
+
+    For every encoder: kNN at each ``eval.knn`` setting and the linear probe. When the task gives
+    several candidate layers, each encoder's best layer is chosen by kNN on held-out train samples.
+    Baselines: the task's (raw pixels, log-mel) and the model at random initialisation. With the
+    task's diagnostics, for the checkpoint: retrieval metrics, per-class scores, ROC, a PCA map of
+    the test features (``tsne``: a t-SNE map too); with thumbnails, a query/neighbour grid.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg, model_state, _ = load_checkpoint(ckpt)
+    out = report_dir(ckpt, test, out)
+    task = task_for(cfg)
+    ev = _Eval(ckpt, cfg, task.eval_spec(cfg), task.read_labelled(train, cfg), task.read_labelled(test, cfg))
+    views = cfg.eval.probe_views
+    sets = {"checkpoint": model_features(task, cfg, model_state, ev.train, ev.test, "checkpoint", views)}
+    if baselines:
+        sets |= baseline_features(task, cfg, ev.train, ev.test)
+        sets["random_init"] = model_features(task, cfg, None, ev.train, ev.test, "random init", views)
+    encoders, details = {}, {}
+    for name, features in sets.items():
+        encoders[name], details[name] = score(name, features.bank, ev.train.labels, features.queries, ev.test.labels,
+                                              ev.num_classes, [tuple(s) for s in cfg.eval.knn], features.probe_train)
+        details[name].update(features.extra)
+    diagnostics = _diagnostics(ev, sets["checkpoint"], encoders, details["checkpoint"], tsne)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = details["checkpoint"]["predictions"]
+    report = write_report(
+        out, title=ev.spec.title, encoders=encoders,
+        details={k: {kk: vv for kk, vv in v.items() if kk not in _ARRAYS} for k, v in details.items()}
+        | {"checkpoint_path": str(ckpt), "skipped": ev.train.problems + ev.test.problems} | diagnostics["details"],
+        class_names=ev.classes, confusion_matrix=confusion(ev.test.labels, predictions, ev.num_classes),
+        roc=diagnostics["roc"], embedding_2d=diagnostics["maps"], figures=_neighbour_grid(out, ev, details["checkpoint"]),
+        notes=_notes(ev, sets["checkpoint"], details["checkpoint"], diagnostics["notes"]))
+    print(format_table(encoders))
+    print(f"report: {out / 'report.md'}")
+    return report
+
+
+def _diagnostics(ev: _Eval, features: EncoderFeatures, encoders: dict, best: dict, tsne: bool) -> dict:
+    """For the checkpoint (its scores and ``best`` details), when the task has diagnostics: retrieval
+    metrics (added to its scores), per-class scores, ROC, the 2-D maps, classes only in test, and
+    their notes. {"details", "roc", "maps", "notes"}."""
+    if not ev.spec.diagnostics:
+        return {"details": {}, "roc": None, "maps": None, "notes": []}
+    train_y, test_y, queries = ev.train.labels, ev.test.labels, features.queries
+    ranked = np.sort(np.random.default_rng(0).permutation(len(queries))[:_RETRIEVAL_QUERIES])
+    encoders["checkpoint"].update(retrieval_metrics(features.bank, train_y, queries[ranked], test_y[ranked]))
+    maps = {"embedding": (project_2d(queries, "pca"), test_y)}
+    if tsne:
+        rows = np.random.default_rng(0).permutation(len(queries))[:_TSNE_POINTS]
+        maps["embedding-tsne"] = (project_2d(queries[rows], "tsne"), test_y[rows])
+    notes = []
+    if len(ranked) < len(test_y):
+        notes.append(f"retrieval metrics: {len(ranked)} random test queries, each ranking all {len(train_y)} train samples")
+    only_test = sorted(set(test_y.tolist()) - set(train_y.tolist()))
+    if only_test:
+        notes.append(f"classes present only in test (never predictable): {[ev.classes[c] for c in only_test]}")
+    details = {"classes_only_in_test": only_test, "per_class": per_class_report(test_y, best["predictions"], ev.classes)}
+    return {"details": details, "roc": roc_auc_ovr(test_y, best["probabilities"]), "maps": maps, "notes": notes}
+
+
+def _neighbour_grid(out: Path, ev: _Eval, best: dict) -> dict[str, str]:
+    """neighbours.png (the first test sample of each class and its nearest train samples) when the
+    splits have thumbnails: {"neighbours": its file name}, else {}."""
+    if ev.train.thumbnails is None or ev.test.thumbnails is None:
+        return {}
+    shown = np.unique(ev.test.labels, return_index=True)[1][:_GRID_QUERIES]
+    neighbours = best["neighbours"][shown, :_GRID_NEIGHBOURS]
+    save_neighbour_grid(out / "neighbours.png", ev.test.thumbnails[shown], ev.train.thumbnails[neighbours],
+                        ev.test.labels[shown], ev.train.labels[neighbours], ev.classes)
+    return {"neighbours": "neighbours.png"}
+
+
+def _notes(ev: _Eval, features: EncoderFeatures, best: dict, diagnostic_notes: list[str]) -> list[str]:
+    """The report's notes: what was scored against what, how the features and the probe were made,
+    the diagnostics' notes and the skipped samples."""
+    unit, bad = ev.spec.unit, ev.train.problems + ev.test.problems
+    held = f", {features.held_out} held out to pick the layer" if features.held_out else ""
+    notes = [f"checkpoint: {ev.ckpt}", f"train: {ev.train.location} ({len(ev.train.labels)} {unit}{held}), "
+             f"test: {ev.test.location} ({len(ev.test.labels)} {unit})", *ev.spec.notes]
+    if ev.spec.probe_note:
+        hp = best["linear_hparams"]
+        notes.append("linear probe (checkpoint): "
+                     + ev.spec.probe_note.format(lr=hp["lr"], weight_decay=hp["weight_decay"], top1=100 * hp["val_top1"]))
+    notes += diagnostic_notes
+    if bad:
+        notes.append(f"skipped {len(ev.train.problems)} train and {len(ev.test.problems)} test {unit}: "
+                     + "; ".join(bad[:5]))
+    return notes

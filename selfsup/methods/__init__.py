@@ -1,0 +1,27 @@
+"""Vision self-supervised methods, registered by name.
+
+Each method is an ``nn.Module`` implementing ``selfsup.core.objective.Objective``, built from a backbone,
+its feature dimension and its config (``selfsup.config.METHOD_CONFIGS[name]``, whose ``name`` field selects it).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from selfsup.methods.byol import BYOL
+from selfsup.methods.moco import MoCoV2, MoCoV3
+from selfsup.methods.simclr import SimCLR
+from selfsup.methods.simsiam import SimSiam
+
+METHODS: dict[str, type[nn.Module]] = {
+    "simclr": SimCLR,
+    "moco_v2": MoCoV2,
+    "moco_v3": MoCoV3,
+    "byol": BYOL,
+    "simsiam": SimSiam,
+}
+
+
+def build_method(cfg, backbone: nn.Module, feature_dim: int) -> nn.Module:
+    """The method named by ``cfg.name``, wrapped around ``backbone`` (B, C, H, W) -> (B, feature_dim)."""
+    return METHODS[cfg.name](backbone, feature_dim, cfg)

@@ -1,0 +1,80 @@
+"""Losses as pure functions of embeddings."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from selfsup.core.distributed import gather_no_grad, gather_with_grad, rank
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss over both views, with negatives from every rank.
+
+    z1, z2: (B, D) projections of the two views on this rank. Each of the 2B local anchors has its
+    other view as positive and the 2·world·B − 2 other embeddings as negatives. Returns the mean loss.
+    Computed in fp32 (also under autocast).
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        return _nt_xent_fp32(z1.float(), z2.float(), temperature)
+
+
+def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    z1 = F.normalize(z1, dim=1)
+    z2 = F.normalize(z2, dim=1)
+    b = z1.shape[0]
+    local = torch.cat([z1, z2], 0)  # (2B, D)
+    everyone = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], 0)  # (2·W·B, D): all z1, then all z2
+    n_all = everyone.shape[0] // 2
+    logits = local @ everyone.T / temperature  # (2B, 2WB)
+    offset = rank() * b
+    idx = torch.arange(b, device=z1.device) + offset
+    self_idx = torch.cat([idx, idx + n_all])
+    pos_idx = torch.cat([idx + n_all, idx])
+    # masked_fill takes the scalar as a kernel argument; an indexed assignment would copy it from the host
+    self_mask = F.one_hot(self_idx, logits.shape[1]).bool()  # (2B, 2WB)
+    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), pos_idx)
+
+
+def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v2's InfoNCE: each query against its key and a queue of negatives.
+
+    q, k: (B, D) queries and their positive keys; queue: (K, D) L2-normalised negative keys. Logits are
+    ``[q·k, q·queue] / temperature`` on L2-normalised q, k with the positive at index 0. Returns the
+    mean loss, computed in fp32 (also under autocast).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        k = F.normalize(k.float(), dim=1)
+        positive = (q * k).sum(1, keepdim=True)  # (B, 1)
+        negative = q @ queue.float().T  # (B, K)
+        logits = torch.cat([positive, negative], 1) / temperature
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(logits, labels)
+
+
+def info_nce_cross_rank(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's contrastive loss: queries against the keys of every rank, scaled by 2·temperature.
+
+    q: (B, D) queries on this rank; k: (B, D) keys on this rank, without gradient. The candidates of
+    each query are the W·B keys of all ranks; its positive is the key of the same sample. Returns
+    ``2τ · mean cross-entropy`` on L2-normalised vectors, computed in fp32 (also under autocast).
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q = F.normalize(q.float(), dim=1)
+        keys = F.normalize(gather_no_grad(k.float()), dim=1)  # (W·B, D)
+        logits = q @ keys.T / temperature  # (B, W·B)
+        labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
+        return 2 * temperature * F.cross_entropy(logits, labels)
+
+
+def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss ``‖p̂ − ẑ‖² = 2 − 2·cos(p, z)``, mean over the batch; p, z: (B, D), fp32."""
+    with torch.autocast(p.device.type, enabled=False):
+        return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's ``D(p, z) = −cos(p, z)``, mean over the batch; p, z: (B, D), fp32. Stop-gradient is the caller's."""
+    with torch.autocast(p.device.type, enabled=False):
+        return -F.cosine_similarity(p.float(), z.float(), dim=1).mean()

@@ -1,0 +1,86 @@
+"""Modalities. Each task module knows, for one kind of data, how to build the objective, its train
+stream and its input, and how to read and featurise labelled data for evaluation.
+
+The training loop and the evaluator ask :func:`task_for` for the task of a config's ``data.kind``;
+neither knows any method or modality by name. A new modality is one module here and a config class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfsup.config import ExperimentConfig
+from selfsup.core.objective import Objective
+from selfsup.data.stream import ShardStream
+
+
+@dataclass
+class LabelledSplit:
+    """A labelled evaluation split as a task reads it: ``inputs`` in the task's own form (images:
+    uint8 (N, C, H, W); audio: a list of float32 (T_i,) waves), ``labels`` (N,) ints, the manifest's
+    class names, one line per skipped sample or damaged shard, ``groups`` (N,) (voice or speaker,
+    "" when unknown) and ``thumbnails``: uint8 (N, C, H, W) pictures for the neighbour grid, or None."""
+
+    location: str
+    inputs: Any
+    labels: np.ndarray
+    classes: list[str]
+    problems: list[str]
+    groups: list[str]
+    thumbnails: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a task's report reads: its ``title``, what one sample is called in the notes (``unit``),
+    ``notes`` on how features are made, ``probe_note``: a note on the checkpoint's linear probe,
+    formatted with its chosen ``lr``, ``weight_decay`` and held-out ``top1`` (%) (None: no note),
+    ``zscore`` (standardise every feature set with its train rows' statistics before scoring) and
+    ``diagnostics`` (retrieval metrics, per-class scores, ROC, 2-D maps, classes only in test)."""
+
+    title: str
+    unit: str
+    notes: tuple[str, ...] = ()
+    probe_note: str | None = None
+    zscore: bool = False
+    diagnostics: bool = False
+
+
+class Task(Protocol):
+    """What the loop and the evaluator need from a modality."""
+
+    def build_objective(self, cfg: ExperimentConfig) -> Objective:
+        """The objective of ``cfg`` at random initialisation (seeded by the caller)."""
+
+    def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
+        """This rank's stream of training batches (equal steps on every rank)."""
+
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device) -> Callable[[dict], Any]:
+        """batch dict (CPU tensors) -> the objective's input on ``device``."""
+
+    def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
+        """Every decodable labelled sample of a shard folder (``limit``: at most that many, spread over the shards)."""
+
+    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
+                      probe_views: int = 1) -> list[np.ndarray]:
+        """Candidate feature sets of ``split`` on the encoder's device (one, or one per layer), each
+        (V·N, D): the un-augmented rows, then up to ``probe_views`` - 1 augmented blocks for the probe."""
+
+    def baselines(self, train: LabelledSplit, test: LabelledSplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """name -> (train (N, D), test (M, D)) features that need no model (raw pixels, log-mel)."""
+
+    def eval_spec(self, cfg: ExperimentConfig) -> EvalSpec:
+        """How the report of ``cfg``'s checkpoint reads."""
+
+
+def task_for(cfg: ExperimentConfig) -> Task:
+    """The task for ``cfg.data.kind`` ("image" or "audio")."""
+    from selfsup.tasks.audio import AudioTask
+    from selfsup.tasks.vision import VisionTask
+
+    return {"image": VisionTask, "audio": AudioTask}[cfg.data.kind]()

@@ -1,0 +1,121 @@
+"""Images: a vision method around a torchvision backbone, trained on batched random views."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from selfsup.config import ExperimentConfig, ViewRecipe
+from selfsup.core.device import memory_format
+from selfsup.core.distributed import rank, world_size
+from selfsup.core.objective import Objective
+from selfsup.data.decode import collate_images, decode_image
+from selfsup.data.reader import read_split
+from selfsup.data.stream import ShardStream
+from selfsup.methods import build_method
+from selfsup.tasks import EvalSpec, LabelledSplit
+from selfsup.vision.augment import BatchViews
+from selfsup.vision.backbones import build_backbone
+
+
+def views_for(cfg: ExperimentConfig) -> BatchViews:
+    """The method's training views of ``cfg``: its recipes at ``data.image_size``, normalised by ``data.mean``/``std``."""
+    return BatchViews(cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
+
+
+def paper_crop_scale(image_size: int) -> tuple[float, float]:
+    """The paper probe's random-resized-crop scale: ImageNet's (0.08, 1), or (0.7, 1) for images of
+    32 px or less (about the area CIFAR's 4-pixel pad-and-crop keeps)."""
+    return (0.7, 1.0) if image_size <= 32 else (0.08, 1.0)
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, batch_size: int = 256,
+                     desc: str = "features", augment: bool = False) -> np.ndarray:
+    """Features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D), un-augmented, or
+    through ``views``' first recipe with ``augment``."""
+    device = next(encoder.parameters()).device
+    layout = memory_format(device)
+    encoder.eval().to(memory_format=layout)
+    out = []
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
+        batch = images[i:i + batch_size].to(device)
+        x = (views(batch)[0] if augment else views.plain(batch)).contiguous(memory_format=layout)
+        out.append(encoder(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def probe_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, n_views: int, seed: int = 0,
+                   desc: str = "features") -> np.ndarray:
+    """The linear probe's train rows: uint8 (N, C, H, W) -> float32 (n_views·N, D), the un-augmented
+    features, then ``n_views`` - 1 passes of the paper probe's random-resized crops and flips
+    (``paper_crop_scale``), block by block as ``linear_probe(train_views=n_views)`` reads them."""
+    blocks = [extract_features(encoder, images, views, desc=desc)]
+    if n_views > 1:
+        device = next(encoder.parameters()).device
+        crops = BatchViews([ViewRecipe(crop_scale=paper_crop_scale(views.size), flip_p=0.5)], views.size,
+                           views.mean.flatten().tolist(), views.std.flatten().tolist(),
+                           generator=torch.Generator(device=device).manual_seed(seed))
+        blocks += [extract_features(encoder, images, crops, desc=f"{desc}, view {v + 1}/{n_views}", augment=True)
+                   for v in range(1, n_views)]
+    return np.concatenate(blocks)
+
+
+def _flat_pixels(images: torch.Tensor) -> np.ndarray:
+    """The raw-pixel baseline: uint8 (N, C, H, W) -> float32 (N, C·H·W) in [0, 1]."""
+    return images.reshape(len(images), -1).float().div(255).numpy()
+
+
+class VisionTask:
+    def build_objective(self, cfg: ExperimentConfig) -> Objective:
+        """The image method of ``cfg`` around its backbone, at random initialisation."""
+        m = cfg.model
+        backbone, dim = build_backbone(m.backbone, m.width, cfg.data.channels, m.small_stem, cfg.data.image_size,
+                                       m.stem_stride, m.freeze_patch_embed)
+        return build_method(cfg.method, backbone, dim)
+
+    def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
+        """Batches of {"images": uint8 (B, C, H, W), "labels": (B,)} for this rank."""
+        decode = functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size)
+        return ShardStream(cfg.data.train, cfg.data.batch_size, decode, collate_images, rank=rank(),
+                           ranks=world_size(), workers=max(1, cfg.data.loader_workers), seed=cfg.seed,
+                           shuffle_buffer=cfg.data.shuffle_buffer)
+
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device):
+        """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format."""
+        views = views_for(cfg)
+        layout = memory_format(device, cfg.train.channels_last)
+
+        def to_input(batch: dict) -> list[torch.Tensor]:
+            images = batch["images"].to(device, non_blocking=True)
+            return [v.contiguous(memory_format=layout) for v in views(images)]
+
+        return to_input
+
+    def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
+        """uint8 (N, C, S, S) images at ``data.channels`` and ``data.image_size`` (also the thumbnails)."""
+        decode = functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size)
+        items, manifest, problems = read_split(location, decode, limit)
+        images = torch.stack([image for image, _ in items])
+        return LabelledSplit(location, images, np.asarray([label for _, label in items]), manifest.get("classes", []),
+                             problems, [""] * len(items), thumbnails=images)
+
+    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
+                      probe_views: int = 1) -> list[np.ndarray]:
+        """[(V·N, D)]: the un-augmented features, then V - 1 passes of the paper probe's crops and flips."""
+        return [probe_features(encoder, split.inputs, views_for(cfg), probe_views, desc=desc)]
+
+    def baselines(self, train: LabelledSplit, test: LabelledSplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Raw pixels in [0, 1]."""
+        return {"pixels": (_flat_pixels(train.inputs), _flat_pixels(test.inputs))}
+
+    def eval_spec(self, cfg: ExperimentConfig) -> EvalSpec:
+        return EvalSpec(title=f"selfsup evaluation: {cfg.name} ({cfg.method.name}, {cfg.model.backbone} "
+                              f"w{cfg.model.width})", unit="samples", diagnostics=True,
+                        probe_note=f"{cfg.eval.probe_views} view(s) per train image (un-augmented + crops and flips); "
+                                   "lr={lr:g}, weight_decay={weight_decay:g} chosen on held-out train images "
+                                   "(top-1 {top1:.2f}%); per-class scores, ROC and confusion are its predictions")

@@ -1,0 +1,322 @@
+"""The per-rank training loop: plain PyTorch, the same with or without Ray.
+
+``Trainer(cfg, reporter, resume_from).fit()`` builds the objective of ``cfg``'s task (``data.kind``),
+reads its shards and trains it with AMP, the LR schedule, momentum/EMA updates and atomic
+checkpoints, resuming from the checkpoint ``resume_from`` (weights, optimiser, step, epoch, position
+in the epoch, RNG) when one is given. ``step(batch)`` is one optimiser step, the one that
+``benchmarks/throughput.py`` times. Records, checkpoints and the summary go to a
+``selfsup.core.reporter.Reporter``; which sinks (files, Ray, W&B) is the caller's choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from selfsup.config import ExperimentConfig
+from selfsup.core.device import memory_format
+from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from selfsup.core.collapse import embedding_stats
+from selfsup.core.distributed import rank, world_size
+from selfsup.core.objective import Objective, Progress
+from selfsup.core.reporter import Reporter
+from selfsup.data.stream import DataHealth, make_loader
+from selfsup.eval.online import OnlineMonitor
+from selfsup.tasks import task_for
+from selfsup.train.budget import TimeBudget
+from selfsup.train.optim import build_optimizer, scaled_lr, set_lr
+
+log = logging.getLogger("selfsup.pretrain")
+
+
+class TooManyBadSteps(RuntimeError):
+    """The loss was NaN or inf for too many steps in a row."""
+
+
+def pick_device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA, and on CPUs with native bf16 (AVX-512 BF16 or AMX) unless fp32 is asked for."""
+    if cfg.train.precision == "fp32":
+        return None
+    if cfg.train.precision == "bf16" or device.type == "cuda" or torch.cpu._is_avx512_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+class BadSteps:
+    """NaN/inf steps, counted on the device: all of them, the current run and the longest run. They are
+    read at logging steps only (a check every step would make the host wait for the GPU each step)."""
+
+    def __init__(self, device: torch.device):
+        self.total, self.run, self.worst = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+
+    def add(self, bad: torch.Tensor) -> None:
+        """``bad``: 0-d bool, True when this step was skipped."""
+        self.total += bad
+        self.run = (self.run + 1) * bad
+        self.worst = torch.maximum(self.worst, self.run)
+
+    def check(self, step: int, limit: int) -> None:
+        if (worst := int(self.worst)) >= limit:
+            raise TooManyBadSteps(f"loss was NaN/inf for {worst} steps in a row by step {step} (limit "
+                                  f"optim.max_bad_steps={limit}), each skipped; "
+                                  "lower optim.lr, set optim.grad_clip, or check the data")
+
+
+class Throughput:
+    """Images per second, over all ranks, since the last ``restart()``."""
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.since, self.images = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.images += images
+
+    def rate(self) -> float:
+        return self.images * world_size() / max(time.perf_counter() - self.since, 1e-9)
+
+
+class Trainer:
+    """Trains ``cfg``'s objective on this rank (one Trainer per rank; DDP when there are several).
+
+    ``resume_from``: a checkpoint directory to continue from, or None to start afresh.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, reporter: Reporter, resume_from: Path | None):
+        self.cfg, self.reporter = cfg, reporter
+        seed_everything(cfg.seed + rank(), cfg.deterministic)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = pick_device(cfg)
+        task = task_for(cfg)
+        self.objective = self._place(task.build_objective(cfg))
+        self.stream, self.to_input = task.train_stream(cfg), task.input_fn(cfg, self.device)
+        self.monitors = self.objective.health_monitors() if rank() == 0 else []
+        self.base_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size * world_size(), cfg.optim.reference_batch,
+                                 cfg.optim.lr_scaling)
+        self.optimizer = build_optimizer(self.objective.param_groups(), cfg.optim, self.base_lr)
+        self.steps_per_epoch = self.stream.steps_per_epoch()
+        self.total_steps = max(1, math.ceil(cfg.optim.epochs * self.steps_per_epoch))
+        self.warmup_steps = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.steps_done, self.start_epoch, self.start_in_epoch = 0, 0, 0
+        self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
+        if resume_from is not None:
+            self._resume(resume_from)
+        self.model = self._wrap(self.objective)
+        self.amp = autocast_dtype(cfg, self.device)
+        self.loader = make_loader(self.stream, cfg.data.loader_workers)
+        self.health, self.bad, self.last = DataHealth(), BadSteps(self.device), {}
+        self.current_lr = self.base_lr
+        self.online = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
+
+    def _place(self, objective: Objective) -> Objective:
+        """``objective`` on this rank's device; SyncBN if it asks for it and there are several ranks."""
+        if world_size() > 1 and objective.sync_batchnorm:
+            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+        objective.to(self.device)
+        objective.to(memory_format=memory_format(self.device, self.cfg.train.channels_last))
+        return objective
+
+    def _wrap(self, objective: Objective) -> nn.Module:
+        """DDP across ranks (searching for parameters without gradients if the objective says some may
+        have none), then ``torch.compile`` if configured."""
+        model = objective
+        if world_size() > 1:
+            model = nn.parallel.DistributedDataParallel(
+                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=objective.find_unused_parameters, broadcast_buffers=False)
+        return torch.compile(model) if self.cfg.train.compile else model
+
+    def _resume(self, path: Path) -> None:
+        """Weights, optimiser, position and RNG from the checkpoint at ``path``. One written by another
+        number of ranks resumes at the same sample of its epoch, with this world size's steps and LR."""
+        _, model_state, state = load_checkpoint(path, with_state=True)
+        self.objective.load_state_dict(model_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # this world size's LR, not the saved one (elastic runs resize)
+            group["base_lr"] = self.base_lr
+        self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if state.get("sized_total_steps"):
+            self.total_steps = self.sized_total = state["sized_total_steps"]
+        saved_ranks = len(state["rng"])
+        if saved_ranks != world_size():  # the same samples seen, counted in this size's steps
+            self.start_in_epoch = self.start_in_epoch * saved_ranks // world_size()
+            self.steps_done = self.start_epoch * self.steps_per_epoch + self.start_in_epoch
+        set_rng_state(state["rng"][rank()] if rank() < saved_ranks else state["rng"][0])
+        log.info("resumed %s from %s (step %d)", self.cfg.name, path, self.steps_done)
+
+    def step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One optimiser step on ``batch`` (a dict of CPU tensors from the stream); returns the
+        objective's outputs (``"loss"``, detached metrics, maybe ``"embedding"``), unread.
+
+        A NaN/inf loss on any rank skips the step on every rank, decided on the device through the
+        optimiser's ``found_inf``: nothing here waits for the GPU.
+        """
+        self.current_lr = set_lr(self.optimizer, self.steps_done, self.total_steps, self.warmup_steps, self.cfg.optim.decay)
+        inputs = self.to_input(batch)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            out = self.model(inputs, Progress(self.steps_done, self.total_steps))
+        loss = out["loss"]
+        bad = ~torch.isfinite(loss.detach())
+        if world_size() > 1:  # one rank's NaN reaches every rank's gradients through the all-reduce
+            bad = bad.to(torch.int32)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            bad = bad.bool()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.found_inf = bad.float()  # the optimiser skips a bad step on the device: no host sync
+        self.optimizer.step()
+        self.bad.add(bad)
+        self.steps_done += 1
+        self.objective.on_after_step(Progress(self.steps_done, self.total_steps))
+        return out
+
+    def fit(self) -> dict:
+        """Train to the end of the plan (or of the time budget); returns the summary given to the reporter."""
+        minutes = self.cfg.optim.minutes
+        self.budget = None if not minutes or self.sized_total else \
+            TimeBudget(minutes, self.total_steps, self.steps_done, time.perf_counter())
+        self.throughput = Throughput()
+        epoch = self.start_epoch
+        while epoch * self.steps_per_epoch < self.total_steps:
+            self._run_epoch(epoch)
+            epoch += 1
+        return self._finish()
+
+    def _epoch_steps(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def _describe(self, epoch: int) -> str:
+        return f"epoch {epoch + 1}/{math.ceil(self.total_steps / self.steps_per_epoch)}"
+
+    def _run_epoch(self, epoch: int) -> None:
+        """The steps of ``epoch`` from the resumed position (or its start), then its end."""
+        in_epoch = self.start_in_epoch if epoch == self.start_epoch else 0
+        if in_epoch >= self._epoch_steps(epoch):
+            return
+        self.stream.set_epoch(epoch, in_epoch)
+        self.objective.train()
+        bar = tqdm(total=self._epoch_steps(epoch), initial=in_epoch, desc=self._describe(epoch),
+                   disable=rank() != 0, unit="step", mininterval=2.0)
+        for batch in self.loader:
+            if in_epoch >= self._epoch_steps(epoch):
+                break
+            self.health.add(batch)
+            out = self.step(batch)
+            in_epoch += 1
+            self.throughput.add(len(batch["labels"]) if "labels" in batch else self.cfg.data.batch_size)
+            bar.update(1)
+            self._after_step(out, epoch, in_epoch, bar)
+        bar.close()
+        self._end_epoch(epoch, in_epoch)
+
+    def _after_step(self, out: dict, epoch: int, in_epoch: int, bar: tqdm) -> None:
+        """The time budget, the logging step and the checkpoint interval, after step ``in_epoch`` of ``epoch``."""
+        if self.budget is not None and (total := self.budget.update(self.steps_done, time.perf_counter())):
+            self.total_steps = self.sized_total = total
+            bar.total, bar.desc = self._epoch_steps(epoch), self._describe(epoch)
+            if rank() == 0:
+                log.info("time budget %.1f min: training for %d steps (%.2f epochs)", self.cfg.optim.minutes,
+                         total, total / self.steps_per_epoch)
+        epoch_steps = self._epoch_steps(epoch)
+        if self.steps_done % self.cfg.train.log_every_steps == 0 or in_epoch == epoch_steps:
+            self._log(out, epoch + in_epoch / epoch_steps, bar)
+        if self.steps_done % self.cfg.train.checkpoint_every_steps == 0 and in_epoch < epoch_steps:
+            self._checkpoint(epoch, in_epoch)
+
+    def _log(self, out: dict, epoch: float, bar: tqdm) -> None:
+        """Report this step's record: the objective's metrics, the collapse statistics of its embedding
+        (when finite), LR, epoch, throughput, data and bad steps, and on rank 0 the alarm count of each
+        health monitor. Raises TooManyBadSteps when the limit of bad steps in a row is reached."""
+        images_per_s = self.throughput.rate()
+        embedding = out.pop("embedding", None)
+        record = {k: float(v.detach().float()) for k, v in out.items()}
+        if embedding is not None and bool(torch.isfinite(embedding).all()):  # not on a skipped NaN step
+            record.update({k: float(v) for k, v in embedding_stats(embedding).items()})
+        record.update(lr=self.current_lr, epoch=epoch, images_per_s=images_per_s,
+                      skipped_samples=self.health.skipped, bad_steps=int(self.bad.total))
+        for monitor in self.monitors:
+            record[f"{monitor.name}_alarms"] = len(monitor.update(self.steps_done, record))
+        self.last = record
+        self.reporter.log(self.steps_done, record)
+        self.bad.check(self.steps_done, self.cfg.optim.max_bad_steps)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_s:.0f}")
+        self.throughput.restart()
+
+    def _end_epoch(self, epoch: int, in_epoch: int) -> None:
+        """Check the epoch ran to its end; warn of bad samples; the online monitor; the epoch's checkpoint."""
+        if in_epoch < (epoch_steps := self._epoch_steps(epoch)):
+            raise RuntimeError(f"epoch {epoch} ended after {in_epoch} of {epoch_steps} steps: the loader ran dry")
+        if self.health.skipped and rank() == 0:
+            log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
+                        epoch + 1, self.health.skipped, self.health.repeated, self.health.where[:3])
+        if self.online is not None and self.online.due(epoch + 1):
+            record = [self.online(self.objective.encoder) if rank() == 0 else None]  # rank 0 measures
+            if world_size() > 1:  # every rank reports the same record
+                dist.broadcast_object_list(record)
+            self.reporter.log(self.steps_done, record[0])
+        self._checkpoint(epoch + 1, 0)
+
+    def _checkpoint(self, epoch: int, in_epoch: int) -> None:
+        """Rank 0 writes the checkpoint of this position, with every rank's RNG; every rank reports it
+        (the other ranks with path None)."""
+        rngs = [None] * world_size()
+        if world_size() > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        path = None
+        if rank() == 0:
+            state = {"optimizer": self.optimizer.state_dict(), "step": self.steps_done, "epoch": epoch,
+                     "step_in_epoch": in_epoch, "sized_total_steps": self.sized_total, "rng": rngs,
+                     "data_health": {"skipped": self.health.skipped, "repeated": self.health.repeated}}
+            path = save_checkpoint(self.cfg.run_dir, self.steps_done, self.objective.state_dict(), state, self.cfg,
+                                   self.last, self.cfg.train.keep_checkpoints)
+        self.reporter.checkpoint(self.steps_done, path, self.last)
+        if world_size() > 1:
+            dist.barrier()
+
+    def _finish(self) -> dict:
+        """The run's summary, with the bad samples of every rank; sent to the reporter's ``finish``."""
+        health = self.health
+        if world_size() > 1:
+            ranks_health = [None] * world_size()
+            dist.all_gather_object(ranks_health, health)
+            health = DataHealth(sum(h.skipped for h in ranks_health), sum(h.repeated for h in ranks_health),
+                                [w for h in ranks_health for w in h.where])
+        summary = {"steps": self.steps_done, "total_steps": self.total_steps,
+                   "epochs": self.total_steps / self.steps_per_epoch, "last": self.last,
+                   "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
+                   "bad_steps": int(self.bad.total), "checkpoint": str(latest_checkpoint(self.cfg.run_dir))}
+        self.reporter.finish(summary)
+        return summary
