@@ -74,6 +74,7 @@ class SimCLRConfig(ImageMethodConfig):
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     proj_layers: int = 2
+    sync_bn: bool = True  # the paper's "Global BN": BatchNorm over the batch of every rank
 
 
 class MoCoV2Config(ImageMethodConfig):
@@ -91,7 +92,15 @@ class MoCoV2Config(ImageMethodConfig):
     proj_hidden_dim: int | None = Field(None, gt=0)
     proj_dim: int = Field(128, gt=0)
     symmetric: bool = False
-    sync_bn: bool = True
+    shuffle_bn: bool = True  # the paper's Shuffle-BN for the key encoder (MoCo v1 §3.3)
+    sync_bn: bool = False  # SyncBN instead: BatchNorm over the batch of every rank
+
+    @model_validator(mode="after")
+    def _one_bn_mode(self):
+        if self.shuffle_bn and self.sync_bn:
+            raise ValueError("method.shuffle_bn and method.sync_bn are both true: choose one "
+                             "(set the other to false)")
+        return self
 
 
 class MoCoV3Config(ImageMethodConfig):
@@ -323,6 +332,8 @@ class DataConfig(Strict):
     bucket_size: int = Field(1000, gt=1, description="audio with max_tokens: consecutive clips of a shard sorted by "
                              "length together and cut into batches (more: closer lengths, more loader memory)")
     verify_checksums: bool = Field(False, description="check each shard's sha256 while streaming")
+    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="images of many sizes: where JPEGs are "
+                                                  "decoded and views cut (gpu: nvJPEG; auto: gpu when training on CUDA)")
 
     @model_validator(mode="after")
     def _stats_match_channels(self):

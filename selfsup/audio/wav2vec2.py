@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup.audio.context import ContextNetwork
@@ -19,6 +18,7 @@ from selfsup.audio.loss import contrastive_logits, sample_negatives
 from selfsup.audio.masking import compute_span_mask
 from selfsup.audio.quantizer import GumbelVectorQuantizer, QuantizerOutput, gumbel_temperature
 from selfsup.config import Wav2Vec2Config
+from selfsup.core.distributed import share_of_mean
 from selfsup.core.objective import Progress
 
 
@@ -95,6 +95,8 @@ class Wav2Vec2Pretraining(nn.Module):
 
     ``forward((waveforms (B, S) float32 16 kHz, lengths (B,) int64), progress)`` returns ``loss`` =
     contrastive + alpha * diversity + feature_penalty_weight * feature_penalty, plus detached metrics.
+    Across ranks the loss is weighted by this rank's masked frames over their mean across ranks, so
+    that DDP's gradient average is fairseq's: every masked frame of the global batch counts the same.
     """
 
     sync_batchnorm = False  # no BatchNorm: GroupNorm and LayerNorm only
@@ -131,8 +133,9 @@ class Wav2Vec2Pretraining(nn.Module):
         """The codebook collapse alarm on the logged accuracy and perplexity."""
         return [CodebookHealthMonitor(groups=self.cfg.codebook_groups)]
 
-    def on_after_step(self, progress: Progress) -> None:
-        """Anneal the Gumbel temperature."""
+    def on_after_step(self, progress: Progress, accepted: Tensor | None = None) -> None:
+        """Anneal the Gumbel temperature, which follows ``progress`` alone: ``forward`` changes no state
+        (codebook usage is measured per batch, not accumulated), so a skipped step has nothing to undo."""
         self.quantizer.temperature.fill_(self.temperature_at(progress))
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -187,6 +190,7 @@ class Wav2Vec2Pretraining(nn.Module):
         num_codes = self.quantizer.num_codes
         diversity = (num_codes - q.perplexity_soft) / num_codes
         loss = contrastive + cfg.diversity_weight * diversity + cfg.feature_penalty_weight * feature_penalty
+        loss = loss * share_of_mean(n_masked)  # 1 on one rank
         correct = (logits[..., 0] > logits[..., 1:].amax(dim=-1)).float()
         metrics = {
             "loss": loss,
@@ -202,15 +206,4 @@ class Wav2Vec2Pretraining(nn.Module):
             ).detach(),
             "masked_fraction": (m.sum() / valid.float().sum().clamp(min=1.0)).detach(),
         }
-        return Wav2Vec2Step(
-            features=features,
-            frame_lengths=frame_lengths,
-            mask=mask,
-            negatives=negatives,
-            context=context,
-            targets=targets,
-            quantizer=q,
-            logits=logits,
-            duplicates=duplicates,
-            metrics=metrics,
-        )
+        return Wav2Vec2Step(features, frame_lengths, mask, negatives, context, targets, q, logits, duplicates, metrics)

@@ -48,11 +48,16 @@ class Objective(Protocol):
       plus any number of scalar metrics (detached tensors; the loop calls ``.item()`` only when it logs),
       and optionally ``"embedding"``: a detached (B, D) batch of embeddings whose collapse statistics
       (std, RankMe) the loop computes at logging steps only.
-    - ``on_after_step(progress)`` runs after every optimiser step (momentum/EMA updates, annealing).
+    - ``on_after_step(progress, accepted)`` runs after every optimiser step; ``accepted`` is a 0-d
+      bool device tensor, False when the loop skipped the step (NaN/inf loss). Every side effect of
+      the step (queue pushes, momentum/EMA updates, statistics changed in ``forward``) is applied
+      here and only where ``accepted``, with tensor arithmetic (no host sync); None means accepted.
+      Schedules that follow ``progress`` (annealing) need not look at it.
     - ``param_groups()`` returns optimiser parameter groups; a group with ``"fixed_lr": True`` keeps
       its base learning rate (SimSiam's predictor), ``"weight_decay": 0.0`` exempts a group.
     - ``encoder`` is the module that is evaluated and exported (backbone only, no heads).
-    - ``sync_batchnorm``: the loop converts BatchNorm to SyncBatchNorm when there is more than one rank.
+    - ``sync_batchnorm``: the loop converts BatchNorm to BatchNorm over the global batch when there is
+      more than one rank (``selfsup.core.distributed.convert_sync_batchnorm``).
     - ``find_unused_parameters``: some parameters may get no gradient in a step (DDP must look for them).
     - ``health_monitors()``: fresh monitors of this objective's logged records (see :class:`HealthMonitor`).
     """
@@ -63,7 +68,7 @@ class Objective(Protocol):
 
     def forward(self, batch: Any, progress: Progress) -> dict[str, torch.Tensor]: ...
 
-    def on_after_step(self, progress: Progress) -> None: ...
+    def on_after_step(self, progress: Progress, accepted: torch.Tensor | None = None) -> None: ...
 
     def param_groups(self) -> list[dict[str, Any]]: ...
 

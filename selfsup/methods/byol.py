@@ -6,32 +6,31 @@ import torch
 from torch import nn
 
 from selfsup.config import BYOLConfig
-from selfsup.core.collapse import CollapseMonitor
 from selfsup.core.objective import Progress
+from selfsup.methods.base import Method
 from selfsup.methods.heads import MLPHead
 from selfsup.methods.losses import normalized_mse
-from selfsup.methods.momentum import cosine_momentum, momentum_copy, update_momentum
+from selfsup.methods.momentum import cosine_momentum
 
 
-class BYOL(nn.Module):
+class BYOL(Method):
     """Online backbone + projector + predictor; EMA target backbone + projector.
 
     ``forward([v1, v2], progress)`` -> {"loss", "embedding" (B, proj_dim)}; the loss is the symmetric
     ``(2 − 2·cos(p1, t2)) + (2 − 2·cos(p2, t1))``, batch means, with the target t under no_grad.
+    ``sync_bn`` (the paper's synchronised BN, the default) normalises over the global batch when
+    there are several ranks.
     """
 
-    find_unused_parameters = False
+    momentum_pairs = (("target_encoder", "encoder"), ("target_projector", "projector"))
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: BYOLConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, sync_batchnorm=cfg.sync_bn)
         self.encoder = backbone
-        self.sync_batchnorm = cfg.sync_bn
         proj_hidden = cfg.proj_hidden_dim or 2 * feature_dim
         self.projector = MLPHead(feature_dim, proj_hidden, cfg.proj_dim, num_layers=2)
         self.predictor = MLPHead(cfg.proj_dim, cfg.pred_hidden_dim or proj_hidden, cfg.proj_dim, num_layers=2)
-        self.target_encoder = momentum_copy(self.encoder)
-        self.target_projector = momentum_copy(self.projector)
+        self.make_momentum_copies()
 
     def forward(self, views: list[torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         x1, x2 = views[0], views[1]
@@ -43,14 +42,6 @@ class BYOL(nn.Module):
         loss = normalized_mse(self.predictor(z1), t2) + normalized_mse(self.predictor(z2), t1)
         return {"loss": loss, "embedding": z1.detach()}
 
-    def health_monitors(self) -> list[CollapseMonitor]:
-        """The collapse alarm on the (B, D) embeddings ``forward`` returns."""
-        return [CollapseMonitor(self.projector.out_dim)]
-
-    def on_after_step(self, progress: Progress) -> None:
-        tau = cosine_momentum(self.cfg.tau_base, progress)
-        update_momentum(self.target_encoder, self.encoder, tau)
-        update_momentum(self.target_projector, self.projector, tau)
-
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+    def momentum(self, progress: Progress) -> float:
+        """τ: cosine from ``tau_base`` to 1."""
+        return cosine_momentum(self.cfg.tau_base, progress)

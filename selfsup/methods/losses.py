@@ -1,4 +1,4 @@
-"""Losses as pure functions of embeddings."""
+"""Losses as pure functions of embeddings, computed in fp32 (float64 inputs stay float64)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from selfsup.core.distributed import gather_no_grad, gather_with_grad, rank
+
+
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or unchanged if it is float64: at least single precision, never less than given."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -16,7 +21,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     Computed in fp32 (also under autocast).
     """
     with torch.autocast(z1.device.type, enabled=False):
-        return _nt_xent_fp32(z1.float(), z2.float(), temperature)
+        return _nt_xent_fp32(fp32(z1), fp32(z2), temperature)
 
 
 def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -44,10 +49,10 @@ def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     mean loss, computed in fp32 (also under autocast).
     """
     with torch.autocast(q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.float(), dim=1)
+        q = F.normalize(fp32(q), dim=1)
+        k = F.normalize(fp32(k), dim=1)
         positive = (q * k).sum(1, keepdim=True)  # (B, 1)
-        negative = q @ queue.float().T  # (B, K)
+        negative = q @ fp32(queue).T  # (B, K)
         logits = torch.cat([positive, negative], 1) / temperature
         labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(logits, labels)
@@ -61,8 +66,8 @@ def info_nce_cross_rank(q: torch.Tensor, k: torch.Tensor, temperature: float) ->
     ``2τ · mean cross-entropy`` on L2-normalised vectors, computed in fp32 (also under autocast).
     """
     with torch.autocast(q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
-        keys = F.normalize(gather_no_grad(k.float()), dim=1)  # (W·B, D)
+        q = F.normalize(fp32(q), dim=1)
+        keys = F.normalize(gather_no_grad(fp32(k)), dim=1)  # (W·B, D)
         logits = q @ keys.T / temperature  # (B, W·B)
         labels = torch.arange(q.shape[0], device=q.device) + rank() * q.shape[0]
         return 2 * temperature * F.cross_entropy(logits, labels)
@@ -71,10 +76,10 @@ def info_nce_cross_rank(q: torch.Tensor, k: torch.Tensor, temperature: float) ->
 def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's regression loss ``‖p̂ − ẑ‖² = 2 − 2·cos(p, z)``, mean over the batch; p, z: (B, D), fp32."""
     with torch.autocast(p.device.type, enabled=False):
-        return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=1)).mean()
+        return (2 - 2 * F.cosine_similarity(fp32(p), fp32(z), dim=1)).mean()
 
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """SimSiam's ``D(p, z) = −cos(p, z)``, mean over the batch; p, z: (B, D), fp32. Stop-gradient is the caller's."""
     with torch.autocast(p.device.type, enabled=False):
-        return -F.cosine_similarity(p.float(), z.float(), dim=1).mean()
+        return -F.cosine_similarity(fp32(p), fp32(z), dim=1).mean()

@@ -19,18 +19,20 @@ def momentum_copy(online: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def update_momentum(target: nn.Module, online: nn.Module, m: float) -> None:
-    """``target ← m·target + (1−m)·online`` for every parameter, in place.
+def update_momentum(target: nn.Module, online: nn.Module, m: float, accepted: torch.Tensor | None = None) -> None:
+    """``target ← m·target + (1−m)·online`` for every parameter, in place, when ``accepted``.
 
-    Parameters only: the target's BatchNorm statistics come from its own forward passes, as in
-    MoCo and BYOL. ``target`` must be a copy of ``online`` (same parameters, same order).
+    ``accepted``: 0-d bool tensor (None: True). On a rejected step the weight of ``online`` is 0 and
+    ``target`` stays exactly as it was, decided on the device. Parameters only: the target's
+    BatchNorm statistics come from its own forward passes, as in MoCo and BYOL. ``target`` must be a
+    copy of ``online`` (same parameters, same order).
     """
     target_params = list(target.parameters())
     online_params = list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError(f"target has {len(target_params)} parameters, online has {len(online_params)}")
-    torch._foreach_mul_(target_params, m)
-    torch._foreach_add_(target_params, online_params, alpha=1.0 - m)
+    weight = 1.0 - m if accepted is None else (1.0 - m) * accepted.to(target_params[0].dtype)
+    torch._foreach_lerp_(target_params, online_params, weight)
 
 
 def cosine_momentum(base: float, progress: Progress) -> float:

@@ -6,26 +6,23 @@ import torch
 from torch import nn
 
 from selfsup.config import SimSiamConfig
-from selfsup.core.collapse import CollapseMonitor
 from selfsup.core.objective import Progress
+from selfsup.methods.base import Method
 from selfsup.methods.heads import MLPHead
 from selfsup.methods.losses import negative_cosine
 
 
-class SimSiam(nn.Module):
+class SimSiam(Method):
     """Backbone + 3-layer projector (BN on every layer) + 2-layer bottleneck predictor.
 
     ``forward([v1, v2], progress)`` -> {"loss", "embedding" (B, proj_dim)} with
-    ``loss = D(p1, sg(z2))/2 + D(p2, sg(z1))/2``, D the negative cosine similarity.
+    ``loss = D(p1, sg(z2))/2 + D(p2, sg(z1))/2``, D the negative cosine similarity. ``sync_bn``
+    (the paper's SyncBN, the default) normalises over the global batch when there are several ranks.
     """
 
-    find_unused_parameters = False
-
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SimSiamConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg, sync_batchnorm=cfg.sync_bn)
         self.encoder = backbone
-        self.sync_batchnorm = cfg.sync_bn
         proj_dim = cfg.proj_dim or feature_dim
         self.projector = MLPHead(feature_dim, cfg.proj_hidden_dim or proj_dim, proj_dim, num_layers=3, last_bn=True)
         self.predictor = MLPHead(proj_dim, cfg.pred_hidden_dim or max(1, proj_dim // 4), proj_dim, num_layers=2)
@@ -37,13 +34,6 @@ class SimSiam(nn.Module):
         p1, p2 = self.predictor(z1), self.predictor(z2)
         loss = negative_cosine(p1, z2.detach()) / 2 + negative_cosine(p2, z1.detach()) / 2
         return {"loss": loss, "embedding": z1.detach()}
-
-    def health_monitors(self) -> list[CollapseMonitor]:
-        """The collapse alarm on the (B, D) embeddings ``forward`` returns."""
-        return [CollapseMonitor(self.projector.out_dim)]
-
-    def on_after_step(self, progress: Progress) -> None:
-        pass
 
     def param_groups(self) -> list[dict]:
         return [

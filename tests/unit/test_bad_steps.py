@@ -1,17 +1,22 @@
-"""The training loop skips NaN/inf losses, counts them, and stops after too many in a row."""
+"""The training loop skips NaN/inf losses, counts them, and stops after too many in a row; a skipped
+step leaves no trace in any objective (queue, EMA targets, BatchNorm statistics, optimiser)."""
 
 from __future__ import annotations
 
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
+from selfsup.audio.decode import encode_flac
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.core.objective import Progress
 from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.train.trainer import TooManyBadSteps, Trainer
+from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
 from tests.conftest import write_tiny_shards
 
@@ -75,3 +80,89 @@ def test_the_loop_warns_when_embeddings_collapse(tmp_path, monkeypatch, caplog):
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["collapse_alarms"] for r in records] == [0, 0, 1, 0]  # logged at steps 2, 4, 6, 8; warned once
     assert len(caplog.records) == 1 and "representation collapse: embed_std" in caplog.records[0].getMessage()
+
+
+# ---- a NaN step changes nothing ----
+
+HEADS = {  # small heads for a width-8 ResNet-18 (feature dimension 64)
+    "simclr": ["method.proj_hidden_dim=16", "method.proj_dim=8"],
+    "moco_v2": ["method.queue_size=32", "method.proj_hidden_dim=16", "method.proj_dim=8"],
+    "moco_v3": ["method.proj_hidden_dim=16", "method.proj_dim=8", "method.pred_hidden_dim=16"],
+    "byol": ["method.proj_hidden_dim=16", "method.proj_dim=8", "method.pred_hidden_dim=16"],
+    "simsiam": ["method.proj_dim=16", "method.proj_hidden_dim=16", "method.pred_hidden_dim=4"],
+}
+
+
+def audio_config(tmp_path):
+    rng = np.random.default_rng(0)
+    clips = ({"__key__": f"c{i}", "flac": encode_flac((0.1 * rng.standard_normal(8000)).astype(np.float32)),
+              "json": {"duration": 0.5, "original_rate": 16000, "label": 0}} for i in range(8))
+    write_shards(clips, tmp_path / "audio", split="train", kind="audio", classes=["a"])
+    return parse_config({
+        "name": "bad-w2v", "run_root": str(tmp_path / "runs"),
+        "data": {"kind": "audio", "train": str(tmp_path / "audio"), "batch_size": 2, "max_seconds": 0.5,
+                 "min_seconds": 0.1, "loader_workers": 0},
+        "method": {"name": "wav2vec2", "preset": "tiny", "conv_channels": 16, "embed_dim": 32, "num_heads": 2,
+                   "ffn_dim": 64, "num_layers": 2, "codebook_entries": 16, "codevector_dim": 16, "final_dim": 16,
+                   "num_negatives": 4, "mask_length": 4},
+        "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0, "epochs": 1},
+        "train": {"precision": "fp32", "threads": 1}})
+
+
+def batches(name: str) -> tuple[list, list, list]:
+    """Two clean inputs and a non-finite one, built directly as the objective's input."""
+    g = torch.Generator().manual_seed(0)
+    if name == "wav2vec2":
+        clean = [(0.1 * torch.randn(2, 8000, generator=g), torch.tensor([8000, 8000])) for _ in range(2)]
+        bad = (clean[0][0].clone(), clean[0][1])
+        bad[0][1, 100] = float("inf")
+        return clean[0], bad, clean[1]
+    clean = [[torch.randn(8, 1, 16, 16, generator=g) for _ in range(2)] for _ in range(2)]
+    bad = [v.clone() for v in clean[0]]
+    bad[1][3, 0, 5, 5] = float("inf")
+    return clean[0], bad, clean[1]
+
+
+PROGRESS_DRIVEN = {"quantizer.temperature"}  # follows the step count, which a skipped step advances too
+
+
+def run_steps(cfg, inputs: list) -> tuple[Trainer, torch.Tensor, list[dict]]:
+    """Trainer.step on each input, None standing for a step the loop counts but never takes (what the loop
+    does on a skipped step, without the batch). Returns the trainer, the last loss and the objective's
+    state after each step."""
+    trainer = Trainer(cfg, Reporters(), resume_from=None)
+    trainer.to_input = lambda batch: batch  # the inputs are already the objective's
+    states = []
+    for i, batch in enumerate(inputs):
+        torch.manual_seed(100 + i)  # the same randomness (masks, Shuffle-BN, Gumbel noise) in both runs
+        if batch is None:
+            trainer.steps_done += 1
+            trainer.objective.on_after_step(Progress(trainer.steps_done, trainer.total_steps), torch.tensor(False))
+        else:
+            out = trainer.step(batch)
+        states.append({k: v.clone() for k, v in trainer.objective.state_dict().items()})
+    return trainer, out["loss"].detach(), states
+
+
+def assert_same_tensors(a: dict, b: dict, what: str, skip: set[str] = frozenset()) -> None:
+    assert a.keys() == b.keys()
+    for k in a.keys() - skip:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k], f"{what}.{k}")
+        elif isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+@pytest.mark.parametrize("name", [*HEADS, "wav2vec2"])
+def test_a_non_finite_batch_changes_nothing(tmp_path, name):
+    cfg = audio_config(tmp_path) if name == "wav2vec2" else \
+        tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8")
+    first, bad, second = batches(name)
+    skipped, loss, states = run_steps(cfg, [first, bad, second])
+    never, expected, _ = run_steps(cfg, [first, None, second])
+    assert int(skipped.bad.total) == 1 and int(never.bad.total) == 0
+    # the bad step itself: queue, EMA targets, BatchNorm statistics, codebook all as they were
+    assert_same_tensors(states[0], states[1], "state across the bad step", skip=PROGRESS_DRIVEN)
+    assert torch.isfinite(loss) and torch.equal(loss, expected)
+    assert_same_tensors(skipped.objective.state_dict(), never.objective.state_dict(), "state")
+    assert_same_tensors(skipped.optimizer.state_dict()["state"], never.optimizer.state_dict()["state"], "optimiser")

@@ -6,6 +6,7 @@ in float64 numpy, so a wrong sign, pairing, temperature or stop-gradient in the 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ from selfsup.vision.backbones import build_backbone
 
 BATCH = 4
 MID = Progress(step=5, total_steps=10)  # fraction 0.5
+ACCEPTED = torch.tensor(True)
 
 
 def views(seed: int = 0) -> list[torch.Tensor]:
@@ -200,7 +202,7 @@ def test_on_after_step_is_ema_of_online_weights(name):
     sgd_step(method)
     pairs = [(getattr(method, n), getattr(method, ONLINE_OF[n])) for n in target_names]
     before = [[p.detach().clone() for p in t.parameters()] for t, _ in pairs]
-    method.on_after_step(MID)
+    method.on_after_step(MID, ACCEPTED)
     for (target, online), target_before in zip(pairs, before):
         for t, o, tb in zip(target.parameters(), online.parameters(), target_before):
             torch.testing.assert_close(t, m * tb + (1 - m) * o.detach(), atol=1e-6, rtol=0)
@@ -248,6 +250,8 @@ def test_moco_v2_enqueues_newest_keys_at_pointer():
         with torch.no_grad():
             keys = method.key_projector(method.key_encoder(x2))
         method([x1, x2], MID)
+        assert method.queue_ptr.item() == start  # nothing enqueued before the step is accepted
+        method.on_after_step(MID, ACCEPTED)
         torch.testing.assert_close(method.queue[start:start + 4], nn.functional.normalize(keys, dim=1))
         torch.testing.assert_close(method.queue[4 - start:8 - start], untouched)
         assert method.queue_ptr.item() == (start + 4) % 8
@@ -265,10 +269,61 @@ def test_moco_v2_queue_must_divide_by_keys_per_step():
 def test_moco_v2_queue_is_checkpointed():
     method = make(MoCoV2, MoCoV2Config(queue_size=8, proj_hidden_dim=16, proj_dim=5))
     method(views(), MID)
+    method.on_after_step(MID, ACCEPTED)
     state = method.state_dict()
     restored = make(MoCoV2, MoCoV2Config(queue_size=8, proj_hidden_dim=16, proj_dim=5), seed=1)
     restored.load_state_dict(state)
     assert torch.equal(restored.queue, method.queue) and restored.queue_ptr.item() == 4
+
+
+def test_moco_v2_shuffle_bn_on_one_rank_normalises_keys_over_shuffled_halves():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8))
+    method = MoCoV2(backbone, 8, MoCoV2Config(queue_size=8, proj_hidden_dim=16, proj_dim=5))
+    x = torch.randn(8, 1, 8, 8)
+    torch.manual_seed(7)
+    keys = method.all_keys(x)
+    torch.manual_seed(7)
+    order = torch.randperm(8)
+    halves = [method.keys(x[order[:4]]), method.keys(x[order[4:]])]  # each half with its own BN statistics
+    expected = torch.cat(halves)[torch.argsort(order)]
+    torch.testing.assert_close(keys, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(keys, method.keys(x), atol=1e-3)  # not the statistics of the whole batch
+
+
+def test_bn_mode_defaults_follow_the_papers_and_both_at_once_is_refused():
+    from selfsup.config import ConfigError, parse_config
+
+    sync = {name: build_method(cfg_cls(**({"queue_size": 16} if name == "moco_v2" else {})),
+                               *linear_backbone()).sync_batchnorm
+            for name, cfg_cls in METHOD_CONFIGS.items() if cfg_cls.data_kind == "image"}
+    assert sync == {"simclr": True, "moco_v2": False, "moco_v3": True, "byol": True, "simsiam": True}
+    assert MoCoV2Config().shuffle_bn and not MoCoV2Config().sync_bn
+    assert build_method(MoCoV2Config(shuffle_bn=False, sync_bn=True), *linear_backbone()).sync_batchnorm
+    tree = {"name": "t", "data": {"train": "x"}, "method": {"name": "moco_v2"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(tree, ["method.sync_bn=true"])
+    assert "method.shuffle_bn and method.sync_bn are both true" in str(err.value)
+    parse_config(tree, ["method.sync_bn=true", "method.shuffle_bn=false"])
+
+
+def test_global_batchnorm_conversion_keeps_parameters_buffers_and_keys():
+    from selfsup.core.distributed import GlobalBatchNorm, convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18", width=8, in_channels=1)
+    method = build_method(METHOD_CONFIGS["byol"](), backbone, dim)
+    plain = copy.deepcopy(method)
+    before = method.state_dict(keep_vars=True)
+    converted = convert_sync_batchnorm(method, torch.device("cpu"))
+    after = converted.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
+                   for m in converted.modules())
+    assert converted.target_encoder.bn1.weight.requires_grad is False  # frozen copies stay frozen
+    x = torch.randn(4, 1, 16, 16)  # one rank: plain BatchNorm, running statistics included
+    torch.testing.assert_close(converted.encoder(x), plain.encoder(x))
+    torch.testing.assert_close(converted.encoder.state_dict(), plain.encoder.state_dict())
 
 
 # ---- registry and a real backbone ----
@@ -289,7 +344,7 @@ def test_resnet_backbone_trains_one_step(name):
     method = build_method(cfg_cls(**({"queue_size": 16} if name == "moco_v2" else {})), backbone, dim)
     assert method.encoder is backbone
     sgd_step(method)
-    method.on_after_step(MID)
+    method.on_after_step(MID, ACCEPTED)
     out = method(views(), MID)
     assert torch.isfinite(out["loss"]) and out["loss"].requires_grad
     assert all(v.ndim == 0 and not v.requires_grad for k, v in out.items() if k not in ("loss", "embedding"))
