@@ -66,3 +66,9 @@ def write_tiny_shards(out: Path, sizes: list[int], seed: int = 0, split: str = "
 @pytest.fixture
 def tiny_shards(tmp_path) -> Path:
     return write_tiny_shards(tmp_path / "shards", [30, 50, 10, 40, 25, 35, 60])
+
+
+def progress_at(step: int, seq: int | None = None, samples: int | None = None) -> dict:
+    """A checkpoint's progress record after ``step`` steps of batch 8 on one rank (``seq`` = write order)."""
+    return {"seq": step if seq is None else seq, "samples_seen": 8 * step if samples is None else samples,
+            "step": step, "epoch": 0, "step_in_epoch": step, "world_size": 1}

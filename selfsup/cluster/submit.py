@@ -5,7 +5,7 @@ as the job's ``working_dir``; the ``selfsup`` package travels in ``py_modules``,
 this code. Secrets (``WANDB_API_KEY`` and the variables named by ``--env``) travel in the job's
 metadata, never in its ``env_vars`` (Ray's runtime-env agent writes a job's ``env_vars`` into its
 logs, mode 644), on the command line, in the shipped config or in what this command prints. The
-job's driver reads them back (:func:`job_secrets`) and hands them to the training workers in memory.
+job's driver reads them back (``selfsup.cluster.secrets.job_secrets``) and hands them to the training workers in memory.
 Anyone holding the cluster token can read a job's metadata through the dashboard, as they can
 submit jobs. Token authentication: set ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` (or
 ``~/.ray/auth_token``) in this environment; Ray's SDK sends it.
@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from selfsup.cluster.secrets import SECRET_PREFIX
 from selfsup.config import dump_config, load_config
 
 SECRET_ENV = ("WANDB_API_KEY",)
-SECRET_PREFIX = "secret:"  # job metadata keys that carry a secret: "secret:WANDB_API_KEY" -> value
 EXIT_CODES = {"SUCCEEDED": 0, "STOPPED": 3}  # anything else (FAILED) is 1
 
 
@@ -51,13 +51,6 @@ def secret_env(names: list[str]) -> dict[str, str]:
         raise SubmitError(f"--env {' '.join(missing)}: not set in this environment; export it first")
     env.update({n: os.environ[n] for n in names})
     return env
-
-
-def job_secrets() -> dict[str, str]:
-    """Inside a job started by ``selfsup submit``: the secrets its metadata carries (empty elsewhere)."""
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    metadata = job.get("metadata") or {}
-    return {k[len(SECRET_PREFIX):]: v for k, v in metadata.items() if k.startswith(SECRET_PREFIX)}
 
 
 def redact(text: str, secrets: dict[str, str]) -> str:

@@ -68,3 +68,16 @@ class FileReporter:
         if rank() == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+
+
+def truncate_records(path: Path, samples_seen: int) -> None:
+    """Drop the records of ``metrics.jsonl`` past ``samples_seen`` (those of steps a resume redoes), so
+    the file reads as one run in the order of training progress."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("samples", 0) <= samples_seen]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)

@@ -4,19 +4,22 @@ Credentials and endpoints come from the usual environment (``AWS_ACCESS_KEY_ID``
 ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS`` …), never from the config.
 
 A run whose ``run_root`` is a URL works in a local mirror (``selfsup.config.mirror_dir``: under
-``$SELFSUP_CACHE``, default ``~/.cache/selfsup``) and pushes to the bucket: each checkpoint's files first, then a
-``COMPLETE`` marker, so a reader never takes a half-written checkpoint; the run's small files
+``$SELFSUP_CACHE``, default ``~/.cache/selfsup``) and pushes to the bucket: each checkpoint's files first, its
+``progress.json`` (which lists the others with their sizes) last, so a reader never takes a
+half-written checkpoint; the run's small files
 (``metrics.jsonl``, ``summary.json``, ``wandb_id``) after them. A restarted run, on any node,
-pulls the newest complete checkpoint back.
+pulls the complete checkpoint written last back. (Under Ray, Ray's checkpoint storage uploads the
+checkpoints instead; this mirror serves ``--no-ray`` runs on a bucket.)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
-MARKER = "COMPLETE"
+PROGRESS = "progress.json"  # the checkpoint file written last (selfsup.core.checkpoint)
 RUN_FILES = ("wandb_id", "metrics.jsonl", "summary.json")
 SCHEMES = ("s3://", "gs://")
 
@@ -93,41 +96,63 @@ def _children(url: str) -> list[str]:
     return sorted(i.base_name for i in infos)
 
 
+def _sizes(url: str) -> dict[str, int]:
+    """Name -> size of the files directly under the prefix ``url``."""
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(url)
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), allow_not_found=True))
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _remote_progress(url: str) -> dict:
+    """The ``progress.json`` of the checkpoint at ``url`` if it is complete, else {}."""
+    sizes = _sizes(url)
+    if PROGRESS not in sizes:
+        return {}
+    try:
+        with open_read(f"{url}/{PROGRESS}") as f:
+            progress = json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+    files = progress.get("files") or {}
+    return progress if files and all(sizes.get(n) == s for n, s in files.items()) else {}
+
+
 def remote_checkpoints(run_url: str) -> list[str]:
-    """Names of the complete checkpoints under ``<run_url>/checkpoints``, oldest first."""
+    """Names of the complete checkpoints under ``<run_url>/checkpoints``, in the order written."""
     root = f"{run_url}/checkpoints"
-    return [n for n in _children(root) if n.startswith("step-") and MARKER in _children(f"{root}/{n}")]
+    found = {n: _remote_progress(f"{root}/{n}") for n in _children(root)}
+    return sorted((n for n, p in found.items() if p), key=lambda n: found[n]["seq"])
 
 
 def push_checkpoint(local: Path, run_url: str, keep: int) -> str:
-    """Upload the checkpoint dir ``local`` (files, then the marker) and delete all but the newest ``keep``."""
+    """Upload the checkpoint dir ``local`` (``progress.json`` last) and delete all but the ``keep`` written last."""
     root = f"{run_url}/checkpoints"
     url = f"{root}/{local.name}"
     fs, path = _fs(url)
-    fs.delete_dir_contents(path, missing_dir_ok=True)  # a re-written step: drop its marker first
-    for f in sorted(local.iterdir()):
+    fs.delete_dir_contents(path, missing_dir_ok=True)  # a re-written checkpoint: drop its progress.json first
+    for f in sorted(local.iterdir(), key=lambda f: f.name == PROGRESS):
         _upload(f, f"{url}/{f.name}")
-    write_bytes(f"{url}/{MARKER}", b"")
     for old in remote_checkpoints(run_url)[:-keep]:
         fs.delete_dir(_fs(f"{root}/{old}")[1])
     return url
 
 
 def pull_latest(run_url: str, local_run_dir: Path) -> Path | None:
-    """Download the newest complete remote checkpoint into ``<local_run_dir>/checkpoints`` unless it is there."""
+    """Download the remote checkpoint written last into ``<local_run_dir>/checkpoints`` unless it is there."""
     names = remote_checkpoints(run_url)
     if not names:
         return None
     name = names[-1]
     dest = Path(local_run_dir) / "checkpoints" / name
-    if (dest / "model.pt").is_file() and (dest / "state.pt").is_file():
+    if (dest / PROGRESS).is_file():
         return dest
-    tmp = dest.parent / f".pull-{name}-{os.getpid()}"
+    tmp = dest.parent / f".tmp-pull-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in _children(f"{run_url}/checkpoints/{name}"):
-        if f != MARKER:
-            _download(f"{run_url}/checkpoints/{name}/{f}", tmp / f)
+    for f in sorted(_children(f"{run_url}/checkpoints/{name}"), key=lambda f: f == PROGRESS):
+        _download(f"{run_url}/checkpoints/{name}/{f}", tmp / f)
     try:
         os.replace(tmp, dest)
     except OSError:  # another rank on this node pulled it first
@@ -143,9 +168,12 @@ def push_run_files(local_run_dir: Path, run_url: str) -> None:
 
 
 def pull_run_files(run_url: str, local_run_dir: Path) -> None:
-    """Download the run's small files missing here (so a resumed run keeps its W&B id and metrics)."""
+    """Download the run's small files (so a resumed run keeps its W&B id and metrics); the bucket's
+    copy replaces one here, which may be stale (rank 0 of a later attempt ran on another node)."""
     present = set(_children(run_url))
     Path(local_run_dir).mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
-        if name in present and not (Path(local_run_dir) / name).exists():
-            _download(f"{run_url}/{name}", Path(local_run_dir) / name)
+        if name in present:
+            tmp = Path(local_run_dir) / f".{name}.pull-{os.getpid()}"
+            _download(f"{run_url}/{name}", tmp)
+            os.replace(tmp, Path(local_run_dir) / name)

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from tqdm import tqdm
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.device import memory_format
-from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from selfsup.core.checkpoint import (CheckpointSpaceError, checkpoint_name, ensure_space, load_checkpoint,
+                                     remove_partial, rng_state, save_checkpoint, set_rng_state, write_checkpoint)
 from selfsup.core.collapse import embedding_stats
-from selfsup.core.distributed import rank, world_size
+from selfsup.core.distributed import convert_sync_batchnorm, rank, world_size
 from selfsup.core.objective import Objective, Progress
 from selfsup.core.reporter import Reporter
 from selfsup.data.stream import DataHealth, make_loader
@@ -107,11 +109,14 @@ class Throughput:
 class Trainer:
     """Trains ``cfg``'s objective on this rank (one Trainer per rank; DDP when there are several).
 
-    ``resume_from``: a checkpoint directory to continue from, or None to start afresh.
+    ``resume_from``: a checkpoint directory to continue from, or None to start afresh. ``staging``:
+    where rank 0 writes each checkpoint for the reporter to persist (Ray's checkpoint storage), or
+    None to write them into the run folder itself (atomically, pruned to ``train.keep_checkpoints``).
     """
 
-    def __init__(self, cfg: ExperimentConfig, reporter: Reporter, resume_from: Path | None):
-        self.cfg, self.reporter = cfg, reporter
+    def __init__(self, cfg: ExperimentConfig, reporter: Reporter, resume_from: Path | None,
+                 staging: Path | None = None):
+        self.cfg, self.reporter, self.staging = cfg, reporter, staging
         seed_everything(cfg.seed + rank(), cfg.deterministic)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -127,7 +132,10 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.optim.epochs * self.steps_per_epoch))
         self.warmup_steps = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.steps_done, self.start_epoch, self.start_in_epoch = 0, 0, 0
+        self.samples_seen, self.checkpoints_written, self.checkpoint = 0, 0, None
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
+        if rank() == 0:
+            remove_partial(cfg.run_dir / "checkpoints")  # what an interrupted write left
         if resume_from is not None:
             self._resume(resume_from)
         self.model = self._wrap(self.objective)
@@ -140,7 +148,7 @@ class Trainer:
     def _place(self, objective: Objective) -> Objective:
         """``objective`` on this rank's device; SyncBN if it asks for it and there are several ranks."""
         if world_size() > 1 and objective.sync_batchnorm:
-            objective = nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+            objective = convert_sync_batchnorm(objective, self.device)
         objective.to(self.device)
         objective.to(memory_format=memory_format(self.device, self.cfg.train.channels_last))
         return objective
@@ -164,6 +172,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # this world size's LR, not the saved one (elastic runs resize)
             group["base_lr"] = self.base_lr
         self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.samples_seen, self.checkpoints_written = state["samples_seen"], state["checkpoints_written"]
         if state.get("sized_total_steps"):
             self.total_steps = self.sized_total = state["sized_total_steps"]
         saved_ranks = len(state["rng"])
@@ -198,7 +207,7 @@ class Trainer:
         self.optimizer.step()
         self.bad.add(bad)
         self.steps_done += 1
-        self.objective.on_after_step(Progress(self.steps_done, self.total_steps))
+        self.objective.on_after_step(Progress(self.steps_done, self.total_steps), ~bad)
         return out
 
     def fit(self) -> dict:
@@ -234,7 +243,9 @@ class Trainer:
             self.health.add(batch)
             out = self.step(batch)
             in_epoch += 1
-            self.throughput.add(len(batch["labels"]) if "labels" in batch else self.cfg.data.batch_size)
+            images = len(batch["labels"]) if "labels" in batch else self.cfg.data.batch_size
+            self.samples_seen += images * world_size()
+            self.throughput.add(images)
             bar.update(1)
             self._after_step(out, epoch, in_epoch, bar)
         bar.close()
@@ -263,7 +274,7 @@ class Trainer:
         record = {k: float(v.detach().float()) for k, v in out.items()}
         if embedding is not None and bool(torch.isfinite(embedding).all()):  # not on a skipped NaN step
             record.update({k: float(v) for k, v in embedding_stats(embedding).items()})
-        record.update(lr=self.current_lr, epoch=epoch, images_per_s=images_per_s,
+        record.update(samples=self.samples_seen, lr=self.current_lr, epoch=epoch, images_per_s=images_per_s,
                       skipped_samples=self.health.skipped, bad_steps=int(self.bad.total))
         for monitor in self.monitors:
             record[f"{monitor.name}_alarms"] = len(monitor.update(self.steps_done, record))
@@ -281,7 +292,7 @@ class Trainer:
             log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
                         epoch + 1, self.health.skipped, self.health.repeated, self.health.where[:3])
         if self.online is not None and self.online.due(epoch + 1):
-            record = [self.online(self.objective.encoder) if rank() == 0 else None]  # rank 0 measures
+            record = [{"samples": self.samples_seen, **self.online(self.objective.encoder)} if rank() == 0 else None]
             if world_size() > 1:  # every rank reports the same record
                 dist.broadcast_object_list(record)
             self.reporter.log(self.steps_done, record[0])
@@ -289,22 +300,57 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, in_epoch: int) -> None:
         """Rank 0 writes the checkpoint of this position, with every rank's RNG; every rank reports it
-        (the other ranks with path None)."""
+        (the other ranks with path None). Not enough space stops every rank with one line."""
         rngs = [None] * world_size()
         if world_size() > 1:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        path = None
+        path, error = None, [None]
         if rank() == 0:
-            state = {"optimizer": self.optimizer.state_dict(), "step": self.steps_done, "epoch": epoch,
-                     "step_in_epoch": in_epoch, "sized_total_steps": self.sized_total, "rng": rngs,
-                     "data_health": {"skipped": self.health.skipped, "repeated": self.health.repeated}}
-            path = save_checkpoint(self.cfg.run_dir, self.steps_done, self.objective.state_dict(), state, self.cfg,
-                                   self.last, self.cfg.train.keep_checkpoints)
+            try:
+                path = self._write_checkpoint(epoch, in_epoch, rngs)
+            except CheckpointSpaceError as err:
+                error = [str(err)]
+        if world_size() > 1:
+            dist.broadcast_object_list(error)
+        if error[0]:
+            raise CheckpointSpaceError(error[0])
+        self.checkpoints_written += 1
+        self.checkpoint = checkpoint_name(self.samples_seen)
         self.reporter.checkpoint(self.steps_done, path, self.last)
         if world_size() > 1:
             dist.barrier()
+
+    def _write_checkpoint(self, epoch: int, in_epoch: int, rngs: list) -> Path:
+        """The checkpoint directory of this position: in the run folder, or in ``staging`` for the reporter."""
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.steps_done, "epoch": epoch,
+                 "step_in_epoch": in_epoch, "samples_seen": self.samples_seen,
+                 "checkpoints_written": self.checkpoints_written + 1, "sized_total_steps": self.sized_total,
+                 "rng": rngs, "data_health": {"skipped": self.health.skipped, "repeated": self.health.repeated}}
+        progress = {"seq": self.checkpoints_written + 1, "samples_seen": self.samples_seen, "step": self.steps_done,
+                    "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world_size()}
+        if self.staging is None:
+            return save_checkpoint(self.cfg.run_dir, self.objective.state_dict(), state, self.cfg, self.last,
+                                   progress, self.cfg.train.keep_checkpoints)
+        shutil.rmtree(self.staging, ignore_errors=True)  # the last one: Ray's storage holds it now
+        if not self.cfg.run_url:  # Ray persists into the run folder: it needs the space there
+            ensure_space(self.cfg.run_dir / "checkpoints", self.checkpoint_bytes_estimate())
+        return write_checkpoint(self.staging / checkpoint_name(self.samples_seen), self.objective.state_dict(),
+                                state, self.cfg, self.last, progress)
+
+    def checkpoint_bytes_estimate(self) -> int:
+        """About the size of a checkpoint: the parameters, buffers and optimiser state in memory."""
+        tensors = [*self.objective.state_dict().values()]
+        tensors += [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return sum(v.numel() * v.element_size() for v in tensors if torch.is_tensor(v))
+
+    def checkpoint_location(self) -> str | None:
+        """Where the checkpoint written last lives: under the run folder, or the run's bucket."""
+        if self.checkpoint is None:
+            return None
+        return f"{self.cfg.run_url}/checkpoints/{self.checkpoint}" if self.cfg.run_url else \
+            str(self.cfg.run_dir / "checkpoints" / self.checkpoint)
 
     def _finish(self) -> dict:
         """The run's summary, with the bad samples of every rank; sent to the reporter's ``finish``."""
@@ -317,6 +363,7 @@ class Trainer:
         summary = {"steps": self.steps_done, "total_steps": self.total_steps,
                    "epochs": self.total_steps / self.steps_per_epoch, "last": self.last,
                    "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
-                   "bad_steps": int(self.bad.total), "checkpoint": str(latest_checkpoint(self.cfg.run_dir))}
+                   "samples_seen": self.samples_seen, "bad_steps": int(self.bad.total),
+                   "checkpoint": self.checkpoint_location()}
         self.reporter.finish(summary)
         return summary

@@ -1,11 +1,20 @@
+"""Checkpoint directories: atomic, complete or ignored, ordered and pruned by write order (never by
+name), refused when the disk cannot hold the next one, and loaded without pickle."""
+
+import json
 import pickle
+import shutil
+from collections import namedtuple
 
 import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                          resolve_checkpoint, rng_state, save_checkpoint, set_rng_state)
+from selfsup.core import checkpoint as ck
+from selfsup.core.checkpoint import (CheckpointError, CheckpointSpaceError, latest_checkpoint, list_checkpoints,
+                                     load_checkpoint, remove_partial, resolve_checkpoint, rng_state,
+                                     save_checkpoint, set_rng_state)
+from tests.conftest import progress_at
 
 CFG = parse_config({"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}})
 
@@ -15,7 +24,8 @@ def test_round_trip_keeps_weights_state_and_rng(tmp_path):
     state = {"step": 7, "epoch": 1, "step_in_epoch": 2, "optimizer": {"state": {}, "param_groups": []},
              "rng": [rng_state()]}
     expected = torch.rand(4)
-    path = save_checkpoint(tmp_path, 7, model, state, CFG, {"loss": 1.5}, keep=2)
+    path = save_checkpoint(tmp_path, model, state, CFG, {"loss": 1.5}, progress_at(7), keep=2)
+    assert path.name == "samples-000000000056"  # named by samples seen, not by a world-size-dependent step
     torch.rand(10)
     cfg, m, s = load_checkpoint(path, with_state=True)
     assert cfg == CFG and torch.equal(m["w"], model["w"]) and s["step"] == 7
@@ -23,23 +33,63 @@ def test_round_trip_keeps_weights_state_and_rng(tmp_path):
     assert torch.equal(torch.rand(4), expected)
 
 
-def test_only_the_newest_are_kept_and_temp_dirs_are_ignored(tmp_path):
-    for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, {}, {"step": step}, CFG, {}, keep=2)
-    (tmp_path / "checkpoints" / ".tmp-step-00000009-1").mkdir()  # a write that crashed half-way
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
-    assert latest_checkpoint(tmp_path).name == "step-00000003"
-    assert resolve_checkpoint(tmp_path) == latest_checkpoint(tmp_path)
+def test_write_order_decides_latest_and_pruning_not_the_name(tmp_path):
+    # an elastic 1 -> 2 scale-up: the old run's step numbers are larger than the new one's
+    save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(260, seq=1, samples=2080), keep=2)
+    save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(280, seq=2, samples=2240), keep=2)
+    third = save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(140, seq=3, samples=2240 + 160), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["samples-000000002240", "samples-000000002400"]
+    assert latest_checkpoint(tmp_path) == third == resolve_checkpoint(tmp_path)
+    assert load_checkpoint(third)[0] == CFG
+
+
+def test_half_written_checkpoints_are_ignored_and_leftovers_removed(tmp_path):
+    done = save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(1), keep=3)
+    partial = shutil.copytree(done, tmp_path / "checkpoints" / "samples-000000000016")
+    (partial / "model.pt").write_bytes(b"x")  # a copy cut short: sizes differ from progress.json
+    (partial / "progress.json").write_text((done / "progress.json").read_text().replace('"seq": 1', '"seq": 2'))
+    (tmp_path / "checkpoints" / ".tmp-samples-000000000024-1").mkdir()  # a write that crashed half-way
+    assert list_checkpoints(tmp_path) == [done]
+    assert [p.name for p in remove_partial(tmp_path / "checkpoints")] == [".tmp-samples-000000000024-1"]
+    with pytest.raises(CheckpointError, match="not a complete selfsup checkpoint"):
+        resolve_checkpoint(partial)
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
+    first = save_checkpoint(tmp_path, {"w": torch.zeros(1000)}, {}, CFG, {}, progress_at(1), keep=2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 1000))
+    with pytest.raises(CheckpointSpaceError, match=r"not enough space for the next checkpoint in .*checkpoints: it "
+                                                   r"needs about 0 MiB, 0 MiB are free"):
+        save_checkpoint(tmp_path, {"w": torch.zeros(1000)}, {}, CFG, {}, progress_at(2), keep=2)
+    assert list_checkpoints(tmp_path) == [first] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_write_that_runs_out_of_space_leaves_nothing_behind(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 30))
+
+    def full(*args, **kwargs):
+        monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 4096))
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ck.torch, "save", full)
+    with pytest.raises(CheckpointSpaceError, match="no space left for a checkpoint in .*checkpoints"):
+        save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(1), keep=2)
+    assert not list((tmp_path / "checkpoints").iterdir())
 
 
 def test_a_pickle_payload_is_refused(tmp_path):
-    path = save_checkpoint(tmp_path, 1, {}, {}, CFG, {}, keep=1)
+    path = save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(1), keep=1)
 
     class Evil:
         def __reduce__(self):
             return (print, ("owned",))
 
     (path / "model.pt").write_bytes(pickle.dumps({"w": Evil()}))
+    progress = ck.read_progress(path)
+    progress["files"]["model.pt"] = (path / "model.pt").stat().st_size  # a complete, but hostile, checkpoint
+    (path / "progress.json").write_text(json.dumps(progress))
     with pytest.raises(CheckpointError, match="cannot load safely"):
         load_checkpoint(path)
 
@@ -47,5 +97,5 @@ def test_a_pickle_payload_is_refused(tmp_path):
 def test_missing_and_foreign_paths_get_one_line_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="not a selfsup checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete selfsup checkpoint"):
         resolve_checkpoint(tmp_path)

@@ -10,6 +10,7 @@ from selfsup.cli import main
 from selfsup.config import parse_config
 from selfsup.eval import compare as compare_module
 from selfsup.core.checkpoint import save_checkpoint
+from tests.conftest import progress_at
 from selfsup.tasks.vision import VisionTask
 from tests.conftest import write_tiny_shards
 
@@ -20,7 +21,7 @@ def tiny_run(tmp_path, name: str, train: str, steps: list[int]):
                         "tracking": {"mode": "disabled"}, "eval": {"knn": [[20, 0.07]]}})
     for seed, step in enumerate(steps):
         torch.manual_seed(seed)
-        save_checkpoint(cfg.run_dir, step, VisionTask().build_objective(cfg).state_dict(), {"step": step}, cfg, {}, keep=5)
+        save_checkpoint(cfg.run_dir, VisionTask().build_objective(cfg).state_dict(), {"step": step}, cfg, {}, progress_at(step), keep=5)
     return cfg.run_dir
 
 
@@ -39,7 +40,7 @@ def test_compare_two_runs_names_the_best_and_reuses_features(tmp_path, monkeypat
     assert saved["best"]["checkpoint"] in (out / "compare.md").read_text()
     assert (out / "compare.md").read_text().count("| a @ ") == 2
     assert (out / "compare.png").stat().st_size > 1000
-    assert sorted(p.name for p in (out / "features" / "a").iterdir()) == ["step-00000010.npz", "step-00000020.npz"]
+    assert sorted(p.name for p in (out / "features" / "a").iterdir()) == ["samples-000000000080.npz", "samples-000000000160.npz"]
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")

@@ -10,6 +10,7 @@ import torch
 
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import save_checkpoint
+from tests.conftest import progress_at
 from selfsup.eval.run import evaluate
 from selfsup.tasks.vision import VisionTask
 from selfsup.data.shards import write_shards
@@ -33,7 +34,7 @@ def tiny_checkpoint(tmp_path, train: str, spoil: bool = False):
     if spoil:
         first = next(k for k, v in state.items() if v.ndim == 4)
         state[first] = torch.full_like(state[first], float("nan"))
-    return save_checkpoint(cfg.run_dir, 7, state, {"step": 7}, cfg, {}, keep=1)
+    return save_checkpoint(cfg.run_dir, state, {"step": 7}, cfg, {}, progress_at(7), keep=1)
 
 
 @pytest.fixture

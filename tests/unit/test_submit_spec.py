@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from selfsup.cluster import submit as sub
+from selfsup.cluster.secrets import job_secrets
 from tests.clusterkit import tiny_config, write_config
 
 
@@ -26,7 +27,7 @@ def test_secrets_go_only_to_the_job_metadata(tmp_path, monkeypatch):
         assert secret not in spec["entrypoint"] and secret not in shipped and secret not in str(spec["runtime_env"])
     # the job's driver reads them back from the job config Ray gives it
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": spec["metadata"]}))
-    assert sub.job_secrets() == {"WANDB_API_KEY": "wandb-secret-123", "HF_TOKEN": "hf-secret-456"}
+    assert job_secrets() == {"WANDB_API_KEY": "wandb-secret-123", "HF_TOKEN": "hf-secret-456"}
     resolved = yaml.safe_load(shipped)
     assert resolved["optim"]["epochs"] == 3  # overrides applied before shipping
     assert resolved["run_root"] == str((tmp_path.cwd() / "runs").resolve())  # local paths made absolute
@@ -59,4 +60,22 @@ def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
     init_ray()
-    assert seen["dashboard_host"] == "127.0.0.1" and "address" not in seen
+    assert seen["dashboard_host"] == "127.0.0.1" and seen["address"] == "local"  # never another program's Ray
+
+
+@pytest.mark.parametrize("given, env, joined", [("auto", None, "auto"), (None, "10.0.0.1:6379", "10.0.0.1:6379"),
+                                                ("ray://head:10001", "10.0.0.1:6379", "ray://head:10001")])
+def test_an_address_or_ray_address_joins_that_cluster(monkeypatch, given, env, joined):
+    import ray
+
+    from selfsup.cluster.trainer import init_ray
+
+    seen = {}
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    init_ray(given)
+    assert seen["address"] == joined and "num_cpus" not in seen  # joins; starts nothing of its own
