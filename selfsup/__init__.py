@@ -1,3 +1,29 @@
-"""selfsup: distributed self-supervised pretraining on WebDataset shards."""
+"""selfsup: distributed self-supervised pretraining on WebDataset shards.
 
-__version__ = "0.1.0"
+The library API, imported on first use (``import selfsup`` loads no torch):
+
+- ``selfsup.pretrain(cfg, use_ray=True)``: train a config (``selfsup.config.load_config``); returns the summary.
+- ``selfsup.evaluate(checkpoint, train, test, out=None)``: score a checkpoint's encoder; writes and returns the report.
+- ``selfsup.load_encoder(run_or_checkpoint, device="cpu")``: the trained encoder in eval mode, its input
+  (``mean``, ``std``, ``image_size``, ``channels``) attached.
+"""
+
+from selfsup._version import __version__
+
+__all__ = ["__version__", "evaluate", "load_encoder", "pretrain"]
+
+
+def __getattr__(name: str):
+    if name == "pretrain":
+        from selfsup.cluster.trainer import run_training
+
+        return run_training
+    if name == "evaluate":
+        from selfsup.eval.run import evaluate
+
+        return evaluate
+    if name == "load_encoder":
+        from selfsup.eval.features import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'selfsup' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""An encoder's features for evaluation, for any task: the checkpoint's encoder, the task's candidate
+"""An encoder's features for evaluation, for any task: the checkpoint's encoder (also as the library's
+``selfsup.load_encoder`` and as ``selfsup export`` writes it), the task's candidate
 feature sets (one, or one per layer) checked for NaN, the candidate that classifies held-out train
 rows best, and z-scoring with the train rows' statistics where the task asks for it."""
 
@@ -6,12 +7,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from selfsup.config import ExperimentConfig
+from selfsup.core.checkpoint import load_checkpoint
 from selfsup.eval.knn import weighted_knn
 from selfsup.tasks import LabelledSplit, Task, task_for
 
@@ -32,6 +35,25 @@ def encoder_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None,
     if model_state is not None:
         objective.load_state_dict(model_state)
     return objective.encoder.to(device)
+
+
+def load_encoder(run_or_checkpoint: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """The trained encoder of a run (its latest checkpoint) or of a checkpoint directory, on ``device``
+    in eval mode, with its task's ``input_spec`` attached as attributes. Images: ``mean``, ``std`` (C,)
+    lists, ``image_size``, ``channels``; it maps (B, channels, image_size, image_size) floats in
+    [0, 1] normalised by ``mean`` / ``std`` to (B, D) features. Audio: ``sample_rate``."""
+    cfg, model_state, _ = load_checkpoint(run_or_checkpoint)
+    encoder = encoder_from_checkpoint(cfg, model_state, device).eval()
+    for name, value in task_for(cfg).input_spec(cfg).items():
+        setattr(encoder, name, value)
+    return encoder
+
+
+def export_encoder(run_or_checkpoint: str | Path) -> dict:
+    """The encoder of a run or checkpoint as its task exports it: weights and what builds the model,
+    for ``torch.save`` (``torch.load(weights_only=True)`` reads it back)."""
+    cfg, model_state, _ = load_checkpoint(run_or_checkpoint)
+    return task_for(cfg).export(encoder_from_checkpoint(cfg, model_state), cfg)
 
 
 def num_classes(train: LabelledSplit, test: LabelledSplit) -> int:

@@ -70,24 +70,8 @@ def linear_probe(
     """
     train_x, train_y, test_x, test_y = check_split_pair(train_x, train_y, test_x, test_y,
                                                         ("train features", "test features"))
-    if max(train_y.max(), test_y.max()) >= num_classes:
-        raise ValueError(f"labels go up to {max(train_y.max(), test_y.max())} but num_classes={num_classes}")
-    grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
-    if not grid or min(lr for lr, _ in grid) <= 0 or min(wd for _, wd in grid) < 0:
-        raise ValueError("lrs must be positive and weight_decays non-negative, neither empty")
-    if train_views < 1 or len(train_x) % train_views:
-        raise ValueError(f"{len(train_x)} train rows do not split into train_views={train_views} equal blocks")
-    epochs = max(1, round(20 / train_views)) if epochs is None else epochs
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
-    images = len(train_x) // train_views
-    if (train_y.reshape(train_views, images) != train_y[:images]).any():
-        raise ValueError(f"the {train_views} blocks of train rows must hold the same images in the same order "
-                         "(their labels differ)")
-    n_val = round(images * val_fraction)
-    if len(grid) > 1 and not 1 <= n_val < images:
-        raise ValueError(f"val_fraction={val_fraction} leaves no held-out images (or no training images) of {images}")
-
+    grid, epochs, images, n_val = _plan(train_y, test_y, num_classes, lrs, weight_decays, epochs, batch_size,
+                                        val_fraction, train_views)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(train_x.astype(np.float32, copy=False)).to(device)
@@ -109,6 +93,38 @@ def linear_probe(
         model, member = _fit(x, y, num_classes, [(lr, wd)], epochs, batch_size, gen), 0
 
     logits = _logits(model, torch.from_numpy(test_x.astype(np.float32, copy=False)).to(device))[:, member]
+    return _scored(logits, test_y, num_classes, lr, wd, float(val_top1[chosen]),
+                   {f"lr={g_lr:g},wd={g_wd:g}": float(v) for (g_lr, g_wd), v in zip(grid, val_top1)})
+
+
+def _plan(train_y: np.ndarray, test_y: np.ndarray, num_classes: int, lrs: Sequence[float],
+          weight_decays: Sequence[float], epochs: int | None, batch_size: int, val_fraction: float,
+          train_views: int) -> tuple[list[tuple[float, float]], int, int, int]:
+    """Check :func:`linear_probe`'s arguments against the labels (V·N,) / (M,): (the grid of
+    (lr, weight decay), the epochs, the N images per view block, the n_val held-out images)."""
+    if max(train_y.max(), test_y.max()) >= num_classes:
+        raise ValueError(f"labels go up to {max(train_y.max(), test_y.max())} but num_classes={num_classes}")
+    grid = [(float(lr), float(wd)) for lr in lrs for wd in weight_decays]
+    if not grid or min(lr for lr, _ in grid) <= 0 or min(wd for _, wd in grid) < 0:
+        raise ValueError("lrs must be positive and weight_decays non-negative, neither empty")
+    if train_views < 1 or len(train_y) % train_views:
+        raise ValueError(f"{len(train_y)} train rows do not split into train_views={train_views} equal blocks")
+    epochs = max(1, round(20 / train_views)) if epochs is None else epochs
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    images = len(train_y) // train_views
+    if (train_y.reshape(train_views, images) != train_y[:images]).any():
+        raise ValueError(f"the {train_views} blocks of train rows must hold the same images in the same order "
+                         "(their labels differ)")
+    n_val = round(images * val_fraction)
+    if len(grid) > 1 and not 1 <= n_val < images:
+        raise ValueError(f"val_fraction={val_fraction} leaves no held-out images (or no training images) of {images}")
+    return grid, epochs, images, n_val
+
+
+def _scored(logits: torch.Tensor, test_y: np.ndarray, num_classes: int, lr: float, weight_decay: float,
+            val_top1: float, grid: dict[str, float] | None = None) -> LinearProbeResult:
+    """The result of test ``logits`` (M, C) against ``test_y`` (M,): top-1/top-5 (ties go to the lower class)."""
     probabilities = torch.softmax(logits.double(), dim=-1).cpu().numpy()
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(5, num_classes)]
     return LinearProbeResult(
@@ -117,9 +133,9 @@ def linear_probe(
         probabilities=probabilities,
         predictions=top[:, 0].astype(np.int64),
         lr=lr,
-        weight_decay=wd,
-        val_top1=float(val_top1[chosen]),
-        grid={f"lr={g_lr:g},wd={g_wd:g}": float(v) for (g_lr, g_wd), v in zip(grid, val_top1)},
+        weight_decay=weight_decay,
+        val_top1=val_top1,
+        grid=grid or {},
     )
 
 
@@ -217,26 +233,31 @@ def linear_probe_paper(
     nn.init.zeros_(head[1].weight)
     nn.init.zeros_(head[1].bias)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=_MOMENTUM, weight_decay=weight_decay)
-    total = epochs * math.ceil(len(train_images) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
-    for _ in tqdm(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0):
-        head.train()
-        order = torch.randperm(len(train_images), generator=gen)
-        for s in range(0, len(order), batch_size):
-            rows = order[s : s + batch_size]
-            with torch.no_grad():
-                features = encoder(views(train_images[rows].to(device))[0]).float()
-            loss = nn.functional.cross_entropy(head(features), train_y[rows].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    _train_head(head, optimizer, lambda rows: encoder(views(train_images[rows].to(device))[0]).float(),
+                train_y, epochs, batch_size, gen)
     head.eval()
     with torch.no_grad():
         logits = torch.cat([head(encoder(views.plain(test_images[s : s + 1024].to(device))).float())
                             for s in range(0, len(test_images), 1024)])
-    probabilities = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-    top = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(5, num_classes)]
-    return LinearProbeResult(top1=float((top[:, 0] == test_y).mean()), top5=float((top == test_y[:, None]).any(axis=1).mean()),
-                             probabilities=probabilities, predictions=top[:, 0].astype(np.int64), lr=lr,
-                             weight_decay=weight_decay, val_top1=float("nan"))
+    return _scored(logits, test_y, num_classes, lr, weight_decay, float("nan"))
+
+
+def _train_head(head: nn.Module, optimizer: torch.optim.Optimizer, features, train_y: torch.Tensor, epochs: int,
+                batch_size: int, gen: torch.Generator) -> None:
+    """Train ``head`` on the frozen ``features(rows)`` (B, D) of the (B,) train rows: cross-entropy
+    against ``train_y`` (N,), ``epochs`` passes in ``gen``'s order, ``optimizer``'s lr on a cosine per step."""
+    device = next(head.parameters()).device
+    total = epochs * math.ceil(len(train_y) / batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
+    for _ in tqdm(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0):
+        head.train()
+        order = torch.randperm(len(train_y), generator=gen)
+        for s in range(0, len(order), batch_size):
+            rows = order[s : s + batch_size]
+            with torch.no_grad():
+                x = features(rows)
+            loss = nn.functional.cross_entropy(head(x), train_y[rows].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()

@@ -71,11 +71,30 @@ def write_report(
                 raise ValueError(f"encoders[{name!r}][{metric!r}] = {value}: accuracies must be fractions in [0, 1]")
     details = dict(details or {})
     notes = list(notes or [])
-    files: dict[str, str] = {}
 
     def label(c: int) -> str:
         return str(class_names[c]) if class_names is not None and c < len(class_names) else str(c)
 
+    files = _write_plots(out_dir, label, details, notes, confusion_matrix, roc, embedding_2d)
+    for key, name in (figures or {}).items():
+        if not (out_dir / name).is_file():
+            raise FileNotFoundError(f"figure {key!r}: {out_dir / name} does not exist")
+        files[key] = name
+    if "per_class" in details:
+        files["per_class"] = _write_per_class(out_dir / "per_class.md", details["per_class"])
+
+    files = {"json": "report.json", "markdown": "report.md", **files}
+    report = {"title": title, "encoders": encoders, "details": details, "notes": notes, "files": files}
+    (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    _write_markdown(out_dir, title, encoders, notes, files)
+    return report
+
+
+def _write_plots(out_dir: Path, label, details: dict, notes: list[str], confusion_matrix, roc,
+                 embedding_2d) -> dict[str, str]:
+    """The plots of :func:`write_report`'s arguments that are given, key -> PNG name; the ROC's AUCs
+    go into ``details`` and its skipped classes into ``notes``."""
+    files: dict[str, str] = {}
     if confusion_matrix is not None:
         files["confusion"] = _plot_confusion(out_dir / "confusion.png", np.asarray(confusion_matrix), label)
     if roc is not None:
@@ -87,23 +106,18 @@ def write_report(
         maps = embedding_2d if isinstance(embedding_2d, dict) else {"embedding": embedding_2d}
         for stem, (points, labels) in maps.items():
             files[stem] = _plot_embedding(out_dir / f"{stem}.png", points, labels, label)
-    for key, name in (figures or {}).items():
-        if not (out_dir / name).is_file():
-            raise FileNotFoundError(f"figure {key!r}: {out_dir / name} does not exist")
-        files[key] = name
-    if "per_class" in details:
-        files["per_class"] = _write_per_class(out_dir / "per_class.md", details["per_class"])
+    return files
 
-    files = {"json": "report.json", "markdown": "report.md", **files}
-    report = {"title": title, "encoders": encoders, "details": details, "notes": notes, "files": files}
-    (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+
+def _write_markdown(out_dir: Path, title: str, encoders: dict[str, dict[str, float]], notes: list[str],
+                    files: dict[str, str]) -> None:
+    """report.md: the title, the metrics table, the notes, the plots and the per-class tables."""
     md = [f"# {title}", "", format_table(encoders), ""]
     md += [f"- {note}" for note in notes] + ([""] if notes else [])
     md += [f"![{key}]({name})" for key, name in files.items() if name.endswith(".png")]
     if "per_class" in files:
         md += ["", "## Per-class metrics", "", (out_dir / files["per_class"]).read_text()]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
-    return report
 
 
 def _jsonable(x):

@@ -77,6 +77,14 @@ class Task(Protocol):
     def eval_spec(self, cfg: ExperimentConfig) -> EvalSpec:
         """How the report of ``cfg``'s checkpoint reads."""
 
+    def input_spec(self, cfg: ExperimentConfig) -> dict:
+        """What the encoder's input must be, as plain values (images: ``mean``, ``std``, ``image_size``,
+        ``channels``; audio: ``sample_rate``); ``selfsup.load_encoder`` attaches them to the encoder."""
+
+    def export(self, encoder: nn.Module, cfg: ExperimentConfig) -> dict:
+        """``encoder`` as a file's content: its weights and what builds the model that loads them, in
+        tensors and plain data only (``torch.load(weights_only=True)`` reads it)."""
+
 
 def task_for(cfg: ExperimentConfig) -> Task:
     """The task for ``cfg.data.kind`` ("image" or "audio")."""

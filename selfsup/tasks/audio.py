@@ -125,3 +125,12 @@ class AudioTask:
                               f"of {cfg.method.embed_dim})", unit="clips", zscore=True,
                         notes=("features: mean over frames of one encoder layer (0 = projected conv features), "
                                "z-scored with train statistics; log-mel: 80 bands, mean + std over time",))
+
+    def input_spec(self, cfg: ExperimentConfig) -> dict:
+        """float (B, T) waves at ``sample_rate`` Hz with their (B,) lengths (the encoder normalises them itself)."""
+        return {"sample_rate": SAMPLE_RATE}
+
+    def export(self, encoder: nn.Module, cfg: ExperimentConfig) -> dict:
+        """The encoder's own state dict with the method config that builds it (``Wav2Vec2Config``)."""
+        return {"format": "selfsup.wav2vec2.v1", "arch": "wav2vec2", "config": cfg.method.model_dump(mode="json"),
+                **self.input_spec(cfg), "state_dict": encoder.state_dict()}

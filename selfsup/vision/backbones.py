@@ -2,19 +2,42 @@
 
 Every backbone keeps torchvision's module names, so ``state_dict()`` of a width-64, 3-channel
 ResNet loads into ``torchvision.models.resnetNN`` (after the same stem change for the small stem).
+:func:`export_state_dict` stores the weights with the geometry and input that go with them, and
+:func:`torchvision_model` builds the matching torchvision model from that.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
 from torch import nn
 from torchvision.models import ResNet, VisionTransformer
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+EXPORT_FORMAT = "selfsup.backbone.v1"  # the "format" of export_state_dict's dict
 
 RESNET_SPECS: dict[str, tuple[type[nn.Module], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
+
+
+def resnet_stage(block: type[BasicBlock | Bottleneck], in_planes: int, planes: int, blocks: int,
+                 stride: int) -> tuple[nn.Sequential, int]:
+    """One ResNet stage of ``blocks`` blocks, as torchvision builds it: (B, in_planes, H, W) ->
+    (B, planes * expansion, H / stride, W / stride), a 1x1 conv + BN shortcut on the first block when
+    the shape changes. Returns (the stage, its output channels)."""
+    out_planes = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_planes != out_planes:
+        downsample = nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+                                   nn.BatchNorm2d(out_planes))
+    layers = [block(in_planes, planes, stride, downsample)]
+    layers += [block(out_planes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), out_planes
 
 
 def build_resnet(name: str, width: int = 64, in_channels: int = 3, small_stem: bool = True,
@@ -29,17 +52,16 @@ def build_resnet(name: str, width: int = 64, in_channels: int = 3, small_stem: b
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(RESNET_SPECS) + ['vit_b_16']}")
     block, layers = RESNET_SPECS[name]
     net = ResNet(block, layers)
-    net.inplanes = width
     if small_stem:
         net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=stem_stride, padding=1, bias=False)
         net.maxpool = nn.Identity()
     else:
         net.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
     net.bn1 = nn.BatchNorm2d(width)
-    net.layer1 = net._make_layer(block, width, layers[0])
-    net.layer2 = net._make_layer(block, width * 2, layers[1], stride=2)
-    net.layer3 = net._make_layer(block, width * 4, layers[2], stride=2)
-    net.layer4 = net._make_layer(block, width * 8, layers[3], stride=2)
+    channels = width
+    for i, blocks in enumerate(layers):
+        stage, channels = resnet_stage(block, channels, width * 2**i, blocks, stride=1 if i == 0 else 2)
+        setattr(net, f"layer{i + 1}", stage)
     net.fc = nn.Identity()
     for m in net.modules():  # torchvision's own initialisation, re-applied to the rebuilt layers
         if isinstance(m, nn.Conv2d):
@@ -47,7 +69,7 @@ def build_resnet(name: str, width: int = 64, in_channels: int = 3, small_stem: b
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    return net, width * 8 * block.expansion
+    return net, channels
 
 
 class ViTBackbone(nn.Module):
@@ -80,8 +102,37 @@ def build_backbone(name: str, width: int = 64, in_channels: int = 3, small_stem:
     return build_resnet(name, width, in_channels, small_stem, stem_stride)
 
 
-def export_state_dict(backbone: nn.Module) -> dict:
-    """The backbone's weights under torchvision's own key names (no ``fc``, no wrapper prefix)."""
-    if isinstance(backbone, ViTBackbone):
-        return {k: v for k, v in backbone.vit.state_dict().items() if not k.startswith("heads")}
-    return {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+def export_state_dict(backbone: nn.Module, arch: str, *, width: int, channels: int, small_stem: bool,
+                      stem_stride: int, image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The backbone as an export: ``state_dict``, its weights under torchvision's own key names (no
+    ``fc`` / ``heads``, no wrapper prefix), with what builds the model (``arch``, ``width``,
+    ``channels``, ``small_stem``, ``stem_stride``), its input (``image_size``, per-channel ``mean`` and
+    ``std`` for images in [0, 1]), ``feature_dim`` and ``torchvision``: the name of the torchvision
+    builder whose model (classifier replaced by ``nn.Identity()``) loads ``state_dict`` strictly, or
+    None for another geometry (:func:`torchvision_model` builds any). Tensors and plain data only."""
+    vit = isinstance(backbone, ViTBackbone)
+    if vit:
+        weights = {k: v for k, v in backbone.vit.state_dict().items() if not k.startswith("heads")}
+    else:
+        weights = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+    standard = channels == 3 and (image_size == 224 if vit else width == 64 and not small_stem)
+    feature_dim = 768 if vit else width * 8 * RESNET_SPECS[arch][0].expansion
+    return {"format": EXPORT_FORMAT, "arch": arch, "width": width, "channels": channels, "small_stem": small_stem,
+            "stem_stride": stem_stride, "image_size": image_size, "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std], "feature_dim": feature_dim, "torchvision": arch if standard else None,
+            "state_dict": weights}
+
+
+def torchvision_model(export: dict | str | Path) -> nn.Module:
+    """The torchvision model of an export (:func:`export_state_dict`, or the file ``selfsup export``
+    wrote): a ``ResNet`` with ``fc = nn.Identity()`` or a ``VisionTransformer`` with ``heads =
+    nn.Identity()``, the export's weights loaded strictly, in eval mode: normalised (B, C, H, W) -> (B, D)."""
+    if not isinstance(export, dict):
+        export = torch.load(export, map_location="cpu", weights_only=True)
+    if export.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"not a selfsup backbone export (format {export.get('format')!r}, expected {EXPORT_FORMAT!r})")
+    backbone, _ = build_backbone(export["arch"], export["width"], export["channels"], export["small_stem"],
+                                 export["image_size"], export["stem_stride"])
+    net = backbone.vit if isinstance(backbone, ViTBackbone) else backbone
+    net.load_state_dict(export["state_dict"], strict=True)
+    return net.eval()

@@ -38,3 +38,13 @@ def test_help_imports_no_torch(argv):
 def test_help_shows_a_description_for_users():
     done = python("-m", "selfsup.cli", "--help")
     assert "Self-supervised pretraining" in done.stdout and "Nothing else lives here" not in done.stdout
+
+
+def test_import_selfsup_imports_no_torch_until_the_library_api_is_used():
+    code = ("import sys, selfsup\n"
+            f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\n"
+            "assert not loaded, loaded\n"
+            "assert selfsup.__version__ and selfsup.load_encoder.__module__ == 'selfsup.eval.features'\n"
+            "assert 'torch' in sys.modules")
+    done = python("-c", code)
+    assert done.returncode == 0, done.stderr
