@@ -11,10 +11,10 @@ directory and prints one line of facts per run. Only processes this script start
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from selfsup.core.checkpoint import checkpoint_step, list_checkpoints
 
 SELFSUP = [sys.executable, "-m", "selfsup.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,21 +93,47 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 def _checkpoints(run_dir: Path) -> list[str]:
-    root = run_dir / "checkpoints"
-    return sorted(p.name for p in root.glob("step-*")) if root.is_dir() else []
+    """Names of the run's complete checkpoints, in the order they were written."""
+    return [p.name for p in list_checkpoints(run_dir)]
 
 
-def lost_steps(steps: list[int]) -> list[tuple[int, int]]:
-    """(last step logged before a restart, step the restart resumed from) for each restart in the log."""
-    out = []
-    for prev, cur in zip(steps, steps[1:]):
-        if cur <= prev:
-            out.append((prev, cur - 1))
-    return out
+def _samples(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["samples"] for line in path.read_text().splitlines() if line.strip()]
+
+
+class StepWatch:
+    """Follows ``metrics.jsonl`` while a run goes. A resume rewrites the file without the records past
+    its checkpoint (a new inode), so the highest step logged before each resume is kept here."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.run_dir = run_dir / "metrics.jsonl", run_dir
+        self.inode, self.peak, self.peaks = None, 0, []
+
+    def poll(self) -> int:
+        """The last step logged now (0 before the first)."""
+        try:
+            inode = self.path.stat().st_ino
+            steps = _steps(self.run_dir)
+        except (OSError, ValueError):  # between a rewrite's steps, or a line half written
+            return self.peak
+        if self.inode is not None and inode != self.inode:
+            self.peaks.append(self.peak)
+            self.peak = 0
+        self.inode, self.peak = inode, max(self.peak, *steps, 0)
+        return steps[-1] if steps else 0
+
+
+def resumed_steps(output: str) -> list[int]:
+    """The step of each ``resumed ... (step N)`` line the loop logged."""
+    return [int(m) for m in re.findall(r"resumed \S+ from \S+ \(step (\d+)\)", output)]
 
 
 def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
-    """2 workers; SIGKILL one Ray Train worker at a random step; Ray restarts the group, the loop resumes."""
+    """2 workers; SIGKILL one Ray Train worker at a random step; Ray restarts the group, the loop resumes.
+    ``restarts``: (the highest step logged before a restart, the step it resumed from)."""
     shards = make_shards(tmp / "shards", [40, 56, 32])
     cfg = tiny_run(tmp, "worker-kill", shards)
     run_dir = tmp / "runs" / "worker-kill"
@@ -113,16 +141,16 @@ def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     kill_at = rng.randint(2, total - 2)
     proc = subprocess.Popen([*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    killed, deadline = None, time.monotonic() + timeout
+    killed, deadline, watch = None, time.monotonic() + timeout, StepWatch(run_dir)
     try:
         while proc.poll() is None and time.monotonic() < deadline:
-            steps = _steps(run_dir)
-            if killed is None and steps and steps[-1] >= kill_at:
+            last = watch.poll()
+            if killed is None and last >= kill_at:
                 workers = train_workers(proc.pid)
                 if workers:
                     victim = rng.choice(workers)
                     os.kill(victim, signal.SIGKILL)
-                    killed = (steps[-1], victim, len(workers))
+                    killed = (last, victim, len(workers))
             time.sleep(0.2)
         out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
     finally:
@@ -130,10 +158,15 @@ def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    restarts = lost_steps(_steps(run_dir))
+    resumed = resumed_steps(out)  # each of the 2 ranks logs its resume
+    restarts = list(zip(watch.peaks, resumed[::2]))
+    samples = _samples(run_dir)
     return {"rc": proc.returncode, "killed_at_step": killed and killed[0], "planned": total,
-            "final_steps": summary.get("steps"), "restarts": restarts,
-            "lost_steps": [a - b for a, b in restarts], "interval": 3, "tail": out[-2000:] if proc.returncode else ""}
+            "final_steps": summary.get("steps"), "restarts": restarts, "resumes_logged": resumed,
+            "lost_steps": [a - b for a, b in restarts], "interval": 3, "steps_logged": _steps(run_dir),
+            "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
+            "final_checkpoint": summary.get("checkpoint"), "checkpoints": _checkpoints(run_dir),
+            "tail": out[-2000:] if proc.returncode else ""}
 
 
 def driver_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
@@ -154,12 +187,17 @@ def driver_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     os.killpg(proc.pid, signal.SIGKILL)  # the driver's whole session: the driver and its local Ray
     proc.wait()
     before = _checkpoints(run_dir)
+    before_steps = [checkpoint_step(run_dir / "checkpoints" / name) for name in before]
     again = subprocess.run([*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), capture_output=True, text=True,
                            timeout=max(1.0, deadline - time.monotonic()))
     summary = json.loads((run_dir / "summary.json").read_text()) if again.returncode == 0 else {}
     resumed = [line for line in (again.stdout + again.stderr).splitlines() if "resumed" in line]
+    samples = _samples(run_dir)
     return {"rc": again.returncode, "killed_at_step": killed_at, "checkpoints_at_kill": before,
-            "resumed": resumed[:1], "final_steps": summary.get("steps"), "planned": total,
+            "checkpoint_steps_at_kill": before_steps, "resumed": resumed[:1], "final_steps": summary.get("steps"),
+            "lease_taken_over": "taking over the stale lease" in again.stderr,
+            "planned": total, "final_checkpoint": summary.get("checkpoint"), "checkpoints": _checkpoints(run_dir),
+            "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
             "tail": (again.stdout + again.stderr)[-2000:] if again.returncode else ""}
 
 

@@ -77,10 +77,10 @@ def upload_dir(local: Path, bucket: str, prefix: str) -> None:
 
 
 @contextmanager
-def ray_head(env: dict, num_cpus: int = 2):
-    """``ray start --head --block`` on 127.0.0.1 with free ports and its own temp dir; yields
-    (dashboard URL, GCS address, temp dir). Stopped by signalling that process only (never ``ray stop``,
-    which would stop every Ray on the machine)."""
+def ray_head(env: dict, num_cpus: int = 2, temp_dir: Path | None = None):
+    """``ray start --head --block`` on 127.0.0.1 with free ports and its own temp dir (``temp_dir``, else a
+    new one); yields (dashboard URL, GCS address, temp dir). Stopped by signalling that process only (never
+    ``ray stop``, which would stop every Ray on the machine)."""
     import signal
     import subprocess
     import sys
@@ -89,7 +89,8 @@ def ray_head(env: dict, num_cpus: int = 2):
     import urllib.error
     import urllib.request
 
-    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    # short: Ray's socket paths must stay under 107 bytes
+    temp = str(temp_dir) if temp_dir is not None else tempfile.mkdtemp(prefix="ray", dir="/tmp")
     gcs, dash = free_port(), free_port()
     ports = {f"--{name}": free_port() for name in (
         "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",

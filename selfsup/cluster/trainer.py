@@ -24,7 +24,7 @@ from pathlib import Path
 
 from selfsup.config import ExperimentConfig
 from selfsup.config import ConfigError
-from selfsup.core.checkpoint import CheckpointSpaceError, latest_checkpoint, read_progress
+from selfsup.core.checkpoint import CheckpointSpaceError, latest_checkpoint, read_progress, remove_after
 from selfsup.core.distributed import rank
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
 from selfsup.data.reader import ManifestError
@@ -131,6 +131,8 @@ def _train_worker(config: dict) -> str | None:
             pretrain_here(cfg, under_ray=True, staging=staging)
         else:
             with checkpoint.as_directory() as path:
+                if rank() == 0:  # what an interrupted attempt wrote after it, which Ray never took
+                    remove_after(cfg.run_dir, read_progress(path)["samples_seen"], remote=cfg.run_url)
                 pretrain_here(cfg, under_ray=True, resume_from=Path(path), staging=staging)
     except FATAL as err:  # every rank meets these alike; ending normally spends no retry
         return f"{err}"  # (not a metrics-only report: Ray's Result keeps only the metrics of checkpoints)

@@ -130,6 +130,27 @@ def save_checkpoint(run_dir: Path, model_state: dict, train_state: dict, cfg: Ex
     return final
 
 
+def remove_after(run_dir: Path, samples_seen: int, remote: str | None = None) -> list[str]:
+    """Delete the run's checkpoints past ``samples_seen``, complete or not (in its bucket when
+    ``remote``); returns their names. Resuming at ``samples_seen``, these are the work of an attempt
+    that stopped before Ray took them: left, they would pass for the latest and outlive pruning."""
+    def past(name: str) -> bool:
+        return name.startswith("samples-") and name[8:].isdigit() and int(name[8:]) > samples_seen
+
+    if remote:
+        from selfsup.core.storage import checkpoint_names, delete_checkpoint
+
+        found = [n for n in checkpoint_names(remote) if past(n)]
+        for name in found:
+            delete_checkpoint(remote, name)
+        return found
+    root = Path(run_dir) / CHECKPOINTS
+    found = sorted(p.name for p in root.iterdir() if past(p.name)) if root.is_dir() else []
+    for name in found:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return found
+
+
 def read_progress(path: Path) -> dict:
     """A checkpoint's ``progress.json`` ({} when missing or unreadable)."""
     try:

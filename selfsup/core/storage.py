@@ -126,6 +126,17 @@ def remote_checkpoints(run_url: str) -> list[str]:
     return sorted((n for n, p in found.items() if p), key=lambda n: found[n]["seq"])
 
 
+def checkpoint_names(run_url: str) -> list[str]:
+    """Names under ``<run_url>/checkpoints``, complete checkpoints or not."""
+    return _children(f"{run_url}/checkpoints")
+
+
+def delete_checkpoint(run_url: str, name: str) -> None:
+    """Remove the checkpoint ``name`` of the run at ``run_url`` (every file of it)."""
+    fs, path = _fs(f"{run_url}/checkpoints/{name}")
+    fs.delete_dir(path)
+
+
 def push_checkpoint(local: Path, run_url: str, keep: int) -> str:
     """Upload the checkpoint dir ``local`` (``progress.json`` last) and delete all but the ``keep`` written last."""
     root = f"{run_url}/checkpoints"

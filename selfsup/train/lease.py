@@ -51,6 +51,8 @@ class RunLease:
 
     def _read(self) -> dict | None:
         try:
+            if not storage.is_remote(self.url):  # plain open: storage.open_read's local reader loads torch
+                return json.loads(Path(self.url).read_bytes())
             with storage.open_read(self.url) as f:
                 return json.loads(f.read())
         except FileNotFoundError:
@@ -140,3 +142,8 @@ class RunLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def run_lease(cfg) -> RunLease:
+    """The lease of an ``ExperimentConfig``'s run folder: in its bucket when ``run_root`` is a URL, else local."""
+    return RunLease(cfg.run_url or Path(cfg.run_dir).resolve())

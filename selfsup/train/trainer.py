@@ -176,8 +176,10 @@ class Trainer:
         if state.get("sized_total_steps"):
             self.total_steps = self.sized_total = state["sized_total_steps"]
         saved_ranks = len(state["rng"])
-        if saved_ranks != world_size():  # the same samples seen, counted in this size's steps
-            self.start_in_epoch = self.start_in_epoch * saved_ranks // world_size()
+        if saved_ranks != world_size():  # the same place in the epoch, in this size's steps; the batches of
+            batches = self.start_in_epoch * saved_ranks  # a part step it cannot express are trained again
+            self.start_in_epoch = batches // world_size()
+            self.samples_seen -= (batches - self.start_in_epoch * world_size()) * self.cfg.data.batch_size
             self.steps_done = self.start_epoch * self.steps_per_epoch + self.start_in_epoch
         set_rng_state(state["rng"][rank()] if rank() < saved_ranks else state["rng"][0])
         log.info("resumed %s from %s (step %d)", self.cfg.name, path, self.steps_done)

@@ -54,8 +54,11 @@ def test_crash_and_resume_gives_the_same_weights(tmp_path, crash_at):
     resumed = parse_config(tree, [f"run_root={tmp_path / 'resumed'}"])
     with pytest.raises(Crash):
         train(resumed, CrashAfterCheckpoint(crash_at))
-    assert latest_checkpoint(resumed.run_dir).name == f"step-{crash_at:08d}"
-    assert train(resumed)["steps"] == 16
+    assert latest_checkpoint(resumed.run_dir).name == f"samples-{8 * crash_at:012d}"  # batch 8, one rank
+    summary = train(resumed)
+    assert summary["steps"] == 16
+    assert summary["checkpoint"] == str(latest_checkpoint(resumed.run_dir)) == \
+        str(resumed.run_dir / "checkpoints" / f"samples-{8 * 16:012d}")  # the one written last
 
     a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
     assert a.keys() == b.keys()

@@ -19,16 +19,26 @@ def test_a_sigkilled_worker_is_restarted_and_the_run_finishes(tmp_path):
     r = faults.worker_failure(tmp_path, random.Random(3))
     assert r["rc"] == 0, r["tail"]
     assert r["killed_at_step"] is not None and len(r["restarts"]) == 1
+    assert r["resumes_logged"] == [r["restarts"][0][1]] * 2  # both ranks resumed, from the same step
     assert r["final_steps"] == r["planned"]
     assert all(0 <= lost <= r["interval"] for lost in r["lost_steps"])
+    # metrics.jsonl reads as one run: each step once, samples strictly increasing
+    assert r["steps_logged"] == list(range(1, r["planned"] + 1)) and r["samples_increasing"]
+    # 2 workers x batch 8: the final checkpoint is the one written last, named by the samples seen
+    assert r["checkpoints"][-1] == f"samples-{16 * r['planned']:012d}"
+    assert r["final_checkpoint"].endswith(f"/checkpoints/{r['checkpoints'][-1]}")
 
 
 def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path):
     r = faults.driver_failure(tmp_path, random.Random(4))
     assert r["rc"] == 0, r["tail"]
     assert r["checkpoints_at_kill"] and r["resumed"]
-    assert f"(step {int(r['checkpoints_at_kill'][-1].split('-')[1])})" in r["resumed"][0]
-    assert r["final_steps"] == r["planned"]
+    assert r["lease_taken_over"]  # the killed driver's lease, with a warning
+    last = r["checkpoint_steps_at_kill"][-1]  # resumed from the checkpoint written last before the kill
+    assert r["checkpoints_at_kill"][-1] == f"samples-{16 * last:012d}" and f"(step {last})" in r["resumed"][0]
+    assert r["final_steps"] == r["planned"] and r["samples_increasing"]
+    assert r["final_checkpoint"].endswith(f"/checkpoints/{r['checkpoints'][-1]}")
+    assert r["checkpoints"][-1] == f"samples-{16 * r['planned']:012d}"
 
 
 def test_a_rank_whose_share_is_unreadable_does_not_hang_ddp(tmp_path):

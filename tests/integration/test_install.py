@@ -18,6 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from selfsup.core.checkpoint import latest_checkpoint
 from tests.conftest import write_tiny_shards
 
 ROOT = Path(__file__).parents[2]
@@ -94,7 +95,8 @@ def test_the_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
                "model.width=4", "train.channels_last=false", "method.proj_hidden_dim=32", "data.batch_size=8", "data.loader_workers=0",
                "data.shuffle_buffer=16", "train.threads=1", "train.log_every_steps=1", "tracking.mode=disabled",
                cwd=work, timeout=180)
-    assert re.search(r"^done: [1-9]\d* steps, last checkpoint ", done.stdout, re.M), done.stdout[-2000:]
-    checkpoint = Path(re.search(r"last checkpoint (\S+?),", done.stdout).group(1))
+    assert re.search(r"^done: [1-9]\d* steps, final weights in ", done.stdout, re.M), done.stdout[-2000:]
+    checkpoint = Path(re.search(r"final weights in (\S+?),", done.stdout).group(1))
     checkpoint = checkpoint if checkpoint.is_absolute() else work / checkpoint
     assert checkpoint.is_dir() and checkpoint.is_relative_to(work / "runs" / "x")
+    assert checkpoint.resolve() == latest_checkpoint(work / "runs" / "x").resolve()  # the one written last

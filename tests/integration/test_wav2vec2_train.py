@@ -59,7 +59,8 @@ def test_tiny_pretrain_writes_a_checkpoint_with_finite_loss_and_evaluates(tmp_pa
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all("codebook_alarms" in r and math.isfinite(r["loss"]) for r in records)
     ckpt = latest_checkpoint(cfg.run_dir)
-    assert ckpt is not None and ckpt.name == "step-00000012"
+    assert ckpt is not None and ckpt.name == "samples-000000000048"  # 12 steps x batch 4
+    assert summary["checkpoint"] == str(ckpt) and summary["samples_seen"] == 48
     loaded, state, _ = load_checkpoint(ckpt)
     assert loaded.method.name == "wav2vec2" and loaded.method.embed_dim == 32
     assert "encoder.context.layers.0.attention.k_proj.weight" in state
