@@ -34,11 +34,13 @@ SHOWN_SKIPPED = 20  # `shards write` prints this many skipped files, then a coun
 
 # The errors that end a command with one line instead of a traceback, by the module that defines each.
 ONE_LINE_ERRORS = {
-    "selfsup.config": "ConfigError",
-    "selfsup.core.checkpoint": "CheckpointError",
-    "selfsup.data.reader": "ManifestError",
-    "selfsup.data.sources": "DatasetNotFound",
-    "selfsup.cluster.submit": "SubmitError",
+    "selfsup.config": ("ConfigError",),
+    "selfsup.core.checkpoint": ("CheckpointError", "CheckpointSpaceError"),
+    "selfsup.data.reader": ("ManifestError",),
+    "selfsup.data.sources": ("DatasetNotFound",),
+    "selfsup.cluster.submit": ("SubmitError",),
+    "selfsup.cluster.trainer": ("RunFailed",),
+    "selfsup.train.lease": ("RunLeaseError",),
 }
 
 
@@ -55,17 +57,15 @@ def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) 
 
 
 def run_pretraining(cfg, no_ray: bool, address: str | None) -> None:
-    """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a local Ray, or the cluster at
+    """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a Ray of its own, or the cluster at
     ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary."""
-    if no_ray:
-        from selfsup.cluster.trainer import pretrain_here
+    from selfsup.train.lease import run_lease
 
-        summary = pretrain_here(cfg)
-    else:
-        from selfsup.cluster import trainer as ray_trainer
+    with run_lease(cfg):  # taken before torch loads, so that a second driver is refused at once
+        from selfsup.cluster.trainer import pretrain_here, run_pretraining as pretrain_on_ray
 
-        summary = ray_trainer.run_pretraining(cfg, address)
-    print(f"done: {summary['steps']} steps, last checkpoint {summary['checkpoint']}, "
+        summary = pretrain_here(cfg) if no_ray else pretrain_on_ray(cfg, address)
+    print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
           f"{summary['data']['skipped']} bad samples skipped")
 
 
@@ -185,13 +185,11 @@ def _eval(args) -> None:
 def _export(args) -> None:
     import torch
 
-    from selfsup.core.checkpoint import load_checkpoint
-    from selfsup.eval.features import encoder_from_checkpoint
-    from selfsup.vision.backbones import export_state_dict
+    from selfsup.eval.features import export_encoder
 
-    cfg, state, _ = load_checkpoint(args.checkpoint)
-    torch.save(export_state_dict(encoder_from_checkpoint(cfg, state)), args.out)
-    print(f"wrote {cfg.model.backbone} backbone weights (torchvision key names) to {args.out}")
+    export = export_encoder(args.checkpoint)
+    torch.save(export, args.out)
+    print(f"wrote the {export['arch']} encoder (weights, geometry and input; format {export['format']}) to {args.out}")
 
 
 def _demo(args) -> None:
@@ -309,10 +307,11 @@ def _add_eval(sub) -> None:
                    help="skip the raw-pixel and random-initialisation baselines")
     e.add_argument("--tsne", action="store_true", help="a t-SNE map of the test features besides the PCA one")
 
-    x = _command(sub, "export", "write the backbone as a torchvision state dict",
+    x = _command(sub, "export", "write the encoder's weights with what builds the matching torchvision model",
                  ["selfsup export runs/quickstart encoder.pt"], _export)
     x.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    x.add_argument("out", help="the file to write (torch.save of the state dict)")
+    x.add_argument("out", help="the file to write: a dict with the state dict and what builds the model "
+                               "(selfsup.vision.backbones.torchvision_model loads an image encoder's)")
 
     d = _command(sub, "demo", "Fashion-MNIST -> shards -> SimCLR under Ray -> evaluation report",
                  ["selfsup demo --download", "selfsup demo --no-ray optim.minutes=2"], _demo, rest="overrides")
@@ -353,7 +352,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _one_line_errors() -> tuple[type[Exception], ...]:
     """The ``ONE_LINE_ERRORS`` of the modules loaded by now: an error can only come from a loaded
     module, and catching it this way imports nothing heavy (torch) for a command that did not."""
-    return tuple(getattr(sys.modules[m], name) for m, name in ONE_LINE_ERRORS.items() if m in sys.modules)
+    return tuple(getattr(sys.modules[m], name) for m, names in ONE_LINE_ERRORS.items() if m in sys.modules
+                 for name in names)
 
 
 def main(argv: list[str] | None = None) -> int:
