@@ -18,7 +18,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from selfsup import __version__
+from selfsup._version import __version__
 from selfsup.data.decode import decode_sample
 from selfsup.data.reader import MANIFEST, ShardProblem, read_manifest, read_shard
 
