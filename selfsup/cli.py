@@ -86,10 +86,18 @@ def _shards_write(args) -> None:
         _print_skipped(m, out)
     elif args.source == "image-folder":
         root, out = args.paths
-        samples, n, classes = sources.image_folder_samples(root)
+        if args.max_side is not None and args.max_side < sources.MIN_MAX_SIDE:
+            raise SystemExit(f"--max-side {args.max_side} is below {sources.MIN_MAX_SIDE} px; views are cut at "
+                             "data.image_size from the stored images, so keep it at least that")
+        samples, n, classes = sources.image_folder_samples(root, args.max_side, args.processes)
         m = shards.write_shards(samples, out, split=args.split, classes=classes, total=n,
-                                samples_per_shard=args.per_shard, source=f"image folder {root}")
-        print(f"wrote {m['num_samples']} samples ({len(m['skipped'])} unreadable skipped) to {out}")
+                                samples_per_shard=args.per_shard, source=f"image folder {root}",
+                                extra={"max_side": args.max_side} if args.max_side else None)
+        converted = m.get("converted", [])
+        print(f"wrote {m['num_samples']} samples ({len(converted)} converted, {len(m['skipped'])} unreadable "
+              f"skipped) to {out}")
+        for entry in converted[:SHOWN_SKIPPED]:
+            print(f"  converted: {entry}")
         _print_skipped(m, out)
     elif args.source == "audio-folder":
         root, out = args.paths
@@ -246,6 +254,10 @@ def _add_shards(sub) -> None:
                                     "a split column writes OUT/<split> per split")
     w.add_argument("--per-shard", type=int, default=5000, help="samples per shard (default: 5000)")
     w.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is not installed")
+    w.add_argument("--max-side", type=int, help="image-folder: re-encode images whose long side exceeds this "
+                                                "(JPEGs are otherwise stored byte for byte); training refuses "
+                                                "shards whose max side is below data.image_size")
+    w.add_argument("--processes", type=int, default=2, help="image-folder: processes checking the images (default: 2)")
     v = _command(sh, "verify", "check checksums and decode every sample",
                  ["selfsup shards verify data/fashion-mnist/train"], _shards_verify)
     v.add_argument("dir", help="a shard folder (with its manifest.json)")

@@ -1,7 +1,8 @@
 """Raw shard samples -> tensors, and lists of them -> batches.
 
 A decoder raises ValueError naming the sample's key for a bad sample, which every reader counts and
-skips (``ShardStream``, ``verify_shards``, ``read_split``).
+skips (``ShardStream``, ``verify_shards``, ``read_split``). An image sample holds its encoded image
+under one of ``IMAGE_KEYS`` (a JPEG as ``.jpg``, as written; anything else as ``.png``) and ``.cls``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ import numpy as np
 import torch
 
 
+IMAGE_KEYS = ("jpg", "jpeg", "png")
+
+
+def image_payload(sample: dict) -> tuple[bytes, int]:
+    """A raw image sample's (encoded image bytes, label); raises ValueError naming the key."""
+    key = sample.get("__key__", "?")
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None or "cls" not in sample:
+        raise ValueError(f"sample {key}: needs .jpg or .png and .cls, has "
+                         f"{sorted(k for k in sample if not k.startswith('__'))}")
+    try:
+        return data, int(sample["cls"])
+    except ValueError:
+        raise ValueError(f"sample {key}: its .cls {sample['cls'][:20]!r} is not an integer") from None
+
+
 def decode_sample(sample: dict, kind: str):
     """Decode one raw sample's payload: (uint8 image array, label) for "image", ((float32 (T,) 16 kHz
     waveform, original rate), its .json dict) for "audio"; raises ValueError naming the key when it is bad."""
@@ -21,11 +38,9 @@ def decode_sample(sample: dict, kind: str):
     if kind == "image":
         from PIL import Image
 
-        if "png" not in sample or "cls" not in sample:
-            raise ValueError(f"sample {key}: needs .png and .cls, has {sorted(k for k in sample if not k.startswith('__'))}")
+        data, label = image_payload(sample)
         try:
-            img = np.asarray(Image.open(io.BytesIO(sample["png"])))
-            label = int(sample["cls"])
+            img = np.asarray(Image.open(io.BytesIO(data)))
         except Exception as err:  # PIL raises many types for bad bytes
             raise ValueError(f"sample {key}: undecodable ({type(err).__name__}: {err})") from None
         return img, label
@@ -38,8 +53,9 @@ def decode_sample(sample: dict, kind: str):
     raise ValueError(f"unknown sample format {kind!r}")
 
 
-def decode_image(sample: dict, channels: int, size: int) -> tuple[torch.Tensor, int]:
-    """A raw image sample -> (uint8 (C, size, size), label); raises ValueError naming the key."""
+def decode_image(sample: dict, channels: int, size: int | None) -> tuple[torch.Tensor, int]:
+    """A raw image sample -> (uint8 (C, size, size), label): its short side resized to ``size``, then
+    centre-cropped (``size`` None: uint8 (C, H, W) at its own size); raises ValueError naming the key."""
     from torchvision.transforms.v2 import functional as TF
 
     img, label = decode_sample(sample, "image")
@@ -52,9 +68,19 @@ def decode_image(sample: dict, channels: int, size: int) -> tuple[torch.Tensor, 
             t = t.expand(channels, -1, -1)
         else:
             t = t[:channels]
-    if t.shape[1] != size or t.shape[2] != size:
+    if size is not None and (t.shape[1] != size or t.shape[2] != size):
         t = TF.center_crop(TF.resize(t, size, antialias=True), [size, size])
     return t.contiguous(), label
+
+
+def decode_native(sample: dict, channels: int, width: int, height: int) -> tuple[torch.Tensor, int]:
+    """A raw image sample of the one size ``width`` x ``height`` that a shard folder holds -> (uint8
+    (C, height, width), label); raises ValueError naming the key for one of another size."""
+    image, label = decode_image(sample, channels, None)
+    if image.shape[1:] != (height, width):
+        raise ValueError(f"sample {sample.get('__key__', '?')}: {image.shape[2]}x{image.shape[1]} px, not the "
+                         f"{width}x{height} the manifest lists for every image")
+    return image, label
 
 
 def collate_images(items: list[tuple[torch.Tensor, int]]) -> dict:

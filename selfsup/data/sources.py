@@ -1,6 +1,6 @@
 """Readers of real datasets, each yielding samples ready for ``shards.write_shards``.
 
-A sample is a dict: ``{"__key__": str, "png": bytes, "cls": int}`` for images.
+A sample is a dict: ``{"__key__": str, "png" or "jpg": bytes, "cls": int}`` for images.
 For audio: ``{"__key__": str, "flac": bytes (16 kHz mono), "json": {"duration", "original_rate", "path", ...}}``.
 """
 
@@ -129,29 +129,109 @@ def fashion_mnist_samples(split: str, folder: Path) -> tuple[Iterator[dict], int
     return idx_samples(_find_idx(folder, img), _find_idx(folder, lab), prefix=f"fmnist-{split}-")
 
 
-def image_folder_samples(root: str | Path) -> tuple[Iterator[dict], int, list[str]]:
-    """Samples from ``root/<class>/<image>`` (any PIL-readable format), their count and the class names."""
+MIN_SIDE = 8  # px: a smaller image (a 1x1 tracking pixel, a broken thumbnail) is skipped at write time
+MIN_MAX_SIDE = 32  # px: the smallest ``max_side`` that `shards write image-folder --max-side` accepts
+JPEG_QUALITY = 90  # of the JPEGs written when one must be re-encoded (FFCV's default)
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit grey: stored 8-bit
+_KEPT_MODES = ("L", "LA", "RGB", "RGBA")  # what every reader decodes as it is
+
+
+def _check_decodes(img: Image.Image) -> None:
+    """Decode ``img`` to the end of its data (a JPEG at 1/8 scale: its entropy-coded data is read whole,
+    so a truncated or corrupt file fails, at a fraction of a full decode's cost)."""
+    if img.format == "JPEG":
+        img.draft(img.mode if img.mode in ("L", "RGB") else None, (img.width // 8, img.height // 8))
+    img.load()
+
+
+def _eight_bit(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """(``img`` in L, LA, RGB or RGBA, a note naming a lossy conversion (CMYK, 16-bit grey) or None)."""
+    if img.mode in _WIDE_MODES:
+        wide = np.asarray(img, dtype=np.int64)
+        shift = 8 if wide.max(initial=0) > 255 else 0
+        return Image.fromarray((wide >> shift).clip(0, 255).astype(np.uint8)), f"{img.mode} grey converted to 8-bit"
+    if img.mode in ("1", "P"):
+        return img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else
+                           "L" if img.mode == "1" else "RGB"), None
+    if img.mode not in _KEPT_MODES:
+        return img.convert("RGB"), f"{img.mode} converted to RGB"
+    return img, None
+
+
+def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[str, bytes, str | None]:
+    """An image file's bytes as a shard stores them: (extension, bytes, a note when converted or None).
+
+    A JPEG in L or RGB is kept byte for byte, a PNG in an 8-bit mode likewise; other formats are written
+    as PNG; CMYK JPEGs and 16-bit grey are converted (JPEG stays JPEG, at ``JPEG_QUALITY``). With
+    ``max_side``, an image whose long side exceeds it is resized to it (antialiased) and re-encoded.
+    Raises ValueError naming ``name`` for an unreadable, truncated or too small (< ``MIN_SIDE``) image.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        (width, height), fmt, mode = img.size, img.format, img.mode
+        _check_decodes(img)
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
+        raise ValueError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+    if min(width, height) < MIN_SIDE:
+        raise ValueError(f"{name}: {width}x{height} px, smaller than {MIN_SIDE} px on a side")
+    too_big = bool(max_side and max(width, height) > max_side)
+    if not too_big and ((fmt == "JPEG" and mode in ("L", "RGB")) or (fmt == "PNG" and mode in _KEPT_MODES)):
+        return ("jpg" if fmt == "JPEG" else "png"), data, None
+    img, note = _eight_bit(Image.open(io.BytesIO(data)))  # in full: the check may have decoded it reduced
+    if too_big:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    buf = io.BytesIO()
+    if fmt == "JPEG" and img.mode in ("L", "RGB"):
+        img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+        return "jpg", buf.getvalue(), note
+    img.save(buf, format="PNG", compress_level=1)
+    return "png", buf.getvalue(), note
+
+
+def _image_sample(job: tuple[int, str, int, int | None]) -> dict:
+    """Worker: (index, file, class, max side) -> a shard sample, or ``__error__`` naming the file."""
+    index, file, cls, max_side = job
+    key = f"img-{index:08d}"
+    try:
+        ext, data, note = prepare_image(Path(file).read_bytes(), file, max_side)
+    except ValueError as err:
+        return {"__key__": key, "__error__": str(err)}
+    except OSError as err:
+        return {"__key__": key, "__error__": f"{file}: cannot read ({err.strerror or err})"}
+    sample = {"__key__": key, ext: data, "cls": cls}
+    return {**sample, "__converted__": f"{file}: {note}"} if note else sample
+
+
+def image_folder_samples(root: str | Path, max_side: int | None = None, processes: int = 1,
+                         ) -> tuple[Iterator[dict], int, list[str]]:
+    """Samples from ``root/<class>/<image>`` (any PIL-readable format), their count and the class names.
+
+    Each image goes through ``prepare_image`` (JPEG bytes kept as they are; ``max_side``: larger images
+    re-encoded at that long side); a bad one yields ``{"__key__", "__error__"}`` so ``write_shards``
+    lists it as skipped, a converted one carries ``__converted__``. ``processes``: checked in a pool
+    of that many processes (1: in this process).
+    """
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFound(f"image folder {root} does not exist")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; lay it out as {root}/<class>/<image>")
-    files = [(p, c) for c, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
-             if p.suffix.lower() in IMAGE_SUFFIXES]
+    jobs = [(i, str(p), c, max_side) for i, (p, c) in enumerate(
+        (p, c) for c, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES)]
 
     def gen():
-        for i, (path, c) in enumerate(files):
-            data = path.read_bytes()
-            if path.suffix.lower() != ".png":
-                try:
-                    data = encode_png(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-                except OSError:
-                    yield {"__key__": f"img-{i:08d}", "__error__": f"{path}: not a readable image"}
-                    continue
-            yield {"__key__": f"img-{i:08d}", "png": data, "cls": c}
+        if processes <= 1:
+            yield from map(_image_sample, jobs)
+            return
+        import multiprocessing
 
-    return gen(), len(files), classes
+        with multiprocessing.Pool(processes) as pool:
+            yield from pool.imap(_image_sample, jobs, chunksize=16)
+
+    return gen(), len(jobs), classes
 
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au"}

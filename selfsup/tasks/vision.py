@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import numpy as np
 import torch
@@ -13,13 +14,18 @@ from selfsup.config import ExperimentConfig, ViewRecipe
 from selfsup.core.device import memory_format
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
-from selfsup.data.decode import collate_images, decode_image
-from selfsup.data.reader import read_split
+from selfsup.data.decode import collate_images, decode_image, decode_native
+from selfsup.data.reader import read_manifest, read_split
+from selfsup.data.shards import image_sizes
 from selfsup.data.stream import ShardStream
+from selfsup.data.views import DeviceCrops, WholeImageViews, collate_views
 from selfsup.methods import build_method
 from selfsup.tasks import EvalSpec, LabelledSplit
 from selfsup.vision.augment import BatchViews
-from selfsup.vision.backbones import build_backbone
+from selfsup.vision.backbones import build_backbone, export_state_dict
+
+
+log = logging.getLogger("selfsup.data")
 
 
 def views_for(cfg: ExperimentConfig) -> BatchViews:
@@ -65,6 +71,37 @@ def probe_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, 
     return np.concatenate(blocks)
 
 
+def decode_on_device(cfg: ExperimentConfig) -> bool:
+    """Whether JPEGs are decoded on the GPU (``data.decode``; auto: when training on CUDA)."""
+    cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
+    if cfg.data.decode == "gpu" and not cuda:
+        raise ValueError("data.decode=gpu needs a CUDA device (scaling.use_gpu=true and a GPU); "
+                         "set data.decode=cpu or auto")
+    return cfg.data.decode == "gpu" or (cfg.data.decode == "auto" and cuda)
+
+
+def image_decoding(cfg: ExperimentConfig, manifest: dict):
+    """(decode, collate) for the training shards of ``manifest``: images of one size are batched at that
+    size and their views cut on the training device (``BatchViews``); images of many sizes have each
+    view cut from the whole image per sample (``selfsup.data.views``), in the loader workers or, with
+    ``decode_on_device``, on the GPU. Shards written with ``--max-side`` below ``data.image_size`` are refused."""
+    d = cfg.data
+    if manifest.get("max_side") and manifest["max_side"] < d.image_size:
+        raise ValueError(f"data.image_size {d.image_size} is larger than the {manifest['max_side']} px long side "
+                         f"the shards at {d.train} were written with (`shards write --max-side "
+                         f"{manifest['max_side']}`); re-write them with --max-side {d.image_size} or more")
+    sizes = image_sizes(manifest)
+    if sizes is None:
+        log.warning("%s: the manifest records no image sizes (shards written by an older selfsup): views are cut "
+                    "from each image resized and centre-cropped to data.image_size; re-write the shards", d.train)
+        return functools.partial(decode_image, channels=d.channels, size=d.image_size), collate_images
+    if len(sizes) == 1:
+        (width, height), = sizes
+        return functools.partial(decode_native, channels=d.channels, width=width, height=height), collate_images
+    crops = [(r.crop_scale, r.crop_ratio) for r in cfg.view_recipes()]
+    return WholeImageViews(crops, d.image_size, d.channels, decode_on_device(cfg)), collate_views
+
+
 def _flat_pixels(images: torch.Tensor) -> np.ndarray:
     """The raw-pixel baseline: uint8 (N, C, H, W) -> float32 (N, C·H·W) in [0, 1]."""
     return images.reshape(len(images), -1).float().div(255).numpy()
@@ -79,20 +116,26 @@ class VisionTask:
         return build_method(cfg.method, backbone, dim)
 
     def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
-        """Batches of {"images": uint8 (B, C, H, W), "labels": (B,)} for this rank."""
-        decode = functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size)
-        return ShardStream(cfg.data.train, cfg.data.batch_size, decode, collate_images, rank=rank(),
+        """This rank's batches: {"images": uint8 (B, C, H, W), "labels": (B,)} for images of one size,
+        else the views' crops cut from each whole image (``selfsup.data.views.collate_views``)."""
+        decode, collate = image_decoding(cfg, read_manifest(cfg.data.train)[0])
+        return ShardStream(cfg.data.train, cfg.data.batch_size, decode, collate, rank=rank(),
                            ranks=world_size(), workers=max(1, cfg.data.loader_workers), seed=cfg.seed,
                            shuffle_buffer=cfg.data.shuffle_buffer)
 
     def input_fn(self, cfg: ExperimentConfig, device: torch.device):
-        """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format."""
+        """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format: cut from a
+        batch of one image size here, or from crops cut per image (in the workers, or here from JPEGs)."""
         views = views_for(cfg)
         layout = memory_format(device, cfg.train.channels_last)
+        crops = DeviceCrops(cfg.data.image_size, cfg.data.channels, device)
 
         def to_input(batch: dict) -> list[torch.Tensor]:
-            images = batch["images"].to(device, non_blocking=True)
-            return [v.contiguous(memory_format=layout) for v in views(images)]
+            if "images" in batch:
+                out = views(batch["images"].to(device, non_blocking=True))
+            else:
+                out = views.cropped(crops(batch))
+            return [v.contiguous(memory_format=layout) for v in out]
 
         return to_input
 
@@ -119,3 +162,15 @@ class VisionTask:
                         probe_note=f"{cfg.eval.probe_views} view(s) per train image (un-augmented + crops and flips); "
                                    "lr={lr:g}, weight_decay={weight_decay:g} chosen on held-out train images "
                                    "(top-1 {top1:.2f}%); per-class scores, ROC and confusion are its predictions")
+
+    def input_spec(self, cfg: ExperimentConfig) -> dict:
+        """float (B, ``channels``, ``image_size``, ``image_size``) in [0, 1], then (x - ``mean``) / ``std`` per channel."""
+        d = cfg.data
+        return {"mean": list(d.mean), "std": list(d.std), "image_size": d.image_size, "channels": d.channels}
+
+    def export(self, encoder: nn.Module, cfg: ExperimentConfig) -> dict:
+        """The backbone under torchvision's key names with its geometry and input
+        (``selfsup.vision.backbones.torchvision_model`` builds and loads it)."""
+        m = cfg.model
+        return export_state_dict(encoder, m.backbone, width=m.width, small_stem=m.small_stem,
+                                 stem_stride=m.stem_stride, **self.input_spec(cfg))

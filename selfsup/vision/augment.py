@@ -13,7 +13,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
-from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 from selfsup.config import ViewRecipe
 
@@ -92,6 +91,39 @@ def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
 
+def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> HSV, (..., 3, H, W) -> (..., 3, H, W), hue in turns [0, 1), as PIL and
+    torchvision convert (grey pixels get hue and saturation 0). torchvision has no public
+    conversion, and its public ``adjust_hue`` takes one factor for the whole batch."""
+    r, g, b = rgb.unbind(-3)
+    maxc, minc = rgb.amax(-3), rgb.amin(-3)
+    delta = maxc - minc
+    grey = delta == 0
+    safe = torch.where(grey, torch.ones_like(delta), delta)  # grey: 0 / 1 instead of 0 / 0
+    saturation = delta / torch.where(grey, torch.ones_like(maxc), maxc)
+    hue = torch.where(maxc == r, (g - b) / safe,
+                      torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = torch.where(grey, torch.zeros_like(hue), torch.remainder(hue / 6.0, 1.0))
+    return torch.stack([hue, saturation, maxc], dim=-3)
+
+
+def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """HSV (hue in turns) -> RGB, (..., 3, H, W) -> (..., 3, H, W): channel n in (r, g, b) is
+    v * (1 - s * clamp(min(k, 4 - k), 0, 1)) with k = (n' + 6 h) mod 6 and n' = 5, 3, 1."""
+    h, s, v = (c.unsqueeze(-3) for c in hsv.unbind(-3))
+    offsets = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(3, 1, 1)
+    k = torch.remainder(offsets + 6.0 * h, 6.0)
+    return v * (1.0 - s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+
+
+def shift_hue(rgb: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each sample's hue rotated by its own ``shift`` (in turns, as torchvision's ``adjust_hue``
+    factor): (B, 3, H, W) in [0, 1], (B,) -> (B, 3, H, W)."""
+    hsv = rgb_to_hsv(rgb)
+    hue = torch.remainder(hsv[:, 0] + shift.view(-1, 1, 1), 1.0)
+    return hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1))
+
+
 def color_jitter(x: torch.Tensor, recipe: ViewRecipe, apply: torch.Tensor, generator=None) -> torch.Tensor:
     """Brightness, contrast, saturation, hue (in that order) with per-sample factors, on samples where ``apply``."""
     b, dev = x.shape[0], x.device
@@ -107,10 +139,7 @@ def color_jitter(x: torch.Tensor, recipe: ViewRecipe, apply: torch.Tensor, gener
         f = _per_sample(_uniform(max(0.0, 1 - recipe.saturation), 1 + recipe.saturation, b, dev, generator))
         out = (f * out + (1 - f) * _grey(out)).clamp(0, 1)
     if x.shape[1] == 3 and recipe.hue > 0:
-        shift = _uniform(-recipe.hue, recipe.hue, b, dev, generator).view(-1, 1, 1)
-        hsv = _rgb_to_hsv(out)
-        hsv = torch.stack([(hsv[:, 0] + shift) % 1.0, hsv[:, 1], hsv[:, 2]], dim=1)
-        out = _hsv_to_rgb(hsv)
+        out = shift_hue(out, _uniform(-recipe.hue, recipe.hue, b, dev, generator))
     return torch.where(_per_sample(apply), out, x)
 
 
@@ -129,11 +158,21 @@ class BatchViews:
 
     def view(self, images: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
         """One augmented, normalised view: uint8 (B, C, H, W) -> float (B, C, size, size)."""
-        g, dev = self.generator, images.device
         b, _, h, w = images.shape
         x = images.float().div_(255)
-        boxes = crop_boxes(b, h, w, recipe.crop_scale, recipe.crop_ratio, dev, g)
-        x = resized_crop(x, boxes, self.size).clamp_(0, 1)
+        boxes = crop_boxes(b, h, w, recipe.crop_scale, recipe.crop_ratio, images.device, self.generator)
+        return self.augment(resized_crop(x, boxes, self.size).clamp_(0, 1), recipe)
+
+    def cropped(self, crops: torch.Tensor) -> list[torch.Tensor]:
+        """The views of crops already cut per recipe (``selfsup.data.views``): float (V, B, C, size, size)
+        in [0, 1] -> [float (B, C, size, size)] * V, augmented and normalised."""
+        return [self.augment(x, r) for x, r in zip(crops, self.recipes)]
+
+    def augment(self, x: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
+        """Everything after the crop (flip, jitter, grey, blur, solarize, each drawn per sample), then
+        normalised: float (B, C, size, size) in [0, 1] -> float (B, C, size, size)."""
+        g, dev = self.generator, x.device
+        b = x.shape[0]
         if recipe.flip_p > 0:
             flip = torch.rand(b, device=dev, generator=g) < recipe.flip_p
             x = torch.where(_per_sample(flip), x.flip(-1), x)

@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
 
 from selfsup.config import ViewRecipe, preset_views
-from selfsup.vision.augment import BatchViews, crop_boxes
+from selfsup.vision.augment import BatchViews, crop_boxes, hsv_to_rgb, rgb_to_hsv, shift_hue
 
 SIZE = 32
 N = 512
@@ -109,3 +110,30 @@ def test_byol_preset_is_asymmetric():
 def solarized_fraction(views: torch.Tensor) -> float:
     """Share of views (N, 1, H, W) of a bright constant image that came out dark, i.e. were solarized."""
     return (views.mean(dim=(1, 2, 3)) < 0.5).float().mean().item()
+
+
+def colour_images(n: int) -> torch.Tensor:
+    """float (n, 3, 16, 16) in [0, 1] on the uint8 grid, with grey pixels, black pixels and channel ties."""
+    x = torch.randint(0, 256, (n, 3, 16, 16), generator=torch.Generator().manual_seed(0)).float() / 255
+    x[0] = 0.5  # grey: hue and saturation 0
+    x[1, :, :4] = 0.0  # black
+    x[2, 1] = x[2, 0]  # red and green tie for the maximum in places
+    return x
+
+
+def test_rgb_hsv_round_trip():
+    x = colour_images(8)
+    hsv = rgb_to_hsv(x)
+    assert hsv[:, 0].min() >= 0 and hsv[:, 0].max() < 1 and (hsv[0, :2] == 0).all()
+    torch.testing.assert_close(hsv_to_rgb(hsv), x, rtol=0, atol=1e-6)
+
+
+def test_hue_shift_matches_torchvision_adjust_hue():
+    x = colour_images(9)
+    for factor in (-0.5, -0.1, 0.0, 0.23, 0.5):  # one image, one factor: torchvision's public adjust_hue
+        want = TF.adjust_hue(x[3], factor)
+        torch.testing.assert_close(shift_hue(x[3:4], torch.tensor([factor]))[0], want, rtol=0, atol=1e-5)
+    shifts = torch.linspace(-0.5, 0.5, len(x))  # a batch, one factor per sample
+    want = torch.stack([TF.adjust_hue(img, float(f)) for img, f in zip(x, shifts)])
+    torch.testing.assert_close(shift_hue(x, shifts), want, rtol=0, atol=1e-5)
+    assert not torch.allclose(shift_hue(x, shifts), x, atol=1e-2)
