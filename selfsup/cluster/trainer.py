@@ -22,8 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from selfsup.config import ExperimentConfig
-from selfsup.config import ConfigError
+from selfsup.config import ConfigError, ExperimentConfig
 from selfsup.core.checkpoint import CheckpointSpaceError, latest_checkpoint, read_progress, remove_after
 from selfsup.core.distributed import rank
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
@@ -37,6 +36,7 @@ FATAL = (CheckpointSpaceError, ConfigError, ManifestError, FileNotFoundError)  #
 
 class RunFailed(RuntimeError):
     """The run stopped on an error that retrying cannot heal; the message says what to do."""
+
 
 log = logging.getLogger("selfsup.cluster")
 
