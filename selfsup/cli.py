@@ -30,17 +30,34 @@ Options and key.sub=value overrides may come in any order; `selfsup COMMAND --he
 OVERRIDES_HELP = "config overrides key.sub=value, values parsed as YAML (optim.lr=0.1 data.batch_size=128)"
 CONFIG_HELP = "a YAML file, or the name of a shipped config (`selfsup configs` lists them)"
 ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
+VERBOSE_HELP = "show every log line: selfsup's debug lines, Ray's own and its workers' (default: progress and warnings)"
 SHOWN_SKIPPED = 20  # `shards write` prints this many skipped files, then a count
+DEMO = {"config": "quickstart", "data": "data/fashion-mnist"}  # `selfsup demo`'s defaults
+DEMO_MINUTES = 13.0  # the whole image demo on 2 cores, pip aside: pretraining gets what the shards leave ...
+DEMO_EVAL_RESERVE_S = 150  # ... less this for the evaluation
+DEMO_CONTEXT = [  # what longer runs and GPUs give, as the benchmarks measured it (README, "The five methods")
+    "A longer run, as the benchmarks measured it (README, \"The five methods on Fashion-MNIST\"): SimCLR "
+    "with a half-width ResNet-18 for 15 minutes on a quiet 2-core CPU (10.8 epochs, bf16) reached 81.79% "
+    "kNN@20 and 85.01% linear (`python -m benchmarks.methods_fmnist --minutes 15`); on an H100, a full-width "
+    "ResNet-18 for 2 minutes (12 epochs) reached 79.49% and 85.63%.",
+]
+AUDIO_DEMO = {"config": "wav2vec2-tiny", "data": "data/audio-demo"}  # ... with --audio
+AUDIO_DEMO_PER_CLASS = 100  # spoken digits a class: 80 train, 20 test
+AUDIO_DEMO_MINUTES = 15  # the whole audio demo on 2 cores; pretraining gets what the data leaves ...
+AUDIO_EVAL_RESERVE_S = 180  # ... less this for the evaluation
 
 # The errors that end a command with one line instead of a traceback, by the module that defines each.
 ONE_LINE_ERRORS = {
     "selfsup.config": ("ConfigError",),
+    "selfsup.audio.hf_export": ("ExportError",),
     "selfsup.core.checkpoint": ("CheckpointError", "CheckpointSpaceError"),
     "selfsup.data.reader": ("ManifestError",),
-    "selfsup.data.sources": ("DatasetNotFound",),
+    "selfsup.data.builders": ("MissingTool", "BuildError"),
+    "selfsup.data.sources": ("DatasetNotFound", "BadInput"),
     "selfsup.cluster.submit": ("SubmitError",),
     "selfsup.cluster.trainer": ("RunFailed",),
     "selfsup.train.lease": ("RunLeaseError",),
+    "selfsup.tracking.wandb_run": ("TrackingError",),
 }
 
 
@@ -56,59 +73,125 @@ def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) 
     print(f"wrote {out}/train and {out}/test")
 
 
-def run_pretraining(cfg, no_ray: bool, address: str | None) -> None:
+def build_audio_probe_clips(data: str | Path, per_class: int) -> tuple[Path, Path]:
+    """The audio demo's clips under ``data``, each set built unless there (and said so): ``per_class``
+    spoken digits a class from espeak-ng, then the speech corpus from Debian packages. (corpus, digits)."""
+    from selfsup.data import builders
+
+    corpus, digits = Path(data) / "speech-corpus", Path(data) / f"spoken-digits-{per_class}"
+    for done, build, what in ((digits / builders.DIGITS_CSV, lambda: builders.build_spoken_digits(digits, per_class),
+                               "spoken digits"),
+                              (corpus / builders.SPEECH_CSV, lambda: builders.build_speech_corpus(corpus), "speech")):
+        print(f"  {what}: already in {done.parent}" if done.exists() else f"  {what}: {build()} clips in {done.parent}")
+    return corpus, digits
+
+
+def write_audio_probe_shards(corpus: Path, digits: Path) -> tuple[Path, Path]:
+    """16 kHz FLAC shards of ``build_audio_probe_clips``' folders beside them, each written unless there:
+    (speech shards, digit shards with train/ and test/)."""
+    from selfsup.data.builders import DIGITS_CSV, SPEECH_CSV
+    from selfsup.data.reader import MANIFEST
+
+    speech, digit = corpus.with_name(f"{corpus.name}-shards"), digits.with_name(f"{digits.name}-shards")
+    for folder, labels, out, done, per_shard in ((corpus, SPEECH_CSV, speech, speech / MANIFEST, 1000),
+                                                 (digits, DIGITS_CSV, digit, digit / "test" / MANIFEST, 5000)):
+        if done.exists():
+            print(f"  shards of {folder.name}: already in {out}")
+            continue
+        args = argparse.Namespace(paths=[str(folder), str(out)], labels=str(folder / labels), per_shard=per_shard)
+        _shards_write_audio_folder(args, "train")
+    return speech, digit
+
+
+def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = False) -> None:
     """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a Ray of its own, or the cluster at
-    ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary."""
+    ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary. ``restart``
+    sets the old run aside (``<run>.old-<time>``) and starts afresh, where resuming one trained with
+    another config is refused."""
+    from selfsup.tracking.wandb_run import check_credentials
     from selfsup.train.lease import run_lease
 
+    check_credentials(cfg.tracking.mode)  # W&B online without credentials: refused before anything starts
     with run_lease(cfg):  # taken before torch loads, so that a second driver is refused at once
-        from selfsup.cluster.trainer import pretrain_here, run_pretraining as pretrain_on_ray
+        from selfsup.cluster.trainer import drive
 
-        summary = pretrain_here(cfg) if no_ray else pretrain_on_ray(cfg, address)
+        summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart)
     print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
-          f"{summary['data']['skipped']} bad samples skipped")
+          f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
+          f"{summary['train_seconds'] / 60:.1f} min)")
 
 
 def _shards_write(args) -> None:
-    from selfsup.data import shards, sources
-
+    if args.test_fraction is not None and args.source != "image-folder":
+        raise SystemExit("--test-fraction is for image-folder; audio-folder splits by its --labels CSV's split column")
+    if args.test_fraction is not None and args.split is not None:
+        raise SystemExit("--test-fraction writes OUT/train and OUT/test; leave out --split")
     if args.source == "fashion-mnist":
         (out,) = args.paths
         write_fashion_mnist_shards(out, args.download, args.per_shard)
-    elif args.source == "idx":
-        if len(args.paths) != 3:
-            raise SystemExit("usage: selfsup shards write idx IMAGES LABELS OUT")
-        images, labels, out = args.paths
-        samples, n = sources.idx_samples(images, labels, prefix=f"{args.split}-")
-        m = shards.write_shards(samples, out, split=args.split, total=n, samples_per_shard=args.per_shard,
-                                classes=args.classes.split(",") if args.classes else None, source=f"idx {images}")
-        print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {out}")
-        _print_skipped(m, out)
-    elif args.source == "image-folder":
-        root, out = args.paths
-        if args.max_side is not None and args.max_side < sources.MIN_MAX_SIDE:
-            raise SystemExit(f"--max-side {args.max_side} is below {sources.MIN_MAX_SIDE} px; views are cut at "
-                             "data.image_size from the stored images, so keep it at least that")
-        samples, n, classes = sources.image_folder_samples(root, args.max_side, args.processes)
-        m = shards.write_shards(samples, out, split=args.split, classes=classes, total=n,
-                                samples_per_shard=args.per_shard, source=f"image folder {root}",
+    else:
+        {"idx": _shards_write_idx, "image-folder": _shards_write_image_folder,
+         "audio-folder": _shards_write_audio_folder}[args.source](args, args.split or "train")
+
+
+def _shards_write_idx(args, split: str) -> None:
+    from selfsup.data import shards, sources
+
+    if len(args.paths) != 3:
+        raise SystemExit("usage: selfsup shards write idx IMAGES LABELS OUT")
+    images, labels, out = args.paths
+    samples, n = sources.idx_samples(images, labels, prefix=f"{split}-")
+    m = shards.write_shards(samples, out, split=split, total=n, samples_per_shard=args.per_shard,
+                            classes=args.classes.split(",") if args.classes else None, source=f"idx {images}")
+    print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {out}")
+    _print_skipped(m, out)
+
+
+def _shards_write_image_folder(args, split: str) -> None:
+    """One split to OUT, or with ``--test-fraction`` a stratified train/test split to OUT/train and OUT/test."""
+    from selfsup.data import shards, sources
+
+    root, out = _shards_two_paths(args, "image-folder DIR OUT")
+    if args.max_side is not None and args.max_side < sources.MIN_MAX_SIDE:
+        raise SystemExit(f"--max-side {args.max_side} is below {sources.MIN_MAX_SIDE} px; views are cut at "
+                         "data.image_size from the stored images, so keep it at least that")
+    files, classes = sources.image_folder_files(root)
+    parts = ({split: (files, Path(out))} if args.test_fraction is None else
+             {name: (part, Path(out) / name) for name, part in
+              zip(("train", "test"), sources.stratified_split(files, args.test_fraction))})
+    for name, (part, dest) in parts.items():
+        m = shards.write_shards(sources.image_samples(part, args.max_side, args.processes), dest, split=name,
+                                classes=classes, total=len(part), samples_per_shard=args.per_shard,
+                                source=f"image folder {root}",
                                 extra={"max_side": args.max_side} if args.max_side else None)
         converted = m.get("converted", [])
         print(f"wrote {m['num_samples']} samples ({len(converted)} converted, {len(m['skipped'])} unreadable "
-              f"skipped) to {out}")
+              f"skipped) to {dest}")
         for entry in converted[:SHOWN_SKIPPED]:
             print(f"  converted: {entry}")
-        _print_skipped(m, out)
-    elif args.source == "audio-folder":
-        root, out = args.paths
-        splits = sources.audio_label_splits(args.labels)
-        for split in splits or [args.split]:
-            samples, n, classes = sources.audio_folder_samples(root, args.labels, split if splits else None)
-            dest = Path(out) / split if splits else Path(out)
-            m = shards.write_shards(samples, dest, split=split, kind="audio", classes=classes, total=n,
-                                    samples_per_shard=args.per_shard, source=f"audio folder {root}")
-            print(f"wrote {m['num_samples']} clips ({len(m['skipped'])} bad skipped) to {dest}")
-            _print_skipped(m, dest)
+        _print_skipped(m, dest)
+
+
+def _shards_write_audio_folder(args, split: str) -> None:
+    """One split to OUT, or one folder OUT/<split> per value of the ``--labels`` CSV's split column."""
+    from selfsup.data import shards, sources
+
+    root, out = _shards_two_paths(args, "audio-folder DIR OUT")
+    splits = sources.audio_label_splits(args.labels)
+    for name in splits or [split]:
+        samples, n, classes = sources.audio_folder_samples(root, args.labels, name if splits else None)
+        dest = Path(out) / name if splits else Path(out)
+        m = shards.write_shards(samples, dest, split=name, kind="audio", classes=classes, total=n,
+                                samples_per_shard=args.per_shard, source=f"audio folder {root}")
+        print(f"wrote {m['num_samples']} clips ({len(m['skipped'])} bad skipped) to {dest}")
+        _print_skipped(m, dest)
+
+
+def _shards_two_paths(args, usage: str) -> tuple[str, str]:
+    """The source's DIR OUT positionals, or the usage line."""
+    if len(args.paths) != 2:
+        raise SystemExit(f"usage: selfsup shards write {usage}")
+    return args.paths[0], args.paths[1]
 
 
 def _print_skipped(manifest: dict, out: str | Path) -> None:
@@ -131,16 +214,40 @@ def _shards_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def _shards_index(args) -> None:
+    from selfsup.data.shards import index_shards
+
+    m, lines = index_shards(args.dir, args.split or "train", args.classes.split(",") if args.classes else None)
+    for line in lines[:SHOWN_SKIPPED]:
+        print(f"  unreadable, the reader will skip it: {line}")
+    if len(lines) > SHOWN_SKIPPED:
+        print(f"  ... and {len(lines) - SHOWN_SKIPPED} more")
+    print(f"indexed {m['num_samples']} {m['format']} samples in {len(m['shards'])} shards ({len(lines)} unreadable); "
+          f"wrote {Path(args.dir) / 'manifest.json'}; `selfsup shards verify {args.dir}` decodes every sample")
+
+
 def _shards_info(args) -> None:
     from selfsup.data.shards import shards_info
 
     print(json.dumps(shards_info(args.dir), indent=1))
 
 
+def _shards_build(args) -> None:
+    from selfsup.data import builders
+
+    if args.dataset == "spoken-digits":
+        n, labels = builders.build_spoken_digits(args.out, args.per_class), builders.DIGITS_CSV
+    else:
+        n, labels = builders.build_speech_corpus(args.out), builders.SPEECH_CSV
+    out = Path(args.out)
+    print(f"{n} clips in {out}; as shards: selfsup shards write audio-folder {out} {out}-shards "
+          f"--labels {out / labels}")
+
+
 def _pretrain(args) -> None:
     from selfsup.config import load_config
 
-    run_pretraining(load_config(args.config, args.overrides), args.no_ray, args.address)
+    run_pretraining(load_config(args.config, args.overrides), args.no_ray, args.address, restart=args.restart)
 
 
 def _configs(args) -> None:
@@ -182,25 +289,24 @@ def _eval(args) -> None:
         compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
         return
     from selfsup.eval.run import evaluate, report_dir
-    from selfsup.tracking.wandb_run import log_eval_report
+    from selfsup.tracking.wandb_run import check_eval_tracking, log_eval_report
 
     if len(args.checkpoint) != 1:
         raise SystemExit("selfsup eval takes one checkpoint; `selfsup eval compare RUN_DIR ...` compares runs")
+    check_eval_tracking(args.checkpoint[0])  # W&B online without credentials: refused before evaluating
     out = report_dir(args.checkpoint[0], args.test, args.out)
     log_eval_report(evaluate(args.checkpoint[0], args.train, args.test, out, not args.no_baselines, tsne=args.tsne), out)
 
 
 def _export(args) -> None:
-    import torch
-
     from selfsup.eval.features import export_encoder
 
-    export = export_encoder(args.checkpoint)
-    torch.save(export, args.out)
-    print(f"wrote the {export['arch']} encoder (weights, geometry and input; format {export['format']}) to {args.out}")
+    print(export_encoder(args.checkpoint, args.out))
 
 
 def _demo(args) -> None:
+    if args.audio:
+        return _demo_audio(args)
     from selfsup.config import load_config
     from selfsup.data.reader import MANIFEST
     from selfsup.eval.run import evaluate
@@ -209,18 +315,56 @@ def _demo(args) -> None:
     started = time.time()
     data = Path(args.data)
     if not (data / "train" / MANIFEST).exists() or not (data / "test" / MANIFEST).exists():
-        print(f"[1/3] writing Fashion-MNIST shards to {data}")
+        print(f"[1/3] shards: writing Fashion-MNIST to {data}")
         write_fashion_mnist_shards(data, args.download, per_shard=5000)
     else:
-        print(f"[1/3] shards already in {data}")
-    cfg = load_config(args.config, [f"data.train={data / 'train'}", f"data.test={data / 'test'}", *args.overrides])
-    print(f"[2/3] pretraining {cfg.method.name} ({cfg.model.backbone}, width {cfg.model.width}) "
-          f"for {cfg.optim.epochs} epochs under Ray Train")
+        print(f"[1/3] shards: reusing {data} (delete it to write them again)")
+    minutes = (60 * DEMO_MINUTES - DEMO_EVAL_RESERVE_S - (time.time() - started)) / 60
+    cfg = load_config(args.config, [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
+                                    f"optim.minutes={minutes:.1f}", *args.overrides])
+    print(f"[2/3] pretraining {cfg.method.name} ({cfg.model.backbone}, width {cfg.model.width}) for "
+          f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first, "
+          + ("in this process" if args.no_ray else "under Ray Train"))
+    trained = time.time()
+    run_pretraining(cfg, args.no_ray, address=None, restart=args.restart)
+    trained = time.time() - trained
+    print("[3/3] evaluating the final checkpoint against raw pixels and the same network at random initialisation")
+    out = cfg.run_dir / "report"
+    log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), out, context=DEMO_CONTEXT), out)
+    total = time.time() - started
+    print(f"demo finished in {total / 60:.1f} min, {trained / 60:.1f} of them pretraining ({trained / total:.0%}); "
+          f"open {out / 'report.html'}")
+
+
+def _demo_audio(args) -> None:
+    """``selfsup demo --audio``: the speech corpus and spoken digits built from system packages -> shards
+    -> wav2vec2-tiny pretrained within what is left of ``AUDIO_DEMO_MINUTES`` -> kNN and the linear probe
+    on the unseen test voices, against log-mel and random init."""
+    from selfsup.config import load_config
+    from selfsup.eval.run import evaluate
+    from selfsup.tracking.wandb_run import log_eval_report
+
+    started, phases = time.time(), {}
+    data = Path(AUDIO_DEMO["data"] if args.data == DEMO["data"] else args.data)
+    print(f"[1/4] clips: spoken digits (espeak-ng) and real speech (Debian packages) in {data}")
+    corpus, digits = build_audio_probe_clips(data, AUDIO_DEMO_PER_CLASS)
+    phases["clips"] = time.time() - started
+    print("[2/4] 16 kHz FLAC shards")
+    speech, digit = write_audio_probe_shards(corpus, digits)
+    phases["shards"] = time.time() - started - sum(phases.values())
+    minutes = max(1.0, (60 * AUDIO_DEMO_MINUTES - AUDIO_EVAL_RESERVE_S - (time.time() - started)) / 60)
+    cfg = load_config(AUDIO_DEMO["config"] if args.config == DEMO["config"] else args.config,
+                      ["name=audio-demo", f"data.train={speech}", f"optim.minutes={minutes:.1f}", *args.overrides])
+    print(f"[3/4] pretraining {cfg.name} ({cfg.method.name}, {cfg.method.num_layers} layers) on {speech} for "
+          f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first")
     run_pretraining(cfg, args.no_ray, address=None)
-    print("[3/3] evaluating the final checkpoint")
-    log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report"),
-                    cfg.run_dir / "report")
-    print(f"demo finished in {(time.time() - started) / 60:.1f} min")
+    phases["pretraining"] = time.time() - started - sum(phases.values())
+    print(f"[4/4] evaluating on spoken digits, test voices unseen in train ({digit})")
+    out = cfg.run_dir / "report"  # one thread: the tiny model's clip-by-clip forwards ran 4x slower on two busy cores
+    log_eval_report(evaluate(cfg.run_dir, str(digit / "train"), str(digit / "test"), out, threads=1), out)
+    phases["evaluation"] = time.time() - started - sum(phases.values())
+    print(", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in phases.items())
+          + f"; demo finished in {(time.time() - started) / 60:.1f} min")
 
 
 def _command(sub, name: str, help: str, examples: list[str], func, rest: str | None = None):
@@ -230,16 +374,18 @@ def _command(sub, name: str, help: str, examples: list[str], func, rest: str | N
                        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(func=func, rest=rest)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return p
 
 
 def _add_shards(sub) -> None:
-    sh = sub.add_parser("shards", help="write, verify and inspect WebDataset shards",
-                        description="write, verify and inspect WebDataset shards").add_subparsers(
+    sh = sub.add_parser("shards", help="write, index, verify and inspect WebDataset shards",
+                        description="write, index, verify and inspect WebDataset shards").add_subparsers(
         dest="action", required=True)
     w = _command(sh, "write", "write shards from a dataset", [
         "selfsup shards write fashion-mnist data/fashion-mnist --download",
         "selfsup shards write image-folder /data/imagenet/train data/imagenet/train",
+        "selfsup shards write image-folder photos/ data/photos --test-fraction 0.1   # data/photos/{train,test}",
         "selfsup shards write idx train-images.gz train-labels.gz data/digits/train --classes 0,1,2,3,4,5,6,7,8,9",
         "selfsup shards write audio-folder data/speech data/speech-shards --labels data/speech/metadata.csv"],
         _shards_write, rest="paths")
@@ -248,7 +394,10 @@ def _add_shards(sub) -> None:
                         "class folders of images, or a folder of audio clips")
     w.add_argument("paths", nargs="+",
                    help="fashion-mnist OUT | idx IMAGES LABELS OUT | image-folder DIR OUT | audio-folder DIR OUT")
-    w.add_argument("--split", default="train", help="the split name written in the manifest (default: train)")
+    w.add_argument("--split", help="the split name written in the manifest (default: train)")
+    w.add_argument("--test-fraction", type=float, metavar="F",
+                   help="image-folder: put a fraction F of each class's images (picked with a fixed seed, the "
+                        "same every time) in OUT/test and the rest in OUT/train")
     w.add_argument("--classes", help="idx: comma-separated class names, in label order")
     w.add_argument("--labels", help="audio-folder: CSV with path (relative to DIR), label, split, ... columns; "
                                     "a split column writes OUT/<split> per split")
@@ -258,12 +407,29 @@ def _add_shards(sub) -> None:
                                                 "(JPEGs are otherwise stored byte for byte); training refuses "
                                                 "shards whose max side is below data.image_size")
     w.add_argument("--processes", type=int, default=2, help="image-folder: processes checking the images (default: 2)")
+    x = _command(sh, "index", "write the manifest.json of a folder of WebDataset tars made by other tools "
+                 "(TarWriter, tar); the tars stay as they are", [
+        "selfsup shards index /data/my-wds-shards", "selfsup shards index /data/wds/val --split val --classes cat,dog"],
+        _shards_index)
+    x.add_argument("dir", help="a folder of .tar shards: <key>.jpg/.png + <key>.cls images, "
+                               "or <key>.flac + <key>.json audio")
+    x.add_argument("--split", help="the split name written in the manifest (default: train)")
+    x.add_argument("--classes", help="comma-separated class names, in label order")
     v = _command(sh, "verify", "check checksums and decode every sample",
                  ["selfsup shards verify data/fashion-mnist/train"], _shards_verify)
     v.add_argument("dir", help="a shard folder (with its manifest.json)")
     i = _command(sh, "info", "print a shard folder's counts and classes",
                  ["selfsup shards info data/fashion-mnist/train"], _shards_info)
     i.add_argument("dir", help="a shard folder (with its manifest.json)")
+    b = _command(sh, "build", "build an audio set from system packages, as a folder of clips + CSV (audio demo)", [
+        "selfsup shards build spoken-digits data/spoken-digits --per-class 100   # espeak-ng; train/test voices disjoint",
+        "selfsup shards build speech-corpus data/speech-corpus   # ~7 h of real speech from 4 Debian packages"],
+        _shards_build)
+    b.add_argument("dataset", choices=["spoken-digits", "speech-corpus"],
+                   help="spoken-digits: labelled, synthesised with espeak-ng; speech-corpus: unlabelled real speech "
+                        "(apt-get download + dpkg-deb)")
+    b.add_argument("out", help="the folder to write: clips/ and labels.csv or metadata.csv")
+    b.add_argument("--per-class", type=int, default=200, help="spoken-digits: clips a digit, 1 in 5 test (default: 200)")
 
 
 def _add_configs(sub) -> None:
@@ -282,11 +448,15 @@ def _add_cluster(sub) -> None:
     t = _command(sub, "pretrain", "pretrain under Ray Train (local, or the cluster at RAY_ADDRESS)", [
         "selfsup pretrain quickstart --no-ray optim.epochs=2",
         "selfsup pretrain simclr-resnet18-fmnist scaling.num_workers=8 scaling.use_gpu=true",
-        "selfsup pretrain configs/wav2vec2-tiny.yaml data.train=data/speech/train"], _pretrain, rest="overrides")
+        "selfsup pretrain configs/wav2vec2-tiny.yaml data.train=data/speech/train",
+        "selfsup pretrain quickstart --no-ray model.width=64 --restart"], _pretrain, rest="overrides")
     t.add_argument("config", help=CONFIG_HELP)
     t.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     t.add_argument("--no-ray", action="store_true", help="run the loop in this process, without Ray")
+    t.add_argument("--restart", action="store_true",
+                   help="start afresh: the run folder's old contents move to RUN.old-<time> (nothing is deleted); "
+                        "without it a run is resumed, and refused if its checkpoints were trained with another config")
 
     s = _command(sub, "submit", "run `selfsup pretrain` as a Ray job on a cluster (Job Submission SDK)", [
         "selfsup submit simclr-resnet50-imagenet data.train=s3://BUCKET/shards/train run_root=s3://BUCKET/runs "
@@ -319,19 +489,30 @@ def _add_eval(sub) -> None:
                    help="skip the raw-pixel and random-initialisation baselines")
     e.add_argument("--tsne", action="store_true", help="a t-SNE map of the test features besides the PCA one")
 
-    x = _command(sub, "export", "write the encoder's weights with what builds the matching torchvision model",
-                 ["selfsup export runs/quickstart encoder.pt"], _export)
+    x = _command(sub, "export", "write the encoder's weights with what builds the model: the matching torchvision "
+                                "model (images), a Hugging Face transformers Wav2Vec2Model (wav2vec 2.0)",
+                 ["selfsup export runs/quickstart encoder.pt", "selfsup export runs/wav2vec2-tiny wav2vec2-tiny-hf"],
+                 _export)
     x.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    x.add_argument("out", help="the file to write: a dict with the state dict and what builds the model "
-                               "(selfsup.vision.backbones.torchvision_model loads an image encoder's)")
+    x.add_argument("out", help="images: the file to write, a dict with `state_dict` (torchvision's key names: "
+                               "torchvision.models.resnet18() with .fc = nn.Identity() loads it strictly for the "
+                               "standard geometry; selfsup.vision.backbones.torchvision_model builds any); "
+                               "wav2vec 2.0: the folder to write (config.json, model.safetensors, "
+                               "preprocessor_config.json) for transformers.Wav2Vec2Model.from_pretrained")
 
     d = _command(sub, "demo", "Fashion-MNIST -> shards -> SimCLR under Ray -> evaluation report",
-                 ["selfsup demo --download", "selfsup demo --no-ray optim.minutes=2"], _demo, rest="overrides")
-    d.add_argument("--config", default="quickstart", help=CONFIG_HELP + " (default: quickstart)")
-    d.add_argument("--data", default="data/fashion-mnist",
-                   help="where the shards are, or are written when missing (default: data/fashion-mnist)")
+                 ["selfsup demo --download", "selfsup demo --no-ray optim.minutes=2", "selfsup demo --audio"], _demo, rest="overrides")
+    d.add_argument("--config", default=DEMO["config"],
+                   help=CONFIG_HELP + f" (default: {DEMO['config']}; with --audio {AUDIO_DEMO['config']})")
+    d.add_argument("--data", default=DEMO["data"], help="where the shards are, or are written when missing "
+                                                        f"(default: {DEMO['data']}; with --audio {AUDIO_DEMO['data']})")
+    d.add_argument("--audio", action="store_true",
+                   help="the speech demo: real speech (Debian packages) and spoken digits (espeak-ng) -> shards -> "
+                        f"wav2vec2-tiny -> kNN and linear probe vs log-mel and random init, in {AUDIO_DEMO_MINUTES} min")
     d.add_argument("--download", action="store_true", help="download Fashion-MNIST when it is not installed")
     d.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+    d.add_argument("--restart", action="store_true",
+                   help="start the demo's run afresh (the old run is kept beside it) instead of resuming it")
     d.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
 
 
@@ -340,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfsup", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"selfsup {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_shards(sub)
     _add_configs(sub)
@@ -368,10 +550,28 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
                  for name in names)
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """Progress as plain lines, warnings and errors marked as such."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {line}"
+
+
+def setup_logging(verbose: bool) -> None:
+    """selfsup's INFO lines as plain text (``verbose``: DEBUG, with each line's level and logger);
+    FAISS's loader probing only when ``verbose``."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _ConsoleFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("selfsup").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)
     args = parse_args(argv)
+    setup_logging(args.verbose)
     try:
         return args.func(args) or 0
     except Exception as err:

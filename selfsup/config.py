@@ -412,9 +412,18 @@ class ScalingConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    """Weights & Biases: one run per pretraining run, one per ``selfsup eval``, both in ``group``."""
+
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline: under <run>/wandb, uploaded later with `wandb sync`; online: needs "
+        "WANDB_API_KEY or `wandb login`")
     project: str = "selfsup"
     entity: str | None = None
+    group: str | None = Field(None, min_length=1, description="W&B group of the run and its evals "
+                              "(default: the run's name)")
+    tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+    log_checkpoints: bool = Field(False, description="upload each checkpoint as a W&B 'model' artifact named "
+                                  "after the run, aliases latest and samples-N")
 
 
 class EvalConfig(Strict):
@@ -563,3 +572,39 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
 def dump_config(cfg: ExperimentConfig) -> str:
     """The config as YAML, the form written beside checkpoints."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# The keys (a dotted key, or a whole section) that may differ between a run's checkpoints and the config that
+# resumes it: where and on what it runs (elastic resizes), how long (extend a run), what it logs, keeps and
+# evaluates. Any other change (model, method, augmentation, optimiser, batch, seed) would train another
+# experiment under the same name, so resuming refuses it (``selfsup pretrain --restart`` starts afresh).
+RESUMABLE_KEYS = (
+    "name", "run_root", "data.train", "data.test",  # the same run and shards at another path (absolute under Ray)
+    "data.loader_workers", "data.verify_checksums", "data.decode",
+    "optim.epochs", "optim.minutes", "optim.max_bad_steps",
+    "train.precision", "train.channels_last", "train.compile", "train.threads", "train.log_every_steps",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.monitor_every_epochs",
+    "scaling", "tracking", "eval",
+)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as dotted key -> value (lists and other non-dict values are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(old: dict, new: dict, allowed: tuple[str, ...] = RESUMABLE_KEYS) -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two config trees (``model_dump(mode="json")``), as
+    key -> (old value, new value): the keys both have first, in ``new``'s order, then those one side
+    lacks (another method's), None there. Keys in ``allowed``, or under a section it names, are left out."""
+    before, after = _leaves(old), _leaves(new)
+    keys = [*(k for k in after if k in before), *(k for k in after if k not in before),
+            *(k for k in before if k not in after)]
+    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)
+            and not any(k == a or k.startswith(f"{a}.") for a in allowed)}

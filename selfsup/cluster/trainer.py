@@ -10,7 +10,10 @@ Under Ray, checkpoints go to Ray's checkpoint storage, ``RunConfig(storage_path=
 folder locally, a bucket (or NFS) for several nodes. A restarted worker group resumes from
 ``ray.train.get_checkpoint()`` on whatever node rank 0 lands. Errors that a retry cannot heal (no
 space for a checkpoint, bad config, missing data) end the run without spending ``max_failures``.
-One driver per run folder: :func:`run_training` holds the run's lease.
+One driver per run folder: :func:`run_training` holds the run's lease. Before any training the driver
+refuses what could never run: resuming checkpoints trained with another config (``RESUMABLE_KEYS``
+aside; ``restart`` sets the old run aside instead), ``scaling.use_gpu`` without a GPU here (``--no-ray``),
+and workers the Ray cluster cannot ever place (Ray would wait for them forever).
 """
 
 from __future__ import annotations
@@ -20,18 +23,26 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
-from selfsup.config import ConfigError, ExperimentConfig
-from selfsup.core.checkpoint import CheckpointSpaceError, latest_checkpoint, read_progress, remove_after
+import yaml
+
+from selfsup.config import ConfigError, ExperimentConfig, ScalingConfig, config_differences, load_config, parse_config
+from selfsup.core.checkpoint import (CheckpointSpaceError, latest_checkpoint, list_checkpoints, read_progress,
+                                     remove_after)
 from selfsup.core.distributed import rank
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
 from selfsup.data.reader import ManifestError
-from selfsup.tracking.wandb_run import WandbReporter, start_run
-from selfsup.train.lease import run_lease
+from selfsup.tracking.wandb_run import TrackingError, WandbReporter
+from selfsup.tasks import task_for
+from selfsup.train.console import ProgressConsole, follow_records
+from selfsup.train.lease import LEASE, run_lease
 from selfsup.train.trainer import Trainer
 
-FATAL = (CheckpointSpaceError, ConfigError, ManifestError, FileNotFoundError)  # a retry cannot heal these
+# a retry cannot heal these:
+FATAL = (CheckpointSpaceError, ConfigError, ManifestError, FileNotFoundError, TrackingError)
+SHOWN_CHANGES = 4  # a refused resume names this many changed keys, then a count
 
 
 class RunFailed(RuntimeError):
@@ -96,23 +107,117 @@ def run_reporters(cfg: ExperimentConfig, under_ray: bool) -> Reporters:
         sinks.append(RunSyncReporter(cfg, under_ray))
     if under_ray:
         sinks.append(RayReporter())
-    if rank() == 0 and (run := start_run(cfg.run_dir, cfg.name, cfg.tracking.mode, cfg.tracking.project,
-                                         cfg.tracking.entity, cfg.model_dump(mode="json"), job_type="pretrain")):
-        sinks.append(WandbReporter(run))
+    if rank() == 0 and cfg.tracking.mode != "disabled":
+        sinks.append(WandbReporter(cfg))
+    if rank() == 0 and not (under_ray and driver_follows(cfg)):  # under Ray, its output reaches the driver as lines
+        sinks.append(ProgressConsole(task_for(cfg).unit, live=None if not under_ray else False))
     return Reporters(*sinks)
+
+
+def driver_follows(cfg: ExperimentConfig) -> bool:
+    """Whether the driver draws the progress from the run folder's ``metrics.jsonl`` (a local or
+    shared folder; a run in a bucket is shown by its rank 0 instead)."""
+    return not cfg.run_url
+
+
+def _shown(value) -> str:
+    """A config value as an override would write it (``16``, ``true``, ``[1, 4]``, ``simclr``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _run_location(cfg: ExperimentConfig) -> str:
+    return cfg.run_url or str(cfg.run_dir)
+
+
+def trained_config(cfg: ExperimentConfig) -> tuple[str, ExperimentConfig] | None:
+    """Where the run's latest complete checkpoint is and the config it was trained with (its
+    ``config.yaml``, the only file read from a bucket); None before the first checkpoint."""
+    if not cfg.run_url:
+        found = list_checkpoints(cfg.run_dir)
+        return (str(found[-1]), load_config(found[-1] / "config.yaml")) if found else None
+    from selfsup.core import storage
+
+    names = storage.remote_checkpoints(cfg.run_url)
+    if not names:
+        return None
+    where = f"{cfg.run_url}/checkpoints/{names[-1]}"
+    with storage.open_read(f"{where}/config.yaml") as f:
+        try:
+            tree = yaml.safe_load(f.read())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}/config.yaml is not valid YAML: {err}") from None
+    return where, parse_config(tree or {}, source=f"{where}/config.yaml")
+
+
+def refuse_changed_config(cfg: ExperimentConfig) -> None:
+    """Raise :class:`RunFailed`, naming each changed key with its old and new value, when the run's
+    latest checkpoint was trained with a config that differs from ``cfg`` beyond ``RESUMABLE_KEYS``."""
+    found = trained_config(cfg)
+    if found is None:
+        return
+    changed = config_differences(found[1].model_dump(mode="json"), cfg.model_dump(mode="json"))
+    if not changed:
+        return
+    shown = list(changed.items())[:SHOWN_CHANGES]
+    more = f" (and {len(changed) - len(shown)} more keys)" if len(changed) > len(shown) else ""
+    old = ", ".join(f"{k}={_shown(v[0])}" for k, v in shown)
+    new = _shown(shown[0][1][1]) if len(changed) == 1 else ", ".join(f"{k}={_shown(v[1])}" for k, v in shown)
+    run = _run_location(cfg)
+    afresh = "pick another name=... to start afresh" if cfg.run_url else \
+        f"pass --restart to start afresh (the old run is kept as {run}.old-<time>)"
+    raise RunFailed(f"{run} has checkpoints trained with {old}{more}; this config says {new}. Resume with the "
+                    f"same config, or {afresh}")
+
+
+def set_aside(cfg: ExperimentConfig) -> Path | None:
+    """``--restart``: move everything in the run folder but the lease (which this driver holds) into
+    ``<run>.old-<time>`` beside it; nothing is deleted. Returns that folder, None when there was nothing."""
+    if cfg.run_url:
+        raise RunFailed(f"--restart keeps the old run aside, which only works for a local run_root; for "
+                        f"{cfg.run_url} pick another name=..., or delete that prefix first")
+    run = Path(cfg.run_dir)
+    old = [p for p in run.iterdir() if p.name != LEASE and not p.name.startswith(f".{LEASE}.")] if run.is_dir() else []
+    if not old:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept, n = run.with_name(f"{run.name}.old-{stamp}"), 1
+    while kept.exists():
+        n += 1
+        kept = run.with_name(f"{run.name}.old-{stamp}-{n}")
+    kept.mkdir()
+    for p in old:
+        os.replace(p, kept / p.name)
+    log.info("set the old run aside as %s", kept)
+    return kept
+
+
+def check_gpu_here(cfg: ExperimentConfig) -> None:
+    """Raise :class:`RunFailed` when ``scaling.use_gpu`` asks for a GPU that torch cannot see in this process."""
+    import torch
+
+    if cfg.scaling.use_gpu and not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise RunFailed(f"scaling.use_gpu=true but torch sees no CUDA GPU here (torch {torch.__version__}, "
+                        f"{built}): set scaling.use_gpu=false, or run where a GPU is visible")
 
 
 def pretrain_here(cfg: ExperimentConfig, under_ray: bool = False, resume_from: Path | None = None,
                   staging: Path | None = None) -> dict:
     """Train ``cfg`` in this process (``--no-ray``, or one Ray worker) from ``resume_from``, else from
     the run's latest checkpoint if it has one; returns the summary. Records past the checkpoint's
-    position (all, starting afresh) are dropped from ``metrics.jsonl``, so it reads as one run."""
+    position (all, starting afresh) are dropped from ``metrics.jsonl``, so it reads as one run.
+    Without Ray it first refuses a GPU it cannot see and a changed config (Ray's driver checks these)."""
+    if not under_ray:
+        check_gpu_here(cfg)
+        refuse_changed_config(cfg)
     resume_from = resume_from or latest_checkpoint(cfg.run_dir, remote=cfg.run_url)
     reporter = run_reporters(cfg, under_ray)  # a remote run's metrics are pulled first
     if rank() == 0:
         position = read_progress(resume_from)["samples_seen"] if resume_from is not None else 0
         truncate_records(cfg.run_dir / "metrics.jsonl", position)
-    return Trainer(cfg, reporter, resume_from, staging).fit()
+    trainer = Trainer(cfg, reporter, resume_from, staging)
+    reporter.start()  # W&B starts only now, once the Trainer has checked the config, data and checkpoint
+    return trainer.fit()
 
 
 def _train_worker(config: dict) -> str | None:
@@ -140,11 +245,20 @@ def _train_worker(config: dict) -> str | None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_training(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None) -> dict:
-    """The driver: hold the run's lease (a second driver of the same run is refused), then train
-    under Ray Train or in this process; returns the summary."""
+def drive(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None, restart: bool = False) -> dict:
+    """What the driver does while it holds the run's lease: with ``restart`` set the old run aside,
+    then train under Ray Train or in this process; returns the summary."""
+    if restart:
+        set_aside(cfg)
+    return run_pretraining(cfg, address) if use_ray else pretrain_here(cfg)
+
+
+def run_training(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None,
+                 restart: bool = False) -> dict:
+    """The driver: hold the run's lease (a second driver of the same run is refused), then
+    :func:`drive`; returns the summary."""
     with run_lease(cfg):
-        return run_pretraining(cfg, address) if use_ray else pretrain_here(cfg)
+        return drive(cfg, use_ray, address, restart)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -169,26 +283,69 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a Ray of its own on this machine (--address auto joins one already running)")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 log_to_driver=True, configure_logging=False)
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                           log_to_driver=True, configure_logging=False)
+    if context.dashboard_url:
+        log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
+
+
+def unmet_resources(scaling: ScalingConfig, resources: dict[str, float]) -> str | None:
+    """Why Ray could never place the run's workers on a cluster of ``resources`` (its totals, as
+    ``ray.cluster_resources()``), as one line saying what to change; None when they fit. An elastic
+    ``num_workers`` [min, max] needs its min."""
+    workers = scaling.num_workers[0] if isinstance(scaling.num_workers, tuple) else scaling.num_workers
+    asked = f"scaling.num_workers={_shown(scaling.num_workers)}"
+    gpus, cpus, each = resources.get("GPU", 0), resources.get("CPU", 0), scaling.cpus_per_worker
+    if scaling.use_gpu and gpus < 1:
+        return ("scaling.use_gpu=true but the Ray cluster has no GPU: set scaling.use_gpu=false or submit to a "
+                "cluster with GPUs")
+    if scaling.use_gpu and gpus < workers:
+        return (f"{asked} with scaling.use_gpu=true needs {workers} GPUs (one a worker) but the Ray cluster has "
+                f"{gpus:g}: set scaling.num_workers={int(gpus)} or submit to a cluster with more GPUs")
+    if cpus < each:
+        return (f"scaling.cpus_per_worker={each} but the Ray cluster has {cpus:g} CPUs: set "
+                f"scaling.cpus_per_worker={int(cpus)} or less")
+    if cpus < workers * each:
+        return (f"{asked} x scaling.cpus_per_worker={each} needs {workers * each} CPUs but the Ray cluster has "
+                f"{cpus:g}: set scaling.num_workers={int(cpus // each)} or lower scaling.cpus_per_worker")
+    return None
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The most the connected Ray cluster can offer: an autoscaler's maximum (its node types times their
+    max count) when it has one, else what its nodes hold now (``ray.cluster_resources()``)."""
+    import ray
+    from ray._private import state
+
+    try:
+        most = state.state.get_max_resources_from_cluster_config()
+    except Exception as err:  # a private API: an older or newer Ray may lack it
+        log.debug("no autoscaler maximum (%s); using the cluster's current resources", err)
+        most = None
+    return most or ray.cluster_resources()
 
 
 def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
     """Pretrain under Ray Train, checkpoints in Ray's storage under ``run_root``; returns the summary
-    the loop wrote to ``<run>/summary.json``, its ``checkpoint`` the one Ray holds as the latest."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    the loop wrote to ``<run>/summary.json``, its ``checkpoint`` the one Ray holds as the latest. A changed
+    config, and workers the cluster can never place, are refused first (:class:`RunFailed`)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from selfsup.cluster.secrets import job_secrets
 
+    refuse_changed_config(cfg)
     cfg = absolute_paths(cfg)
     init_ray(address)
-    scaling = ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                                  **({"GPU": 1} if cfg.scaling.use_gpu else {})})
+    if problem := unmet_resources(cfg.scaling, cluster_capacity()):  # else Ray waits for them forever
+        raise RunFailed(problem)
+    scaling = RayScaling(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
+                                               **({"GPU": 1} if cfg.scaling.use_gpu else {})})
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "secrets": job_secrets()},
@@ -196,9 +353,14 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
         scaling_config=scaling,
         run_config=RunConfig(name=cfg.name, storage_path=cfg.run_root,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING")),
     )
-    result = trainer.fit()
+    if driver_follows(cfg):
+        with follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
     if result.return_value:  # rank 0 stopped on an error that a retry cannot heal
         raise RunFailed(result.return_value)
     if cfg.run_url:  # rank 0 may have run on another node: the bucket's summary, never a stale one here

@@ -1,7 +1,7 @@
 """Where the training loop's metrics, checkpoints and summary go.
 
 The loop talks to one :class:`Reporter`: a :class:`Reporters` fan-out over sinks. A sink implements
-any of ``log``, ``checkpoint`` and ``finish`` that it acts on (the run's files here; W&B in
+any of ``start``, ``log``, ``checkpoint`` and ``finish`` that it acts on (the run's files here; W&B in
 ``selfsup.tracking``; Ray and the run's bucket in ``selfsup.cluster``), and only those: the fan-out
 calls each sink that has the method, in the order given.
 """
@@ -18,10 +18,13 @@ from selfsup.core.distributed import rank
 class Reporter(Protocol):
     """What the loop calls, on every rank (sinks decide which ranks act).
 
-    ``log(step, metrics)``: a record of floats. ``checkpoint(step, path, metrics)``: rank 0 passes the
-    checkpoint directory it wrote, the other ranks None, with the last logged record.
+    ``start()``: once, when the Trainer is set up (its config, data and checkpoint checked), before
+    the first step. ``log(step, metrics)``: a record of floats. ``checkpoint(step, path, metrics)``:
+    rank 0 passes the checkpoint directory it wrote, the other ranks None, with the last logged record.
     ``finish(summary)``: the run's summary, once at the end.
     """
+
+    def start(self) -> None: ...
 
     def log(self, step: int, metrics: dict) -> None: ...
 
@@ -40,6 +43,9 @@ class Reporters:
         for sink in self.sinks:
             if (method := getattr(sink, name, None)) is not None:
                 method(*args)
+
+    def start(self) -> None:
+        self._call("start")
 
     def log(self, step: int, metrics: dict) -> None:
         self._call("log", step, metrics)

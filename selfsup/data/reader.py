@@ -39,7 +39,8 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
         with open_read(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
-        raise ManifestError(f"{base} has no {MANIFEST}; write shards with `selfsup shards write` "
+        raise ManifestError(f"{base} has no {MANIFEST}; for a folder of WebDataset tars run "
+                            f"`selfsup shards index {base}`, else write shards with `selfsup shards write` "
                             "or check the path") from None
     except (OSError, json.JSONDecodeError, ValueError) as err:
         raise ManifestError(f"{base}/{MANIFEST} cannot be read: {err}") from None
@@ -97,16 +98,19 @@ def _message(err: Exception) -> str:
 
 
 def read_shard(url: str, problems: list[ShardProblem], count: int | None = None, *, start: int = 0,
-               stop: int | None = None, sha256: str | None = None) -> Iterator[dict]:
+               stop: int | None = None, sha256: str | None = None, digests: list[str] | None = None,
+               ) -> Iterator[dict]:
     """Raw samples (dicts of bytes, with ``__key__`` and ``__url__``) ``start`` to ``stop`` of one tar
     shard holding ``count`` samples by its manifest. What goes wrong is appended to ``problems``:
     reading that stops before ``stop`` (or ``count``) is one SHORT problem; with ``sha256`` (the
-    manifest's hex digest) the whole file is hashed as it streams, and a mismatch is a CHECKSUM problem."""
+    manifest's hex digest) the whole file is hashed as it streams, and a mismatch is a CHECKSUM problem.
+    With ``digests`` the whole file's sha256 is appended to it (``shards index``, which has no manifest yet)."""
     end = stop if stop is not None else count
+    hashing = bool(sha256) or digests is not None
     i, failed, digest = 0, None, None
     try:
         with open_read(url) as raw:
-            stream = _Hashing(raw) if sha256 else raw
+            stream = _Hashing(raw) if hashing else raw
             try:
                 for sample in _samples(url, stream):
                     if i >= start:
@@ -116,11 +120,13 @@ def read_shard(url: str, problems: list[ShardProblem], count: int | None = None,
                         break
             except Exception as err:  # truncated or unreadable tar: the rest of the range is lost
                 failed = err
-            digest = stream.hexdigest_of_all() if sha256 else None
+            digest = stream.hexdigest_of_all() if hashing else None
     except Exception as err:  # the shard cannot be opened, or its rest cannot be read
         failed = failed or err
     _check(url, problems, i, start, end, count, stop is None, failed)
-    if digest is not None and digest != sha256:
+    if digest is not None and digests is not None:
+        digests.append(digest)
+    if digest is not None and sha256 and digest != sha256:
         problems.append(ShardProblem(url, i, 0, "sha256 differs from the manifest (shard changed or corrupt)",
                                      CHECKSUM))
 
@@ -151,7 +157,8 @@ def read_split(location: str, decode: Callable[[dict], T], limit: int | None = N
     items: list[T] = []
     lines: list[str] = []
     total = min(limit, manifest["num_samples"]) if limit else manifest["num_samples"]
-    with tqdm(total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit)) as bar:
+    with tqdm(total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit),
+              leave=False) as bar:
         for entry, url in zip(manifest["shards"], urls):
             problems: list[ShardProblem] = []
             taken = 0

@@ -4,7 +4,11 @@ A shard folder holds ``<split>-000000.tar`` … (plain WebDataset tars: ``<key>.
 ``<key>.cls`` for images, ``<key>.flac`` + ``<key>.json`` for audio) and ``manifest.json`` listing every
 shard with its sample count and sha256 and, for images, each image's ``[width, height]`` (``sizes``), for
 audio each clip's duration in seconds (``durations``), which loaders use to plan equal steps per rank,
-audio batches by length and how views are cut from images, without reading data.
+audio batches by length and how views are cut from images, without reading data. Shards written
+from files (``shards write image-folder`` / ``audio-folder``) have a ``source-files.json`` next to the
+manifest (named by its ``source_files``) mapping each sample's key to the file it came from, which
+``shards verify`` names for a bad sample. ``index_shards`` writes the manifest of a folder of plain
+WebDataset tars written by other tools.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from selfsup._version import __version__
-from selfsup.data.decode import decode_sample, image_payload
-from selfsup.data.reader import MANIFEST, ShardProblem, read_manifest, read_shard
+from selfsup.core.storage import open_read
+from selfsup.data.decode import IMAGE_KEYS, decode_sample, image_payload
+from selfsup.data.reader import MANIFEST, ManifestError, ShardProblem, read_manifest, read_shard
+from selfsup.data.sources import BadInput, DatasetNotFound
+
+SOURCE_FILES = "source-files.json"  # {sample key: the file it was written from}, beside the manifest
 
 
 def sha256_file(path: Path) -> str:
@@ -58,6 +66,26 @@ def _manifest_text(manifest: dict) -> str:
     return text.replace('"@shards@"', f"[\n  {lines}\n ]" if lines else "[]")
 
 
+def _save(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (through a temporary file beside it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _output_folder(out_dir: str | Path) -> Path:
+    """``out_dir``, created if missing; raises BadInput naming it when it cannot be created or written."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"{out}: cannot create the output folder ({err.strerror or err}); "
+                       "pass an OUT that can be created") from None
+    if not os.access(out, os.W_OK):
+        raise BadInput(f"{out}: the output folder is not writable; pass another OUT or fix its permissions")
+    return out
+
+
 def image_sizes(manifest: dict) -> set[tuple[int, int]] | None:
     """The distinct (width, height) of an image shard folder's images, or None when its manifest does
     not record every image's size (shards written by an older selfsup)."""
@@ -74,16 +102,17 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
 
     Each sample is a dict of WebDataset fields (``__key__`` and extensions). A sample holding
     ``__error__`` is skipped and listed in the manifest under ``skipped``; one holding ``__converted__``
-    (a line saying how its image was converted) is written and listed under ``converted``. For
+    (a line saying how its image was converted) is written and listed under ``converted``; one holding
+    ``__source__`` (its file) is listed in ``SOURCE_FILES``. For
     ``kind="image"`` each shard lists its images' ``sizes`` (from their headers), for ``kind="audio"``
     its clips' ``durations`` (from their ``.json``), when every sample has one. ``extra``: more manifest
     fields (``max_side``).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(out_dir)
     shards: list[dict] = []
     skipped: list[str] = []
     converted: list[str] = []
+    origins: dict[str, str] = {}
     writer, count, path, per_sample = None, 0, None, []
 
     def close():
@@ -103,6 +132,8 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
                 continue
             if "__converted__" in sample:
                 converted.append(sample.pop("__converted__"))
+            if "__source__" in sample:
+                origins[sample["__key__"]] = sample.pop("__source__")
             if writer is None or count >= samples_per_shard:
                 close()
                 path = out / f"{split}-{len(shards):06d}.tar"
@@ -116,11 +147,12 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
         "format": kind, "split": split, "classes": classes or [],
         "num_samples": sum(s["count"] for s in shards), "shards": shards, "skipped": skipped,
         **({"converted": converted} if converted else {}), **(extra or {}),
+        **({"source_files": SOURCE_FILES} if origins else {}),
         "source": source, "created_by": f"selfsup {__version__}",
     }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(_manifest_text(manifest))
-    os.replace(tmp, out / MANIFEST)
+    if origins:
+        _save(out / SOURCE_FILES, json.dumps(origins, indent=0))
+    _save(out / MANIFEST, _manifest_text(manifest))
     return manifest
 
 
@@ -137,10 +169,23 @@ class VerifyReport:
         return not self.problems
 
 
+def source_files(location: str, manifest: dict) -> dict[str, str]:
+    """{sample key: the file it was written from} of a shard folder, from its ``SOURCE_FILES``; empty when
+    the manifest names none (shards written from idx files or by an older selfsup) or it cannot be read."""
+    if "source_files" not in manifest:
+        return {}
+    try:
+        with open_read(f"{location.rstrip('/')}/{manifest['source_files']}") as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):
+        return {}
+
+
 def verify_shards(location: str) -> VerifyReport:
     """Read every shard whole, checking its sha256 and sample count against the manifest, and decode
-    every sample; one problem line per bad sample or shard."""
+    every sample; one problem line per bad sample (naming its source file when the folder lists it) or shard."""
     manifest, urls = read_manifest(location)
+    origins = source_files(location, manifest)
     report = VerifyReport(shards=len(urls))
     kind = manifest.get("format", "image")
     for entry, url in tqdm(list(zip(manifest["shards"], urls)), desc=f"verify {location}", unit="shard"):
@@ -150,7 +195,8 @@ def verify_shards(location: str) -> VerifyReport:
                 decode_sample(sample, kind)
                 report.samples += 1
             except ValueError as err:
-                report.problems.append(f"{url}: {err}")
+                origin = origins.get(sample.get("__key__", ""))
+                report.problems.append(f"{url}: {err}" + (f" (written from {origin})" if origin else ""))
         report.problems += [str(p) for p in problems]
     return report
 
@@ -162,3 +208,95 @@ def shards_info(location: str) -> dict:
             "num_shards": len(manifest["shards"]), "classes": manifest.get("classes", []),
             "source": manifest.get("source", ""), "skipped_at_write": len(manifest.get("skipped", [])),
             "converted_at_write": len(manifest.get("converted", []))}
+
+
+def _sample_kind(sample: dict, url: str) -> str:
+    """The folder's kind, image or audio, from the extensions of a tar's first sample; ManifestError
+    naming the tar and what selfsup reads when they fit neither."""
+    if any(k in sample for k in IMAGE_KEYS):
+        return "image"
+    if "flac" in sample:
+        return "audio"
+    found = sorted(k for k in sample if not k.startswith("__"))
+    raise ManifestError(f"{url}: sample {sample.get('__key__', '?')} has {found}; selfsup reads images as "
+                        ".jpg/.jpeg/.png + .cls and audio as .flac + .json; re-write the data with "
+                        "`selfsup shards write image-folder` or `audio-folder`")
+
+
+def _sample_facts(sample: dict, kind: str) -> tuple[list[int] | float, int | None]:
+    """An image sample's ([width, height], label) or an audio sample's (duration in seconds, label or
+    None), from headers only (nothing is decoded); raises ValueError naming the key when the reader
+    would skip it."""
+    key = sample.get("__key__", "?")
+    if kind == "image":
+        _, label = image_payload(sample)
+        size = _size(sample)
+        if size is None:
+            raise ValueError(f"sample {key}: its image header is unreadable")
+        return size, label
+    if "flac" not in sample or "json" not in sample:
+        raise ValueError(f"sample {key}: needs .flac and .json")
+    import soundfile as sf
+
+    try:
+        info = json.loads(sample["json"])
+        duration = _duration(sample) or round(sf.info(io.BytesIO(sample["flac"])).duration, 6)
+    except Exception as err:  # noqa: BLE001 - a bad .json or FLAC header; the reader skips the sample
+        raise ValueError(f"sample {key}: unreadable .json or .flac header ({type(err).__name__}: {err})") from None
+    label = info.get("label") if isinstance(info, dict) else None
+    return duration, int(label) if isinstance(label, (int, float)) else None
+
+
+def _index_shard(tar: Path, kind: str | None, lines: list[str], labels: set[int]) -> tuple[dict, str]:
+    """The manifest entry of one plain tar (and the folder's kind, from its first sample if ``kind`` is
+    None), read once; a line per sample the reader would skip goes to ``lines``, each label to ``labels``."""
+    url, problems, digests, per_sample, count = str(tar), [], [], [], 0
+    for sample in read_shard(url, problems, digests=digests):
+        kind = kind or _sample_kind(sample, url)
+        count += 1
+        try:
+            fact, label = _sample_facts(sample, kind)
+        except ValueError as err:
+            lines.append(f"{url}: {err}")
+            per_sample.append(None)
+            continue
+        per_sample.append(fact)
+        if label is not None:
+            labels.add(label)
+    if problems:
+        raise ManifestError(f"{url}: {problems[0].reason}; re-create this tar or move it out of {tar.parent}, "
+                            "then index again")
+    entry = {"name": tar.name, "count": count, "sha256": digests[0], "bytes": tar.stat().st_size}
+    if None not in per_sample:
+        entry["durations" if kind == "audio" else "sizes"] = per_sample
+    return entry, kind
+
+
+def index_shards(folder: str | Path, split: str = "train", classes: list[str] | None = None) -> tuple[dict, list[str]]:
+    """Write ``manifest.json`` for a folder of plain WebDataset tars (``webdataset.TarWriter`` or ``tar``;
+    ``.jpg``/``.png`` + ``.cls`` images, or ``.flac`` + ``.json`` audio), reading each tar once: sample
+    counts, sha256, image sizes or clip durations, as ``write_shards`` records them. The tars are not
+    changed. ``classes``: the class names in label order (default: none). Returns the manifest and a
+    line per sample the reader will skip; raises ManifestError naming the folder or tar that cannot be indexed."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetNotFound(f"{root} does not exist; pass the folder holding the .tar shards")
+    if (root / MANIFEST).exists():
+        raise ManifestError(f"{root} already has a {MANIFEST}; delete it to index the tars again")
+    tars = sorted(root.glob("*.tar"))
+    if not tars:
+        raise ManifestError(f"{root} has no .tar files to index; pass the folder holding the WebDataset shards")
+    shards, lines, labels, kind = [], [], set(), None
+    for tar in tqdm(tars, desc=f"index {root}", unit="shard"):
+        entry, kind = _index_shard(tar, kind, lines, labels)
+        shards.append(entry)
+    if not any(s["count"] for s in shards):
+        raise ManifestError(f"{root}: its .tar files hold no samples")
+    if classes and labels and max(labels) >= len(classes):
+        raise ManifestError(f"{root}: labels go up to {max(labels)} but --classes names {len(classes)} classes; "
+                            "name one class per label, in label order")
+    manifest = {"format": kind, "split": split, "classes": classes or [],
+                "num_samples": sum(s["count"] for s in shards), "shards": shards, "skipped": [],
+                "source": f"indexed {root}", "created_by": f"selfsup {__version__}"}
+    _save(root / MANIFEST, _manifest_text(manifest))
+    return manifest, lines

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import struct
 import urllib.request
 from collections.abc import Iterator
@@ -35,6 +36,10 @@ class DatasetNotFound(FileNotFoundError):
     """A dataset is in none of the places searched; the message says where and how to get it."""
 
 
+class BadInput(ValueError):
+    """A source or output path that ``shards write`` cannot use; the message names it and what to do."""
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """An idx file (MNIST family, gzipped or not) as an array: images (N, H, W), labels (N,)."""
     path = Path(path)
@@ -43,16 +48,16 @@ def read_idx(path: str | Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: cannot read idx file ({err}); re-download or re-install it") from None
+        raise BadInput(f"{path}: cannot read idx file ({err}); re-download or re-install it") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an idx file (bad magic number {data[:4].hex()})")
+        raise BadInput(f"{path}: not an idx file (bad magic number {data[:4].hex()})")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
     payload = data[4 + 4 * ndim:]
     if len(payload) != expected:
-        raise ValueError(f"{path}: idx header says {dims} ({expected} bytes) but {len(payload)} bytes follow; "
+        raise BadInput(f"{path}: idx header says {dims} ({expected} bytes) but {len(payload)} bytes follow; "
                          "the file is truncated")
     return np.frombuffer(payload, dtype=dtype).reshape(dims)
 
@@ -112,9 +117,9 @@ def idx_samples(images_path: str | Path, labels_path: str | Path, prefix: str = 
     """Samples from an idx image/label pair, and their count."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim not in (3, 4) or images.dtype != np.uint8:
-        raise ValueError(f"{images_path}: expected uint8 images (N, H, W[, C]), got {images.dtype} {images.shape}")
+        raise BadInput(f"{images_path}: expected uint8 images (N, H, W[, C]), got {images.dtype} {images.shape}")
     if len(images) != len(labels):
-        raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise BadInput(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
 
     def gen():
         for i in range(len(images)):
@@ -190,7 +195,8 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
 
 
 def _image_sample(job: tuple[int, str, int, int | None]) -> dict:
-    """Worker: (index, file, class, max side) -> a shard sample, or ``__error__`` naming the file."""
+    """Worker: (index, file, class, max side) -> a shard sample naming its ``__source__`` file, or
+    ``__error__`` naming the file."""
     index, file, cls, max_side = job
     key = f"img-{index:08d}"
     try:
@@ -199,52 +205,97 @@ def _image_sample(job: tuple[int, str, int, int | None]) -> dict:
         return {"__key__": key, "__error__": str(err)}
     except OSError as err:
         return {"__key__": key, "__error__": f"{file}: cannot read ({err.strerror or err})"}
-    sample = {"__key__": key, ext: data, "cls": cls}
+    sample = {"__key__": key, ext: data, "cls": cls, "__source__": file}
     return {**sample, "__converted__": f"{file}: {note}"} if note else sample
+
+
+def image_folder_files(root: str | Path) -> tuple[list[tuple[int, str, int]], list[str]]:
+    """(index, file, class index) of every image under ``root/<class>/`` (recursively, sorted), and the
+    class names; raises DatasetNotFound or BadInput naming ``root`` when it is missing, flat or empty."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFound(f"image folder {root} does not exist; check the path")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise BadInput(f"{root} has no class sub-folders; lay it out as {root}/<class>/<image> "
+                       "(one folder per class, even for a single class)")
+    files = [(i, str(p), c) for i, (p, c) in enumerate(
+        (p, c) for c, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
+        if p.suffix.lower() in IMAGE_SUFFIXES)]
+    if not files:
+        raise BadInput(f"{root}: no images in its class folders (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files, classes
+
+
+SPLIT_SEED = 0  # `shards write image-folder --test-fraction`: the same files go to the test split every time
+
+
+def stratified_split(files: list[tuple[int, str, int]], fraction: float, seed: int = SPLIT_SEED,
+                     ) -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
+    """(train, test) of ``image_folder_files``' list: of each class's n files, ``round(fraction * n)``
+    (halves up; at least 1 and at most n - 1 when n >= 2, none when n == 1) picked at random for test,
+    by a generator seeded with ``seed`` and the class index (so one class's files move none of another's).
+    Both keep the folder's order."""
+    if not 0 < fraction < 1:
+        raise BadInput(f"--test-fraction {fraction}: give a fraction between 0 and 1 "
+                       "(0.1 puts 10% of each class in OUT/test)")
+    by_class: dict[int, list[int]] = {}
+    for i, (_, _, c) in enumerate(files):
+        by_class.setdefault(c, []).append(i)
+    test: set[int] = set()
+    for c, members in by_class.items():
+        n = len(members)
+        k = 0 if n == 1 else min(n - 1, max(1, int(fraction * n + 0.5)))
+        test.update(random.Random(seed * 1_000_003 + c).sample(members, k))
+    return ([f for i, f in enumerate(files) if i not in test], [f for i, f in enumerate(files) if i in test])
+
+
+def image_samples(files: list[tuple[int, str, int]], max_side: int | None = None, processes: int = 1,
+                  ) -> Iterator[dict]:
+    """Shard samples of ``image_folder_files``' (index, file, class) list, in its order.
+
+    Each image goes through ``prepare_image`` (decoded whole; JPEG bytes kept as they are; ``max_side``:
+    larger images re-encoded at that long side); a bad one yields ``{"__key__", "__error__"}`` so
+    ``write_shards`` lists it as skipped, a converted one carries ``__converted__``. ``processes``: checked
+    in a pool of that many processes (1: in this process).
+    """
+    jobs = [(i, file, c, max_side) for i, file, c in files]
+    if processes <= 1:
+        yield from map(_image_sample, jobs)
+        return
+    import multiprocessing
+
+    with multiprocessing.Pool(processes) as pool:
+        yield from pool.imap(_image_sample, jobs, chunksize=16)
 
 
 def image_folder_samples(root: str | Path, max_side: int | None = None, processes: int = 1,
                          ) -> tuple[Iterator[dict], int, list[str]]:
-    """Samples from ``root/<class>/<image>`` (any PIL-readable format), their count and the class names.
-
-    Each image goes through ``prepare_image`` (JPEG bytes kept as they are; ``max_side``: larger images
-    re-encoded at that long side); a bad one yields ``{"__key__", "__error__"}`` so ``write_shards``
-    lists it as skipped, a converted one carries ``__converted__``. ``processes``: checked in a pool
-    of that many processes (1: in this process).
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetNotFound(f"image folder {root} does not exist")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders; lay it out as {root}/<class>/<image>")
-    jobs = [(i, str(p), c, max_side) for i, (p, c) in enumerate(
-        (p, c) for c, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
-        if p.suffix.lower() in IMAGE_SUFFIXES)]
-
-    def gen():
-        if processes <= 1:
-            yield from map(_image_sample, jobs)
-            return
-        import multiprocessing
-
-        with multiprocessing.Pool(processes) as pool:
-            yield from pool.imap(_image_sample, jobs, chunksize=16)
-
-    return gen(), len(jobs), classes
+    """Samples of every image under ``root/<class>/`` (``image_samples``), their count and the class names."""
+    files, classes = image_folder_files(root)
+    return image_samples(files, max_side, processes), len(files), classes
 
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au"}
 
 
-def _read_audio_labels(root: Path, labels_csv: Path) -> list[dict]:
-    """Rows of ``labels_csv`` (a ``path`` column relative to ``root``, plus any others)."""
+def _read_audio_labels(labels_csv: Path) -> list[dict]:
+    """Rows of ``labels_csv`` (a ``path`` column relative to the audio folder, plus any others); raises
+    BadInput naming the file when it is missing, unreadable or has no ``path`` column."""
     import csv
 
-    with open(labels_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0]:
-        raise ValueError(f"{labels_csv}: needs a header with a 'path' column (path relative to {root})")
+    try:
+        with open(labels_csv, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except FileNotFoundError:
+        raise BadInput(f"{labels_csv}: no such labels CSV; check --labels (a CSV with a 'path' column, "
+                       "paths relative to the audio folder)") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise BadInput(f"{labels_csv}: cannot read it as a CSV ({err}); check --labels") from None
+    if "path" not in header:
+        raise BadInput(f"{labels_csv}: needs a header with a 'path' column (paths relative to the audio folder); "
+                       f"its header is {header}")
     return rows
 
 
@@ -252,7 +303,7 @@ def audio_label_classes(labels_csv: str | Path | None) -> list[str]:
     """Class names of a labels CSV's ``label`` column: 0..C-1 when every label is an integer, else sorted."""
     if labels_csv is None:
         return []
-    rows = _read_audio_labels(Path(labels_csv).parent, Path(labels_csv))
+    rows = _read_audio_labels(Path(labels_csv))
     names = {r.get("label", "") for r in rows} - {""}
     if names and all(n.lstrip("-").isdigit() for n in names):
         return [str(c) for c in range(max(int(n) for n in names) + 1)]
@@ -263,7 +314,7 @@ def audio_label_splits(labels_csv: str | Path | None) -> list[str]:
     """The values of a labels CSV's ``split`` column, sorted (empty without a CSV or the column)."""
     if labels_csv is None:
         return []
-    rows = _read_audio_labels(Path(labels_csv).parent, Path(labels_csv))
+    rows = _read_audio_labels(Path(labels_csv))
     return sorted({r["split"] for r in rows if r.get("split")})
 
 
@@ -274,8 +325,13 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+MIN_CLIP_SAMPLES = 400  # 25 ms at 16 kHz, one frame of wav2vec 2.0's conv stack (its receptive field): a shorter
+# clip (a truncated file) gives no frame to any shipped config, and is skipped at write time
+
+
 def _audio_sample(job: tuple[int, str, str, dict]) -> dict:
-    """Worker: (index, file, path as listed, metadata) -> a shard sample, or ``__error__`` naming the file."""
+    """Worker: (index, file, path as listed, metadata) -> a shard sample naming its ``__source__`` file,
+    or ``__error__`` naming the file (unreadable, undecodable, or shorter than ``MIN_CLIP_SAMPLES``)."""
     from selfsup.audio.decode import SAMPLE_RATE, decode_audio, encode_flac
 
     index, file, shown, meta = job
@@ -288,8 +344,11 @@ def _audio_sample(job: tuple[int, str, str, dict]) -> dict:
         wave, rate = decode_audio(data, shown)
     except ValueError as err:
         return {"__key__": key, "__error__": str(err)}
+    if len(wave) < MIN_CLIP_SAMPLES:
+        return {"__key__": key, "__error__": f"{shown}: {1000 * len(wave) / SAMPLE_RATE:.1f} ms of audio, shorter "
+                f"than {1000 * MIN_CLIP_SAMPLES / SAMPLE_RATE:g} ms (a truncated file?)"}
     info = {"duration": len(wave) / SAMPLE_RATE, "original_rate": rate, "path": shown, **meta}
-    return {"__key__": key, "flac": encode_flac(wave), "json": info}
+    return {"__key__": key, "flac": encode_flac(wave), "json": info, "__source__": file}
 
 
 def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None, split: str | None = None,
@@ -301,12 +360,12 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
     the CSV's ``path`` column (relative to ``root``), ``label`` becomes an integer class index and the
     other columns are kept in each sample's ``.json``; ``split`` keeps only rows of that split.
     Each file is decoded to 16 kHz mono (``decode_audio``) and stored as FLAC; a bad file (undecodable,
-    silent, NaN, missing) yields ``{"__key__", "__error__"}`` so ``write_shards`` lists it as skipped.
+    silent, NaN, missing, under ``MIN_CLIP_SAMPLES``) yields ``{"__key__", "__error__"}`` so ``write_shards`` lists it as skipped.
     Decoding runs in a pool of ``processes`` (1: in this process).
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetNotFound(f"audio folder {root} does not exist")
+        raise DatasetNotFound(f"audio folder {root} does not exist; check the path")
     classes: list[str] = []
     if labels_csv is None:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
@@ -315,7 +374,7 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
         classes = audio_label_classes(labels_csv)
         index = {name: c for c, name in enumerate(classes)}
         jobs = []
-        for i, row in enumerate(_read_audio_labels(root, Path(labels_csv))):
+        for i, row in enumerate(_read_audio_labels(Path(labels_csv))):
             if split is not None and row.get("split") != split:
                 continue
             meta = {k: v for k, v in row.items() if k != "path" and k is not None}
@@ -323,7 +382,7 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
                 meta["label"] = index[meta["label"]] if meta["label"] in index else index[str(int(meta["label"]))]
             jobs.append((i, str(root / row["path"]), row["path"], meta))
     if not jobs:
-        raise ValueError(f"{root}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})"
+        raise BadInput(f"{root}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})"
                          + (f" in split {split!r} of {labels_csv}" if split else ""))
 
     def gen():

@@ -15,6 +15,7 @@ from torch import nn
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.checkpoint import load_checkpoint
+from selfsup.core.objective import Objective
 from selfsup.eval.knn import weighted_knn
 from selfsup.tasks import LabelledSplit, Task, task_for
 
@@ -28,13 +29,18 @@ def eval_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def encoder_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None,
-                            device: torch.device | str = "cpu") -> nn.Module:
-    """The objective's encoder on ``device`` with the checkpoint's weights (None: at random initialisation)."""
+def objective_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None) -> Objective:
+    """``cfg``'s objective on the CPU with the checkpoint's weights (None: at random initialisation)."""
     objective = task_for(cfg).build_objective(cfg)
     if model_state is not None:
         objective.load_state_dict(model_state)
-    return objective.encoder.to(device)
+    return objective
+
+
+def encoder_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None,
+                            device: torch.device | str = "cpu") -> nn.Module:
+    """The objective's encoder on ``device`` with the checkpoint's weights (None: at random initialisation)."""
+    return objective_from_checkpoint(cfg, model_state).encoder.to(device)
 
 
 def load_encoder(run_or_checkpoint: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -49,11 +55,12 @@ def load_encoder(run_or_checkpoint: str | Path, device: torch.device | str = "cp
     return encoder
 
 
-def export_encoder(run_or_checkpoint: str | Path) -> dict:
-    """The encoder of a run or checkpoint as its task exports it: weights and what builds the model,
-    for ``torch.save`` (``torch.load(weights_only=True)`` reads it back)."""
+def export_encoder(run_or_checkpoint: str | Path, out: str | Path) -> str:
+    """Write the encoder of a run or checkpoint to ``out`` as its task exports it (images: a file
+    with torchvision's key names and the geometry; wav2vec 2.0: a Hugging Face ``transformers``
+    folder); returns the task's line saying what was written and what loads it."""
     cfg, model_state, _ = load_checkpoint(run_or_checkpoint)
-    return task_for(cfg).export(encoder_from_checkpoint(cfg, model_state), cfg)
+    return task_for(cfg).export(objective_from_checkpoint(cfg, model_state), cfg, Path(out))
 
 
 def num_classes(train: LabelledSplit, test: LabelledSplit) -> int:
@@ -83,10 +90,10 @@ class EncoderFeatures:
 
 
 def split_features(task: Task, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
-                   probe_views: int = 1) -> list[np.ndarray]:
-    """The task's candidate feature sets of ``split``, each (V·N, D); NaN or inf features (diverged
-    weights) are an error naming ``desc``."""
-    sets = task.eval_features(encoder, split, cfg, desc, probe_views)
+                   probe_views: int = 1, progress: bool = True) -> list[np.ndarray]:
+    """The task's candidate feature sets of ``split``, each (V·N, D), with a progress bar named ``desc``
+    unless ``progress`` is False; NaN or inf features (diverged weights) are an error naming ``desc``."""
+    sets = task.eval_features(encoder, split, cfg, desc if progress else None, probe_views)
     for features in sets:
         bad = int((~np.isfinite(features).all(axis=1)).sum())
         if bad:

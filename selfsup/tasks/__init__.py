@@ -8,6 +8,7 @@ neither knows any method or modality by name. A new modality is one module here 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -54,6 +55,8 @@ class EvalSpec:
 class Task(Protocol):
     """What the loop and the evaluator need from a modality."""
 
+    unit: str  # what one training sample is called on the progress bar ("img", "clip")
+
     def build_objective(self, cfg: ExperimentConfig) -> Objective:
         """The objective of ``cfg`` at random initialisation (seeded by the caller)."""
 
@@ -69,7 +72,8 @@ class Task(Protocol):
     def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
                       probe_views: int = 1) -> list[np.ndarray]:
         """Candidate feature sets of ``split`` on the encoder's device (one, or one per layer), each
-        (V·N, D): the un-augmented rows, then up to ``probe_views`` - 1 augmented blocks for the probe."""
+        (V·N, D): the un-augmented rows, then up to ``probe_views`` - 1 augmented blocks for the probe;
+        a progress bar named ``desc`` (None: none)."""
 
     def baselines(self, train: LabelledSplit, test: LabelledSplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """name -> (train (N, D), test (M, D)) features that need no model (raw pixels, log-mel)."""
@@ -81,9 +85,10 @@ class Task(Protocol):
         """What the encoder's input must be, as plain values (images: ``mean``, ``std``, ``image_size``,
         ``channels``; audio: ``sample_rate``); ``selfsup.load_encoder`` attaches them to the encoder."""
 
-    def export(self, encoder: nn.Module, cfg: ExperimentConfig) -> dict:
-        """``encoder`` as a file's content: its weights and what builds the model that loads them, in
-        tensors and plain data only (``torch.load(weights_only=True)`` reads it)."""
+    def export(self, objective: Objective, cfg: ExperimentConfig, out: Path) -> str:
+        """Write ``objective``'s encoder to ``out`` with what builds the model that loads it (images: a
+        ``torch.load(weights_only=True)`` file; audio: a Hugging Face folder); returns one line saying
+        what was written and what loads it."""
 
 
 def task_for(cfg: ExperimentConfig) -> Task:

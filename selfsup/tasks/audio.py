@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from selfsup.audio.decode import SAMPLE_RATE
 from selfsup.audio.feature_encoder import receptive_field
+from selfsup.audio.hf_export import HF_FILES, write_hf_folder
 from selfsup.audio.wav2vec2 import Wav2Vec2Pretraining
 from selfsup.config import ExperimentConfig
 from selfsup.core.distributed import rank, world_size
@@ -55,7 +57,7 @@ def audio_layer_features(encoder: nn.Module, waves: list[np.ndarray], min_sample
     encoder.eval()
     device = next(encoder.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
-    for wave in tqdm(waves, desc=desc, unit="clip", mininterval=1.0):
+    for wave in tqdm(waves, desc=desc, unit="clip", mininterval=1.0, disable=desc is None, leave=False):
         x = torch.from_numpy(np.pad(wave, (0, max(0, min_samples - len(wave)))))[None].to(device)
         layers, _ = encoder(x, torch.tensor([x.shape[1]], device=device))
         if not per_layer:
@@ -78,6 +80,8 @@ def log_mel_features(waves: list[np.ndarray], n_mels: int = 80) -> np.ndarray:
 
 
 class AudioTask:
+    unit = "clip"
+
     def build_objective(self, cfg: ExperimentConfig) -> Objective:
         return Wav2Vec2Pretraining(cfg.method)
 
@@ -130,7 +134,9 @@ class AudioTask:
         """float (B, T) waves at ``sample_rate`` Hz with their (B,) lengths (the encoder normalises them itself)."""
         return {"sample_rate": SAMPLE_RATE}
 
-    def export(self, encoder: nn.Module, cfg: ExperimentConfig) -> dict:
-        """The encoder's own state dict with the method config that builds it (``Wav2Vec2Config``)."""
-        return {"format": "selfsup.wav2vec2.v1", "arch": "wav2vec2", "config": cfg.method.model_dump(mode="json"),
-                **self.input_spec(cfg), "state_dict": encoder.state_dict()}
+    def export(self, objective: Objective, cfg: ExperimentConfig, out: Path) -> str:
+        """The encoder and the mask embedding as a Hugging Face ``transformers`` Wav2Vec2Model folder."""
+        write_hf_folder(out, objective.encoder, objective.mask_embedding, cfg.method)
+        return (f"wrote the wav2vec2 encoder as a Hugging Face folder {out} ({', '.join(HF_FILES)}): "
+                f"transformers.Wav2Vec2Model.from_pretrained({str(out)!r}), its feature extractor with "
+                "AutoFeatureExtractor.from_pretrained")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,14 +42,15 @@ def paper_crop_scale(image_size: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, batch_size: int = 256,
-                     desc: str = "features", augment: bool = False) -> np.ndarray:
+                     desc: str | None = "features", augment: bool = False) -> np.ndarray:
     """Features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D), un-augmented, or
-    through ``views``' first recipe with ``augment``."""
+    through ``views``' first recipe with ``augment``; a progress bar named ``desc`` (None: none)."""
     device = next(encoder.parameters()).device
     layout = memory_format(device)
     encoder.eval().to(memory_format=layout)
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0):
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0,
+                  disable=desc is None, leave=False):
         batch = images[i:i + batch_size].to(device)
         x = (views(batch)[0] if augment else views.plain(batch)).contiguous(memory_format=layout)
         out.append(encoder(x).float().cpu())
@@ -56,7 +58,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews
 
 
 def probe_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, n_views: int, seed: int = 0,
-                   desc: str = "features") -> np.ndarray:
+                   desc: str | None = "features") -> np.ndarray:
     """The linear probe's train rows: uint8 (N, C, H, W) -> float32 (n_views·N, D), the un-augmented
     features, then ``n_views`` - 1 passes of the paper probe's random-resized crops and flips
     (``paper_crop_scale``), block by block as ``linear_probe(train_views=n_views)`` reads them."""
@@ -66,7 +68,8 @@ def probe_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, 
         crops = BatchViews([ViewRecipe(crop_scale=paper_crop_scale(views.size), flip_p=0.5)], views.size,
                            views.mean.flatten().tolist(), views.std.flatten().tolist(),
                            generator=torch.Generator(device=device).manual_seed(seed))
-        blocks += [extract_features(encoder, images, crops, desc=f"{desc}, view {v + 1}/{n_views}", augment=True)
+        blocks += [extract_features(encoder, images, crops, desc=desc and f"{desc}, view {v + 1}/{n_views}",
+                                    augment=True)
                    for v in range(1, n_views)]
     return np.concatenate(blocks)
 
@@ -108,6 +111,8 @@ def _flat_pixels(images: torch.Tensor) -> np.ndarray:
 
 
 class VisionTask:
+    unit = "img"
+
     def build_objective(self, cfg: ExperimentConfig) -> Objective:
         """The image method of ``cfg`` around its backbone, at random initialisation."""
         m = cfg.model
@@ -168,9 +173,16 @@ class VisionTask:
         d = cfg.data
         return {"mean": list(d.mean), "std": list(d.std), "image_size": d.image_size, "channels": d.channels}
 
-    def export(self, encoder: nn.Module, cfg: ExperimentConfig) -> dict:
-        """The backbone under torchvision's key names with its geometry and input
+    def export(self, objective: Objective, cfg: ExperimentConfig, out: Path) -> str:
+        """The backbone under torchvision's key names with its geometry and input, ``torch.save``d
         (``selfsup.vision.backbones.torchvision_model`` builds and loads it)."""
         m = cfg.model
-        return export_state_dict(encoder, m.backbone, width=m.width, small_stem=m.small_stem,
-                                 stem_stride=m.stem_stride, **self.input_spec(cfg))
+        export = export_state_dict(objective.encoder, m.backbone, width=m.width, small_stem=m.small_stem,
+                                   stem_stride=m.stem_stride, **self.input_spec(cfg))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(export, out)
+        head = "heads" if m.backbone.startswith("vit") else "fc"
+        loads = (f"torchvision.models.{export['torchvision']}() with .{head} = nn.Identity() loads its state_dict "
+                 "strictly" if export["torchvision"] else "selfsup.vision.backbones.torchvision_model(file) builds it")
+        return (f"wrote the {m.backbone} encoder (weights, geometry and input; format {export['format']}) "
+                f"to {out}: {loads}")

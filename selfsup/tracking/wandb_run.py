@@ -1,22 +1,29 @@
-"""Weights & Biases tracking: offline under the run folder by default, online with a key.
+"""Weights & Biases tracking: offline under the run folder by default, online with credentials.
 
-One W&B run per selfsup run: its id is kept in ``<run>/wandb_id`` so a resumed run (after a
-failure, or a re-run of the same name) continues the same W&B run.
+Each pretraining run is one W&B run (job type "pretrain"): its id is kept in ``<run>/wandb_id`` so a
+resumed run (after a failure, or a re-run of the same name) continues the same W&B run. Each
+``selfsup eval`` is a W&B run of its own (job type "eval") in the same group, ``tracking.group``
+(default: the run's name), so it never writes into the training run's history. An offline run
+ends with the ``wandb sync`` command that uploads it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import uuid
 from pathlib import Path
 
-from selfsup.config import load_config
-from selfsup.core.checkpoint import checkpoint_step
+from selfsup.config import ExperimentConfig, load_config
 
 log = logging.getLogger("selfsup.tracking")
 
 SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+class TrackingError(RuntimeError):
+    """W&B cannot be used as the config asks (online without credentials); the message says what to do."""
 
 
 def scrub(tree):
@@ -39,26 +46,66 @@ def run_id(run_dir: Path) -> str:
     return rid
 
 
-def start_run(run_dir: Path, name: str, mode: str, project: str, entity: str | None, config: dict, job_type: str):
-    """A W&B run in ``mode`` ("offline", "online"), resumed by id; None when ``mode`` is "disabled"."""
-    if mode == "disabled":
-        return None
+def check_credentials(mode: str) -> None:
+    """Refuse ``tracking.mode=online`` when wandb finds no credentials (``WANDB_API_KEY``, a
+    ``wandb login`` entry in the netrc, an identity token file); looked up without the network."""
+    if mode != "online":
+        return
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    host = wandb_setup.singleton().settings.base_url
+    try:
+        auth = wbauth.authenticate_session(host=host, source="selfsup", prompt=False, update_session=False)
+    except AuthenticationError as err:
+        raise TrackingError(f"tracking.mode=online: {err}; set a valid WANDB_API_KEY or run `wandb login`") from None
+    if auth is None:
+        raise TrackingError(f"tracking.mode=online needs W&B credentials for {host}: set WANDB_API_KEY or run "
+                            "`wandb login` (or use tracking.mode=offline and `wandb sync` later)")
+
+
+def start_run(cfg: ExperimentConfig, job_type: str, run_dir: Path, resume_id: str | None = None,
+              name: str | None = None):
+    """A W&B run of ``cfg`` in its ``tracking.mode`` ("offline" or "online"), written under
+    ``run_dir``/wandb, in the group ``tracking.group`` (default: the run's name) with ``tracking.tags``;
+    the run ``resume_id`` continued when given, else a new one."""
+    check_credentials(cfg.tracking.mode)
     import wandb
 
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        raise RuntimeError("tracking.mode=online needs WANDB_API_KEY in the environment "
-                           "(or use tracking.mode=offline and `wandb sync` later)")
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(project=project, entity=entity, name=name, id=run_id(run_dir), dir=str(run_dir),
-                      mode=mode, resume="allow", config=scrub(config), job_type=job_type,
+    t = cfg.tracking
+    return wandb.init(project=t.project, entity=t.entity, name=name or cfg.name, id=resume_id,
+                      resume="allow" if resume_id else None, dir=str(run_dir), mode=t.mode,
+                      group=t.group or cfg.name, tags=t.tags, job_type=job_type,
+                      config=scrub(cfg.model_dump(mode="json")),
                       settings=wandb.Settings(console="off", x_disable_stats=True))
 
 
+def finish_run(run) -> None:
+    """Close ``run``; when it is offline, print its folder and the command that uploads it."""
+    folder, offline = run.settings.sync_dir, run.offline
+    run.finish()
+    if offline:
+        print(f"W&B run saved offline in {folder}; upload it with: wandb sync {shlex.quote(str(folder))}", flush=True)
+
+
+def check_eval_tracking(checkpoint: str | Path) -> None:
+    """Refuse now, before evaluating, a checkpoint whose run logs to W&B online without credentials."""
+    from selfsup.core.checkpoint import resolve_checkpoint
+
+    check_credentials(load_config(resolve_checkpoint(checkpoint) / "config.yaml").tracking.mode)
+
+
 def log_eval_report(report: dict, out: str | Path) -> None:
-    """An evaluation report (``selfsup.eval.run.evaluate``'s, written in ``out``) to the W&B run of its
-    checkpoint's run (resumed by id, job_type "eval"), unless that run's ``tracking.mode`` is
+    """An evaluation report (``selfsup.eval.run.evaluate``'s, written in ``out``) as a new W&B run, job
+    type "eval", in the group of its checkpoint's run, unless that run's ``tracking.mode`` is
     "disabled": ``eval/<encoder>/<metric>`` against ``eval/step`` (the checkpoint's step), the
     scores and per-class tables and the report's PNGs."""
+    import wandb
+
+    from selfsup.core.checkpoint import checkpoint_step
+
     ckpt = Path(report["details"]["checkpoint_path"])
     cfg = load_config(ckpt / "config.yaml")
     if cfg.tracking.mode == "disabled":
@@ -66,10 +113,7 @@ def log_eval_report(report: dict, out: str | Path) -> None:
     if ckpt.parent.name != "checkpoints":
         log.info("W&B: %s is not inside a run's checkpoints/ folder; not logged", ckpt)
         return
-    import wandb
-
-    run = start_run(ckpt.parent.parent, cfg.name, cfg.tracking.mode, cfg.tracking.project, cfg.tracking.entity,
-                    cfg.model_dump(mode="json"), job_type="eval")
+    run = start_run(cfg, "eval", ckpt.parent.parent, name=f"{cfg.name}-eval-{ckpt.name}")
     run.define_metric("eval/step")
     run.define_metric("eval/*", step_metric="eval/step")
     encoders, out = report["encoders"], Path(out)
@@ -82,19 +126,35 @@ def log_eval_report(report: dict, out: str | Path) -> None:
         record["eval/per_class"] = wandb.Table(columns=list(per_class[0]), data=[list(r.values()) for r in per_class])
     run.log({"eval/step": checkpoint_step(ckpt), **record})
     run.summary.update({"eval/checkpoint": str(ckpt), "eval/linear_hparams": report["details"]["checkpoint"]["linear_hparams"]})
-    run.finish()
+    finish_run(run)
 
 
 class WandbReporter:
-    """Reporter sink (``selfsup.core.reporter``) for the W&B ``run`` of rank 0: records under ``train/``
-    (unless already namespaced, like ``monitor/…``), and at the end the summary, then the run closed."""
+    """Reporter sink (``selfsup.core.reporter``) for the W&B run of rank 0, resumed by the id in
+    ``<run>/wandb_id``. It starts at ``start``, once the Trainer is set up, so a run refused for its
+    config, data or checkpoint leaves no W&B run. Records go under ``train/`` (unless already
+    namespaced, like ``monitor/…``); with ``tracking.log_checkpoints`` each checkpoint is a "model"
+    artifact named after the run (aliases "latest" and the checkpoint's name, ``samples-N``); at
+    the end the summary, then the run is closed."""
 
-    def __init__(self, run):
-        self.run = run
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg, self.run = cfg, None
+
+    def start(self) -> None:
+        self.run = start_run(self.cfg, "pretrain", self.cfg.run_dir, resume_id=run_id(self.cfg.run_dir))
 
     def log(self, step: int, metrics: dict) -> None:
         self.run.log({k if "/" in k else f"train/{k}": v for k, v in metrics.items()}, step=step)
 
+    def checkpoint(self, step: int, path: Path | None, metrics: dict) -> None:
+        if path is None or not self.cfg.tracking.log_checkpoints:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(self.cfg.name, type="model", metadata={"step": step, **metrics})
+        artifact.add_dir(str(path))  # copied into W&B's staging folder now: the run may prune the checkpoint
+        self.run.log_artifact(artifact, aliases=["latest", Path(path).name])
+
     def finish(self, summary: dict) -> None:
         self.run.summary.update({"steps": summary["steps"], "skipped_samples": summary["data"]["skipped"]})
-        self.run.finish()
+        finish_run(self.run)

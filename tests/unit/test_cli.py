@@ -27,7 +27,8 @@ def commands(parser: argparse.ArgumentParser, prefix: str = "selfsup"):
 def pretrain_calls(monkeypatch):
     """Replaces the training itself: each `selfsup pretrain` records (cfg, no_ray, address)."""
     calls = []
-    monkeypatch.setattr(cli, "run_pretraining", lambda cfg, no_ray, address: calls.append((cfg, no_ray, address)))
+    monkeypatch.setattr(cli, "run_pretraining",
+                        lambda cfg, no_ray, address, restart=False: calls.append((cfg, no_ray, address)))
     return calls
 
 
@@ -60,7 +61,7 @@ def test_config_show_prints_the_resolved_config(capsys):
     assert out.startswith("# ") and "quickstart.yaml optim.lr=0.5 method.name=byol" in out.splitlines()[0]
     cfg = parse_config(yaml.safe_load(out))  # the printed YAML is a config that loads as it is
     assert cfg == load_config("quickstart", ["optim.lr=0.5", "method.name=byol"])
-    assert cfg.optim.lr == 0.5 and cfg.method == BYOLConfig() and cfg.model.width == 32
+    assert cfg.optim.lr == 0.5 and cfg.method == BYOLConfig() and cfg.model.width == 8
 
 
 def test_config_show_of_a_bad_override_is_one_line(capsys):

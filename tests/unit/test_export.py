@@ -1,5 +1,6 @@
 """`selfsup export` writes a backbone that loads strictly into torchvision's ResNet-18 and computes the
-same features; `selfsup.load_encoder` gives the training encoder back; any geometry round-trips."""
+same features; `selfsup.load_encoder` gives the training encoder back; any geometry round-trips
+(wav2vec 2.0's export: test_hf_export.py)."""
 
 from __future__ import annotations
 
@@ -52,10 +53,13 @@ def trained_checkpoint(tmp_path: Path, method: str, size: int, model: dict, data
 
 
 @pytest.mark.parametrize("method, small_stem, size", [("simclr", True, 16), ("simsiam", False, 32)])
-def test_exported_backbone_loads_strictly_into_torchvision(tmp_path, method, small_stem, size):
+def test_exported_backbone_loads_strictly_into_torchvision(tmp_path, capsys, method, small_stem, size):
     model, ckpt = trained_checkpoint(tmp_path, method, size, {"width": 64, "small_stem": small_stem})
     out = tmp_path / "resnet18.pt"
     assert main(["export", str(ckpt), str(out)]) == 0
+    printed = capsys.readouterr().out  # says what loads the file, as the checks below do
+    assert ("selfsup.vision.backbones.torchvision_model(file) builds it" if small_stem else
+            "torchvision.models.resnet18() with .fc = nn.Identity() loads its state_dict strictly") in printed
     exported = torch.load(out, weights_only=True)
     assert {k: exported[k] for k in ("arch", "width", "channels", "small_stem", "image_size", "feature_dim")} == \
         {"arch": "resnet18", "width": 64, "channels": 3, "small_stem": small_stem, "image_size": size, "feature_dim": 512}
@@ -120,26 +124,6 @@ def test_non_standard_geometry_round_trips_through_torchvision_model(tmp_path):
         torch.testing.assert_close(net(x), model.encoder.eval()(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not a selfsup backbone export"):
         torchvision_model({"state_dict": exported["state_dict"]})
-
-
-def test_wav2vec2_export_holds_its_config_and_loads_strictly(tmp_path):
-    from selfsup.config import Wav2Vec2MethodConfig
-    from selfsup.tasks import task_for
-
-    cfg = parse_config({"name": "w", "run_root": str(tmp_path / "runs"), "data": {"kind": "audio", "train": "x"},
-                        "method": {"name": "wav2vec2", "preset": "tiny", "conv_channels": 16, "embed_dim": 32,
-                                   "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "codebook_entries": 16,
-                                   "codevector_dim": 16, "final_dim": 16}})
-    torch.manual_seed(0)
-    objective = task_for(cfg).build_objective(cfg)
-    ckpt = save_checkpoint(cfg.run_dir, objective.state_dict(), {"step": 1}, cfg, {}, progress_at(1), keep=1)
-    out = tmp_path / "w2v.pt"
-    assert main(["export", str(ckpt), str(out)]) == 0
-    exported = torch.load(out, weights_only=True)
-    assert (exported["arch"], exported["sample_rate"]) == ("wav2vec2", 16000)
-    rebuilt = task_for(cfg).build_objective(cfg.model_copy(update={"method": Wav2Vec2MethodConfig(**exported["config"])}))
-    rebuilt.encoder.load_state_dict(exported["state_dict"], strict=True)
-    assert selfsup.load_encoder(ckpt).sample_rate == 16000
 
 
 def test_moco_v3_vit_recipe_keeps_the_patch_projection_random_and_out_of_the_optimiser():
