@@ -14,3 +14,19 @@ def memory_format(device: torch.device, channels_last: bool = True) -> torch.mem
     """
     safe = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
     return torch.channels_last if channels_last and safe else torch.contiguous_format
+
+
+def describe_machine(device: torch.device) -> str:
+    """The machine a run trains on, for its report: the GPU's name, or the CPU's model, the threads
+    torch uses and its vector capability (``AMD EPYC, 2 threads, AVX2``)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model = "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:  # not Linux
+        import platform
+
+        model = platform.processor() or model
+    return f"{model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"

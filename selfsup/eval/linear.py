@@ -249,7 +249,7 @@ def _train_head(head: nn.Module, optimizer: torch.optim.Optimizer, features, tra
     device = next(head.parameters()).device
     total = epochs * math.ceil(len(train_y) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
-    for _ in tqdm(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0):
+    for _ in tqdm(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0, leave=False):
         head.train()
         order = torch.randperm(len(train_y), generator=gen)
         for s in range(0, len(order), batch_size):

@@ -53,10 +53,10 @@ def retrieval_metrics(bank, bank_labels, queries, query_labels, ks: Sequence[int
 
 
 def save_neighbour_grid(
-    path, query_images, neighbour_images, query_labels, neighbour_labels, class_names=None
+    path, query_images, neighbour_images, query_labels, neighbour_labels, class_names=None, title: str = ""
 ) -> Path:
-    """PNG grid: one row per query, its image then its neighbours, titled by class; a neighbour of
-    the query's class is framed green, any other red.
+    """PNG grid under ``title``: one row per query, its image then its neighbours, titled by class; a
+    neighbour of the query's class is framed green, any other red.
 
     query_images (Q, H, W[, C]) or (Q, C, H, W); neighbour_images (Q, K, ...) likewise;
     query_labels (Q,); neighbour_labels (Q, K).
@@ -84,6 +84,8 @@ def save_neighbour_grid(
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(2)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

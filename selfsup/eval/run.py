@@ -3,6 +3,7 @@ for images, log-mel for audio) and the same model at random initialisation."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,12 @@ import numpy as np
 import torch
 
 from selfsup.config import ExperimentConfig
-from selfsup.core.checkpoint import load_checkpoint, resolve_checkpoint
+from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
 from selfsup.eval.features import EncoderFeatures, baseline_features, model_features, num_classes
 from selfsup.eval.knn import weighted_knn
 from selfsup.eval.linear import linear_probe
 from selfsup.eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr
+from selfsup.eval.overlap import held_out_warnings
 from selfsup.eval.report import format_table, write_report
 from selfsup.eval.retrieval import retrieval_metrics, save_neighbour_grid
 from selfsup.tasks import EvalSpec, LabelledSplit, task_for
@@ -59,6 +61,14 @@ class _Eval:
         return num_classes(self.train, self.test)
 
     @property
+    def subject(self) -> str:
+        """Which encoder on which data, for the plots' titles."""
+        m = self.cfg.model
+        return (f"{self.cfg.method.name} {m.backbone} (width {m.width}) of run {self.cfg.name}, "
+                f"{self.ckpt.name}, on {Path(self.test.location.rstrip('/')).parent.name}/"
+                f"{Path(self.test.location.rstrip('/')).name}")
+
+    @property
     def classes(self) -> list[str]:
         """The manifest's class names, then the label numbers beyond them."""
         return list(self.train.classes) + [str(c) for c in range(len(self.train.classes), self.num_classes)]
@@ -70,7 +80,8 @@ def report_dir(checkpoint: str | Path, test: str, out: str | Path | None = None)
 
 
 def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | None = None,
-             baselines: bool = True, threads: int | None = None, tsne: bool = False) -> dict:
+             baselines: bool = True, threads: int | None = None, tsne: bool = False,
+             context: list[str] | None = None) -> dict:
     """Score a checkpoint's encoder (and the baselines) on ``test`` against ``train``; writes the report
     to :func:`report_dir` and returns it (``selfsup.tracking.wandb_run.log_eval_report`` logs it to W&B).
 
@@ -78,7 +89,9 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     several candidate layers, each encoder's best layer is chosen by kNN on held-out train samples.
     Baselines: the task's (raw pixels, log-mel) and the model at random initialisation. With the
     task's diagnostics, for the checkpoint: retrieval metrics, per-class scores, ROC, a PCA map of
-    the test features (``tsne``: a t-SNE map too); with thumbnails, a query/neighbour grid.
+    the test features (``tsne``: a t-SNE map too); with thumbnails, a query/neighbour grid. From the
+    run folder: the training that produced the checkpoint and its curves (:func:`training_history`).
+    ``context``: sentences the report adds to its paragraph on what the numbers mean.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -106,7 +119,8 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
         | {"checkpoint_path": str(ckpt), "skipped": ev.train.problems + ev.test.problems} | diagnostics["details"],
         class_names=ev.classes, confusion_matrix=confusion(ev.test.labels, predictions, ev.num_classes),
         roc=diagnostics["roc"], embedding_2d=diagnostics["maps"], figures=_neighbour_grid(out, ev, details["checkpoint"]),
-        notes=_notes(ev, sets["checkpoint"], details["checkpoint"], diagnostics["notes"]))
+        notes=_notes(ev, sets["checkpoint"], details["checkpoint"], diagnostics["notes"]), subject=ev.subject,
+        training=training_history(ckpt), context=context)
     print(format_table(encoders))
     print(f"report: {out / 'report.md'}")
     return report
@@ -135,6 +149,34 @@ def _diagnostics(ev: _Eval, features: EncoderFeatures, encoders: dict, best: dic
     return {"details": details, "roc": roc_auc_ovr(test_y, best["probabilities"]), "maps": maps, "notes": notes}
 
 
+def training_history(ckpt: Path) -> dict | None:
+    """The training behind ``ckpt`` from its run folder: {"facts": steps, epochs, wall time, throughput,
+    precision, machine; "records": the ``metrics.jsonl`` records up to the checkpoint}; None when the
+    checkpoint is not in a run folder."""
+    run, progress = ckpt.parent.parent, read_progress(ckpt)
+    if not (run / "metrics.jsonl").is_file() or not progress:
+        return None
+    samples = progress.get("samples_seen", 0)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if r.get("samples", 0) <= samples]
+    summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+    final = summary if str(summary.get("checkpoint", "")).rstrip("/").endswith(ckpt.name) else {}
+    last = records[-1] if records else {}
+    seconds = final.get("train_seconds") or last.get("train_seconds")
+    facts = {"steps": progress.get("step"), "epochs": f"{progress.get('step', 0) / max(1, _steps_per_epoch(records)):.2f}",
+             "samples seen": samples}
+    if seconds:
+        facts |= {"training wall time": f"{seconds / 60:.1f} min", "throughput": f"{samples / seconds:.0f} samples/s"}
+    facts |= {k: final[k] for k in ("precision", "machine", "world_size") if k in final}
+    return {"facts": facts, "records": records}
+
+
+def _steps_per_epoch(records: list[dict]) -> float:
+    """Steps an epoch, read off the last step record (its step over its epoch)."""
+    steps = [r for r in records if "total_steps" in r and r.get("epochs")]
+    return steps[-1]["total_steps"] / steps[-1]["epochs"] if steps else 0.0
+
+
 def _neighbour_grid(out: Path, ev: _Eval, best: dict) -> dict[str, str]:
     """neighbours.png (the first test sample of each class and its nearest train samples) when the
     splits have thumbnails: {"neighbours": its file name}, else {}."""
@@ -143,17 +185,19 @@ def _neighbour_grid(out: Path, ev: _Eval, best: dict) -> dict[str, str]:
     shown = np.unique(ev.test.labels, return_index=True)[1][:_GRID_QUERIES]
     neighbours = best["neighbours"][shown, :_GRID_NEIGHBOURS]
     save_neighbour_grid(out / "neighbours.png", ev.test.thumbnails[shown], ev.train.thumbnails[neighbours],
-                        ev.test.labels[shown], ev.train.labels[neighbours], ev.classes)
+                        ev.test.labels[shown], ev.train.labels[neighbours], ev.classes,
+                        title=f"nearest train samples of test queries (green: same class): {ev.subject}")
     return {"neighbours": "neighbours.png"}
 
 
 def _notes(ev: _Eval, features: EncoderFeatures, best: dict, diagnostic_notes: list[str]) -> list[str]:
-    """The report's notes: what was scored against what, how the features and the probe were made,
-    the diagnostics' notes and the skipped samples."""
+    """The report's notes: what was scored against what (with a warning when test is not held out),
+    how the features and the probe were made, the diagnostics' notes and the skipped samples."""
     unit, bad = ev.spec.unit, ev.train.problems + ev.test.problems
     held = f", {features.held_out} held out to pick the layer" if features.held_out else ""
     notes = [f"checkpoint: {ev.ckpt}", f"train: {ev.train.location} ({len(ev.train.labels)} {unit}{held}), "
-             f"test: {ev.test.location} ({len(ev.test.labels)} {unit})", *ev.spec.notes]
+             f"test: {ev.test.location} ({len(ev.test.labels)} {unit})", *held_out_warnings(ev.train, ev.test),
+             *ev.spec.notes]
     if ev.spec.probe_note:
         hp = best["linear_hparams"]
         notes.append("linear probe (checkpoint): "

@@ -1,4 +1,5 @@
-"""A wall-time budget (``optim.minutes``): the run's length is cut to the steps that fit."""
+"""A wall-time budget (``optim.minutes``): the run's length is fitted to the steps that fit, and
+re-fitted as the pace changes (another program taking a core, a slower phase of the data)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch.distributed as dist
 
 from selfsup.core.distributed import world_size
 
-SIZING_STEPS = 20  # steps timed, after the first one, before a time-budgeted run fixes its length
+SIZING_STEPS = 20  # steps timed, after the first one, before a time-budgeted run first fixes its length
+RESIZE_EVERY = 25  # steps between later re-fits, each at the pace of the steps since the one before
 
 
 class TimeBudget:
@@ -15,27 +17,30 @@ class TimeBudget:
     ``start_step``, and that never goes beyond ``planned`` steps.
 
     ``update(step, now)`` is called after every step; it returns the new total steps when the run is
-    (re)sized, else None. The pace is timed from the end of the first step (its start-up left out),
-    and the run is sized once ``sizing_steps`` more steps are timed. ``next_sizing`` (steps since the
-    start at which the next sizing is due) is then None: setting it again re-sizes at the pace since
-    the first step.
+    (re)sized, else None. The pace is timed from the end of the first step (its start-up left out);
+    the run is sized once ``sizing_steps`` more steps are timed, then again every ``resize_every``
+    steps at the pace since the previous sizing, averaged with the pace before it (``pace``, seconds
+    a step), so that one slow window (a checkpoint, the online monitor) moves the plan only halfway.
     """
 
     def __init__(self, minutes: float, planned: int, start_step: int, started: float,
-                 sizing_steps: int = SIZING_STEPS):
+                 sizing_steps: int = SIZING_STEPS, resize_every: int = RESIZE_EVERY):
         self.minutes, self.planned, self.start_step, self.started = minutes, planned, start_step, started
-        self.next_sizing: int | None = sizing_steps + 1
-        self.paced_from: tuple[int, float] | None = None  # (step, time) the pace is measured from
+        self.next_sizing, self.resize_every = sizing_steps + 1, resize_every
+        self.paced_from: tuple[int, float] | None = None  # (step, time) the current window starts at
+        self.pace: float | None = None
 
     def update(self, step: int, now: float) -> int | None:
         done = step - self.start_step
         if done == 1:
             self.paced_from = (step, now)
-        if done != self.next_sizing or self.paced_from is None:
+        if done < self.next_sizing or self.paced_from is None:
             return None
-        self.next_sizing = None
         paced_step, paced_time = self.paced_from
-        return self.fit(step, now, (now - paced_time) / (step - paced_step))
+        window = (now - paced_time) / (step - paced_step)
+        self.pace = window if self.pace is None else (self.pace + window) / 2
+        self.paced_from, self.next_sizing = (step, now), done + self.resize_every
+        return self.fit(step, now, self.pace)
 
     def fit(self, step: int, now: float, seconds_per_step: float) -> int:
         """Total steps of the run if the rest goes at ``seconds_per_step``: at least one more, at most

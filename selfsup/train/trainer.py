@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from selfsup.config import ExperimentConfig
-from selfsup.core.device import memory_format
+from selfsup.core.device import describe_machine, memory_format
 from selfsup.core.checkpoint import (CheckpointSpaceError, checkpoint_name, ensure_space, load_checkpoint,
                                      remove_partial, rng_state, save_checkpoint, set_rng_state, write_checkpoint)
 from selfsup.core.collapse import embedding_stats
@@ -91,19 +90,19 @@ class BadSteps:
 
 
 class Throughput:
-    """Images per second, over all ranks, since the last ``restart()``."""
+    """Samples (images, clips) per second, over all ranks, since the last ``restart()``."""
 
     def __init__(self):
         self.restart()
 
     def restart(self) -> None:
-        self.since, self.images = time.perf_counter(), 0
+        self.since, self.samples = time.perf_counter(), 0
 
-    def add(self, images: int) -> None:
-        self.images += images
+    def add(self, samples: int) -> None:
+        self.samples += samples
 
     def rate(self) -> float:
-        return self.images * world_size() / max(time.perf_counter() - self.since, 1e-9)
+        return self.samples * world_size() / max(time.perf_counter() - self.since, 1e-9)
 
 
 class Trainer:
@@ -134,6 +133,7 @@ class Trainer:
         self.steps_done, self.start_epoch, self.start_in_epoch = 0, 0, 0
         self.samples_seen, self.checkpoints_written, self.checkpoint = 0, 0, None
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
+        self.seconds_before, self.fit_started = 0.0, time.perf_counter()  # wall time of earlier attempts; this one's start
         if rank() == 0:
             remove_partial(cfg.run_dir / "checkpoints")  # what an interrupted write left
         if resume_from is not None:
@@ -173,6 +173,7 @@ class Trainer:
             group["base_lr"] = self.base_lr
         self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.samples_seen, self.checkpoints_written = state["samples_seen"], state["checkpoints_written"]
+        self.seconds_before = state.get("train_seconds", 0.0)
         if state.get("sized_total_steps"):
             self.total_steps = self.sized_total = state["sized_total_steps"]
         saved_ranks = len(state["rng"])
@@ -217,7 +218,7 @@ class Trainer:
         minutes = self.cfg.optim.minutes
         self.budget = None if not minutes or self.sized_total else \
             TimeBudget(minutes, self.total_steps, self.steps_done, time.perf_counter())
-        self.throughput = Throughput()
+        self.throughput, self.fit_started = Throughput(), time.perf_counter()
         epoch = self.start_epoch
         while epoch * self.steps_per_epoch < self.total_steps:
             self._run_epoch(epoch)
@@ -227,9 +228,6 @@ class Trainer:
     def _epoch_steps(self, epoch: int) -> int:
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
-    def _describe(self, epoch: int) -> str:
-        return f"epoch {epoch + 1}/{math.ceil(self.total_steps / self.steps_per_epoch)}"
-
     def _run_epoch(self, epoch: int) -> None:
         """The steps of ``epoch`` from the resumed position (or its start), then its end."""
         in_epoch = self.start_in_epoch if epoch == self.start_epoch else 0
@@ -237,8 +235,6 @@ class Trainer:
             return
         self.stream.set_epoch(epoch, in_epoch)
         self.objective.train()
-        bar = tqdm(total=self._epoch_steps(epoch), initial=in_epoch, desc=self._describe(epoch),
-                   disable=rank() != 0, unit="step", mininterval=2.0)
         for batch in self.loader:
             if in_epoch >= self._epoch_steps(epoch):
                 break
@@ -248,43 +244,45 @@ class Trainer:
             images = len(batch["labels"]) if "labels" in batch else self.cfg.data.batch_size
             self.samples_seen += images * world_size()
             self.throughput.add(images)
-            bar.update(1)
-            self._after_step(out, epoch, in_epoch, bar)
-        bar.close()
+            self._after_step(out, epoch, in_epoch)
         self._end_epoch(epoch, in_epoch)
 
-    def _after_step(self, out: dict, epoch: int, in_epoch: int, bar: tqdm) -> None:
+    def _after_step(self, out: dict, epoch: int, in_epoch: int) -> None:
         """The time budget, the logging step and the checkpoint interval, after step ``in_epoch`` of ``epoch``."""
         if self.budget is not None and (total := self.budget.update(self.steps_done, time.perf_counter())):
+            if rank() == 0 and not self.sized_total:
+                log.info("time budget %.1f min: about %d steps (%.2f epochs) at this pace, re-fitted as it changes",
+                         self.cfg.optim.minutes, total, total / self.steps_per_epoch)
             self.total_steps = self.sized_total = total
-            bar.total, bar.desc = self._epoch_steps(epoch), self._describe(epoch)
-            if rank() == 0:
-                log.info("time budget %.1f min: training for %d steps (%.2f epochs)", self.cfg.optim.minutes,
-                         total, total / self.steps_per_epoch)
         epoch_steps = self._epoch_steps(epoch)
         if self.steps_done % self.cfg.train.log_every_steps == 0 or in_epoch == epoch_steps:
-            self._log(out, epoch + in_epoch / epoch_steps, bar)
+            self._log(out, epoch + in_epoch / self.steps_per_epoch)
         if self.steps_done % self.cfg.train.checkpoint_every_steps == 0 and in_epoch < epoch_steps:
             self._checkpoint(epoch, in_epoch)
 
-    def _log(self, out: dict, epoch: float, bar: tqdm) -> None:
+    def _log(self, out: dict, epoch: float) -> None:
         """Report this step's record: the objective's metrics, the collapse statistics of its embedding
         (when finite), LR, epoch, throughput, data and bad steps, and on rank 0 the alarm count of each
         health monitor. Raises TooManyBadSteps when the limit of bad steps in a row is reached."""
-        images_per_s = self.throughput.rate()
+        samples_per_s = self.throughput.rate()
         embedding = out.pop("embedding", None)
         record = {k: float(v.detach().float()) for k, v in out.items()}
         if embedding is not None and bool(torch.isfinite(embedding).all()):  # not on a skipped NaN step
             record.update({k: float(v) for k, v in embedding_stats(embedding).items()})
-        record.update(samples=self.samples_seen, lr=self.current_lr, epoch=epoch, images_per_s=images_per_s,
+        record.update(samples=self.samples_seen, lr=self.current_lr, epoch=epoch, samples_per_s=samples_per_s,
+                      total_steps=self.total_steps, epochs=self.total_steps / self.steps_per_epoch,
+                      train_seconds=self.train_seconds(),
                       skipped_samples=self.health.skipped, bad_steps=int(self.bad.total))
         for monitor in self.monitors:
             record[f"{monitor.name}_alarms"] = len(monitor.update(self.steps_done, record))
         self.last = record
         self.reporter.log(self.steps_done, record)
         self.bad.check(self.steps_done, self.cfg.optim.max_bad_steps)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{images_per_s:.0f}")
         self.throughput.restart()
+
+    def train_seconds(self) -> float:
+        """Wall time spent training this run, over all its attempts."""
+        return self.seconds_before + time.perf_counter() - self.fit_started
 
     def _end_epoch(self, epoch: int, in_epoch: int) -> None:
         """Check the epoch ran to its end; warn of bad samples; the online monitor; the epoch's checkpoint."""
@@ -293,8 +291,10 @@ class Trainer:
         if self.health.skipped and rank() == 0:
             log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
                         epoch + 1, self.health.skipped, self.health.repeated, self.health.where[:3])
-        if self.online is not None and self.online.due(epoch + 1):
-            record = [{"samples": self.samples_seen, **self.online(self.objective.encoder)} if rank() == 0 else None]
+        if self.online is not None and (self.online.due(epoch + 1) or self.steps_done >= self.total_steps):
+            record = [{"samples": self.samples_seen, "epoch": epoch + in_epoch / self.steps_per_epoch,
+                       **self.online(self.objective.encoder)}
+                      if rank() == 0 else None]
             if world_size() > 1:  # every rank reports the same record
                 dist.broadcast_object_list(record)
             self.reporter.log(self.steps_done, record[0])
@@ -329,6 +329,7 @@ class Trainer:
         state = {"optimizer": self.optimizer.state_dict(), "step": self.steps_done, "epoch": epoch,
                  "step_in_epoch": in_epoch, "samples_seen": self.samples_seen,
                  "checkpoints_written": self.checkpoints_written + 1, "sized_total_steps": self.sized_total,
+                 "train_seconds": self.train_seconds(),
                  "rng": rngs, "data_health": {"skipped": self.health.skipped, "repeated": self.health.repeated}}
         progress = {"seq": self.checkpoints_written + 1, "samples_seen": self.samples_seen, "step": self.steps_done,
                     "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world_size()}
@@ -366,6 +367,8 @@ class Trainer:
                    "epochs": self.total_steps / self.steps_per_epoch, "last": self.last,
                    "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
                    "samples_seen": self.samples_seen, "bad_steps": int(self.bad.total),
+                   "train_seconds": self.train_seconds(), "precision": "bf16" if self.amp == torch.bfloat16 else "fp32",
+                   "machine": describe_machine(self.device), "world_size": world_size(),
                    "checkpoint": self.checkpoint_location()}
         self.reporter.finish(summary)
         return summary

@@ -69,3 +69,36 @@ def test_monitor_reads_a_spread_subset_once_and_keeps_the_mode(tmp_path):
 def test_monitor_needs_test_shards(tmp_path):
     with pytest.raises(ValueError, match="data.test"):
         OnlineMonitor(config(tmp_path, "data.test=null"))
+
+
+def test_the_monitor_scores_random_init_and_pixels_on_its_own_subset(tmp_path):
+    cfg = config(tmp_path)
+    monitor = OnlineMonitor(cfg, bank_size=40, query_size=30)
+    torch.manual_seed(cfg.seed)  # the loop's starting weights: what the random-init level is measured on
+    start = encoder_from_checkpoint(cfg, None)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    record = monitor(start)
+    assert torch.equal(torch.get_rng_state(), before)  # the loop's RNG stream is untouched
+    assert record["monitor/random_init_knn@20"] == pytest.approx(record["monitor/knn@20"])
+    bank, queries = monitor.data
+    flat = lambda x: x.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
+    pixels = weighted_knn(flat(bank.inputs), bank.labels, flat(queries.inputs), queries.labels, settings=[(20, 0.07)],
+                          num_classes=4)
+    assert record["monitor/pixels_knn@20"] == pytest.approx(pixels.top1["knn@20"])
+    assert record["monitor/collapse"] == 0.0
+
+
+@pytest.mark.parametrize("history, warned", [
+    ([(0.8, 40.0), (0.7, 30.0), (0.6, 5.0), (0.5, 1.9)], True),   # 3 falls, RankMe 1.9 < 5% of 40
+    ([(0.8, 40.0), (0.7, 30.0), (0.6, 5.0), (0.5, 2.1)], False),  # RankMe still above 5% of its peak
+    ([(0.8, 40.0), (0.7, 30.0), (0.75, 5.0), (0.5, 1.0)], False),  # kNN rose once in between
+    ([(0.7, 40.0), (0.6, 5.0), (0.5, 1.0)], False),  # only 2 falls
+])
+def test_a_collapse_warning_needs_three_kNN_falls_and_RankMe_under_5_percent_of_its_peak(tmp_path, caplog, history, warned):
+    monitor = OnlineMonitor(config(tmp_path))
+    monitor.history = list(history)
+    with caplog.at_level("WARNING", logger="selfsup.monitor"):
+        assert monitor._collapsing() is warned
+    assert ("fell 3 checks in a row (80.0% -> 70.0% -> 60.0% -> 50.0%) and RankMe is 1.9" in caplog.text) is (
+        warned and history[-1][1] == 1.9)

@@ -67,6 +67,34 @@ def test_format_table():
     ]
 
 
+def test_the_table_shows_each_encoders_margin_over_random_init():
+    table = format_table({"checkpoint": {"knn@20": 0.8066, "linear": 0.8391}, "random_init": {"knn@20": 0.7948, "linear": 0.7974},
+                          "pixels": {"knn@20": 0.8459}})
+    assert table.splitlines() == [
+        "| encoder | knn@20 (%) | linear (%) | knn@20 vs random init | linear vs random init |",
+        "|---|---:|---:|---:|---:|",
+        "| checkpoint | 80.66 | 83.91 | +1.18 | +4.17 |",
+        "| random_init | 79.48 | 79.74 | – | – |",
+        "| pixels | 84.59 | – | +5.11 | – |",
+    ]
+
+
+def test_the_report_shows_the_training_curve_and_an_html_file_with_the_plots_inside(tmp_path):
+    records = [{"step": s, "loss": 5.0 - s / 10, "epoch": s / 10, "total_steps": 20, "epochs": 2.0} for s in range(1, 21)]
+    records += [{"step": 10 * e, "epoch": float(e), "monitor/knn@20": 0.7 + 0.05 * e, "monitor/rankme": 20.0,
+                 "monitor/random_init_knn@20": 0.72, "monitor/pixels_knn@20": 0.79} for e in (1, 2)]
+    report = write_report(tmp_path, title="run x", encoders={"checkpoint": {"knn@20": 0.8}, "random_init": {"knn@20": 0.75}},
+                          subject="simclr on fmnist", training={"facts": {"steps": 20, "precision": "fp32"}, "records": records},
+                          context=["A longer run gives more."])
+    assert report["files"] == {"training": "training.png", "json": "report.json", "markdown": "report.md", "html": "report.html"}
+    assert imread(tmp_path / "training.png").shape[1] > 800
+    md = (tmp_path / "report.md").read_text()
+    assert "## Training\n\n- steps: 20\n- precision: fp32" in md and "A longer run gives more." in md
+    assert "![training](training.png)" in md
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 1 and "<td>+5.00</td>" in page and "precision: fp32" in page
+
+
 def test_write_report_files(tmp_path):
     encoders = {
         "checkpoint": {"knn@20": 0.9, "knn@200": 0.88, "linear": 0.93},
@@ -95,11 +123,13 @@ def test_write_report_files(tmp_path):
     assert saved["details"]["rankme"] == 7.5 and saved["details"]["unseen"] is None
     assert set(saved["details"]["roc_auc"]["per_class"]) == {"a", "b", "c"}
     assert saved["files"] == {"json": "report.json", "markdown": "report.md", "confusion": "confusion.png",
-                              "roc": "roc.png", "embedding": "embedding.png", "per_class": "per_class.md"}
+                              "roc": "roc.png", "embedding": "embedding.png", "per_class": "per_class.md",
+                              "html": "report.html"}
     for png in ("confusion.png", "roc.png", "embedding.png"):
         assert imread(out / png).shape[0] > 100
     md = (out / "report.md").read_text()
-    assert md.startswith("# quickstart\n") and "| random_init | 30.00 | 28.00 | 40.00 |" in md
+    assert md.startswith("# quickstart\n") and "| random_init | 30.00 | 28.00 | 40.00 | – | – |" in md
+    assert "| checkpoint | 90.00 | 88.00 | 93.00 | +60.00 | +53.00 |" in md
     assert "- trained 3 epochs" in md and "![roc](roc.png)" in md
     assert "| b | 66.67 | 100.00 | 80.00 | 2 |" in (out / "per_class.md").read_text()
 
@@ -108,5 +138,5 @@ def test_write_report_rejects_percentages(tmp_path):
     with pytest.raises(ValueError, match="fractions in"):
         write_report(tmp_path, title="t", encoders={"checkpoint": {"knn@20": 97.3}})
     report = write_report(tmp_path, title="t", encoders={"checkpoint": {"knn@20": 0.973}})
-    assert report["files"] == {"json": "report.json", "markdown": "report.md"}
+    assert report["files"] == {"json": "report.json", "markdown": "report.md", "html": "report.html"}
     assert not (tmp_path / "roc.png").exists()

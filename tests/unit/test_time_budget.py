@@ -26,13 +26,19 @@ def test_the_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
     assert TimeBudget(0.1, planned=300, start_step=0, started=0.0).fit(20, 60, 0.5) == 21  # over time: one more step
 
 
-def test_the_budget_sizes_once_after_the_sizing_steps_timed_without_the_first():
-    budget = TimeBudget(1.0, planned=10_000, start_step=100, started=0.0)
+def test_the_budget_sizes_after_the_sizing_steps_then_refits_as_the_pace_changes():
+    budget = TimeBudget(1.0, planned=10_000, start_step=100, started=0.0, resize_every=10)
     assert budget.update(101, now=5.0) is None  # a slow first step (start-up): left out of the pace
     assert [budget.update(101 + i, now=5.0 + 0.5 * i) for i in range(1, SIZING_STEPS)] == [None] * (SIZING_STEPS - 1)
-    now = 5.0 + 0.5 * SIZING_STEPS
-    assert budget.update(101 + SIZING_STEPS, now) == 101 + SIZING_STEPS + int((60 - now) / 0.5)
-    assert budget.next_sizing is None and budget.update(102 + SIZING_STEPS, now + 0.5) is None
+    now, step = 5.0 + 0.5 * SIZING_STEPS, 101 + SIZING_STEPS
+    assert budget.update(step, now) == step + int((60 - now) / 0.5)  # 0.5 s a step
+    assert [budget.update(step + i, now + 0.5 * i) for i in range(1, 10)] == [None] * 9
+    # the next 10 steps took 1.5 s each (another program took a core): the pace is the mean of 0.5 and 1.5
+    now, step = now + 15.0, step + 10
+    assert budget.update(step, now) == step + int((60 - now) / 1.0)
+    # a later window back at 0.5 s moves the pace halfway back: 0.75 s
+    now, step = now + 5.0, step + 10
+    assert budget.update(step, now) == step + int((60 - now) / 0.75)
 
 
 @pytest.mark.parametrize("minutes, expected", [(1e-5, SIZING_STEPS + 2), (600, 62)])

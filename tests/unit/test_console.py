@@ -1,0 +1,70 @@
+"""The console of a run: one progress line a tenth of the run off a terminal, one line per online
+check with the levels it must beat, and the driver following another process's metrics.jsonl."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+from selfsup.train import console as console_module
+from selfsup.train.console import ProgressConsole, follow_records
+
+
+def step_record(step: int, total: int) -> dict:
+    return {"step": step, "loss": 5.0 - step / 100, "epoch": step / 50, "epochs": total / 50, "total_steps": total,
+            "samples_per_s": 300.0}
+
+
+def check_record(epoch: float, knn: float) -> dict:
+    return {"epoch": epoch, "samples": int(epoch * 1000), "monitor/knn@20": knn, "monitor/rankme": 30.0,
+            "monitor/random_init_knn@20": 0.672, "monitor/pixels_knn@20": 0.791}
+
+
+def test_off_a_terminal_the_progress_is_one_line_a_tenth_of_the_run():
+    out = io.StringIO()
+    sink = ProgressConsole("img", stream=out, live=False)
+    for step in range(1, 101):
+        sink.log(step, step_record(step, 100))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 11  # the first step, then each tenth
+    assert lines[-1] == "pretraining 100/100 steps (100%): epoch 2.00/2.00, loss 4.000, 300 img/s"
+
+
+def test_an_online_check_prints_its_margin_and_the_levels_once():
+    out = io.StringIO()
+    sink = ProgressConsole("clip", stream=out, live=False)
+    sink.log(10, check_record(1.0, 0.687))
+    sink.log(20, check_record(2.0, 0.728))
+    assert out.getvalue().splitlines() == [
+        "online kNN@20 on a held-out subset must beat: random init 67.2%, pixels 79.1%",
+        "epoch 1.00: online kNN@20 68.7% (+1.5 over random init), RankMe 30.0",
+        "epoch 2.00: online kNN@20 72.8% (+5.6 over random init), RankMe 30.0",
+    ]
+
+
+def test_the_driver_follows_the_records_another_process_appends(tmp_path, monkeypatch):
+    monkeypatch.setattr(console_module, "POLL_SECONDS", 0.01)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(check_record(1.0, 0.7)) + "\n")  # an earlier attempt's: not printed again
+    seen = []
+
+    class Recorder(ProgressConsole):
+        def log(self, step, metrics):
+            seen.append((step, "monitor/knn@20" in metrics))
+
+    def worker():
+        for step in range(1, 6):
+            with open(path, "a") as f:
+                f.write(json.dumps(step_record(step, 5)) + "\n")
+            time.sleep(0.02)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": 5, **check_record(2.0, 0.75)}) + "\n")
+            f.write('{"step": 6, "lo')  # half written: waits for its end
+
+    with follow_records(path, Recorder("img", stream=io.StringIO(), live=False)):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+    assert seen == [(1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
