@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | sha1sum 
 DEV_STAMP := $(STAMP)-dev
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test venv dataset constraints clean
+.PHONY: demo demo-audio test venv dataset espeak constraints clean
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,19 @@ dataset:
 
 demo: $(STAMP) dataset
 	$(BIN)/selfsup demo $(if $(wildcard $(FMNIST)),,--download)
+
+# espeak-ng (the audio demo's spoken digits), when it is missing and apt-get can install it; otherwise
+# the demo names the package to install.
+espeak:
+	@if ! command -v espeak-ng >/dev/null && command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  ($$SUDO apt-get install -y -q espeak-ng || ($$SUDO apt-get update -q && $$SUDO apt-get install -y -q espeak-ng)) \
+	  || echo "could not install espeak-ng"; \
+	fi
+
+# Real speech (Debian packages) + spoken digits (espeak-ng) -> wav2vec2-tiny -> probe vs log-mel and random init.
+demo-audio: $(STAMP) espeak
+	$(BIN)/selfsup demo --audio
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q

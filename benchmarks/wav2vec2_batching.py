@@ -9,9 +9,9 @@ over the durations in the manifest instead of the audio (nothing is read or deco
 seconds even for LibriSpeech. Settings come from a config (default wav2vec2-base: max_tokens 1.4M
 samples = 87.5 s, crops of at most 250k samples, clips of at least 32k).
 
-Speech shards to run it on (developer machines have ``../shared/data``; any audio folder works):
+Speech shards to run it on (any audio folder works):
 
-    ../shared/data/speech-corpus /tmp/speech          # ~7 h of real speech, about a minute
+    selfsup shards build speech-corpus /tmp/speech    # ~7 h of real speech from Debian packages, about a minute
     selfsup shards write audio-folder /tmp/speech /tmp/speech-shards --labels /tmp/speech/metadata.csv --per-shard 1000
     python -m benchmarks.wav2vec2_batching /tmp/speech-shards [--config wav2vec2-base] [--ranks 64] [key=value ...]
 """

@@ -1,6 +1,7 @@
 """wav2vec2-tiny pretrained on ~7 h of real speech, probed on spoken digits with unseen voices.
 
-1. builds the speech corpus and the spoken-digit set (``shared/data`` scripts) into ``--data``;
+1. builds the speech corpus (Debian packages) and the spoken-digit set (espeak-ng) into ``--data``
+   (``selfsup.data.builders``, as ``selfsup demo --audio`` does);
 2. writes 16 kHz FLAC shards with ``selfsup shards write audio-folder``;
 3. pretrains ``configs/wav2vec2-tiny.yaml`` without Ray for its ``optim.epochs``, or fewer if they do not
    fit ``--minutes`` of training (``optim.minutes``: the loop times its first steps and sizes the schedule);
@@ -14,45 +15,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-from selfsup.cli import main as selfsup
+from selfsup.cli import build_audio_probe_clips, write_audio_probe_shards
 from selfsup.config import load_config
 from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.eval.run import evaluate
 from selfsup.train.trainer import Trainer
-from selfsup.data.reader import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "wav2vec2-tiny.yaml"
-SCRIPTS = [REPO.parent / "shared" / "data", REPO / "shared" / "data"]
-
-
-def data_script(name: str) -> Path:
-    for folder in SCRIPTS:
-        if (folder / name).is_file():
-            return folder / name
-    raise SystemExit(f"no {name} script in {' or '.join(map(str, SCRIPTS))}")
-
-
-def build(data: Path, per_class: int) -> tuple[Path, Path]:
-    """Raw folders and shards (reused when present): (speech shards, digit shards)."""
-    corpus, digits = data / "speech-corpus", data / f"spoken-digits-{per_class}"
-    if not (corpus / "metadata.csv").exists():
-        subprocess.run(["bash", str(data_script("speech-corpus")), str(corpus)], check=True)
-    if not (digits / "labels.csv").exists():
-        subprocess.run(["bash", str(data_script("spoken-digits")), str(digits), str(per_class)], check=True)
-    speech_shards, digit_shards = data / "speech-shards", data / f"digit-shards-{per_class}"
-    if not (speech_shards / MANIFEST).exists():
-        selfsup(["shards", "write", "audio-folder", str(corpus), str(speech_shards),
-                 "--labels", str(corpus / "metadata.csv"), "--per-shard", "1000"])
-    if not (digit_shards / "test" / MANIFEST).exists():
-        selfsup(["shards", "write", "audio-folder", str(digits), str(digit_shards), "--labels", str(digits / "labels.csv")])
-    return speech_shards, digit_shards
 
 
 def main() -> None:
@@ -66,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.time()
-    speech, digits = build(Path(args.data), args.per_class)
+    speech, digits = write_audio_probe_shards(*build_audio_probe_clips(args.data, args.per_class))
     overrides = [f"data.train={speech}", *([f"train.threads={args.threads}"] if args.threads else []), *args.overrides]
     print("config: configs/wav2vec2-tiny.yaml", " ".join(overrides))
     cfg = load_config(CONFIG, overrides + [f"run_root={args.run_root}", f"optim.minutes={args.minutes}"])
