@@ -228,6 +228,8 @@ def _train_worker(config: dict) -> str | None:
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     os.environ.update(config["secrets"])  # this process's memory only: never a file, never a log
+    if not config["verbose"]:  # Ray forwards this worker's console to the driver: its warnings only
+        logging.getLogger().setLevel(logging.WARNING)
     torch.set_num_threads(cfg.train.threads or cfg.scaling.cpus_per_worker)
     staging = Path(tempfile.mkdtemp(prefix="selfsup-checkpoint-"))
     try:
@@ -339,7 +341,7 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
     from selfsup.cluster.secrets import job_secrets
 
     refuse_changed_config(cfg)
-    cfg = absolute_paths(cfg)
+    cfg, verbose = absolute_paths(cfg), log.isEnabledFor(logging.DEBUG)  # -v: every line of Ray and its workers
     init_ray(address)
     if problem := unmet_resources(cfg.scaling, cluster_capacity()):  # else Ray waits for them forever
         raise RunFailed(problem)
@@ -348,13 +350,13 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
                                                **({"GPU": 1} if cfg.scaling.use_gpu else {})})
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "secrets": job_secrets()},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "secrets": job_secrets(), "verbose": verbose},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=RunConfig(name=cfg.name, storage_path=cfg.run_root,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                             logging_config=LoggingConfig(log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "WARNING")),
+                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
     if driver_follows(cfg):
         with follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)):
