@@ -28,11 +28,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-try:
-    import faiss
-except ImportError:  # faiss is a hard dependency, but torch/numpy keep working without it
-    faiss = None
-
 log = logging.getLogger(__name__)
 
 _BLOCK_BYTES = 2**27  # float32 bytes of one normalised bank block
@@ -118,12 +113,24 @@ def weighted_knn(
     return KNNResult(top1, top5, predictions, nb, sims, unseen, recall)
 
 
+@functools.cache
+def _faiss():
+    """faiss, imported on first use, so that its loader's lines follow the logging the caller set up
+    (a Ray worker quietens it only once it runs); None when it is not installed (it is a hard
+    dependency, but torch/numpy keep working without it)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
 def _resolve_backend(backend: str) -> str:
     if backend == "auto":
-        return "faiss" if faiss is not None else "torch"
+        return "faiss" if _faiss() is not None else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-    if backend == "faiss" and faiss is None:
+    if backend == "faiss" and _faiss() is None:
         raise ValueError("backend='faiss' but faiss is not installed (pip install faiss-cpu)")
     return backend
 
@@ -203,13 +210,14 @@ def _bank_block(bank: np.ndarray, inv: np.ndarray, start: int, stop: int) -> np.
 
 
 def _faiss_gpu() -> bool:
+    faiss = _faiss()
     return faiss is not None and hasattr(faiss, "knn_gpu") and faiss.get_num_gpus() > 0
 
 
 @functools.cache
 def _gpu_resources():
     """One faiss GPU resource object (scratch memory, streams) per process."""
-    return faiss.StandardGpuResources()
+    return _faiss().StandardGpuResources()
 
 
 @contextlib.contextmanager
@@ -226,6 +234,7 @@ def _full_fp32_matmul():
 def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` inner products of ``q`` (m, D) against ``block`` (n, D), in any order: (m, k) f32, (m, k) i64."""
     if backend == "faiss":
+        faiss = _faiss()
         if _faiss_gpu():
             return faiss.knn_gpu(_gpu_resources(), q, block, k, metric=faiss.METRIC_INNER_PRODUCT)
         return faiss.knn(q, block, k, metric=faiss.METRIC_INNER_PRODUCT)
@@ -314,7 +323,7 @@ def _exact_neighbours(bank, inv, q, k: int, backend: str, chunk_size: int) -> tu
 
 def _approximate_neighbours(bank, inv, q, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` from a faiss IVF or HNSW index over the normalised bank, re-scored and ordered."""
-    n, d = bank.shape
+    faiss, (n, d) = _faiss(), bank.shape
     if kind == "ivf":
         nlist = max(1, min(n // 39, int(4 * np.sqrt(n))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
