@@ -103,7 +103,7 @@ def write_audio_probe_shards(corpus: Path, digits: Path) -> tuple[Path, Path]:
     return speech, digit
 
 
-def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = False) -> None:
+def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = False) -> dict:
     """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a Ray of its own, or the cluster at
     ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary. ``restart``
     sets the old run aside (``<run>.old-<time>``) and starts afresh, where resuming one trained with
@@ -119,6 +119,7 @@ def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = Fals
     print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
           f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
           f"{summary['train_seconds'] / 60:.1f} min)")
+    return summary
 
 
 def _shards_write(args) -> None:
@@ -326,11 +327,12 @@ def _demo(args) -> None:
           f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first, "
           + ("in this process" if args.no_ray else "under Ray Train"))
     trained = time.time()
-    run_pretraining(cfg, args.no_ray, address=None, restart=args.restart)
+    summary = run_pretraining(cfg, args.no_ray, address=None, restart=args.restart)
     trained = time.time() - trained
     print("[3/3] evaluating the final checkpoint against raw pixels and the same network at random initialisation")
     out = cfg.run_dir / "report"
-    log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), out, context=DEMO_CONTEXT), out)
+    log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), out, context=DEMO_CONTEXT,
+                             threads=summary.get("threads")), out)  # the thread count training found fastest
     total = time.time() - started
     print(f"demo finished in {total / 60:.1f} min, {trained / 60:.1f} of them pretraining ({trained / total:.0%}); "
           f"open {out / 'report.html'}")

@@ -389,6 +389,8 @@ class TrainConfig(Strict):
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per rank (default: all cores)")
+    adapt_threads: bool = Field(False, description="on a CPU, time the steps at `threads` and at one thread and keep "
+                                "the faster, again every 250 steps (another program on the cores makes fewer faster)")
     log_every_steps: int = Field(20, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -582,7 +584,7 @@ RESUMABLE_KEYS = (
     "name", "run_root", "data.train", "data.test",  # the same run and shards at another path (absolute under Ray)
     "data.loader_workers", "data.verify_checksums", "data.decode",
     "optim.epochs", "optim.minutes", "optim.max_bad_steps",
-    "train.precision", "train.channels_last", "train.compile", "train.threads", "train.log_every_steps",
+    "train.precision", "train.channels_last", "train.compile", "train.threads", "train.adapt_threads", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.monitor_every_epochs",
     "scaling", "tracking", "eval",
 )

@@ -36,6 +36,7 @@ from selfsup.eval.online import OnlineMonitor
 from selfsup.tasks import task_for
 from selfsup.train.budget import TimeBudget
 from selfsup.train.optim import build_optimizer, scaled_lr, set_lr
+from selfsup.train.threads import ThreadTuner
 
 log = logging.getLogger("selfsup.pretrain")
 
@@ -144,6 +145,7 @@ class Trainer:
         self.health, self.bad, self.last = DataHealth(), BadSteps(self.device), {}
         self.current_lr = self.base_lr
         self.online = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
+        self.threads = ThreadTuner(torch.get_num_threads()) if cfg.train.adapt_threads and self.device.type == "cpu" else None
 
     def _place(self, objective: Objective) -> Objective:
         """``objective`` on this rank's device; SyncBN if it asks for it and there are several ranks."""
@@ -248,7 +250,10 @@ class Trainer:
         self._end_epoch(epoch, in_epoch)
 
     def _after_step(self, out: dict, epoch: int, in_epoch: int) -> None:
-        """The time budget, the logging step and the checkpoint interval, after step ``in_epoch`` of ``epoch``."""
+        """The thread count, the time budget, the logging step and the checkpoint interval, after step
+        ``in_epoch`` of ``epoch``."""
+        if self.threads is not None:
+            self.threads.update(time.perf_counter())
         if self.budget is not None and (total := self.budget.update(self.steps_done, time.perf_counter())):
             if rank() == 0 and not self.sized_total:
                 log.info("time budget %.1f min: about %d steps (%.2f epochs) at this pace, re-fitted as it changes",
@@ -368,7 +373,7 @@ class Trainer:
                    "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
                    "samples_seen": self.samples_seen, "bad_steps": int(self.bad.total),
                    "train_seconds": self.train_seconds(), "precision": "bf16" if self.amp == torch.bfloat16 else "fp32",
-                   "machine": describe_machine(self.device), "world_size": world_size(),
+                   "machine": describe_machine(self.device), "world_size": world_size(), "threads": torch.get_num_threads(),
                    "checkpoint": self.checkpoint_location()}
         self.reporter.finish(summary)
         return summary
