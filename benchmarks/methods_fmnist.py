@@ -52,7 +52,7 @@ def run_method(method: str, args, evaluate_baselines: bool) -> dict:
                       baselines=evaluate_baselines)
     last = summary["last"]
     return {"train": {"minutes": round(train_minutes, 2), "epochs": round(summary["epochs"], 3),
-                      "steps": summary["steps"], "images_per_s": last.get("images_per_s"),
+                      "steps": summary["steps"], "samples_per_s": last.get("samples_per_s"),
                       "final_loss": last.get("loss"), "embed_std": last.get("embed_std"),
                       "rankme": last.get("rankme"), "bad_steps": summary["bad_steps"]},
             "encoders": report["encoders"]}

@@ -50,7 +50,14 @@ def test_redact_hides_secret_values():
     assert sub.redact("key=abcd1234 ok", {"K": "abcd1234"}) == "key=*** ok"
 
 
-def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch):
+class Context:
+    """What ray.init returns, as far as init_ray reads it."""
+
+    def __init__(self, dashboard_url: str | None):
+        self.dashboard_url = dashboard_url
+
+
+def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch, caplog):
     import ray
 
     from selfsup.cluster.trainer import init_ray
@@ -58,9 +65,11 @@ def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch):
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    init_ray()
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw) or Context("127.0.0.1:8265"))
+    with caplog.at_level("INFO", logger="selfsup.cluster"):
+        init_ray()
     assert seen["dashboard_host"] == "127.0.0.1" and seen["address"] == "local"  # never another program's Ray
+    assert caplog.text.count("Ray dashboard: http://127.0.0.1:8265") == 1
 
 
 @pytest.mark.parametrize("given, env, joined", [("auto", None, "auto"), (None, "10.0.0.1:6379", "10.0.0.1:6379"),
@@ -76,6 +85,6 @@ def test_an_address_or_ray_address_joins_that_cluster(monkeypatch, given, env, j
     else:
         monkeypatch.setenv("RAY_ADDRESS", env)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw) or Context(None))
     init_ray(given)
     assert seen["address"] == joined and "num_cpus" not in seen  # joins; starts nothing of its own
