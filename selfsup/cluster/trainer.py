@@ -228,8 +228,9 @@ def _train_worker(config: dict) -> str | None:
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     os.environ.update(config["secrets"])  # this process's memory only: never a file, never a log
-    if not config["verbose"]:  # Ray forwards this worker's console to the driver: its warnings only
+    if not config["verbose"]:  # Ray forwards this worker's console to the driver: selfsup's lines, others' warnings
         logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("selfsup").setLevel(logging.INFO)
     torch.set_num_threads(cfg.train.threads or cfg.scaling.cpus_per_worker)
     staging = Path(tempfile.mkdtemp(prefix="selfsup-checkpoint-"))
     try:

@@ -132,7 +132,8 @@ def _checkpoint_size(tmp_path: Path, shards: Path) -> int:
 def _space_line(stderr: str, where: Path) -> tuple[float, float]:
     """The one error line of a full disk: it names ``where`` and the MiB needed and free."""
     lines = _error_lines(stderr)
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    ours = "\n".join(line for line in stderr.splitlines() if "(TrainController pid=" not in line)  # Ray's own
+    assert len(lines) == 1 and "Traceback" not in ours, stderr[-3000:]  # (it may log a cleanup timeout's)
     found = re.fullmatch(rf"{ERROR}not enough space for the next checkpoint in {re.escape(str(where))}: it needs "
                          r"about (\d+) MiB, (\d+) MiB are free; .*", lines[0])
     assert found, lines[0]
@@ -184,9 +185,8 @@ def test_a_full_disk_under_ray_spends_no_retry(tmp_path, tmpfs):
     out = failed.stdout + failed.stderr
     assert failed.returncode == 2, out[-4000:]
     _space_line(failed.stderr, run / "checkpoints")
-    # one attempt: Ray's controller started one worker group; a retry would resume from the step-4 checkpoint
-    # (and log it), and Ray would log its decision
-    assert out.count("Started training worker group of size 1") == 1, out[-4000:]
+    # one attempt: a retry would resume from the step-4 checkpoint, and the worker's "resumed" line reaches
+    # the driver (Ray's own lines, such as its failure policy's, only with -v)
     assert "resumed" not in out and "[FailurePolicy]" not in out, out[-4000:]
     assert latest_checkpoint(run).name == "samples-000000000032"
     assert load_checkpoint(latest_checkpoint(run), with_state=True)[2]["step"] == 4
