@@ -459,6 +459,13 @@ class ExperimentConfig(Strict):
             raise ValueError(f"data.kind must be {wanted!r} for method {self.method.name!r}, not {self.data.kind!r}")
         return self
 
+    @model_validator(mode="after")
+    def _monitor_has_held_out_data(self):
+        if self.train.monitor_every_epochs and self.data.test is None:
+            raise ValueError("train.monitor_every_epochs needs labelled held-out shards: set data.test, "
+                             "or train.monitor_every_epochs=0")
+        return self
+
     @property
     def run_dir(self) -> Path:
         """The run's local directory (for an s3:// or gs:// ``run_root``, its local mirror)."""

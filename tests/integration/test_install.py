@@ -90,7 +90,7 @@ def test_the_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
 
     # channels_last off: torch 2.11's CPU backward of a channels-last 1x1 stride-2 conv from 4 channels
     # (the width-4 ResNet's first shortcut) corrupts the heap on this machine
-    done = run(bin_dir / "selfsup", "pretrain", "quickstart", "--no-ray", f"data.train={shards}", "data.test=null",
+    done = run(bin_dir / "selfsup", "pretrain", "quickstart", "--no-ray", f"data.train={shards}", "data.test=null", "train.monitor_every_epochs=0",
                "name=x", "run_root=runs", "optim.epochs=1", "optim.minutes=null", "optim.warmup_epochs=0.2",
                "model.width=4", "train.channels_last=false", "method.proj_hidden_dim=32", "data.batch_size=8", "data.loader_workers=0",
                "data.shuffle_buffer=16", "train.threads=1", "train.log_every_steps=1", "tracking.mode=disabled",

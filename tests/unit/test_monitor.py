@@ -67,8 +67,8 @@ def test_monitor_reads_a_spread_subset_once_and_keeps_the_mode(tmp_path):
 
 
 def test_monitor_needs_test_shards(tmp_path):
-    with pytest.raises(ValueError, match="data.test"):
-        OnlineMonitor(config(tmp_path, "data.test=null"))
+    with pytest.raises(ValueError, match="set data.test, or train.monitor_every_epochs=0"):
+        config(tmp_path, "data.test=null")  # refused with the config, before any training
 
 
 def test_the_monitor_scores_random_init_and_pixels_on_its_own_subset(tmp_path):
