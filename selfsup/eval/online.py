@@ -36,12 +36,11 @@ COLLAPSE_RANK_SHARE = 0.05  # ... while RankMe is below this share of its peak
 
 
 class OnlineMonitor:
-    """Cheap representation-quality probe for the training loop (call it on rank 0 only)."""
+    """Cheap representation-quality probe for the training loop (call it on rank 0 only); the config
+    has ``data.test`` (``ExperimentConfig`` refuses the monitor without it)."""
 
     def __init__(self, cfg: ExperimentConfig, bank_size: int = 5000, query_size: int = 1000, k: int = 20,
                  temperature: float = 0.07):
-        if cfg.data.test is None:
-            raise ValueError("train.monitor_every_epochs needs labelled held-out shards in data.test")
         self.cfg, self.bank_size, self.query_size, self.k, self.temperature = cfg, bank_size, query_size, k, temperature
         self.task = task_for(cfg)
         self.data: tuple[LabelledSplit, LabelledSplit] | None = None  # (bank, queries)
