@@ -228,15 +228,21 @@ def raw_samples(folder) -> list[dict]:
     return [s for url in urls for s in read_shard(url, [])]
 
 
+def both_paths(samples: list[dict], size: int, seed: int) -> tuple[list, list]:
+    """The worker's crops and the device reader's encoded views of ``samples``, drawn with the same boxes
+    (the same seed: the same draws of the same sampler)."""
+    torch.manual_seed(seed)
+    worker = WholeImageViews([IMAGENET, IMAGENET], size, 3)
+    cut = [worker(s) for s in samples]
+    torch.manual_seed(seed)
+    reader = WholeImageViews([IMAGENET, IMAGENET], size, 3, on_device=True)
+    return cut, [reader(s) for s in samples]
+
+
 def test_the_device_path_on_the_cpu_matches_the_worker_crops_on_the_same_boxes(jpeg_shards):
     """``DeviceCrops`` (decode_jpeg + roi_align, here on the CPU) against PIL's cut of the same boxes."""
     samples = raw_samples(jpeg_shards)
-    torch.manual_seed(4)
-    worker = WholeImageViews([IMAGENET, IMAGENET], 64, 3)
-    cut = [worker(s) for s in samples]
-    torch.manual_seed(4)  # the same boxes: the same draws of the same sampler
-    reader = WholeImageViews([IMAGENET, IMAGENET], 64, 3, on_device=True)
-    encoded = [reader(s) for s in samples]
+    cut, encoded = both_paths(samples, 64, seed=4)
     assert all(e.jpeg is not None for e in encoded)
     on_device = DeviceCrops(64, 3, torch.device("cpu"))(collate_views(encoded))
     in_workers = DeviceCrops(64, 3, torch.device("cpu"))(collate_views(cut))
@@ -271,12 +277,7 @@ def test_a_jpeg_the_device_rejects_falls_back_to_the_cpu_and_junk_turns_grey(jpe
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_cpu_and_gpu_paths_agree_on_boxes_and_pixels(jpeg_shards):
     samples = raw_samples(jpeg_shards)
-    torch.manual_seed(5)
-    worker = WholeImageViews([IMAGENET, IMAGENET], 96, 3)
-    cut = [worker(s) for s in samples]
-    torch.manual_seed(5)  # the same boxes: the same draws of the same sampler
-    reader = WholeImageViews([IMAGENET, IMAGENET], 96, 3, on_device=True)
-    encoded = [reader(s) for s in samples]
+    cut, encoded = both_paths(samples, 96, seed=5)
     assert torch.equal(collate_views(encoded)["boxes"][:, 0], torch.stack([e.boxes[0] for e in encoded]))
     crops = DeviceCrops(96, 3, torch.device("cuda"))
     gpu = crops(collate_views(encoded)).cpu()
