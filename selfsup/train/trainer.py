@@ -298,7 +298,7 @@ class Trainer:
                         epoch + 1, self.health.skipped, self.health.repeated, self.health.where[:3])
         if self.online is not None and (self.online.due(epoch + 1) or self.steps_done >= self.total_steps):
             record = [{"samples": self.samples_seen, "epoch": epoch + in_epoch / self.steps_per_epoch,
-                       **self.online(self.objective.encoder)}
+                       "train_seconds": self.train_seconds(), **self.online(self.objective.encoder)}
                       if rank() == 0 else None]
             if world_size() > 1:  # every rank reports the same record
                 dist.broadcast_object_list(record)
