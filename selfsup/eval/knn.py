@@ -235,6 +235,7 @@ def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple
     """Top-``k`` inner products of ``q`` (m, D) against ``block`` (n, D), in any order: (m, k) f32, (m, k) i64."""
     if backend == "faiss":
         faiss = _faiss()
+        faiss.omp_set_num_threads(torch.get_num_threads())  # the count evaluation chose, not every core
         if _faiss_gpu():
             return faiss.knn_gpu(_gpu_resources(), q, block, k, metric=faiss.METRIC_INNER_PRODUCT)
         return faiss.knn(q, block, k, metric=faiss.METRIC_INNER_PRODUCT)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ import torch
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
-from selfsup.eval.features import EncoderFeatures, baseline_features, model_features, num_classes
+from selfsup.eval.features import (EncoderFeatures, baseline_features, encoder_from_checkpoint, eval_device,
+                                   model_features, num_classes, split_features)
 from selfsup.eval.knn import weighted_knn
 from selfsup.eval.linear import linear_probe
 from selfsup.eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr
@@ -28,6 +31,31 @@ _ARRAYS = ("predictions", "probabilities", "neighbours")  # per-query details ke
 _TSNE_POINTS = 2000  # test samples in the t-SNE map (t-SNE is quadratic)
 _RETRIEVAL_QUERIES = 2000  # test queries that rank the whole bank (about 20 s against 60,000 on one core)
 _GRID_QUERIES, _GRID_NEIGHBOURS = 10, 8  # neighbours.png: one query per class (at most 10), 8 neighbours each
+
+
+THREAD_TRIAL = 512  # train samples whose features time each thread count
+
+
+def fastest_threads(task, cfg: ExperimentConfig, train: LabelledSplit) -> int:
+    """All of this process's CPUs, or one when that computes features faster (another program holds
+    a core: every parallel region then waits for the thread that shares it). Each count is timed
+    twice on the first ``THREAD_TRIAL`` train samples with the encoder at random initialisation."""
+    most = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if most <= 1 or eval_device().type != "cpu":
+        return most
+    sample = replace(train, inputs=train.inputs[:THREAD_TRIAL], labels=train.labels[:THREAD_TRIAL],
+                     groups=train.groups[:THREAD_TRIAL], thumbnails=None)
+    encoder, seconds = encoder_from_checkpoint(cfg, None).eval(), {}
+    for count in (most, 1, most, 1):
+        torch.set_num_threads(count)
+        started = time.perf_counter()
+        split_features(task, encoder, sample, cfg, "thread trial", progress=False)
+        seconds[count] = min(seconds.get(count, float("inf")), time.perf_counter() - started)
+    best = min(seconds, key=seconds.get)
+    if best != most:
+        log.warning("evaluating with %d of %d CPU threads: %s (another program is using the CPU)", best, most,
+                    ", ".join(f"{count} took {s:.2f} s for {len(sample.labels)} samples" for count, s in seconds.items()))
+    return best
 
 
 def score(name: str, bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray,
@@ -91,15 +119,15 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     task's diagnostics, for the checkpoint: retrieval metrics, per-class scores, ROC, a PCA map of
     the test features (``tsne``: a t-SNE map too); with thumbnails, a query/neighbour grid. From the
     run folder: the training that produced the checkpoint and its curves (:func:`training_history`).
-    ``context``: sentences the report adds to its paragraph on what the numbers mean.
+    ``context``: sentences the report adds to its paragraph on what the numbers mean. ``threads``: the
+    CPU threads to use (None: the faster of all and one, timed by :func:`fastest_threads`).
     """
-    if threads:
-        torch.set_num_threads(threads)
     ckpt = resolve_checkpoint(checkpoint)
     cfg, model_state, _ = load_checkpoint(ckpt)
     out = report_dir(ckpt, test, out)
     task = task_for(cfg)
     ev = _Eval(ckpt, cfg, task.eval_spec(cfg), task.read_labelled(train, cfg), task.read_labelled(test, cfg))
+    torch.set_num_threads(threads or fastest_threads(task, cfg, ev.train))
     views = cfg.eval.probe_views
     sets = {"checkpoint": model_features(task, cfg, model_state, ev.train, ev.test, "checkpoint", views)}
     if baselines:

@@ -102,3 +102,36 @@ def test_probe_features_are_the_plain_features_then_seeded_crops():
     np.testing.assert_array_equal(rows, probe_features(encoder, images, views, 3, seed=1))  # seeded
     assert not np.array_equal(rows[40:], probe_features(encoder, images, views, 3, seed=2)[40:])
     np.testing.assert_array_equal(probe_features(encoder, images, views, 1), rows[:40])
+
+
+@pytest.mark.parametrize("seconds_at, expected", [({2: 0.03, 1: 0.01}, 1), ({2: 0.01, 1: 0.03}, 2)])
+def test_evaluation_keeps_the_thread_count_that_computes_features_faster(tmp_path, split, monkeypatch, caplog,
+                                                                         seconds_at, expected):
+    import time
+
+    import selfsup.eval.run as run
+
+    train, _, _ = split
+    cfg = parse_config({"name": "tiny", "run_root": str(tmp_path / "runs"), "data": {"train": train},
+                        "model": {"width": 4}, "method": {"name": "simclr"}, "tracking": {"mode": "disabled"}})
+    timed = []
+
+    def features_at_this_count(task, encoder, sample, cfg, desc, probe_views=1, progress=True):
+        timed.append((torch.get_num_threads(), len(sample.labels)))
+        time.sleep(seconds_at[torch.get_num_threads()])
+        return []
+
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(run, "split_features", features_at_this_count)
+    previous, labelled = torch.get_num_threads(), VisionTask().read_labelled(train, cfg)
+    try:
+        with caplog.at_level("WARNING", logger="selfsup.evaluate"):
+            chosen = run.fastest_threads(VisionTask(), cfg, labelled)
+    finally:
+        torch.set_num_threads(previous)
+    assert chosen == expected
+    assert [count for count, _ in timed] == [2, 1, 2, 1]
+    assert {n for _, n in timed} == {len(labelled.labels)} and len(labelled.labels) < run.THREAD_TRIAL
+    assert ("evaluating with 1 of 2 CPU threads" in caplog.text) == (expected == 1)
+    monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0})
+    assert run.fastest_threads(VisionTask(), cfg, labelled) == 1 and len(timed) == 4  # one CPU: nothing to time
