@@ -380,6 +380,9 @@ class OptimConfig(Strict):
     epochs: float = Field(10, gt=0)
     minutes: float | None = Field(None, gt=0, description="fit training into this wall time: after a few "
                                   "steps the schedule is cut to the steps that fit (never beyond `epochs`)")
+    reserve_steps: int = Field(0, ge=0, description="with `minutes`: leave the time of this many more steps, at "
+                               "the measured pace, free at the end (for work that follows and slows with the "
+                               "machine, as the demo's evaluation)")
     grad_clip: float | None = Field(None, gt=0)
     max_bad_steps: int = Field(10, ge=1, description="consecutive NaN/inf losses (each skipped) that stop the run at the next logging step")
 
@@ -590,7 +593,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 RESUMABLE_KEYS = (
     "name", "run_root", "data.train", "data.test",  # the same run and shards at another path (absolute under Ray)
     "data.loader_workers", "data.verify_checksums", "data.decode",
-    "optim.epochs", "optim.minutes", "optim.max_bad_steps",
+    "optim.epochs", "optim.minutes", "optim.reserve_steps", "optim.max_bad_steps",
     "train.precision", "train.channels_last", "train.compile", "train.threads", "train.adapt_threads", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.monitor_every_epochs",
     "scaling", "tracking", "eval",

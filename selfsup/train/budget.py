@@ -14,7 +14,8 @@ RESIZE_EVERY = 25  # steps between later re-fits, each at the pace of the steps 
 
 class TimeBudget:
     """Sizes a run that must end ``minutes`` after ``started`` (a ``time.perf_counter()`` value), at
-    ``start_step``, and that never goes beyond ``planned`` steps.
+    ``start_step``, leaving the time of ``reserve_steps`` more steps at the current pace free (work
+    that follows and slows with the machine), and that never goes beyond ``planned`` steps.
 
     ``update(step, now)`` is called after every step; it returns the new total steps when the run is
     (re)sized, else None. The pace is timed from the end of the first step (its start-up left out);
@@ -23,9 +24,10 @@ class TimeBudget:
     a step), so that one slow window (a checkpoint, the online monitor) moves the plan only halfway.
     """
 
-    def __init__(self, minutes: float, planned: int, start_step: int, started: float,
+    def __init__(self, minutes: float, planned: int, start_step: int, started: float, reserve_steps: int = 0,
                  sizing_steps: int = SIZING_STEPS, resize_every: int = RESIZE_EVERY):
         self.minutes, self.planned, self.start_step, self.started = minutes, planned, start_step, started
+        self.reserve_steps = reserve_steps
         self.next_sizing, self.resize_every = sizing_steps + 1, resize_every
         self.paced_from: tuple[int, float] | None = None  # (step, time) the current window starts at
         self.pace: float | None = None
@@ -45,7 +47,7 @@ class TimeBudget:
     def fit(self, step: int, now: float, seconds_per_step: float) -> int:
         """Total steps of the run if the rest goes at ``seconds_per_step``: at least one more, at most
         ``planned``; every rank gets the smallest answer so that all take the same steps."""
-        left = max(0.0, self.minutes * 60 - (now - self.started))
+        left = max(0.0, self.minutes * 60 - (now - self.started) - self.reserve_steps * seconds_per_step)
         total = torch.tensor(max(step + 1, min(self.planned, step + int(left / max(seconds_per_step, 1e-9)))))
         if world_size() > 1:
             dist.all_reduce(total, op=dist.ReduceOp.MIN)

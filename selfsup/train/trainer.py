@@ -219,7 +219,7 @@ class Trainer:
         """Train to the end of the plan (or of the time budget); returns the summary given to the reporter."""
         minutes = self.cfg.optim.minutes
         self.budget = None if not minutes or self.sized_total else \
-            TimeBudget(minutes, self.total_steps, self.steps_done, time.perf_counter())
+            TimeBudget(minutes, self.total_steps, self.steps_done, time.perf_counter(), self.cfg.optim.reserve_steps)
         self.throughput, self.fit_started = Throughput(), time.perf_counter()
         epoch = self.start_epoch
         while epoch * self.steps_per_epoch < self.total_steps:

@@ -26,6 +26,12 @@ def test_the_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
     assert TimeBudget(0.1, planned=300, start_step=0, started=0.0).fit(20, 60, 0.5) == 21  # over time: one more step
 
 
+def test_the_reserve_is_the_time_of_its_steps_at_the_current_pace():
+    budget = TimeBudget(1.0, planned=10_000, start_step=0, started=0.0, reserve_steps=30)
+    assert budget.fit(20, now=10, seconds_per_step=0.5) == 20 + (50 - 15) * 2  # 50 s left, 15 s reserved
+    assert budget.fit(20, now=10, seconds_per_step=1.0) == 20 + (50 - 30)  # a slower machine reserves 30 s
+
+
 def test_the_budget_sizes_after_the_sizing_steps_then_refits_as_the_pace_changes():
     budget = TimeBudget(1.0, planned=10_000, start_step=100, started=0.0, resize_every=10)
     assert budget.update(101, now=5.0) is None  # a slow first step (start-up): left out of the pace
