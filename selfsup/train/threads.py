@@ -54,7 +54,7 @@ class ThreadTuner:
         pace = {count: statistics.median(times) for count, times in self.times.items()}
         best = min(pace, key=pace.get)
         if best != self.chosen or best != self.most:
-            log.warning("training with %d of %d CPU threads: %s (another program is using the CPU)", best, self.most,
+            log.warning("training with %d of %d CPU threads: %s (the data loader or another program is using a core)", best, self.most,
                         ", ".join(f"{count} ran {seconds:.2f} s a step" for count, seconds in sorted(pace.items())))
         self.chosen, self.next_trial = best, self.steps + self.retry_every
         torch.set_num_threads(best)
