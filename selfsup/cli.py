@@ -33,7 +33,7 @@ ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)
 VERBOSE_HELP = "show every log line: selfsup's debug lines, Ray's own and its workers' (default: progress and warnings)"
 SHOWN_SKIPPED = 20  # `shards write` prints this many skipped files, then a count
 DEMO = {"config": "quickstart", "data": "data/fashion-mnist"}  # `selfsup demo`'s defaults
-DEMO_MINUTES = 10.75  # the whole image demo on 2 cores, pip aside (a fresh `make demo` installs for ~4 min): pretraining gets what the shards leave ...
+DEMO_MINUTES = 10.5  # the whole image demo on 2 cores, pip aside (a fresh `make demo` installs for ~4 min): pretraining gets what the shards leave ...
 DEMO_RESERVE_STEPS = 340  # ... less the time of this many steps at the measured pace, for Ray's start and the evaluation
 DEMO_CONTEXT = [  # what longer runs and GPUs give, as the benchmarks measured it (README, "The five methods")
     "A longer run, as the benchmarks measured it (README, \"The five methods on Fashion-MNIST\"): SimCLR "

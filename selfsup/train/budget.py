@@ -30,18 +30,26 @@ class TimeBudget:
         self.reserve_steps = reserve_steps
         self.next_sizing, self.resize_every = sizing_steps + 1, resize_every
         self.paced_from: tuple[int, float] | None = None  # (step, time) the current window starts at
+        self.untimed = (0, 0.0)  # steps of the window left out of its pace, and their seconds
         self.pace: float | None = None
+        self.last: float | None = None
 
-    def update(self, step: int, now: float) -> int | None:
-        done = step - self.start_step
+    def update(self, step: int, now: float, timed: bool = True) -> int | None:
+        """``timed`` False: this step's time says nothing of the pace to come (a thread-count trial) and
+        is left out of it, though the time it took is spent."""
+        done, previous, self.last = step - self.start_step, self.last, now
         if done == 1:
-            self.paced_from = (step, now)
+            self.paced_from, self.untimed = (step, now), (0, 0.0)
+        elif not timed and previous is not None and self.paced_from is not None:
+            self.untimed = (self.untimed[0] + 1, self.untimed[1] + now - previous)
         if done < self.next_sizing or self.paced_from is None:
             return None
-        paced_step, paced_time = self.paced_from
-        window = (now - paced_time) / (step - paced_step)
+        (paced_step, paced_time), (untimed_steps, untimed_seconds) = self.paced_from, self.untimed
+        if step - paced_step <= untimed_steps:  # nothing timed in this window yet
+            return None
+        window = (now - paced_time - untimed_seconds) / (step - paced_step - untimed_steps)
         self.pace = window if self.pace is None else (self.pace + window) / 2
-        self.paced_from, self.next_sizing = (step, now), done + self.resize_every
+        self.paced_from, self.untimed, self.next_sizing = (step, now), (0, 0.0), done + self.resize_every
         return self.fit(step, now, self.pace)
 
     def fit(self, step: int, now: float, seconds_per_step: float) -> int:

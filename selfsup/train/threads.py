@@ -26,12 +26,14 @@ class ThreadTuner:
     def __init__(self, most: int, trial_steps: int = TRIAL_STEPS, retry_every: int = RETRY_EVERY):
         self.most, self.trial_steps, self.retry_every = most, trial_steps, retry_every
         self.chosen, self.steps, self.last = most, 0, None
+        self.trial_step = False  # the last step was timed for a trial (its pace is not the chosen count's)
         self.trial: list[int] = []  # the counts still to time, the one being timed first
         self.times: dict[int, list[float]] = {}
         self.next_trial = 1  # steps after which the next trial starts
 
     def update(self, now: float) -> None:
         self.steps, previous, self.last = self.steps + 1, self.last, now
+        self.trial_step = False
         if self.most <= 1:
             return
         if not self.trial and self.steps >= self.next_trial:
@@ -42,6 +44,7 @@ class ThreadTuner:
             return
         times = self.times.setdefault(self.trial[0], [])
         times.append(now - previous)
+        self.trial_step = True
         if len(times) < self.trial_steps:
             return
         self.trial.pop(0)

@@ -254,7 +254,8 @@ class Trainer:
         ``in_epoch`` of ``epoch``."""
         if self.threads is not None:
             self.threads.update(time.perf_counter())
-        if self.budget is not None and (total := self.budget.update(self.steps_done, time.perf_counter())):
+        trial = self.threads is not None and self.threads.trial_step
+        if self.budget is not None and (total := self.budget.update(self.steps_done, time.perf_counter(), not trial)):
             if rank() == 0 and not self.sized_total:
                 log.info("time budget %.1f min: about %d steps (%.2f epochs) at this pace, re-fitted as it changes",
                          self.cfg.optim.minutes, total, total / self.steps_per_epoch)

@@ -34,3 +34,17 @@ def test_a_single_thread_is_left_alone():
     tuner = ThreadTuner(1)
     run(tuner, {torch.get_num_threads(): 0.1}, steps=30)
     assert tuner.chosen == 1
+
+
+def test_the_steps_timed_for_a_trial_are_flagged_and_no_other():
+    before = torch.get_num_threads()
+    try:
+        tuner, flags, now = ThreadTuner(2, trial_steps=3, retry_every=20), [], 0.0
+        for _ in range(10):
+            now += {2: 1.0, 1: 0.25}[torch.get_num_threads()]
+            tuner.update(now)
+            flags.append(tuner.trial_step)
+        # step 1 starts the trial (its time belongs to the count before); 2-4 time 2 threads, 5-7 one
+        assert flags == [False, True, True, True, True, True, True, False, False, False]
+    finally:
+        torch.set_num_threads(before)

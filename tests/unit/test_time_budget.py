@@ -47,6 +47,18 @@ def test_the_budget_sizes_after_the_sizing_steps_then_refits_as_the_pace_changes
     assert budget.update(step, now) == step + int((60 - now) / 0.75)
 
 
+def test_steps_left_out_of_the_pace_still_spend_their_time():
+    budget = TimeBudget(1.0, planned=10_000, start_step=0, started=0.0, sizing_steps=10)
+    now, sized = 1.0, []
+    budget.update(1, now)
+    for step in range(2, 12):  # steps 2-6: a thread trial at 3 s a step, left out; 7-11 at 0.5 s
+        now += 3.0 if step <= 6 else 0.5
+        sized.append(budget.update(step, now, timed=step > 6))
+    assert sized[:-1] == [None] * 9 and now == 18.5
+    assert budget.pace == 0.5  # (18.5 - 1 - 15 s) / (11 - 1 - 5 steps); with the trial it would be 1.75
+    assert sized[-1] == 11 + int((60 - 18.5) / 0.5)  # the 15 s the trial took are spent all the same
+
+
 @pytest.mark.parametrize("minutes, expected", [(1e-5, SIZING_STEPS + 2), (600, 62)])
 def test_a_time_budget_cuts_the_run_and_is_kept_on_resume(tmp_path, tiny_shards, minutes, expected):
     cfg = config(tmp_path, tiny_shards, minutes)  # 250 samples / 8 = 31 steps an epoch, 62 planned
