@@ -276,13 +276,14 @@ def title(args, device: str) -> str:
     backbone = (f"ResNet-18 of width {cfg.model.width} (3x3 stem{', stride 2' if cfg.model.stem_stride == 2 else ''}), "
                 f"batch {cfg.data.batch_size}")
     budget = f"{args.minutes:g} min of pretraining" if args.minutes else f"{args.max_epochs:g} epochs"
-    return f"Fashion-MNIST, {backbone}, {budget} per method on {device}"
+    return f"Fashion-MNIST, {backbone},\n{budget} per method on {device}"
 
 
 def draw(results: dict, args, device: str, out: Path) -> None:
     """The curves of the comparable entries, with the subset levels of the first that has them."""
     entries = comparable(results, args)
     levels = next((e["monitor_levels"] for e in entries.values() if e["monitor_levels"]), {})
+    device = next((e["device"] for e in entries.values()), device)  # where they trained, not where this runs
     plot_curves({k: e["curve"] for k, e in entries.items()}, levels, title(args, device), out)
 
 
@@ -290,6 +291,7 @@ def print_tables(results: dict, args, device: str) -> None:
     """The final table (full test set) and the crossings table (monitor subset) of the comparable entries."""
     entries = comparable(results, args)
     baselines = {} if args.no_baselines else results["baselines"].get(baseline_key(args), {})
+    device = next((e["device"] for e in entries.values()), device)
     print(f"\n{title(args, device)}; top-1 % on the 10k test set\n{table(entries, baselines)}")
     print(beats_lines(entries))
     print(f"\nonline kNN@20 on the monitor subset (every {args.monitor_every} epochs)\n{crossings_table(entries)}")

@@ -10,6 +10,8 @@ from selfsup.core.distributed import world_size
 
 SIZING_STEPS = 20  # steps timed, after the first one, before a time-budgeted run first fixes its length
 RESIZE_EVERY = 25  # steps between later re-fits, each at the pace of the steps since the one before
+MAX_RESERVE_SHARE = 0.4  # of the budget, at most, for ``reserve_steps``: a pace misjudged slow (a spike in the
+# first steps) cannot leave training a handful of steps; the re-fits correct the pace, not the lost steps
 
 
 class TimeBudget:
@@ -55,7 +57,8 @@ class TimeBudget:
     def fit(self, step: int, now: float, seconds_per_step: float) -> int:
         """Total steps of the run if the rest goes at ``seconds_per_step``: at least one more, at most
         ``planned``; every rank gets the smallest answer so that all take the same steps."""
-        left = max(0.0, self.minutes * 60 - (now - self.started) - self.reserve_steps * seconds_per_step)
+        reserve = min(self.reserve_steps * seconds_per_step, MAX_RESERVE_SHARE * self.minutes * 60)
+        left = max(0.0, self.minutes * 60 - (now - self.started) - reserve)
         total = torch.tensor(max(step + 1, min(self.planned, step + int(left / max(seconds_per_step, 1e-9)))))
         if world_size() > 1:
             dist.all_reduce(total, op=dist.ReduceOp.MIN)

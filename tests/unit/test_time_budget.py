@@ -29,7 +29,8 @@ def test_the_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
 def test_the_reserve_is_the_time_of_its_steps_at_the_current_pace():
     budget = TimeBudget(1.0, planned=10_000, start_step=0, started=0.0, reserve_steps=30)
     assert budget.fit(20, now=10, seconds_per_step=0.5) == 20 + (50 - 15) * 2  # 50 s left, 15 s reserved
-    assert budget.fit(20, now=10, seconds_per_step=1.0) == 20 + (50 - 30)  # a slower machine reserves 30 s
+    assert budget.fit(20, now=10, seconds_per_step=1.0) == 20 + (50 - 24)  # slower: 30 s, at most 40% of 60 s
+    assert budget.fit(20, now=10, seconds_per_step=0.2) == 20 + int((50 - 6) / 0.2)  # faster: 6 s
 
 
 def test_the_budget_sizes_after_the_sizing_steps_then_refits_as_the_pace_changes():
