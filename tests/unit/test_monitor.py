@@ -38,8 +38,8 @@ def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
     assert [r["step"] for r in monitored] == [5, 10]  # 80 samples / batch 16 = 5 steps per epoch
     for r in monitored:
         assert 0 < r["monitor/seconds"] and 0 < r["monitor/fraction"] < 1
-    assert 0 < monitored[0]["train_seconds"] < monitored[1]["train_seconds"]  # a curve against wall time
         assert 1 <= r["monitor/rankme"] <= 32  # at most the feature dimension (ResNet-18 width 4: 32)
+    assert 0 < monitored[0]["train_seconds"] < monitored[1]["train_seconds"]  # a curve against wall time
     # the last monitor saw the final weights: the same kNN computed offline from the checkpoint agrees
     ckpt_cfg, state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
     encoder = encoder_from_checkpoint(ckpt_cfg, state)
