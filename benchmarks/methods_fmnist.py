@@ -30,7 +30,7 @@ import torch
 from selfsup.config import ExperimentConfig, load_config
 from selfsup.core.checkpoint import checkpoint_step, latest_checkpoint, read_progress
 from selfsup.core.device import describe_machine
-from selfsup.core.reporter import FileReporter, Reporters, truncate_records
+from selfsup.core.reporter import FileReporter, Reporters, read_records, truncate_records
 from selfsup.eval.run import evaluate
 from selfsup.train.trainer import Trainer
 
@@ -67,13 +67,6 @@ def method_config(method: str, args) -> ExperimentConfig:
                  f"seed={args.seed}", f"optim.minutes={args.minutes or 'null'}", f"optim.epochs={args.max_epochs}",
                  "tracking.mode=disabled", f"train.monitor_every_epochs={args.monitor_every}", *args.set]
     return load_config(path, overrides)
-
-
-def read_records(path: Path) -> list[dict]:
-    """The records of a run's ``metrics.jsonl`` ([] when there is none)."""
-    if not Path(path).is_file():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def read_curve(path: Path) -> tuple[list[dict], dict[str, float]]:

@@ -76,6 +76,14 @@ class FileReporter:
             (self.path.parent / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``, in the order written ([] when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def truncate_records(path: Path, samples_seen: int) -> None:
     """Drop the records of ``metrics.jsonl`` past ``samples_seen`` (those of steps a resume redoes), so
     the file reads as one run in the order of training progress."""

@@ -15,6 +15,7 @@ import torch
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
+from selfsup.core.reporter import read_records
 from selfsup.eval.features import (EncoderFeatures, baseline_features, encoder_from_checkpoint, eval_device,
                                    model_features, num_classes, split_features)
 from selfsup.eval.knn import weighted_knn
@@ -185,8 +186,7 @@ def training_history(ckpt: Path) -> dict | None:
     if not (run / "metrics.jsonl").is_file() or not progress:
         return None
     samples = progress.get("samples_seen", 0)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("samples", 0) <= samples]
+    records = [r for r in read_records(run / "metrics.jsonl") if r.get("samples", 0) <= samples]
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     final = summary if str(summary.get("checkpoint", "")).rstrip("/").endswith(ckpt.name) else {}
     last = records[-1] if records else {}
