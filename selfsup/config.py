@@ -40,12 +40,14 @@ class ViewRecipe(BaseModel):
 _SIMCLR = dict(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.2, blur_p=0.5)
 _MOCO_V2 = dict(crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
                 grayscale_p=0.2, blur_p=0.5)
+_GREY_JITTER = dict(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0)
 _BYOL = dict(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
              grayscale_p=0.2)
 
 PRESETS: dict[str, list[dict]] = {
-    # grey images (Fashion-MNIST): crop, flip, blur; no colour operations
-    "grey": [dict(blur_p=0.5), dict(blur_p=0.5)],
+    # grey images (Fashion-MNIST): crop, flip, the papers' colour jitter where it applies to one channel
+    # (brightness and contrast, as MoCo v2 / BYOL: 0.4 each, p 0.8), blur
+    "grey": [dict(_GREY_JITTER, blur_p=0.5), dict(_GREY_JITTER, blur_p=0.5)],
     "grey-byol": [dict(blur_p=1.0), dict(blur_p=0.1, solarize_p=0.2)],
     "simclr": [_SIMCLR, _SIMCLR],
     "moco-v2": [_MOCO_V2, _MOCO_V2],
@@ -300,12 +302,16 @@ METHOD_CONFIGS: dict[str, type[BaseModel]] = {
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
 
 
+def cache_root() -> Path:
+    """This machine's cache: ``$SELFSUP_CACHE``, default ``~/.cache/selfsup``."""
+    return Path(os.environ.get("SELFSUP_CACHE", "~/.cache/selfsup")).expanduser()
+
+
 def mirror_dir(run_root: str, name: str) -> Path:
-    """The local working copy (under ``$SELFSUP_CACHE``, default ``~/.cache/selfsup``) of the run
-    ``<run_root>/<name>``, ``run_root`` an s3:// or gs:// URL."""
+    """The local working copy (under :func:`cache_root`) of the run ``<run_root>/<name>``, ``run_root``
+    an s3:// or gs:// URL."""
     scheme, rest = run_root.split("://", 1)
-    cache = Path(os.environ.get("SELFSUP_CACHE", "~/.cache/selfsup")).expanduser()
-    return cache / "runs" / scheme / rest.strip("/") / name
+    return cache_root() / "runs" / scheme / rest.strip("/") / name
 
 
 class Strict(BaseModel):

@@ -63,6 +63,14 @@ def write_tiny_shards(out: Path, sizes: list[int], seed: int = 0, split: str = "
     return out
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets an empty ``SELFSUP_CACHE`` (decoded splits, baseline scores, mirrored runs)."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("SELFSUP_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture
 def tiny_shards(tmp_path) -> Path:
     return write_tiny_shards(tmp_path / "shards", [30, 50, 10, 40, 25, 35, 60])

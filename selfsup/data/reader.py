@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -20,7 +21,7 @@ from typing import TypeVar
 import webdataset as wds
 from tqdm import tqdm
 
-from selfsup.core.storage import open_read
+from selfsup.core.storage import is_remote, open_read
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
@@ -47,6 +48,18 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
     if not isinstance(manifest, dict) or "shards" not in manifest:
         raise ManifestError(f"{base}/{MANIFEST} lists no shards; re-write the shards")
     return manifest, [f"{base}/{s['name']}" for s in manifest["shards"]]
+
+
+def split_identity(location: str) -> dict:
+    """What a shard folder's decoded content depends on: its manifest's shards (name, count, sha256,
+    bytes) and, for local shards, each file's size and mtime (a rewritten file is new content)."""
+    manifest, urls = read_manifest(location)
+    shards = [{k: s.get(k) for k in ("name", "count", "sha256", "bytes")} for s in manifest["shards"]]
+    if not is_remote(location):
+        for shard, url in zip(shards, urls):
+            stat = os.stat(url) if os.path.exists(url) else None
+            shard["file"] = [stat.st_size, stat.st_mtime_ns] if stat else None
+    return {"shards": shards, "classes": manifest.get("classes", [])}
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfsup._version import __version__
 from selfsup.config import ExperimentConfig
+from selfsup.core.cache import digest, load_cached, store_cached
 from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
 from selfsup.core.reporter import read_records
+from selfsup.data.reader import split_identity
 from selfsup.eval.features import (EncoderFeatures, baseline_features, encoder_from_checkpoint, eval_device,
                                    model_features, num_classes, split_features)
 from selfsup.eval.knn import weighted_knn
@@ -129,17 +132,13 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     task = task_for(cfg)
     ev = _Eval(ckpt, cfg, task.eval_spec(cfg), task.read_labelled(train, cfg), task.read_labelled(test, cfg))
     torch.set_num_threads(threads or fastest_threads(task, cfg, ev.train))
-    views = cfg.eval.probe_views
-    sets = {"checkpoint": model_features(task, cfg, model_state, ev.train, ev.test, "checkpoint", views)}
-    if baselines:
-        sets |= baseline_features(task, cfg, ev.train, ev.test)
-        sets["random_init"] = model_features(task, cfg, None, ev.train, ev.test, "random init", views)
+    features = model_features(task, cfg, model_state, ev.train, ev.test, "checkpoint", cfg.eval.probe_views)
     encoders, details = {}, {}
-    for name, features in sets.items():
-        encoders[name], details[name] = score(name, features.bank, ev.train.labels, features.queries, ev.test.labels,
-                                              ev.num_classes, [tuple(s) for s in cfg.eval.knn], features.probe_train)
-        details[name].update(features.extra)
-    diagnostics = _diagnostics(ev, sets["checkpoint"], encoders, details["checkpoint"], tsne)
+    encoders["checkpoint"], details["checkpoint"] = _scored(ev, "checkpoint", features)
+    if baselines:
+        for name, (scores, extra) in _baselines(task, ev).items():
+            encoders[name], details[name] = scores, extra
+    diagnostics = _diagnostics(ev, features, encoders, details["checkpoint"], tsne)
     out.mkdir(parents=True, exist_ok=True)
     predictions = details["checkpoint"]["predictions"]
     report = write_report(
@@ -148,11 +147,42 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
         | {"checkpoint_path": str(ckpt), "skipped": ev.train.problems + ev.test.problems} | diagnostics["details"],
         class_names=ev.classes, confusion_matrix=confusion(ev.test.labels, predictions, ev.num_classes),
         roc=diagnostics["roc"], embedding_2d=diagnostics["maps"], figures=_neighbour_grid(out, ev, details["checkpoint"]),
-        notes=_notes(ev, sets["checkpoint"], details["checkpoint"], diagnostics["notes"]), subject=ev.subject,
+        notes=_notes(ev, features, details["checkpoint"], diagnostics["notes"]), subject=ev.subject,
         training=training_history(ckpt), context=context)
     print(format_table(encoders))
     print(f"report: {out / 'report.md'}")
     return report
+
+
+def _scored(ev: _Eval, name: str, features: EncoderFeatures) -> tuple[dict, dict]:
+    """:func:`score` of one encoder's features on the evaluation's splits, with the features' extras."""
+    scores, details = score(name, features.bank, ev.train.labels, features.queries, ev.test.labels, ev.num_classes,
+                            [tuple(s) for s in ev.cfg.eval.knn], features.probe_train)
+    return scores, details | features.extra
+
+
+def _baselines(task, ev: _Eval) -> dict[str, tuple[dict, dict]]:
+    """{name: (scores, details without per-query arrays)} of the task's baselines and the model at
+    random initialisation. They depend only on the splits and the configuration, so they are computed
+    once and cached under the digest of both (the shards' manifests and files; everything in the
+    configuration but the run's name, schedule, training and cluster settings)."""
+    setup = ev.cfg.model_dump(mode="json", exclude={"name", "run_root", "optim", "train", "scaling", "tracking"})
+    setup["data"] = {k: v for k, v in setup["data"].items() if k not in ("train", "test")}
+    key = digest("baselines", split_identity(ev.train.location), split_identity(ev.test.location), setup,
+                 torch.__version__, __version__)
+    cached = load_cached("baselines", key)
+    if cached is not None:
+        log.info("baselines %s from the cache", ", ".join(cached))
+        return cached
+    sets = baseline_features(task, ev.cfg, ev.train, ev.test)
+    sets["random_init"] = model_features(task, ev.cfg, None, ev.train, ev.test, "random init", ev.cfg.eval.probe_views)
+    scored = {}
+    for name, features in sets.items():
+        scores, details = _scored(ev, name, features)
+        scored[name] = (scores, {k: v for k, v in details.items() if k not in _ARRAYS})
+    scored = json.loads(json.dumps(scored, default=lambda v: v.item()))  # plain numbers, as the cache holds them
+    store_cached("baselines", key, scored)
+    return scored
 
 
 def _diagnostics(ev: _Eval, features: EncoderFeatures, encoders: dict, best: dict, tsne: bool) -> dict:

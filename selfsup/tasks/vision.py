@@ -12,11 +12,12 @@ from torch import nn
 from tqdm import tqdm
 
 from selfsup.config import ExperimentConfig, ViewRecipe
+from selfsup.core.cache import digest, load_cached, store_cached
 from selfsup.core.device import memory_format
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
 from selfsup.data.decode import collate_images, decode_image, decode_native
-from selfsup.data.reader import read_manifest, read_split
+from selfsup.data.reader import read_manifest, read_split, split_identity
 from selfsup.data.shards import image_sizes
 from selfsup.data.stream import ShardStream
 from selfsup.data.views import DeviceCrops, WholeImageViews, collate_views
@@ -27,6 +28,8 @@ from selfsup.vision.backbones import build_backbone, export_state_dict
 
 
 log = logging.getLogger("selfsup.data")
+
+DECODED_CACHE_BYTES = 2**30  # the largest decoded split (uint8 images) the evaluation caches
 
 
 def views_for(cfg: ExperimentConfig) -> BatchViews:
@@ -145,12 +148,24 @@ class VisionTask:
         return to_input
 
     def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
-        """uint8 (N, C, S, S) images at ``data.channels`` and ``data.image_size`` (also the thumbnails)."""
-        decode = functools.partial(decode_image, channels=cfg.data.channels, size=cfg.data.image_size)
-        items, manifest, problems = read_split(location, decode, limit)
-        images = torch.stack([image for image, _ in items])
-        return LabelledSplit(location, images, np.asarray([label for _, label in items]), manifest.get("classes", []),
-                             problems, [""] * len(items), thumbnails=images)
+        """uint8 (N, C, S, S) images at ``data.channels`` and ``data.image_size`` (also the thumbnails).
+        A whole split of at most ``DECODED_CACHE_BYTES`` is decoded once: later reads of the same
+        shards at the same size load it from the cache, with the bad samples the first read found."""
+        channels, size = cfg.data.channels, cfg.data.image_size
+        key = None if limit else digest("decoded images", split_identity(location), channels, size)
+        cached = load_cached("decoded", key) if key else None
+        if cached is not None:
+            log.info("%s: %d decoded images from the cache", location, len(cached["labels"]))
+            images, labels, classes, problems = cached["images"], cached["labels"], cached["classes"], cached["problems"]
+        else:
+            items, manifest, problems = read_split(location, functools.partial(decode_image, channels=channels, size=size),
+                                                   limit)
+            images, labels = torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+            classes = manifest.get("classes", [])
+            if key and images.numel() <= DECODED_CACHE_BYTES:
+                store_cached("decoded", key, {"images": images, "labels": labels, "classes": classes,
+                                              "problems": problems})
+        return LabelledSplit(location, images, labels.numpy(), classes, problems, [""] * len(labels), thumbnails=images)
 
     def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
                       probe_views: int = 1) -> list[np.ndarray]:

@@ -135,3 +135,27 @@ def test_evaluation_keeps_the_thread_count_that_computes_features_faster(tmp_pat
     assert ("evaluating with 1 of 2 CPU threads" in caplog.text) == (expected == 1)
     monkeypatch.setattr(run.os, "sched_getaffinity", lambda pid: {0})
     assert run.fastest_threads(VisionTask(), cfg, labelled) == 1 and len(timed) == 4  # one CPU: nothing to time
+
+
+def test_baselines_are_scored_once_for_the_same_shards_and_config(tmp_path, split, monkeypatch):
+    import os
+
+    import selfsup.eval.run as run
+
+    train, test, _ = split
+    ckpt = tiny_checkpoint(tmp_path, train)
+    first = evaluate(ckpt, train, test, tmp_path / "r1", threads=1)["encoders"]
+    computed = []
+    real = run.baseline_features
+    monkeypatch.setattr(run, "baseline_features", lambda *a: computed.append(1) or real(*a))
+    again = evaluate(ckpt, train, test, tmp_path / "r2", threads=1)["encoders"]
+    assert computed == []  # from the cache, with the same scores
+    assert again["pixels"] == first["pixels"] and again["random_init"] == first["random_init"]
+    assert again["checkpoint"]["knn@20"] == first["checkpoint"]["knn@20"]
+    saved = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert saved["details"]["pixels"]["linear_hparams"] == json.loads(
+        (tmp_path / "r1" / "report.json").read_text())["details"]["pixels"]["linear_hparams"]
+    shard = next(p for p in os.scandir(test) if p.name.endswith(".tar"))
+    os.utime(shard.path, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a rewritten shard
+    evaluate(ckpt, train, test, tmp_path / "r3", threads=1)
+    assert computed == [1]  # new content, new key: scored again

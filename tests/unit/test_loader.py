@@ -100,7 +100,8 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_topped_up(tm
     data[first_png:first_png + 4] = b"JUNK"  # one undecodable image
     shard0.write_bytes(bytes(data))
     shard1 = sorted(loc.glob("*.tar"))[1]
-    shard1.write_bytes(shard1.read_bytes()[: len(shard1.read_bytes()) // 2 + 100])  # truncated tar
+    whole = shard1.read_bytes()
+    shard1.write_bytes(whole[: whole.find(b"\x89PNG", len(whole) // 2) + 50])  # truncated inside an image
     got = epoch_keys(loc, ranks=1, workers=1, batch=8)
     health = got[100]
     assert len(got[0]) == 10  # the planned steps, whatever was lost

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from selfsup.cli import main
 from selfsup.data import sources
@@ -183,3 +184,38 @@ def test_read_split_of_nothing_decodable_says_so(split_with_problems):
 
     with pytest.raises(ValueError, match="split is empty.*selfsup shards verify"):
         read_split(str(split_with_problems), refuse)
+
+
+def test_written_shards_carry_no_pax_headers(tiny_shards):
+    import tarfile
+
+    for shard in sorted(tiny_shards.glob("*.tar")):
+        with tarfile.open(shard) as tf:
+            members = tf.getmembers()
+        assert members and all(m.pax_headers == {} for m in members), shard
+        assert all(isinstance(m.mtime, int) for m in members)
+        # no pax: each member is one 512-byte header and its data in 512-byte blocks
+        assert members[1].offset - members[0].offset == 512 + -(-members[0].size // 512) * 512
+
+
+def test_an_evaluation_split_is_decoded_once_with_its_problems(split_with_problems, monkeypatch):
+    import os
+
+    import selfsup.tasks.vision as vision
+    from selfsup.config import parse_config
+
+    cfg = parse_config({"name": "c", "data": {"train": str(split_with_problems)}, "method": {"name": "simclr"}})
+    first = vision.VisionTask().read_labelled(str(split_with_problems), cfg)
+    assert len(first.labels) == 21 and len(first.problems) == 2
+    reads = []
+    real = vision.read_split
+    monkeypatch.setattr(vision, "read_split", lambda *a: reads.append(a) or real(*a))
+    again = vision.VisionTask().read_labelled(str(split_with_problems), cfg)
+    assert reads == []
+    assert torch.equal(again.inputs, first.inputs) and (again.labels == first.labels).all()
+    assert again.problems == first.problems and again.classes == first.classes
+    vision.VisionTask().read_labelled(str(split_with_problems), cfg, limit=5)  # a part is read, never cached
+    assert len(reads) == 1
+    shard = split_with_problems / "train1-000000.tar"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert len(vision.VisionTask().read_labelled(str(split_with_problems), cfg).labels) == 21 and len(reads) == 2
