@@ -275,14 +275,14 @@ def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.model_copy(update={"run_root": fix(cfg.run_root), "data": data})
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to ``address`` / ``RAY_ADDRESS``, or start Ray here with the dashboard on 127.0.0.1 (Ray Train
-    queries its state API, which the dashboard serves)."""
+    queries its state API, which the dashboard serves); True when this call connected or started it."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
-        return
+        return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining the Ray cluster at %s", address)
@@ -293,6 +293,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                            log_to_driver=True, configure_logging=False)
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
+    return True
 
 
 def unmet_resources(scaling: ScalingConfig, resources: dict[str, float]) -> str | None:
@@ -334,16 +335,28 @@ def cluster_capacity() -> dict[str, float]:
 def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
     """Pretrain under Ray Train, checkpoints in Ray's storage under ``run_root``; returns the summary
     the loop wrote to ``<run>/summary.json``, its ``checkpoint`` the one Ray holds as the latest. A changed
-    config, and workers the cluster can never place, are refused first (:class:`RunFailed`)."""
+    config, and workers the cluster can never place, are refused first (:class:`RunFailed`). A Ray that
+    this call started (or connected to) is shut down when it returns."""
+    import ray
+
+    refuse_changed_config(cfg)
+    connected = init_ray(address)
+    try:
+        return _fit_under_ray(cfg)
+    finally:  # a Ray this run started or joined is let go: its idle processes would slow what comes next
+        if connected:
+            ray.shutdown()
+
+
+def _fit_under_ray(cfg: ExperimentConfig) -> dict:
+    """:func:`run_pretraining` once Ray is up: fit the TorchTrainer and return the summary."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from selfsup.cluster.secrets import job_secrets
 
-    refuse_changed_config(cfg)
     cfg, verbose = absolute_paths(cfg), log.isEnabledFor(logging.DEBUG)  # -v: every line of Ray and its workers
-    init_ray(address)
     if problem := unmet_resources(cfg.scaling, cluster_capacity()):  # else Ray waits for them forever
         raise RunFailed(problem)
     scaling = RayScaling(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
