@@ -11,7 +11,7 @@ batch 256; ``--recipe gpu``: ``configs/<method>-resnet18-fmnist.yaml``) inside `
 only) with the online monitor every ``--monitor-every`` epochs: its kNN@20 on a small test subset, against
 epochs and minutes, is the learning curve, with the first minute/epoch it rose above raw pixels and the
 random-init backbone on that subset. The final checkpoint is scored by ``selfsup.eval.run.evaluate`` (kNN@20,
-kNN@200, linear on the full test set) beside the same baselines (scored once per recipe). OUT/results.json
+kNN@200, linear on the full test set) beside the same baselines (scored once: the evaluation caches them). OUT/results.json
 (merged by ``<method>[-<variant>]``) and OUT/curves.png are rewritten after each method; a result of the same
 settings is reused, an interrupted run of them resumed from its checkpoint (``--restart``: start over).
 """
@@ -50,7 +50,7 @@ def settings(args) -> dict:
 
 
 def baseline_key(args) -> str:
-    """The baselines' cache key: the recipe and the overrides that change the random-init network or the data."""
+    """Where results.json files the baselines: the recipe and the overrides that change the random-init network or the data."""
     return " ".join([args.recipe, *sorted(o for o in args.set if o.startswith(("model.", "data.")))])
 
 
@@ -248,9 +248,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"resuming {key} from {checkpoint} (step {checkpoint_step(checkpoint)})")
         elif latest_checkpoint(cfg.run_dir) is not None:
             print(f"{key}: starting over ({'--restart' if args.restart else 'its run folder has other settings'})")
-        cached = results["baselines"].get(baseline_key(args), {})
-        entry, baselines = run_method(cfg, args, checkpoint, with_baselines=not (args.no_baselines or cached))
-        entry.update(settings=wanted, device=device, beats=beats(entry["encoders"]["checkpoint"], baselines or cached))
+        entry, baselines = run_method(cfg, args, checkpoint, with_baselines=not args.no_baselines)  # evaluate caches them
+        entry.update(settings=wanted, device=device, beats=beats(entry["encoders"]["checkpoint"], baselines))
         draw(save_result(out, key, entry, baseline_key(args), baselines), args, device, out.with_name(CURVES))
     results = read_results(out)  # with what other invocations merged meanwhile
     print_tables(results, args, device)
