@@ -289,6 +289,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         context = ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a Ray of its own on this machine (--address auto joins one already running)")
+        # one machine has no node to drain: Ray Train's preemption watcher only logs an error line at start
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                            log_to_driver=True, configure_logging=False)
     if context.dashboard_url:
