@@ -108,7 +108,7 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
     ``kind="image"`` each shard lists its images' ``sizes`` (from their headers), for ``kind="audio"``
     its clips' ``durations`` (from their ``.json``), when every sample has one. ``extra``: more manifest
     fields (``max_side``). Every member's mtime is the whole second the writing began: a fractional
-    one costs each member a pax header, which doubles a small image's share of the tar and slows reading.
+    one costs each member a pax header, which doubles a small image's share of the tar.
     """
     out = _output_folder(out_dir)
     mtime = int(time.time())
