@@ -50,10 +50,11 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
     return manifest, [f"{base}/{s['name']}" for s in manifest["shards"]]
 
 
-def split_identity(location: str) -> dict:
-    """What a shard folder's decoded content depends on: its manifest's shards (name, count, sha256,
-    bytes) and, for local shards, each file's size and mtime (a rewritten file is new content)."""
-    manifest, urls = read_manifest(location)
+def split_identity(location: str, listing: tuple[dict, list[str]]) -> dict:
+    """What a shard folder's decoded content depends on, from its ``listing`` (:func:`read_manifest`):
+    the manifest's shards (name, count, sha256, bytes) and, for local shards, each file's size and
+    mtime (a rewritten file is new content)."""
+    manifest, urls = listing
     shards = [{k: s.get(k) for k in ("name", "count", "sha256", "bytes")} for s in manifest["shards"]]
     if not is_remote(location):
         for shard, url in zip(shards, urls):
@@ -160,12 +161,13 @@ def _check(url: str, problems: list[ShardProblem], i: int, start: int, end: int 
 
 
 def read_split(location: str, decode: Callable[[dict], T], limit: int | None = None,
-               ) -> tuple[list[T], dict, list[str]]:
+               listing: tuple[dict, list[str]] | None = None) -> tuple[list[T], dict, list[str]]:
     """Every decodable item of a shard folder, in order, its manifest, and one line per bad sample
     (``decode`` raised ValueError; the line names the shard and the error, which names the key) or
     bad shard. ``limit``: at most that many items, ``ceil(limit / shards)`` from the first samples
-    of every shard. An empty result is an error naming the folder."""
-    manifest, urls = read_manifest(location)
+    of every shard. ``listing``: the folder's :func:`read_manifest`, when the caller has read it.
+    An empty result is an error naming the folder."""
+    manifest, urls = listing or read_manifest(location)
     per_shard = math.ceil(limit / max(1, len(urls))) if limit else None
     items: list[T] = []
     lines: list[str] = []

@@ -18,7 +18,6 @@ from selfsup.config import ExperimentConfig
 from selfsup.core.cache import digest, load_cached, store_cached
 from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
 from selfsup.core.reporter import read_records
-from selfsup.data.reader import split_identity
 from selfsup.eval.features import (EncoderFeatures, baseline_features, encoder_from_checkpoint, eval_device,
                                    model_features, num_classes, split_features)
 from selfsup.eval.knn import weighted_knn
@@ -168,7 +167,7 @@ def _baselines(task, ev: _Eval) -> dict[str, tuple[dict, dict]]:
     configuration but the run's name, schedule, training and cluster settings)."""
     setup = ev.cfg.model_dump(mode="json", exclude={"name", "run_root", "optim", "train", "scaling", "tracking"})
     setup["data"] = {k: v for k, v in setup["data"].items() if k not in ("train", "test")}
-    key = digest("baselines", split_identity(ev.train.location), split_identity(ev.test.location), setup,
+    key = digest("baselines", ev.train.identity, ev.test.identity, setup,
                  torch.__version__, __version__)
     cached = load_cached("baselines", key)
     if cached is not None:

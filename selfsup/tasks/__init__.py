@@ -25,7 +25,9 @@ class LabelledSplit:
     """A labelled evaluation split as a task reads it: ``inputs`` in the task's own form (images:
     uint8 (N, C, H, W); audio: a list of float32 (T_i,) waves), ``labels`` (N,) ints, the manifest's
     class names, one line per skipped sample or damaged shard, ``groups`` (N,) (voice or speaker,
-    "" when unknown) and ``thumbnails``: uint8 (N, C, H, W) pictures for the neighbour grid, or None."""
+    "" when unknown), ``identity``: what the folder's content depends on
+    (``selfsup.data.reader.split_identity``; caches are keyed on it) and ``thumbnails``: uint8
+    (N, C, H, W) pictures for the neighbour grid, or None."""
 
     location: str
     inputs: Any
@@ -33,6 +35,7 @@ class LabelledSplit:
     classes: list[str]
     problems: list[str]
     groups: list[str]
+    identity: dict
     thumbnails: torch.Tensor | None = None
 
 

@@ -19,7 +19,7 @@ from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
 from selfsup.data.buckets import TokenBatching
 from selfsup.data.decode import collate_audio, decode_audio_sample, decode_sample
-from selfsup.data.reader import read_split
+from selfsup.data.reader import read_manifest, read_split, split_identity
 from selfsup.data.stream import ShardStream
 from selfsup.tasks import EvalSpec, LabelledSplit
 
@@ -109,10 +109,11 @@ class AudioTask:
 
     def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
         """float32 (T_i,) 16 kHz waves, grouped by voice or speaker when the clips say."""
-        items, manifest, problems = read_split(location, labelled_clip, limit)
+        listing = read_manifest(location)
+        items, manifest, problems = read_split(location, labelled_clip, limit, listing)
         waves, labels, groups = zip(*items)
         return LabelledSplit(location, list(waves), np.asarray(labels), manifest.get("classes", []), problems,
-                             list(groups))
+                             list(groups), split_identity(location, listing))
 
     def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
                       probe_views: int = 1) -> list[np.ndarray]:

@@ -152,20 +152,23 @@ class VisionTask:
         A whole split of at most ``DECODED_CACHE_BYTES`` is decoded once: later reads of the same
         shards at the same size load it from the cache, with the bad samples the first read found."""
         channels, size = cfg.data.channels, cfg.data.image_size
-        key = None if limit else digest("decoded images", split_identity(location), channels, size)
+        listing = read_manifest(location)
+        identity = split_identity(location, listing)
+        key = None if limit else digest("decoded images", identity, channels, size)
         cached = load_cached("decoded", key) if key else None
         if cached is not None:
             log.info("%s: %d decoded images from the cache", location, len(cached["labels"]))
             images, labels, classes, problems = cached["images"], cached["labels"], cached["classes"], cached["problems"]
         else:
             items, manifest, problems = read_split(location, functools.partial(decode_image, channels=channels, size=size),
-                                                   limit)
+                                                   limit, listing)
             images, labels = torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
             classes = manifest.get("classes", [])
             if key and images.numel() <= DECODED_CACHE_BYTES:
                 store_cached("decoded", key, {"images": images, "labels": labels, "classes": classes,
                                               "problems": problems})
-        return LabelledSplit(location, images, labels.numpy(), classes, problems, [""] * len(labels), thumbnails=images)
+        return LabelledSplit(location, images, labels.numpy(), classes, problems, [""] * len(labels), identity,
+                             thumbnails=images)
 
     def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
                       probe_views: int = 1) -> list[np.ndarray]:

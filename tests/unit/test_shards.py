@@ -219,3 +219,20 @@ def test_an_evaluation_split_is_decoded_once_with_its_problems(split_with_proble
     shard = split_with_problems / "train1-000000.tar"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     assert len(vision.VisionTask().read_labelled(str(split_with_problems), cfg).labels) == 21 and len(reads) == 2
+
+
+def test_reading_an_evaluation_split_opens_its_manifest_once(split_with_problems, monkeypatch):
+    import selfsup.data.reader as reader
+    import selfsup.tasks.vision as vision
+    from selfsup.config import parse_config
+
+    opened = []
+    real = reader.open_read
+    monkeypatch.setattr(reader, "open_read", lambda url, *a: opened.append(url) or real(url, *a))
+    cfg = parse_config({"name": "c", "data": {"train": str(split_with_problems)}, "method": {"name": "simclr"}})
+    split = vision.VisionTask().read_labelled(str(split_with_problems), cfg)  # a cache miss: decoded
+    manifest = f"{split_with_problems}/{reader.MANIFEST}"
+    assert opened.count(manifest) == 1 and len(split.labels) == 21
+    assert [s["name"] for s in split.identity["shards"]] == [s["name"] for s in reader.read_manifest(
+        str(split_with_problems))[0]["shards"]]
+    assert all(s["file"] for s in split.identity["shards"] if (split_with_problems / s["name"]).exists())
