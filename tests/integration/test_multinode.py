@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import boto3
 import pytest
@@ -124,31 +125,22 @@ def fast_autoscaling_coordinator() -> None:
 def multinode(tmp_path_factory):
     root = tmp_path_factory.mktemp("multinode")
     env = {**RAY_ENV, "SELFSUP_CACHE": str(root / "driver" / "cache")}  # the driver's own folder
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with s3_server(BUCKET):
-            upload_dir(write_tiny_shards(root / "shards", [40, 56, 32]), BUCKET, "data/train")
-            nodes = MultiNode(root)
-            try:
-                from selfsup.cluster.trainer import init_ray
+    with mock.patch.dict(os.environ, env), s3_server(BUCKET):
+        upload_dir(write_tiny_shards(root / "shards", [40, 56, 32]), BUCKET, "data/train")
+        nodes = MultiNode(root)
+        try:
+            from selfsup.cluster.trainer import init_ray
 
-                init_ray(nodes.cluster.address)
-                fast_autoscaling_coordinator()
-                yield nodes
-            finally:
-                ray.shutdown()
-                nodes.cluster.shutdown()
-                if os.environ.get("SELFSUP_MULTINODE_VERBOSE"):
-                    print(f"Ray's logs: {nodes.temp}/session_latest/logs")
-                else:
-                    shutil.rmtree(nodes.temp, ignore_errors=True)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
+            init_ray(nodes.cluster.address)
+            fast_autoscaling_coordinator()
+            yield nodes
+        finally:
+            ray.shutdown()
+            nodes.cluster.shutdown()
+            if os.environ.get("SELFSUP_MULTINODE_VERBOSE"):
+                print(f"Ray's logs: {nodes.temp}/session_latest/logs")
             else:
-                os.environ[k] = v
+                shutil.rmtree(nodes.temp, ignore_errors=True)
 
 
 @pytest.fixture
