@@ -3,26 +3,30 @@
     python -m benchmarks.methods_fmnist                         # 20 min of pretraining per method, monitor every epoch
     python -m benchmarks.methods_fmnist --minutes 45 --max-epochs 100 --methods simclr   # the budget ends it
     python -m benchmarks.methods_fmnist --methods byol --variant lr0.2 --set optim.lr=0.2   # beside byol, as byol-lr0.2
-    python -m benchmarks.methods_fmnist --recipe gpu --minutes 10 --set optim.warmup_epochs=2   # on a GPU
+    python -m benchmarks.methods_fmnist --recipe gpu --minutes 10 --concurrent   # the five at once on one GPU
     python -m benchmarks.methods_fmnist --restart               # train these methods again from scratch
 
 Each method trains its recipe (``configs/<method>-resnet18-fmnist-cpu.yaml``, half-width ResNet-18,
 batch 256; ``--recipe gpu``: ``configs/<method>-resnet18-fmnist.yaml``) inside ``--minutes`` (0: ``--max-epochs``
 only) with the online monitor every ``--monitor-every`` epochs: its kNN@20 on a small test subset, against
 epochs and minutes, is the learning curve, with the first minute/epoch it rose above raw pixels and the
-random-init backbone on that subset. The final checkpoint is scored by ``selfsup.eval.run.evaluate`` (kNN@20,
-kNN@200, linear on the full test set) beside the same baselines (scored once: the evaluation caches them). OUT/results.json
-(merged by ``<method>[-<variant>]``) and OUT/curves.png are rewritten after each method; a result of the same
-settings is reused, an interrupted run of them resumed from its checkpoint (``--restart``: start over).
+random-init backbone on that subset. The final checkpoint is scored by ``selfsup.eval.run.evaluate``
+(kNN@20, kNN@200, linear on the full test set) beside the same baselines (scored once: the evaluation
+caches them). OUT/results.json (merged by ``<method>[-<variant>]``) and OUT/curves.png are rewritten
+after each method; a result of the same settings is reused, an interrupted run of them resumed from
+its checkpoint (``--restart``: start over).
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -140,15 +144,18 @@ def read_results(path: Path) -> dict:
 
 
 def save_result(path: Path, key: str, entry: dict, baselines_key: str, baselines: dict) -> dict:
-    """Merge ``entry`` (and its baselines, when scored) into the results file as it is now; returns it."""
-    results = read_results(path)
-    results["methods"][key] = entry
-    if baselines:
-        results["baselines"][baselines_key] = baselines
+    """Merge ``entry`` (and its baselines, when scored) into the results file as it is now; returns it.
+    An exclusive lock on a file beside it keeps invocations that finish at once from losing each other's entries."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    tmp.replace(path)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = read_results(path)
+        results["methods"][key] = entry
+        if baselines:
+            results["baselines"][baselines_key] = baselines
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=float))
+        tmp.replace(path)
     return results
 
 
@@ -234,10 +241,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--monitor-every", type=int, default=1, help="online kNN@20 every N epochs (0: no curve)")
     p.add_argument("--restart", action="store_true", help="delete these methods' runs and train afresh")
     p.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
+    p.add_argument("--concurrent", action="store_true",
+                   help="train the methods at once, each in its own process of this benchmark (five on one GPU); "
+                        "their output goes to OUT/<method>.log")
     args = p.parse_args(argv)
     out = Path(args.json or Path(args.out) / "results.json")
-    wanted = settings(args)
     device = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.concurrent:
+        failed = run_concurrently(sys.argv[1:] if argv is None else argv, args)
+    else:
+        failed = run_in_turn(args, out, device)
+    results = read_results(out)  # with what other invocations merged meanwhile
+    print_tables(results, args, device)
+    draw(results, args, device, out.with_name(CURVES))
+    print(f"wrote {out} and {out.with_name(CURVES)}")
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} did not finish; see {Path(args.out)}/<method>.log, and run the same "
+                         "command again to resume")
+
+
+def run_in_turn(args, out: Path, device: str) -> list[str]:
+    """Each of ``args.methods`` in this process, one after the other, each result merged into ``out``
+    as it is scored -> the methods that failed (none: a failure raises)."""
+    wanted = settings(args)
     for method in args.methods:
         key, cfg, results = result_key(method, args.variant), method_config(method, args), read_results(out)
         action, checkpoint = plan(results["methods"].get(key), wanted, cfg.run_dir, args.restart)
@@ -251,10 +277,31 @@ def main(argv: list[str] | None = None) -> None:
         entry, baselines = run_method(cfg, args, checkpoint, with_baselines=not args.no_baselines)  # evaluate caches them
         entry.update(settings=wanted, device=device, beats=beats(entry["encoders"]["checkpoint"], baselines))
         draw(save_result(out, key, entry, baseline_key(args), baselines), args, device, out.with_name(CURVES))
-    results = read_results(out)  # with what other invocations merged meanwhile
-    print_tables(results, args, device)
-    draw(results, args, device, out.with_name(CURVES))
-    print(f"wrote {out} and {out.with_name(CURVES)}")
+    return []
+
+
+def run_concurrently(argv: list[str], args) -> list[str]:
+    """Each of ``args.methods`` at once, in its own process of this benchmark with the same ``argv``
+    (which merges its result into the shared results file itself), its output in OUT/<key>.log ->
+    the methods whose process failed."""
+    own = [a for a in argv if a != "--concurrent"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    running = {}
+    for method in args.methods:
+        log = Path(args.out) / f"{result_key(method, args.variant)}.log"
+        with open(log, "w") as f:
+            running[method] = subprocess.Popen([sys.executable, "-m", "benchmarks.methods_fmnist", *own, "--methods",
+                                                method], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    print(f"training {', '.join(running)} at once; their output: {Path(args.out)}/<method>.log")
+    failed = []
+    for method, process in running.items():
+        log = Path(args.out) / f"{result_key(method, args.variant)}.log"
+        if process.wait() != 0:
+            failed.append(method)
+            print(f"{method} failed (exit {process.returncode}); its log: {log}")
+        else:
+            print(f"{method} done; its log: {log}")
+    return failed
 
 
 def comparable(results: dict, args) -> dict:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from pathlib import Path
 
+import pytest
 
 from benchmarks import methods_fmnist as bench
 from tests.conftest import progress_at, write_tiny_shards
@@ -92,7 +96,24 @@ def test_save_result_merges_entries_by_key_into_what_the_file_holds_now(tmp_path
     assert bench.read_results(path) == {"methods": {"simclr": {"curve": [3]}, "byol-lr0.2": {"curve": [2]}},
                                         "baselines": {"cpu": {"pixels": {"knn@20": 0.8}},
                                                       "gpu": {"pixels": {"knn@20": 0.7}}}}
-    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temporary file left
+    assert sorted(p.name for p in path.parent.iterdir()) == [".results.json.lock", "results.json"]  # no temporary file
+
+
+def _save_entries(path: str, prefix: str, count: int) -> None:
+    for i in range(count):
+        bench.save_result(Path(path), f"{prefix}{i}", {"curve": [i]}, "cpu", {"pixels": {"knn@20": i}})
+
+
+def test_invocations_that_save_at_the_same_time_lose_no_entry(tmp_path):
+    path = tmp_path / "results.json"
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_save_entries, args=(str(path), prefix, 60)) for prefix in "abc"]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+    assert [w.exitcode for w in writers] == [0, 0, 0]
+    assert set(bench.read_results(path)["methods"]) == {f"{p}{i}" for p in "abc" for i in range(60)}
 
 
 def test_plot_curves_writes_a_png(tmp_path):
@@ -147,3 +168,48 @@ def test_a_tiny_benchmark_records_a_curve_per_epoch_then_reuses_and_resumes(tmp_
     again = json.loads(results.read_text())["methods"]["simclr"]
     assert again["curve"] == entry["curve"] and again["train"]["steps"] == 10
     assert again["encoders"] == entry["encoders"]
+
+
+def without_gpu_image_missing_packages(tmp_path, monkeypatch) -> None:
+    """Processes started from here cannot import ray, wandb or faiss, as on the GPU machines' image."""
+    blocker = tmp_path / "image"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules.update(ray=None, wandb=None, faiss=None)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])))
+
+
+def test_concurrent_methods_train_at_once_each_logged_and_merged_into_one_table(tmp_path, capsys, monkeypatch):
+    without_gpu_image_missing_packages(tmp_path, monkeypatch)  # the benchmark needs none of them
+    write_tiny_shards(tmp_path / "data" / "train", [40, 40])
+    write_tiny_shards(tmp_path / "data" / "test", [30], seed=1, split="test")
+    out = tmp_path / "out"
+    argv = ["--minutes", "0", "--max-epochs", "1", "--methods", "simclr", "byol", "--data", str(tmp_path / "data"),
+            "--out", str(out), "--concurrent", "--set", *TINY]
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    assert "training simclr, byol at once" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"simclr", "byol"}
+    assert all(e["train"]["steps"] == 5 and [p["epoch"] for p in e["curve"]] == [1.0]
+               for e in results["methods"].values())  # 80 samples / batch 16, one epoch each
+    for method in ("simclr", "byol"):
+        assert f"{method} done; its log: {out / (method + '.log')}" in printed
+        assert "wrote" in (out / f"{method}.log").read_text()  # each process printed its own table
+        assert f"\n{method:<18} " in printed  # and the merged table has both
+    results["methods"].pop("byol")  # as if byol was interrupted after its last checkpoint
+    (out / "results.json").write_text(json.dumps(results))
+    bench.main(argv)
+    assert "simclr: already done, reusing results" in (out / "simclr.log").read_text()
+    assert "resuming byol from" in (out / "byol.log").read_text()
+    assert set(json.loads((out / "results.json").read_text())["methods"]) == {"simclr", "byol"}
+
+
+def test_a_concurrent_method_that_fails_is_named_with_its_log(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--minutes", "0", "--max-epochs", "1", "--methods", "simclr", "moco_v2", "--data", str(tmp_path / "none"),
+            "--out", str(out), "--concurrent", "--no-baselines", "--set", *TINY]
+    with pytest.raises(SystemExit, match="simclr, moco_v2 did not finish; see .*<method>.log, and run the same"):
+        bench.main(argv)
+    printed = capsys.readouterr().out
+    assert f"simclr failed (exit 1); its log: {out / 'simclr.log'}" in printed
+    assert "manifest" in (out / "moco_v2.log").read_text()  # the child's own one-line reason
