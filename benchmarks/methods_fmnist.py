@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from selfsup.config import ExperimentConfig, load_config
+from selfsup.config import ConfigError, ExperimentConfig, load_config
 from selfsup.core.checkpoint import checkpoint_step, latest_checkpoint, read_progress
 from selfsup.core.device import describe_machine
 from selfsup.core.reporter import FileReporter, Reporters, read_records, truncate_records
+from selfsup.data.reader import ManifestError, read_manifest
 from selfsup.eval.run import evaluate
 from selfsup.train.trainer import Trainer
 
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="train the methods at once, each in its own process of this benchmark (five on one GPU); "
                         "their output goes to OUT/<method>.log")
     args = p.parse_args(argv)
+    check_inputs(args)
     out = Path(args.json or Path(args.out) / "results.json")
     device = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.concurrent:
@@ -258,6 +260,21 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         raise SystemExit(f"{', '.join(failed)} did not finish; see {Path(args.out)}/<method>.log, and run the same "
                          "command again to resume")
+
+
+def check_inputs(args) -> None:
+    """Stop with one line, before anything trains, when ``--data`` holds no shards or an override
+    does not fit a method's config."""
+    for split in ("train", "test"):
+        try:
+            read_manifest(str(Path(args.data) / split))
+        except ManifestError as err:
+            raise SystemExit(f"--data {args.data}: {err}") from None
+    for method in args.methods:
+        try:
+            method_config(method, args)
+        except ConfigError as err:
+            raise SystemExit(f"{method}: {err}".replace("\n", " ")) from None
 
 
 def run_in_turn(args, out: Path, device: str) -> list[str]:

@@ -204,12 +204,35 @@ def test_concurrent_methods_train_at_once_each_logged_and_merged_into_one_table(
     assert set(json.loads((out / "results.json").read_text())["methods"]) == {"simclr", "byol"}
 
 
-def test_a_concurrent_method_that_fails_is_named_with_its_log(tmp_path, capsys):
+def test_a_concurrent_method_that_fails_is_named_with_its_log(tmp_path, capsys, monkeypatch):
+    write_tiny_shards(tmp_path / "data" / "train", [40])
+    write_tiny_shards(tmp_path / "data" / "test", [30], seed=1, split="test")
+    crash = tmp_path / "crash"
+    crash.mkdir()  # every process the benchmark starts dies at once, as if killed
+    (crash / "sitecustomize.py").write_text("import os, sys\nif 'benchmarks.methods_fmnist' in sys.orig_argv:\n"
+                                            "    print('killed'); os._exit(3)\n")
+    monkeypatch.setenv("PYTHONPATH", str(crash))
     out = tmp_path / "out"
-    argv = ["--minutes", "0", "--max-epochs", "1", "--methods", "simclr", "moco_v2", "--data", str(tmp_path / "none"),
+    argv = ["--minutes", "0", "--max-epochs", "1", "--methods", "simclr", "moco_v2", "--data", str(tmp_path / "data"),
             "--out", str(out), "--concurrent", "--no-baselines", "--set", *TINY]
     with pytest.raises(SystemExit, match="simclr, moco_v2 did not finish; see .*<method>.log, and run the same"):
         bench.main(argv)
     printed = capsys.readouterr().out
-    assert f"simclr failed (exit 1); its log: {out / 'simclr.log'}" in printed
-    assert "manifest" in (out / "moco_v2.log").read_text()  # the child's own one-line reason
+    assert f"simclr failed (exit 3); its log: {out / 'simclr.log'}" in printed
+    assert f"moco_v2 failed (exit 3); its log: {out / 'moco_v2.log'}" in printed
+    assert (out / "moco_v2.log").read_text() == "killed\n"
+
+
+def test_missing_shards_or_a_bad_override_stop_with_one_line_before_training(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as missing:
+        bench.main(["--methods", "simclr", "--data", str(tmp_path / "none"), "--out", str(out), "--concurrent"])
+    assert str(missing.value).startswith(f"--data {tmp_path / 'none'}: {tmp_path / 'none' / 'train'} has no "
+                                         "manifest.json; for a folder of WebDataset tars run `selfsup shards index")
+    write_tiny_shards(tmp_path / "data" / "train", [40])
+    write_tiny_shards(tmp_path / "data" / "test", [30], seed=1, split="test")
+    with pytest.raises(SystemExit) as bad:  # BYOL has no temperature
+        bench.main(["--methods", "simclr", "byol", "--data", str(tmp_path / "data"), "--out", str(out),
+                    "--set", "method.temperature=0.5"])
+    assert str(bad.value).startswith("byol: invalid config ") and "method.temperature: unknown key" in str(bad.value)
+    assert "\n" not in str(bad.value) and not out.exists()  # nothing started
