@@ -303,16 +303,16 @@ def run_concurrently(argv: list[str], args) -> list[str]:
     the methods whose process failed."""
     own = [a for a in argv if a != "--concurrent"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    logs = {method: Path(args.out) / f"{result_key(method, args.variant)}.log" for method in args.methods}
     running = {}
-    for method in args.methods:
-        log = Path(args.out) / f"{result_key(method, args.variant)}.log"
+    for method, log in logs.items():
         with open(log, "w") as f:
             running[method] = subprocess.Popen([sys.executable, "-m", "benchmarks.methods_fmnist", *own, "--methods",
                                                 method], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     print(f"training {', '.join(running)} at once; their output: {Path(args.out)}/<method>.log")
     failed = []
     for method, process in running.items():
-        log = Path(args.out) / f"{result_key(method, args.variant)}.log"
+        log = logs[method]
         if process.wait() != 0:
             failed.append(method)
             print(f"{method} failed (exit {process.returncode}); its log: {log}")
