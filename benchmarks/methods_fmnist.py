@@ -123,6 +123,7 @@ def run_method(cfg: ExperimentConfig, args, resume_from: Path | None, with_basel
     else:  # the records of steps the resume trains again
         truncate_records(cfg.run_dir / "metrics.jsonl", read_progress(resume_from)["samples_seen"])
     summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=resume_from).fit()
+    trained_on = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the threads it trained with
     data = Path(args.data)
     report = evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report",
                       baselines=with_baselines)
@@ -134,7 +135,7 @@ def run_method(cfg: ExperimentConfig, args, resume_from: Path | None, with_basel
                        "final_loss": last.get("loss"), "embed_std": last.get("embed_std"),
                        "rankme": last.get("rankme"), "bad_steps": summary["bad_steps"]},
              "curve": curve, "monitor_levels": levels, "crossings": crossings(curve, levels),
-             "encoders": {"checkpoint": report["encoders"]["checkpoint"]}}
+             "encoders": {"checkpoint": report["encoders"]["checkpoint"]}, "device": trained_on}
     return entry, {k: v for k, v in report["encoders"].items() if k != "checkpoint"}
 
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.concurrent:
         failed = run_concurrently(sys.argv[1:] if argv is None else argv, args)
     else:
-        failed = run_in_turn(args, out, device)
+        failed = run_in_turn(args, out)
     results = read_results(out)  # with what other invocations merged meanwhile
     print_tables(results, args, device)
     draw(results, args, device, out.with_name(CURVES))
@@ -277,7 +278,7 @@ def check_inputs(args) -> None:
             raise SystemExit(f"{method}: {err}".replace("\n", " ")) from None
 
 
-def run_in_turn(args, out: Path, device: str) -> list[str]:
+def run_in_turn(args, out: Path) -> list[str]:
     """Each of ``args.methods`` in this process, one after the other, each result merged into ``out``
     as it is scored -> the methods that failed (none: a failure raises)."""
     wanted = settings(args)
@@ -292,8 +293,8 @@ def run_in_turn(args, out: Path, device: str) -> list[str]:
         elif latest_checkpoint(cfg.run_dir) is not None:
             print(f"{key}: starting over ({'--restart' if args.restart else 'its run folder has other settings'})")
         entry, baselines = run_method(cfg, args, checkpoint, with_baselines=not args.no_baselines)  # evaluate caches them
-        entry.update(settings=wanted, device=device, beats=beats(entry["encoders"]["checkpoint"], baselines))
-        draw(save_result(out, key, entry, baseline_key(args), baselines), args, device, out.with_name(CURVES))
+        entry.update(settings=wanted, beats=beats(entry["encoders"]["checkpoint"], baselines))
+        draw(save_result(out, key, entry, baseline_key(args), baselines), args, entry["device"], out.with_name(CURVES))
     return []
 
 
@@ -329,26 +330,28 @@ def comparable(results: dict, args) -> dict:
 
 def title(args, device: str) -> str:
     cfg = method_config(args.methods[0], args)
-    backbone = (f"ResNet-18 of width {cfg.model.width} (3x3 stem{', stride 2' if cfg.model.stem_stride == 2 else ''}), "
-                f"batch {cfg.data.batch_size}")
+    backbone = f"ResNet-18 of width {cfg.model.width} (3x3 stem{', stride 2' if cfg.model.stem_stride == 2 else ''})"
     budget = f"{args.minutes:g} min of pretraining" if args.minutes else f"{args.max_epochs:g} epochs"
     return f"Fashion-MNIST, {backbone},\n{budget} per method on {device}"
+
+
+def trained_on(entries: dict, fallback: str) -> str:
+    """Where the entries trained (each distinct machine once), not where this runs; ``fallback`` if none."""
+    return " and ".join(dict.fromkeys(e["device"] for e in entries.values())) or fallback
 
 
 def draw(results: dict, args, device: str, out: Path) -> None:
     """The curves of the comparable entries, with the subset levels of the first that has them."""
     entries = comparable(results, args)
     levels = next((e["monitor_levels"] for e in entries.values() if e["monitor_levels"]), {})
-    device = next((e["device"] for e in entries.values()), device)  # where they trained, not where this runs
-    plot_curves({k: e["curve"] for k, e in entries.items()}, levels, title(args, device), out)
+    plot_curves({k: e["curve"] for k, e in entries.items()}, levels, title(args, trained_on(entries, device)), out)
 
 
 def print_tables(results: dict, args, device: str) -> None:
     """The final table (full test set) and the crossings table (monitor subset) of the comparable entries."""
     entries = comparable(results, args)
     baselines = {} if args.no_baselines else results["baselines"].get(baseline_key(args), {})
-    device = next((e["device"] for e in entries.values()), device)
-    print(f"\n{title(args, device)}; top-1 % on the 10k test set\n{table(entries, baselines)}")
+    print(f"\n{title(args, trained_on(entries, device))}; top-1 % on the 10k test set\n{table(entries, baselines)}")
     print(beats_lines(entries))
     print(f"\nonline kNN@20 on the monitor subset (every {args.monitor_every} epochs)\n{crossings_table(entries)}")
 

@@ -29,4 +29,6 @@ def describe_machine(device: torch.device) -> str:
         import platform
 
         model = platform.processor() or model
-    return f"{model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return (f"{model}, {threads} thread{'s' if threads != 1 else ''}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"torch {torch.__version__}")

@@ -150,6 +150,7 @@ def test_a_tiny_benchmark_records_a_curve_per_epoch_then_reuses_and_resumes(tmp_
     assert [p["epoch"] for p in entry["curve"]] == [1.0, 2.0]  # 80 samples / batch 16: 5 steps an epoch
     assert entry["curve"][0]["minutes"] < entry["curve"][1]["minutes"] <= entry["train"]["minutes"] + 0.01
     assert entry["train"]["steps"] == 10 and entry["settings"]["overrides"] == TINY
+    assert ", 1 thread, " in entry["device"]  # the threads it trained with (train.threads), not the process's default
     assert set(entry["crossings"]) == set(entry["monitor_levels"]) == {"random_init", "pixels"}
     assert set(first["baselines"]["cpu data.batch_size=16 data.loader_workers=0 data.shuffle_buffer=0 model.width=4"]) \
         == {"pixels", "random_init"}  # keyed by the overrides that change the random-init network or the data
