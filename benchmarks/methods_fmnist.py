@@ -114,6 +114,11 @@ def plan(entry: dict | None, wanted: dict, run_dir: Path, restart: bool) -> tupl
     return "fresh", None
 
 
+def this_machine() -> str:
+    """The GPU, or the CPU with the threads torch uses at this moment (``describe_machine``)."""
+    return describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run_method(cfg: ExperimentConfig, args, resume_from: Path | None, with_baselines: bool) -> tuple[dict, dict]:
     """Pretrain ``cfg`` (afresh, or from ``resume_from``) and evaluate it -> (its entry, full-test baselines)."""
     if resume_from is None:
@@ -123,7 +128,7 @@ def run_method(cfg: ExperimentConfig, args, resume_from: Path | None, with_basel
     else:  # the records of steps the resume trains again
         truncate_records(cfg.run_dir / "metrics.jsonl", read_progress(resume_from)["samples_seen"])
     summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=resume_from).fit()
-    trained_on = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the threads it trained with
+    machine = this_machine()  # now: with the threads it trained with
     data = Path(args.data)
     report = evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report",
                       baselines=with_baselines)
@@ -135,7 +140,7 @@ def run_method(cfg: ExperimentConfig, args, resume_from: Path | None, with_basel
                        "final_loss": last.get("loss"), "embed_std": last.get("embed_std"),
                        "rankme": last.get("rankme"), "bad_steps": summary["bad_steps"]},
              "curve": curve, "monitor_levels": levels, "crossings": crossings(curve, levels),
-             "encoders": {"checkpoint": report["encoders"]["checkpoint"]}, "device": trained_on}
+             "encoders": {"checkpoint": report["encoders"]["checkpoint"]}, "device": machine}
     return entry, {k: v for k, v in report["encoders"].items() if k != "checkpoint"}
 
 
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     check_inputs(args)
     out = Path(args.json or Path(args.out) / "results.json")
-    device = describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = this_machine()
     if args.concurrent:
         failed = run_concurrently(sys.argv[1:] if argv is None else argv, args)
     else:
