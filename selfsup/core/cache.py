@@ -1,10 +1,12 @@
 """A content-addressed cache of computed results under ``$SELFSUP_CACHE`` (``config.cache_root``):
 an evaluation's decoded splits and its baselines' scores, each filed under the digest of what
 produced it, so that a changed input is a new key and never a stale hit. Entries are written
-atomically and read with ``weights_only``; an unreadable entry is a miss, and is written again."""
+atomically and read with ``weights_only``; an unreadable entry is a miss, and is written again. A cache
+that cannot be written (full, read-only) is one warning, and this process writes no more to it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,6 +18,7 @@ import torch
 from selfsup.config import cache_root
 
 log = logging.getLogger("selfsup.cache")
+_unwritable: set[str] = set()  # the cache root that failed a write in this process: not tried again
 
 
 def digest(*parts) -> str:
@@ -41,13 +44,20 @@ def load_cached(kind: str, key: str):
 
 def store_cached(kind: str, key: str, value) -> None:
     """Store ``value`` (tensors, numbers, strings, lists and dicts of them) under ``kind``/``key``,
-    atomically; a cache that cannot be written is a warning, never an error."""
+    atomically; a cache that cannot be written is one warning, never an error."""
+    root = str(cache_root())
+    if root in _unwritable:
+        return
     path = entry_path(kind, key)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(value, tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        log.warning("%s: cannot write the cache (%s); set SELFSUP_CACHE to a writable folder", path, err)
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as its zip writer's RuntimeError
+        _unwritable.add(root)
+        reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}"
+        log.warning("%s: cannot write the cache (%s); results are computed again next time; free space there "
+                    "or set SELFSUP_CACHE to a writable folder", root, reason)
+        with contextlib.suppress(OSError):  # under a path that is not a folder, unlink fails too
+            tmp.unlink(missing_ok=True)
