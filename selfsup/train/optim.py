@@ -37,11 +37,8 @@ class LARS(Optimizer):
                     pn, dn = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     trust = torch.where((pn > 0) & (dn > 0), group["eta"] * pn / dn, torch.ones_like(pn))
                     d.mul_(trust)
-                buf = self.state[p].get("momentum_buffer")
-                if buf is None:
-                    buf = self.state[p]["momentum_buffer"] = d
-                else:
-                    buf.mul_(momentum).add_(d)
+                buf = self.state[p]["momentum_buffer"]  # primed (prime_state)
+                buf.mul_(momentum).add_(d)
                 if keep is None:
                     p.add_(buf, alpha=neg_lr)
                 else:
@@ -70,19 +67,42 @@ def split_decay(groups: list[dict]) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], cfg, lr: float) -> Optimizer:
-    """The optimiser named by ``cfg.name`` over ``groups`` (from ``Objective.param_groups``). SGD and
-    AdamW are torch's fused kernels (CPU and CUDA); all three honour ``found_inf`` (see LARS)."""
+    """The optimiser named by ``cfg.name`` over ``groups`` (from ``Objective.param_groups``), its state
+    primed (``prime_state``). SGD and AdamW are torch's fused kernels (CPU and CUDA); all three honour
+    ``found_inf`` (see LARS)."""
     groups = split_decay(groups)
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay)
         g["base_lr"] = lr
+    clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
     if cfg.name == "sgd":
-        clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-        return torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=True)
-    if cfg.name == "adamw":
-        clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
-        return torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True)
-    return LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+        optimizer = torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=True)
+    elif cfg.name == "adamw":
+        optimizer = torch.optim.AdamW(clean, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True)
+    else:
+        optimizer = LARS(groups, lr=lr, momentum=cfg.momentum, eta=cfg.lars_eta)
+    prime_state(optimizer)
+    return optimizer
+
+
+def prime_state(optimizer: Optimizer) -> None:
+    """Give every parameter its momentum buffer before the first step, zero, and every state tensor of a
+    parameter's shape that parameter's strides; call it again after ``load_state_dict``.
+
+    torch's fused SGD makes its buffers with ``empty_like`` on its first step and returns early when
+    ``found_inf`` is set: a rejected first step would leave them uninitialised for the next. A zero
+    buffer gives the first step's update exactly (``0·momentum + grad``). The fused kernels also need
+    params, grads and state to share strides, which a checkpoint written in another memory format
+    (CPU contiguous, resumed on CUDA channels_last) does not give.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if group.get("momentum") and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_fraction: float = 0.0,

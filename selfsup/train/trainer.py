@@ -35,7 +35,7 @@ from selfsup.data.stream import DataHealth, make_loader
 from selfsup.eval.online import OnlineMonitor
 from selfsup.tasks import task_for
 from selfsup.train.budget import TimeBudget
-from selfsup.train.optim import build_optimizer, scaled_lr, set_lr
+from selfsup.train.optim import build_optimizer, prime_state, scaled_lr, set_lr
 from selfsup.train.threads import ThreadTuner
 
 log = logging.getLogger("selfsup.pretrain")
@@ -171,6 +171,7 @@ class Trainer:
         _, model_state, state = load_checkpoint(path, with_state=True)
         self.objective.load_state_dict(model_state)
         self.optimizer.load_state_dict(state["optimizer"])
+        prime_state(self.optimizer)  # this run's memory format, as the fused kernels need
         for group in self.optimizer.param_groups:  # this world size's LR, not the saved one (elastic runs resize)
             group["base_lr"] = self.base_lr
         self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]

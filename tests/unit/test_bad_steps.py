@@ -166,3 +166,17 @@ def test_a_non_finite_batch_changes_nothing(tmp_path, name):
     assert torch.isfinite(loss) and torch.equal(loss, expected)
     assert_same_tensors(skipped.objective.state_dict(), never.objective.state_dict(), "state")
     assert_same_tensors(skipped.optimizer.state_dict()["state"], never.optimizer.state_dict()["state"], "optimiser")
+
+
+@pytest.mark.parametrize("name,optimiser", [("moco_v2", "sgd"), ("simsiam", "sgd"), ("byol", "lars"),
+                                            ("moco_v3", "adamw")])
+def test_a_non_finite_first_step_changes_nothing(tmp_path, name, optimiser):
+    """The first step after start rejected (fused SGD once left its momentum buffers uninitialised then),
+    then an accepted one: the same weights, state and optimiser as a run that never took the bad step."""
+    cfg = tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8", f"optim.name={optimiser}")
+    first, bad, _ = batches(name)
+    skipped, loss, _ = run_steps(cfg, [bad, first])
+    never, expected, _ = run_steps(cfg, [None, first])
+    assert int(skipped.bad.total) == 1 and torch.isfinite(loss) and torch.equal(loss, expected)
+    assert_same_tensors(skipped.objective.state_dict(), never.objective.state_dict(), "state")
+    assert_same_tensors(skipped.optimizer.state_dict()["state"], never.optimizer.state_dict()["state"], "optimiser")
