@@ -55,6 +55,7 @@ ONE_LINE_ERRORS = {
     "selfsup.data.reader": ("ManifestError",),
     "selfsup.data.builders": ("MissingTool", "BuildError"),
     "selfsup.data.sources": ("DatasetNotFound", "BadInput"),
+    "selfsup.data.preflight": ("DataProblem",),
     "selfsup.cluster.submit": ("SubmitError",),
     "selfsup.cluster.trainer": ("RunFailed",),
     "selfsup.train.lease": ("RunLeaseError",),
@@ -554,10 +555,13 @@ def _one_line_errors() -> tuple[type[Exception], ...]:
 
 
 class _ConsoleFormatter(logging.Formatter):
-    """Progress as plain lines, warnings and errors marked as such."""
+    """Progress as plain lines, warnings and errors marked as such, notes (``selfsup.note``) as
+    ``selfsup: note:`` lines."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        if record.name == "selfsup.note":
+            return f"selfsup: note: {line}"
         return line if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {line}"
 
 

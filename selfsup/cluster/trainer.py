@@ -33,6 +33,7 @@ from selfsup.core.checkpoint import (CheckpointSpaceError, latest_checkpoint, li
                                      remove_after)
 from selfsup.core.distributed import rank
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
+from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
 from selfsup.tracking.wandb_run import TrackingError, WandbReporter
 from selfsup.tasks import task_for
@@ -50,6 +51,7 @@ class RunFailed(RuntimeError):
 
 
 log = logging.getLogger("selfsup.cluster")
+notes = logging.getLogger("selfsup.note")  # the console says these as `selfsup: note: ...`
 
 
 class RayReporter:
@@ -248,9 +250,18 @@ def _train_worker(config: dict) -> str | None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def preflight(cfg: ExperimentConfig, use_ray: bool) -> None:
+    """Refuse data that can never train ``cfg`` (:class:`DataProblem`, before Ray starts) and say once
+    what the config converts. Under Ray the batch is checked against the most workers it may get."""
+    workers = cfg.scaling.num_workers if use_ray else 1
+    for line in check_data(cfg, max(workers) if isinstance(workers, tuple) else workers):
+        notes.info(line)
+
+
 def drive(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None, restart: bool = False) -> dict:
-    """What the driver does while it holds the run's lease: with ``restart`` set the old run aside,
-    then train under Ray Train or in this process; returns the summary."""
+    """What the driver does while it holds the run's lease: check the data (:func:`preflight`), with
+    ``restart`` set the old run aside, then train under Ray Train or in this process; returns the summary."""
+    preflight(cfg, use_ray)
     if restart:
         set_aside(cfg)
     return run_pretraining(cfg, address) if use_ray else pretrain_here(cfg)

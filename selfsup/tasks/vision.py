@@ -17,6 +17,7 @@ from selfsup.core.device import memory_format
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
 from selfsup.data.decode import collate_images, decode_image, decode_native
+from selfsup.data.preflight import max_side_problem
 from selfsup.data.reader import read_manifest, read_split, split_identity
 from selfsup.data.shards import image_sizes
 from selfsup.data.stream import ShardStream
@@ -92,10 +93,8 @@ def image_decoding(cfg: ExperimentConfig, manifest: dict):
     view cut from the whole image per sample (``selfsup.data.views``), in the loader workers or, with
     ``decode_on_device``, on the GPU. Shards written with ``--max-side`` below ``data.image_size`` are refused."""
     d = cfg.data
-    if manifest.get("max_side") and manifest["max_side"] < d.image_size:
-        raise ValueError(f"data.image_size {d.image_size} is larger than the {manifest['max_side']} px long side "
-                         f"the shards at {d.train} were written with (`shards write --max-side "
-                         f"{manifest['max_side']}`); re-write them with --max-side {d.image_size} or more")
+    if problem := max_side_problem(manifest, d.image_size, d.train):
+        raise ValueError(problem)
     sizes = image_sizes(manifest)
     if sizes is None:
         log.warning("%s: the manifest records no image sizes (shards written by an older selfsup): views are cut "

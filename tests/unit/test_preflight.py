@@ -12,6 +12,7 @@ from selfsup import cli
 from selfsup.cluster.trainer import unmet_resources
 from selfsup.config import ScalingConfig
 from tests.clusterkit import tiny_config, write_config
+from tests.conftest import write_tiny_shards
 
 
 @pytest.mark.parametrize("asked, cluster, said", [
@@ -42,7 +43,8 @@ def test_what_fits_passes(asked, cluster):
 
 @pytest.fixture
 def run_config(tmp_path):
-    return write_config(tmp_path / "x.yaml", tiny_config("x", tmp_path / "shards", tmp_path / "runs"))
+    shards = write_tiny_shards(tmp_path / "shards", [16])  # data that passes: the checks here come after it
+    return write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs"))
 
 
 def test_no_ray_with_use_gpu_and_no_gpu_is_refused_in_one_line(run_config, tmp_path, capsys, monkeypatch):

@@ -1,0 +1,100 @@
+"""A new user's first hour: data refused before anything starts, conversions said once, each case one
+``selfsup: error:`` or ``selfsup: note:`` line (in-process, no Ray started)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from selfsup import cli
+from tests.clusterkit import tiny_config, write_config
+from tests.conftest import write_tiny_shards
+
+
+def lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def one_error(capsys, argv: list[str], said: str) -> str:
+    """The one stderr line of ``selfsup ARGV``, which ends with code 2; it starts with ``selfsup: error: {said}``."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    assert lines(out.err) == [lines(out.err)[0]] and "Traceback" not in out.err + out.out
+    assert lines(out.err)[0].startswith(f"selfsup: error: {said}"), out.err
+    return lines(out.err)[0]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Neither Ray nor the loop may start: a test fails if either is reached."""
+    from selfsup.cluster import trainer
+
+    monkeypatch.setattr(trainer, "init_ray", lambda *a, **k: pytest.fail("Ray started before the data was checked"))
+    monkeypatch.setattr(trainer, "pretrain_here", lambda *a, **k: pytest.fail("training started"))
+
+
+@pytest.mark.parametrize("ray", [False, True])
+def test_fewer_samples_than_one_batch_is_one_line_before_ray(tmp_path, capsys, no_training, ray):
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [5]), tmp_path / "runs"))
+    line = one_error(capsys, ["pretrain", str(config), *(["--no-ray"] if not ray else [])], f"data.train={tmp_path / 's'} holds 5 samples, fewer than one batch of 8")
+    assert line.endswith("set data.batch_size=5 or less, or add samples")
+    assert not (tmp_path / "runs" / "x" / "checkpoints").exists()
+
+
+def test_a_global_batch_of_several_workers_names_both_keys(tmp_path, capsys, no_training):
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [20]), tmp_path / "runs",
+                                                           scaling={"num_workers": 3}))
+    line = one_error(capsys, ["pretrain", str(config)], f"data.train={tmp_path / 's'} holds 20 samples")
+    assert "fewer than one batch of 8 per rank x 3 ranks (scaling.num_workers): set data.batch_size=6 or less" in line
+
+
+@pytest.mark.parametrize("case, said", [
+    ("no train", "data.train={tmp}/nope does not exist; check the path"),
+    ("no manifest", "data.train: {tmp}/tars has no manifest.json; for a folder of WebDataset tars run "
+                    "`selfsup shards index {tmp}/tars`"),
+    ("no test", "data.test={tmp}/nope does not exist"),
+    ("empty", "data.train={tmp}/empty holds no samples; the first of its 1 skipped files: a.png: broken"),
+])
+def test_missing_or_empty_data_is_one_line_before_ray(tmp_path, capsys, no_training, case, said):
+    shards = write_tiny_shards(tmp_path / "s", [16])
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "manifest.json").write_text(json.dumps({"shards": [], "skipped": ["a.png: broken"]}))
+    overrides = {"no train": [f"data.train={tmp_path / 'nope'}"], "no manifest": [f"data.train={tmp_path / 'tars'}"],
+                 "no test": [f"data.test={tmp_path / 'nope'}"], "empty": [f"data.train={tmp_path / 'empty'}"]}[case]
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs"))
+    one_error(capsys, ["pretrain", str(config), *overrides], said.format(tmp=tmp_path))
+
+
+def rgb_jpeg_shards(tmp_path: Path, n: int = 16, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(n // 2):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8)).save(tmp_path / "photos" / c / f"{i}.jpg")
+    assert cli.main(["shards", "write", "image-folder", str(tmp_path / "photos"), str(tmp_path / "shards")]) == 0
+    return tmp_path / "shards"
+
+
+def test_conversions_the_config_allows_are_each_one_note(tmp_path, capsys, monkeypatch):
+    from selfsup.cluster import trainer
+
+    shards = rgb_jpeg_shards(tmp_path)
+    monkeypatch.setattr(trainer, "pretrain_here", lambda cfg: {"steps": 2, "checkpoint": "c", "data": {"skipped": 0},
+                                                               "epochs": 1.0, "train_seconds": 6.0})
+    capsys.readouterr()
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs"))  # grey, 28 px
+    assert cli.main(["pretrain", str(config), "--no-ray", f"data.test={shards}"]) == 0
+    notes = [line for line in lines(capsys.readouterr().err) if line.startswith("selfsup: note: ")]
+    assert notes == [f"selfsup: note: data.train={shards} holds RGB images; each is converted to grey (data.channels=1)",
+                     f"selfsup: note: data.train={shards} holds 40x40 px images; views are cropped and resized to "
+                     "data.image_size=28",
+                     f"selfsup: note: data.test={shards} holds RGB images; each is converted to grey (data.channels=1)"]
+    assert cli.main(["pretrain", str(config), "--no-ray", "data.channels=3", "data.image_size=40",
+                     "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"]) == 0
+    assert "note" not in capsys.readouterr().err
