@@ -53,6 +53,7 @@ ONE_LINE_ERRORS = {
     "selfsup.audio.hf_export": ("ExportError",),
     "selfsup.core.checkpoint": ("CheckpointError", "CheckpointSpaceError"),
     "selfsup.data.reader": ("ManifestError",),
+    "selfsup.data.shards": ("ShardWriteError",),
     "selfsup.data.builders": ("MissingTool", "BuildError"),
     "selfsup.data.sources": ("DatasetNotFound", "BadInput"),
     "selfsup.data.preflight": ("DataProblem",),

@@ -25,6 +25,7 @@ from selfsup.core.storage import is_remote, open_read
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
+PARTIAL = "WRITING-INCOMPLETE"  # written before `shards write` touches a folder, removed after its manifest
 
 SHORT, CHECKSUM, EXTRA = "short", "checksum", "extra"
 
@@ -40,6 +41,8 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
         with open_read(f"{base}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
     except FileNotFoundError:
+        if _exists(f"{base}/{PARTIAL}"):
+            raise ManifestError(partial_message(base)) from None
         raise ManifestError(f"{base} has no {MANIFEST}; for a folder of WebDataset tars run "
                             f"`selfsup shards index {base}`, else write shards with `selfsup shards write` "
                             "or check the path") from None
@@ -48,6 +51,20 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
     if not isinstance(manifest, dict) or "shards" not in manifest:
         raise ManifestError(f"{base}/{MANIFEST} lists no shards; re-write the shards")
     return manifest, [f"{base}/{s['name']}" for s in manifest["shards"]]
+
+
+def partial_message(location: str) -> str:
+    """The line that refuses a shard folder whose `shards write` never finished (``PARTIAL`` is in it)."""
+    return (f"{location} holds a partial `selfsup shards write` (stopped, or out of space; {PARTIAL} marks it): "
+            "re-write it with `selfsup shards write`; do not index it")
+
+
+def _exists(url: str) -> bool:
+    try:
+        with open_read(url):
+            return True
+    except OSError:
+        return False
 
 
 def split_identity(location: str, listing: tuple[dict, list[str]]) -> dict:

@@ -9,14 +9,21 @@ from files (``shards write image-folder`` / ``audio-folder``) have a ``source-fi
 manifest (named by its ``source_files``) mapping each sample's key to the file it came from, which
 ``shards verify`` names for a bad sample. ``index_shards`` writes the manifest of a folder of plain
 WebDataset tars written by other tools.
+
+A write marks its folder partial (``reader.PARTIAL``) and removes an earlier manifest before its first
+tar, and writes its manifest last: a write that is killed or runs out of space leaves a folder that every
+reader and ``index_shards`` refuse, never an old manifest beside new tars.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,10 +36,15 @@ from tqdm import tqdm
 from selfsup._version import __version__
 from selfsup.core.storage import open_read
 from selfsup.data.decode import IMAGE_KEYS, decode_sample, image_payload
-from selfsup.data.reader import MANIFEST, ManifestError, ShardProblem, read_manifest, read_shard
+from selfsup.data.reader import (MANIFEST, PARTIAL, ManifestError, ShardProblem, partial_message, read_manifest,
+                                 read_shard)
 from selfsup.data.sources import BadInput, DatasetNotFound
 
 SOURCE_FILES = "source-files.json"  # {sample key: the file it was written from}, beside the manifest
+
+
+class ShardWriteError(Exception):
+    """`shards write` could not finish (out of space): the folder is left marked partial."""
 
 
 def sha256_file(path: Path) -> str:
@@ -111,6 +123,69 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
     one costs each member a pax header, which doubles a small image's share of the tar.
     """
     out = _output_folder(out_dir)
+    _begin(out)
+    try:
+        written, origins = _write_tars(samples, out, split, kind, total, samples_per_shard)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ShardWriteError(f"{out}: out of space ({err.strerror}); the output is partial ({PARTIAL} marks it) "
+                              "and must be re-written, not indexed: free space or pass another OUT, then run "
+                              "`selfsup shards write` again") from None
+    converted = written.pop("converted")
+    manifest = {
+        "format": kind, "split": split, "classes": classes or [], **written,
+        **({"converted": converted} if converted else {}), **(extra or {}),
+        **({"source_files": SOURCE_FILES} if origins else {}),
+        "source": source, "created_by": f"selfsup {__version__}",
+    }
+    _finish(out, split, manifest, origins)
+    return manifest
+
+
+def _begin(out: Path) -> None:
+    """Mark ``out`` partial, then remove an earlier write's manifest and source list: a write stopped
+    from here on leaves a folder every reader refuses, never old manifest beside new tars."""
+    try:
+        (out / PARTIAL).write_text(f"selfsup {__version__} began writing shards here; remove this folder's "
+                                   "tars and write them again\n")
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            (out / PARTIAL).unlink(missing_ok=True)
+        raise ShardWriteError(f"{out}: cannot begin writing ({err.strerror or err}); nothing in it was changed; "
+                              "free space or pass another OUT") from None
+    for name in (MANIFEST, SOURCE_FILES):
+        (out / name).unlink(missing_ok=True)
+
+
+def _finish(out: Path, split: str, manifest: dict, origins: dict[str, str]) -> None:
+    """Remove ``split``'s tars of an earlier, longer write; write the source list, then the manifest, then
+    lift the partial mark: whichever step a kill stops, the folder is refused or whole."""
+    written = {s["name"] for s in manifest["shards"]}
+    for tar in out.glob(f"{split}-*.tar"):
+        if tar.name not in written and re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", tar.name):
+            tar.unlink()
+    try:
+        if origins:
+            _save(out / SOURCE_FILES, json.dumps(origins, indent=0))
+        _save(out / MANIFEST, _manifest_text(manifest))
+    except OSError as err:
+        raise ShardWriteError(f"{out}: cannot write {MANIFEST} ({err.strerror or err}); the output is partial "
+                              f"({PARTIAL} marks it): free space, then run `selfsup shards write` again") from None
+    (out / PARTIAL).unlink()
+
+
+def _abandon(writer: wds.TarWriter) -> None:
+    """Close a tar that failed to write, dropping what it still buffers."""
+    for close in (writer.tarstream.close, writer.stream.close):
+        with contextlib.suppress(OSError):
+            close()
+
+
+def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total: int | None,
+                samples_per_shard: int) -> tuple[dict, dict[str, str]]:
+    """Write the tars of :func:`write_shards`: (the manifest's num_samples, shards, skipped and converted,
+    {key: source file})."""
     mtime = int(time.time())
     shards: list[dict] = []
     skipped: list[str] = []
@@ -128,35 +203,31 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
                 shards[-1]["durations" if kind == "audio" else "sizes"] = list(per_sample)
             writer = None
 
-    with tqdm(samples, total=total, desc=f"shards {out}/{split}", unit="sample", mininterval=1.0) as bar:
-        for sample in bar:
-            if "__error__" in sample:
-                skipped.append(sample["__error__"])
-                continue
-            if "__converted__" in sample:
-                converted.append(sample.pop("__converted__"))
-            if "__source__" in sample:
-                origins[sample["__key__"]] = sample.pop("__source__")
-            if writer is None or count >= samples_per_shard:
-                close()
-                path = out / f"{split}-{len(shards):06d}.tar"
-                writer, count, per_sample = wds.TarWriter(str(path), mtime=mtime), 0, []
-            writer.write(sample)
-            count += 1
-            if kind in ("audio", "image"):  # per sample: a clip's duration or an image's size
-                per_sample.append(_duration(sample) if kind == "audio" else _size(sample))
-    close()
-    manifest = {
-        "format": kind, "split": split, "classes": classes or [],
-        "num_samples": sum(s["count"] for s in shards), "shards": shards, "skipped": skipped,
-        **({"converted": converted} if converted else {}), **(extra or {}),
-        **({"source_files": SOURCE_FILES} if origins else {}),
-        "source": source, "created_by": f"selfsup {__version__}",
-    }
-    if origins:
-        _save(out / SOURCE_FILES, json.dumps(origins, indent=0))
-    _save(out / MANIFEST, _manifest_text(manifest))
-    return manifest
+    try:
+        with tqdm(samples, total=total, desc=f"shards {out}/{split}", unit="sample", mininterval=1.0) as bar:
+            for sample in bar:
+                if "__error__" in sample:
+                    skipped.append(sample["__error__"])
+                    continue
+                if "__converted__" in sample:
+                    converted.append(sample.pop("__converted__"))
+                if "__source__" in sample:
+                    origins[sample["__key__"]] = sample.pop("__source__")
+                if writer is None or count >= samples_per_shard:
+                    close()
+                    path = out / f"{split}-{len(shards):06d}.tar"
+                    writer, count, per_sample = wds.TarWriter(str(path), mtime=mtime), 0, []
+                writer.write(sample)
+                count += 1
+                if kind in ("audio", "image"):  # per sample: a clip's duration or an image's size
+                    per_sample.append(_duration(sample) if kind == "audio" else _size(sample))
+        close()
+    except OSError:
+        if writer is not None:  # its buffered bytes would be written to the full disk again at exit
+            _abandon(writer)
+        raise
+    return {"num_samples": sum(s["count"] for s in shards), "shards": shards, "skipped": skipped,
+            "converted": converted}, origins
 
 
 @dataclass
@@ -284,6 +355,8 @@ def index_shards(folder: str | Path, split: str = "train", classes: list[str] | 
     root = Path(folder)
     if not root.is_dir():
         raise DatasetNotFound(f"{root} does not exist; pass the folder holding the .tar shards")
+    if (root / PARTIAL).exists():
+        raise ManifestError(partial_message(str(root)))
     if (root / MANIFEST).exists():
         raise ManifestError(f"{root} already has a {MANIFEST}; delete it to index the tars again")
     tars = sorted(root.glob("*.tar"))
