@@ -106,6 +106,31 @@ def write_audio_probe_shards(corpus: Path, digits: Path) -> tuple[Path, Path]:
     return speech, digit
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the pretraining of the run ``cfg``."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.name)
+        self.cfg = cfg
+
+
+def interrupted_line(err: KeyboardInterrupt, argv: list[str]) -> str:
+    """What Ctrl-C says: for a run, its last checkpoint and the command (``argv`` without --restart) that
+    resumes it."""
+    import shlex
+
+    if not isinstance(err, Interrupted):
+        return "interrupted"
+    from selfsup.core.checkpoint import list_checkpoints, read_progress
+
+    command = shlex.join(["selfsup", *(a for a in argv if a != "--restart")])
+    found = list_checkpoints(err.cfg.run_dir)
+    if not found:
+        return f"interrupted before the first checkpoint of {err.cfg.run_dir}; `{command}` starts it again"
+    return (f"interrupted; the last checkpoint is {found[-1]} (step {read_progress(found[-1]).get('step')}); "
+            f"resume with: {command}")
+
+
 def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = False) -> dict:
     """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a Ray of its own, or the cluster at
     ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary. ``restart``
@@ -115,10 +140,13 @@ def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = Fals
     from selfsup.train.lease import run_lease
 
     check_credentials(cfg.tracking.mode)  # W&B online without credentials: refused before anything starts
-    with run_lease(cfg):  # taken before torch loads, so that a second driver is refused at once
-        from selfsup.cluster.trainer import drive
+    try:
+        with run_lease(cfg):  # taken before torch loads, so that a second driver is refused at once
+            from selfsup.cluster.trainer import drive
 
-        summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart)
+            summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart)
+    except KeyboardInterrupt:
+        raise Interrupted(cfg) from None
     print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
           f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
           f"{summary['train_seconds'] / 60:.1f} min)")
@@ -578,10 +606,15 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     setup_logging(args.verbose)
     try:
         return args.func(args) or 0
+    except KeyboardInterrupt as err:  # 128 + SIGINT, as a shell reports a command Ctrl-C ended
+        print(("\n" if sys.stderr.isatty() else "") + f"selfsup: error: {interrupted_line(err, argv)}",
+              file=sys.stderr)
+        return 130
     except Exception as err:
         if isinstance(err, _one_line_errors()):
             print(f"selfsup: error: {err}", file=sys.stderr)

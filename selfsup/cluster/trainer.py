@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
 from selfsup.tracking.wandb_run import TrackingError, WandbReporter
 from selfsup.tasks import task_for
-from selfsup.train.console import ProgressConsole, follow_records
+from selfsup.train.console import POLL_SECONDS, ProgressConsole, follow_records
 from selfsup.train.lease import LEASE, run_lease
 from selfsup.train.trainer import Trainer
 
@@ -361,6 +362,27 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
             ray.shutdown()
 
 
+def fit_interruptibly(trainer):
+    """``trainer.fit()`` in a thread of its own, so that Ctrl-C reaches the caller as KeyboardInterrupt
+    (Ray's Ray then goes down with :func:`run_pretraining`): in the main thread Ray Train would take
+    SIGINT itself, print its own lines and exit 1."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="selfsup-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(POLL_SECONDS)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def _fit_under_ray(cfg: ExperimentConfig) -> dict:
     """:func:`run_pretraining` once Ray is up: fit the TorchTrainer and return the summary."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
@@ -387,9 +409,9 @@ def _fit_under_ray(cfg: ExperimentConfig) -> dict:
     )
     if driver_follows(cfg):
         with follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)):
-            result = trainer.fit()
+            result = fit_interruptibly(trainer)
     else:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     if result.return_value:  # rank 0 stopped on an error that a retry cannot heal
         raise RunFailed(result.return_value)
     if cfg.run_url:  # rank 0 may have run on another node: the bucket's summary, never a stale one here

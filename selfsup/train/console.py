@@ -44,6 +44,14 @@ class ProgressConsole:
         if "monitor/knn@20" in metrics:
             self._monitor(metrics)
 
+    def skip(self, step: int, metrics: dict) -> None:
+        """A record an earlier attempt already showed: the bar moves to it, no line is printed."""
+        if "total_steps" in metrics and "loss" in metrics:
+            if self.live:
+                self._progress(step, metrics)
+            else:
+                self.next_line = math.floor(PLAIN_LINES * step / int(metrics["total_steps"])) + 1
+
     def finish(self, summary: dict) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -89,8 +97,10 @@ class ProgressConsole:
 def follow_records(path: Path, console: ProgressConsole) -> Iterator[None]:
     """While the body runs, feed ``console`` each record appended to the ``metrics.jsonl`` at ``path``
     (by another process). The records already there when it starts, and those a resume rewrites up
-    to that point, only move the bar: their online-check lines are not printed again."""
-    seen_samples = max((json.loads(line).get("samples", 0) for line in _lines(path)), default=0)
+    to the furthest shown, only move the bar (:meth:`ProgressConsole.skip`): a resumed run's console
+    goes on from where it resumed, printing none of an earlier attempt's lines again."""
+    before = max((json.loads(line).get("samples", 0) for line in _lines(path)), default=0)
+    shown = {False: before, True: before}  # the furthest samples shown, of progress and of online-check records
     stop = threading.Event()
 
     def follow() -> None:
@@ -101,8 +111,11 @@ def follow_records(path: Path, console: ProgressConsole) -> Iterator[None]:
             offset = 0 if len(lines) < done else done  # a resume rewrote the file: read it again
             for line in lines[offset:]:
                 record = json.loads(line)
-                if "monitor/knn@20" in record and record.get("samples", 0) <= seen_samples:
+                check = "monitor/knn@20" in record
+                if "samples" in record and record["samples"] <= shown[check]:
+                    console.skip(int(record.get("step", 0)), record)
                     continue
+                shown[check] = max(shown[check], record.get("samples", 0))
                 console.log(int(record.get("step", 0)), record)
             done = len(lines)
             if finished:

@@ -68,3 +68,19 @@ def test_the_driver_follows_the_records_another_process_appends(tmp_path, monkey
         thread.start()
         thread.join()
     assert seen == [(1, False), (2, False), (3, False), (4, False), (5, False), (5, True)]
+
+
+def test_a_resumed_run_prints_none_of_the_earlier_attempts_lines_again(tmp_path, monkeypatch):
+    """Off a terminal: the first attempt showed steps 1-6 of 10; the resume rewrites the records up to its
+    checkpoint (step 4) and goes on. The console prints only the lines of steps 7-10."""
+    monkeypatch.setattr(console_module, "POLL_SECONDS", 0.01)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({**step_record(s, 10), "samples": 8 * s}) + "\n" for s in range(1, 7)))
+    out = io.StringIO()
+    with follow_records(path, ProgressConsole("img", stream=out, live=False)):
+        path.write_text("".join(json.dumps({**step_record(s, 10), "samples": 8 * s}) + "\n" for s in range(1, 5)))
+        time.sleep(0.05)
+        with open(path, "a") as f:
+            f.writelines(json.dumps({**step_record(s, 10), "samples": 8 * s}) + "\n" for s in range(5, 11))
+    assert [line.split(" steps")[0] for line in out.getvalue().splitlines()] == [
+        "pretraining 7/10", "pretraining 8/10", "pretraining 9/10", "pretraining 10/10"]

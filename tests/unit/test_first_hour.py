@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from selfsup import cli
+from selfsup.core.checkpoint import checkpoint_name
 from tests.clusterkit import tiny_config, write_config
 from tests.conftest import write_tiny_shards
 
@@ -98,3 +99,48 @@ def test_conversions_the_config_allows_are_each_one_note(tmp_path, capsys, monke
     assert cli.main(["pretrain", str(config), "--no-ray", "data.channels=3", "data.image_size=40",
                      "data.mean=[0.5,0.5,0.5]", "data.std=[0.2,0.2,0.2]"]) == 0
     assert "note" not in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the second checkpoint (--no-ray): one line, exit code 130; the command it names
+    resumes from that checkpoint."""
+    from selfsup.train.trainer import Trainer
+
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [40]), tmp_path / "runs",
+                                                           train={"checkpoint_every_steps": 2}))
+    written, original = [], Trainer._checkpoint
+
+    def checkpoint_then_ctrl_c(self, epoch, in_epoch):
+        original(self, epoch, in_epoch)
+        written.append(self.steps_done)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint_then_ctrl_c)
+    argv = ["pretrain", str(config), "--no-ray", "--restart"]
+    capsys.readouterr()
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    (line,) = [line for line in lines(err) if line.startswith("selfsup: ")]
+    assert "Traceback" not in err and line == (
+        f"selfsup: error: interrupted; the last checkpoint is {tmp_path}/runs/x/checkpoints/{checkpoint_name(32)} "
+        f"(step 4); resume with: selfsup pretrain {config} --no-ray")
+    monkeypatch.setattr(Trainer, "_checkpoint", original)
+    assert cli.main(argv[:3]) == 0
+    out = capsys.readouterr()
+    assert f"resumed x from {tmp_path}/runs/x/checkpoints/{checkpoint_name(32)} (step 4)" in out.err
+    assert "done: 5 steps" in out.out
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path, capsys, monkeypatch):
+    from selfsup.cluster import trainer
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "pretrain_here", ctrl_c)
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [16]), tmp_path / "runs"))
+    capsys.readouterr()
+    assert cli.main(["pretrain", str(config), "--no-ray"]) == 130
+    assert lines(capsys.readouterr().err) == [f"selfsup: error: interrupted before the first checkpoint of "
+                                              f"{tmp_path}/runs/x; `selfsup pretrain {config} --no-ray` starts it again"]
