@@ -10,7 +10,9 @@ nothing from selfsup and no torch, so a config validates anywhere (``selfsup sub
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -447,7 +449,7 @@ class EvalConfig(Strict):
 class ExperimentConfig(Strict):
     """One pretraining experiment."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run name: runs/<name>/ is resumed when it exists")
+    name: str = Field(description="run name: runs/<name>/ is resumed when it exists")
     run_root: str = "runs"
     seed: int = 0
     deterministic: bool = False
@@ -460,6 +462,14 @@ class ExperimentConfig(Strict):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _one_safe_folder_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or set(v) == {"."}:
+            raise ValueError(f"{v!r} is not a run name: use one folder name of letters, digits, '_', '-' and '.' "
+                             "(not '.' or '..', no '/')")
+        return v
 
     @model_validator(mode="after")
     def _data_kind_matches_method(self):
@@ -508,13 +518,36 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _close_key(loc: tuple) -> str:
+    """The known key nearest an unknown one at ``loc`` (a validation error's location), or ""."""
+    model: type[BaseModel] | None = ExperimentConfig
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in METHOD_CONFIGS:  # the method's tag: its own section's keys
+            model = METHOD_CONFIGS[part]
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        annotation = field.annotation if field is not None else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return close[0] if close else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    """One line for one error (``invalid config SOURCE: key: what``), else a line per error."""
+    lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHOD_CONFIGS))
-        msg = "unknown key (check the spelling)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        path = [str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHOD_CONFIGS)]
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            close = _close_key(e["loc"])
+            msg = f"unknown key; did you mean {'.'.join([*path[:-1], close])}?" if close else \
+                "unknown key (check the spelling)"
+        lines.append(f"{'.'.join(path) or '(top level)'}: {msg}")
+    if len(lines) == 1:
+        return f"invalid config {source}: {lines[0]}"
+    return "\n  ".join([f"invalid config {source}:", *lines])
 
 
 def _parse_override(item: str) -> tuple[str, Any]:

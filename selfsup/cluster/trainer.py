@@ -179,6 +179,9 @@ def set_aside(cfg: ExperimentConfig) -> Path | None:
         raise RunFailed(f"--restart keeps the old run aside, which only works for a local run_root; for "
                         f"{cfg.run_url} pick another name=..., or delete that prefix first")
     run = Path(cfg.run_dir)
+    if run.name in ("", ".", "..") or run.parent.resolve() != Path(cfg.run_root).resolve():
+        raise RunFailed(f"--restart sets aside only a run folder inside run_root, and {run} is not one: "
+                        "set name=... to a plain folder name")
     old = [p for p in run.iterdir() if p.name != LEASE and not p.name.startswith(f".{LEASE}.")] if run.is_dir() else []
     if not old:
         return None

@@ -17,7 +17,10 @@ CONFIGS = sorted(shipped_configs().values())
     (["optim.name=adam"], "optim.name", "'sgd', 'lars' or 'adamw'"),
     (["augment.preset=rainbow"], "augment.preset", "unknown preset"),
     (["data.channels=3"], "data", "data.mean and data.std need 3 values"),
-    (["name=has space"], "name", "pattern"),
+    (["name=has space"], "name", "not a run name"),
+    (["name=.."], "name", "'..' is not a run name: use one folder name"),
+    (["name=."], "name", "not a run name"),
+    (["name=a/b"], "name", "not a run name"),
     (["optim.decay=step"], "optim.decay", "'cosine' or 'linear'"),
     (["data.max_tokens=0"], "data.max_tokens", "greater than 0"),
     (["data.bucket_size=1"], "data.bucket_size", "greater than 1"),
@@ -25,7 +28,32 @@ CONFIGS = sorted(shipped_configs().values())
 def test_bad_keys_and_values_are_refused_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as err:
         parse_config(BASE, overrides)
-    assert f"  {key}: " in str(err.value) and words in str(err.value)
+    assert f": {key}: " in str(err.value) and words in str(err.value)
+    assert "\n" not in str(err.value)  # one error, one line
+
+
+@pytest.mark.parametrize("name", ["a\tb", "a\nb", "runs/x", "..", "", "x\x00"])
+def test_a_run_name_is_one_safe_folder_name(name):
+    with pytest.raises(ConfigError, match="not a run name"):
+        parse_config({**BASE, "name": name})
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["optim.lrr=1"], "optim.lrr: unknown key; did you mean optim.lr?"),
+    (["method.temprature=0.1"], "method.temprature: unknown key; did you mean method.temperature?"),
+    (["data.batchsize=8"], "data.batchsize: unknown key; did you mean data.batch_size?"),
+    (["optim.zzz=1"], "optim.zzz: unknown key (check the spelling)"),
+])
+def test_an_unknown_key_suggests_the_close_match(overrides, said):
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE, overrides)
+    assert str(err.value) == f"invalid config <dict>: {said}"
+
+
+def test_several_errors_are_a_line_each():
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE, ["optim.lrr=1", "data.batch_size=0"])
+    assert str(err.value).splitlines()[0] == "invalid config <dict>:" and len(str(err.value).splitlines()) == 3
 
 
 def test_overrides_are_parsed_as_yaml_and_round_trip(tmp_path):

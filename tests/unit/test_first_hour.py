@@ -144,3 +144,36 @@ def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path, capsys, monkeypatc
     assert cli.main(["pretrain", str(config), "--no-ray"]) == 130
     assert lines(capsys.readouterr().err) == [f"selfsup: error: interrupted before the first checkpoint of "
                                               f"{tmp_path}/runs/x; `selfsup pretrain {config} --no-ray` starts it again"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../x"])
+def test_restart_with_an_unsafe_name_is_refused_and_moves_nothing(tmp_path, capsys, no_training, name):
+    """A file beside runs/ and another run survive --restart of every name that is not one folder."""
+    (tmp_path / "runs" / "other").mkdir(parents=True)
+    (tmp_path / "runs" / "other" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "beside-runs.txt").write_text("keep me")
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [16]), tmp_path / "runs"))
+    one_error(capsys, ["pretrain", str(config), "--no-ray", "--restart", f"name={name}"],
+              f"invalid config {config}: name: '{name}' is not a run name")
+    assert (tmp_path / "beside-runs.txt").read_text() == "keep me"
+    assert (tmp_path / "runs" / "other" / "metrics.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside-runs.txt", "runs", "s", "x.yaml"]
+
+
+def test_set_aside_never_moves_what_is_outside_the_run_folder(tmp_path):
+    """Even a config built without validation (``model_construct``) cannot make --restart move run_root's parent."""
+    from selfsup.cluster.trainer import RunFailed, set_aside
+    from selfsup.config import parse_config
+
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "beside-runs.txt").write_text("keep me")
+    cfg = parse_config(tiny_config("x", tmp_path / "s", tmp_path / "runs"))
+    for name in ("..", "."):
+        with pytest.raises(RunFailed, match="--restart sets aside only a run folder inside run_root"):
+            set_aside(cfg.model_copy(update={"name": name}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside-runs.txt", "runs"]
+    kept = set_aside(cfg)
+    assert kept == tmp_path / "runs" / kept.name and kept.name.startswith("x.old-")
+    assert (kept / "metrics.jsonl").read_text() == "{}\n" and (tmp_path / "beside-runs.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside-runs.txt", "runs"]

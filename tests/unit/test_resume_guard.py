@@ -56,6 +56,7 @@ def test_a_changed_config_is_refused_a_longer_plan_resumes_and_restart_starts_af
     shards = write_tiny_shards(tmp_path / "shards", [16])  # 2 steps of batch 8 an epoch
     path = write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs", model={"width": 8}))
     run = tmp_path / "runs" / "x"
+    (tmp_path / "beside-runs.txt").write_text("keep me")  # --restart moves nothing outside the run's folder
     assert cli.main(["pretrain", str(path), "--no-ray"]) == 0
     ckpt = latest_checkpoint(run)
     before = _files(ckpt)
@@ -82,3 +83,5 @@ def test_a_changed_config_is_refused_a_longer_plan_resumes_and_restart_starts_af
     assert (kept / "metrics.jsonl").is_file() and not (kept / "lease.json").exists()
     assert load_config(latest_checkpoint(run) / "config.yaml").model.width == 16
     assert not (run / "lease.json").exists()  # released as usual
+    assert (tmp_path / "beside-runs.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside-runs.txt", "runs", "shards", "x.yaml"]
