@@ -17,6 +17,7 @@ $(STAMP):
 
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) --no-deps lightly  # the `reference` extra, torch left alone
 	@touch $@
 
 venv: $(STAMP)

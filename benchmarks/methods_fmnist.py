@@ -1,9 +1,9 @@
-"""Learning curves and final quality of the five vision methods on Fashion-MNIST at the same backbone and budget.
+"""Learning curves and final quality of the vision methods on Fashion-MNIST at the same backbone and budget.
 
     python -m benchmarks.methods_fmnist                         # 20 min of pretraining per method, monitor every epoch
     python -m benchmarks.methods_fmnist --minutes 45 --max-epochs 100 --methods simclr   # the budget ends it
     python -m benchmarks.methods_fmnist --methods byol --variant lr0.2 --set optim.lr=0.2   # beside byol, as byol-lr0.2
-    python -m benchmarks.methods_fmnist --recipe gpu --minutes 10 --concurrent   # the five at once on one GPU
+    python -m benchmarks.methods_fmnist --recipe gpu --minutes 10 --concurrent   # all of them at once on one GPU
     python -m benchmarks.methods_fmnist --restart               # train these methods again from scratch
 
 Each method trains its recipe (``configs/<method>-resnet18-fmnist-cpu.yaml``, half-width ResNet-18,
@@ -40,7 +40,7 @@ from selfsup.eval.run import evaluate
 from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
+METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins"]
 METRICS = ["knn@20", "knn@200", "linear"]
 BASELINES = {"pixels": "pixels", "random_init": "random init"}  # name -> as printed
 MONITOR_LEVEL = re.compile(r"monitor/(.+)_knn@20")  # a baseline's level on the monitor subset
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--restart", action="store_true", help="delete these methods' runs and train afresh")
     p.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
     p.add_argument("--concurrent", action="store_true",
-                   help="train the methods at once, each in its own process of this benchmark (five on one GPU); "
+                   help="train the methods at once, each in its own process of this benchmark (all on one GPU); "
                         "their output goes to OUT/<method>.log")
     args = p.parse_args(argv)
     check_inputs(args)

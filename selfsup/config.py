@@ -63,10 +63,13 @@ def preset_views(name: str) -> list[ViewRecipe]:
     return [ViewRecipe(**v) for v in PRESETS[name]]
 
 
-class ImageMethodConfig(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ImageMethodConfig(Strict):
     """Base of the image methods' hyper-parameters; ``data_kind`` is the ``data.kind`` a method trains on."""
 
-    model_config = ConfigDict(extra="forbid")
     data_kind: ClassVar[str] = "image"
 
 
@@ -153,6 +156,42 @@ class SimSiamConfig(ImageMethodConfig):
     proj_hidden_dim: int | None = Field(None, gt=0)
     pred_hidden_dim: int | None = Field(None, gt=0)
     sync_bn: bool = True
+
+
+class VICRegConfig(ImageMethodConfig):
+    """VICReg's hyper-parameters (Bardes, Ponce, LeCun 2022, the paper's ImageNet values).
+
+    The expander has ``proj_layers`` linear layers, ``proj_hidden_dim`` wide, to ``proj_dim``
+    (8192-8192-8192 for ResNet-50); the loss weighs invariance, variance and covariance by
+    ``sim_coeff``, ``std_coeff`` and ``cov_coeff`` (λ, μ, ν = 25, 25, 1).
+    """
+
+    name: Literal["vicreg"] = "vicreg"
+    sim_coeff: float = Field(25.0, ge=0, le=1e4)
+    std_coeff: float = Field(25.0, ge=0, le=1e4)
+    cov_coeff: float = Field(1.0, ge=0, le=1e4)
+    proj_hidden_dim: int = Field(8192, gt=0, le=65536)
+    proj_dim: int = Field(8192, gt=0, le=65536)
+    proj_layers: int = Field(3, ge=2, le=8)
+    sync_bn: bool = True  # the official code converts every BatchNorm to SyncBatchNorm
+
+
+class BarlowTwinsConfig(ImageMethodConfig):
+    """Barlow Twins' hyper-parameters (Zbontar et al. 2021).
+
+    ``lambd`` weighs the off-diagonal (redundancy) terms of the cross-correlation matrix (the
+    paper's λ = 5e-3); ``scale_loss`` multiplies the whole loss, as the first release of the official
+    code did (0.024 in its best ImageNet run; 1 is the paper's loss). The projector has ``proj_layers``
+    linear layers, ``proj_hidden_dim`` wide, to ``proj_dim`` (8192-8192-8192 for ResNet-50).
+    """
+
+    name: Literal["barlow_twins"] = "barlow_twins"
+    lambd: float = Field(5e-3, gt=0, le=1)
+    scale_loss: float = Field(1.0, gt=0, le=100)
+    proj_hidden_dim: int = Field(8192, gt=0, le=65536)
+    proj_dim: int = Field(8192, gt=0, le=65536)
+    proj_layers: int = Field(3, ge=2, le=8)
+    sync_bn: bool = True  # the cross-correlation is normalised over the global batch (SyncBatchNorm)
 
 
 class Wav2Vec2Config(BaseModel):
@@ -299,6 +338,8 @@ METHOD_CONFIGS: dict[str, type[BaseModel]] = {
     "moco_v3": MoCoV3Config,
     "byol": BYOLConfig,
     "simsiam": SimSiamConfig,
+    "vicreg": VICRegConfig,
+    "barlow_twins": BarlowTwinsConfig,
     "wav2vec2": Wav2Vec2MethodConfig,
 }
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
@@ -314,10 +355,6 @@ def mirror_dir(run_root: str, name: str) -> Path:
     an s3:// or gs:// URL."""
     scheme, rest = run_root.split("://", 1)
     return cache_root() / "runs" / scheme / rest.strip("/") / name
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(Strict):

@@ -1,4 +1,4 @@
-"""Cross-rank helpers: all-gathers with and without gradient, the world size, and BatchNorm over the
+"""Cross-rank helpers: all-gathers with and without gradient, a sum with gradient, the world size, and BatchNorm over the
 batch of every rank (``convert_sync_batchnorm``) that also works on CPU process groups (gloo)."""
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x
     return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over every rank (``x`` itself on one rank); its backward sums the gradients of
+    every rank, so after DDP's average each rank holds the gradient of the global sum."""
+    if world_size() == 1:
+        return x
+    return dist_fn.all_reduce(x)
 
 
 @torch.no_grad()

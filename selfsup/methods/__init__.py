@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.byol import BYOL
 from selfsup.methods.moco import MoCoV2, MoCoV3
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simsiam import SimSiam
+from selfsup.methods.vicreg import VICReg
 
 METHODS: dict[str, type[nn.Module]] = {
     "simclr": SimCLR,
@@ -19,6 +21,8 @@ METHODS: dict[str, type[nn.Module]] = {
     "moco_v3": MoCoV3,
     "byol": BYOL,
     "simsiam": SimSiam,
+    "vicreg": VICReg,
+    "barlow_twins": BarlowTwins,
 }
 
 

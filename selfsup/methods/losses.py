@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from selfsup.core.distributed import gather_no_grad, gather_with_grad, rank
+from selfsup.core.distributed import gather_no_grad, gather_with_grad, rank, sum_with_grad, world_size
 
 
 def fp32(x: torch.Tensor) -> torch.Tensor:
@@ -83,3 +83,45 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """SimSiam's ``D(p, z) = −cos(p, z)``, mean over the batch; p, z: (B, D), fp32. Stop-gradient is the caller's."""
     with torch.autocast(p.device.type, enabled=False):
         return -F.cosine_similarity(fp32(p), fp32(z), dim=1).mean()
+
+
+def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float,
+                cov_coeff: float) -> dict[str, torch.Tensor]:
+    """VICReg's loss (Bardes et al. 2022, as the official ``main_vicreg.py``): ``sim_coeff`` x the
+    invariance (MSE of this rank's pairs) + ``std_coeff`` x the variance hinge + ``cov_coeff`` x the
+    off-diagonal covariance, the last two over the embeddings of every rank (gathered with gradient).
+
+    z1, z2: (B, D) expander outputs of the two views. Returns {"loss" (with gradient), "invariance",
+    "variance", "covariance" (detached)}, computed in fp32 (also under autocast).
+    """
+    with torch.autocast(z1.device.type, enabled=False):
+        z1, z2 = fp32(z1), fp32(z2)
+        invariance = F.mse_loss(z1, z2)
+        everyone = [gather_with_grad(z) for z in (z1, z2)]  # (W·B, D) each
+        variance = sum(F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean() for z in everyone) / 2
+        covariance = sum(_off_diagonal_sq(torch.cov(z.T)) / z.shape[1] for z in everyone)
+        loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
+            "covariance": covariance.detach()}
+
+
+def barlow_twins_loss(n1: torch.Tensor, n2: torch.Tensor, lambd: float, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Barlow Twins' loss (Zbontar et al. 2021, Algorithm 1): ``scale·(Σ_i (1 − C_ii)² + lambd·Σ_{i≠j} C_ij²)``.
+
+    n1, n2: (B, D) projections of the two views, each standardised over the global batch (the
+    caller's BatchNorm). C (D, D) is their cross-correlation over the global batch: this rank's
+    ``n1ᵀn2`` summed over ranks (with gradient) over the global batch size. Returns {"loss",
+    "on_diagonal", "off_diagonal" (detached, unscaled)}, computed in fp32 (also under autocast).
+    """
+    with torch.autocast(n1.device.type, enabled=False):
+        n1, n2 = fp32(n1), fp32(n2)
+        c = sum_with_grad(n1.T @ n2 / (n1.shape[0] * world_size()))
+        on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+        off_diagonal = _off_diagonal_sq(c)
+        loss = scale * (on_diagonal + lambd * off_diagonal)
+    return {"loss": loss, "on_diagonal": on_diagonal.detach(), "off_diagonal": off_diagonal.detach()}
+
+
+def _off_diagonal_sq(m: torch.Tensor) -> torch.Tensor:
+    """The sum of the squares of the off-diagonal entries of a square (D, D) matrix."""
+    return m.pow(2).sum() - torch.diagonal(m).pow(2).sum()

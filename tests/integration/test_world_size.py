@@ -1,7 +1,8 @@
 """W ranks equal one: 2 gloo ranks with B/2 samples each against 1 process with the same B samples.
 
 Same weights, same deterministic views (no augmentation), float64 on CPU. Where the paper's BatchNorm
-is in force (global BN for SimCLR, BYOL and SimSiam, SyncBN for MoCo v3 and MoCo v2's SyncBN option)
+is in force (global BN for SimCLR, BYOL and SimSiam, SyncBN for MoCo v3, VICReg, Barlow Twins and MoCo
+v2's SyncBN option; VICReg's statistics over the gathered embeddings, Barlow's cross-correlation summed)
 the mean of the ranks' losses, every parameter's gradient after DDP's all-reduce and the state after
 the step (BatchNorm running statistics, EMA targets, MoCo's queue) equal the single process's to
 1e-6. Each rank's loss is a mean over its own B/2 samples, so DDP's gradient average is the global
@@ -39,6 +40,8 @@ CASES = {  # name: method config (small heads for a width-8 ResNet-18, feature d
     "moco_v3": dict(name="moco_v3", proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16),
     "byol": dict(name="byol", proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16),
     "simsiam": dict(name="simsiam", proj_dim=16, proj_hidden_dim=16, pred_hidden_dim=4),
+    "vicreg": dict(name="vicreg", proj_hidden_dim=16, proj_dim=16),  # variance, covariance: gathered
+    "barlow_twins": dict(name="barlow_twins", proj_hidden_dim=16, proj_dim=16),  # cross-correlation: summed
 }
 SHUFFLE = dict(name="moco_v2", queue_size=32, proj_hidden_dim=16, proj_dim=8)  # the default: Shuffle-BN
 

@@ -90,6 +90,8 @@ HEADS = {  # small heads for a width-8 ResNet-18 (feature dimension 64)
     "moco_v3": ["method.proj_hidden_dim=16", "method.proj_dim=8", "method.pred_hidden_dim=16"],
     "byol": ["method.proj_hidden_dim=16", "method.proj_dim=8", "method.pred_hidden_dim=16"],
     "simsiam": ["method.proj_dim=16", "method.proj_hidden_dim=16", "method.pred_hidden_dim=4"],
+    "vicreg": ["method.proj_hidden_dim=16", "method.proj_dim=16"],
+    "barlow_twins": ["method.proj_hidden_dim=16", "method.proj_dim=16"],
 }
 
 

@@ -25,6 +25,14 @@ MOCO3 = "MoCo v3 (Chen, Xie, He 2021, arXiv 2104.02057)"
 MMPRE = "mmpretrain configs/mocov3/mocov3_resnet50_8xb512-amp-coslr-100e_in1k.py (+ imagenet_bs512_mocov3.py)"
 BYOL = "BYOL (Grill et al. 2020, arXiv 2006.07733)"
 SIMSIAM = "SimSiam (Chen & He 2021, arXiv 2011.10566)"
+VICREG = "VICReg (Bardes, Ponce, LeCun 2022, arXiv 2105.04906)"
+VICREG_CODE = "facebookresearch/vicreg main_vicreg.py"
+VICREG_README = "facebookresearch/vicreg README (1000-epoch command: --epochs 1000 --batch-size 2048 --base-lr 0.2)"
+VICREG_AUG = "facebookresearch/vicreg augmentations.py"
+BARLOW = "Barlow Twins (Zbontar et al. 2021, arXiv 2103.03230)"
+BARLOW_CODE = "facebookresearch/barlowtwins main.py at its first release (f13c949)"
+BARLOW_README = ("facebookresearch/barlowtwins README at f13c949 (--epochs 1000 --batch-size 2048 --learning-rate 0.2 "
+                 "--lambd 0.0051 --projector 8192-8192-8192 --scale-loss 0.024)")
 W2V = "wav2vec 2.0 (Baevski et al. 2020, arXiv 2006.11477)"
 FAIRSEQ = "fairseq examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml"
 
@@ -150,6 +158,49 @@ RECIPES: dict[str, list[tuple]] = {
         ("method.proj_hidden_dim", 2048, f"{SIMSIAM} §4 (hidden 2048)"),
         ("method.pred_hidden_dim", 512, f"{SIMSIAM} §4 (predictor bottleneck 512)"),
         *_views(MOCO2_AUG, 0, 1),
+    ],
+    "vicreg-resnet50-imagenet": [
+        ("batch", 2048, VICREG_README),
+        ("optim.name", "lars", f"{VICREG_CODE} (LARS, exclude_bias_and_norm)"),
+        ("optim.lars_eta", 0.001, f"{VICREG_CODE} (LARS eta=0.001)"),
+        ("optim.momentum", 0.9, f"{VICREG_CODE} (LARS momentum=0.9)"),
+        ("optim.lr_scaling", "linear", f"{VICREG_CODE} (adjust_learning_rate: base_lr x batch_size / 256)"),
+        ("optim.lr", 0.2, VICREG_README),
+        ("peak_lr", 1.6, VICREG_README),
+        ("optim.weight_decay", 1e-6, f"{VICREG_CODE} (--wd 1e-6)"),
+        ("optim.warmup_epochs", 10, f"{VICREG_CODE} (adjust_learning_rate: warmup_steps = 10 x len(loader))"),
+        ("optim.decay", "cosine", f"{VICREG_CODE} (adjust_learning_rate: cosine)"),
+        ("optim.epochs", 1000, VICREG_README),
+        ("method.sim_coeff", 25.0, f"{VICREG} implementation details (lambda 25) / {VICREG_CODE} (--sim-coeff 25)"),
+        ("method.std_coeff", 25.0, f"{VICREG} implementation details (mu 25) / {VICREG_CODE} (--std-coeff 25)"),
+        ("method.cov_coeff", 1.0, f"{VICREG} implementation details (nu 1) / {VICREG_CODE} (--cov-coeff 1)"),
+        ("method.proj_layers", 3, f"{VICREG_CODE} (--mlp 8192-8192-8192: three linear layers)"),
+        ("method.proj_hidden_dim", 8192, f"{VICREG_CODE} (--mlp 8192-8192-8192)"),
+        ("method.proj_dim", 8192, f"{VICREG_CODE} (--mlp 8192-8192-8192)"),
+        *_views([("crop_scale", (0.08, 1.0), f"{VICREG_AUG} (RandomResizedCrop's default scale)"),
+                 *[(k, v, VICREG_AUG) for k, v, _ in BYOL_AUG]], 0, 1),
+        *[(k, v, VICREG_AUG) for k, v, _ in BYOL_PAIR],
+    ],
+    "barlow_twins-resnet50-imagenet": [
+        ("batch", 2048, BARLOW_README),
+        ("optim.name", "lars", f"{BARLOW_CODE} (LARS, exclude_bias_and_norm from decay and adaptation)"),
+        ("optim.lars_eta", 0.001, f"{BARLOW_CODE} (LARS eta=0.001)"),
+        ("optim.momentum", 0.9, f"{BARLOW_CODE} (LARS momentum=0.9)"),
+        ("optim.lr_scaling", "linear", f"{BARLOW_CODE} (adjust_learning_rate: learning_rate x batch_size / 256)"),
+        ("optim.lr", 0.2, BARLOW_README),
+        ("peak_lr", 1.6, BARLOW_README),
+        ("optim.weight_decay", 1e-6, f"{BARLOW_CODE} (--weight-decay 1e-6)"),
+        ("optim.warmup_epochs", 10, f"{BARLOW_CODE} (adjust_learning_rate: warmup_steps = 10 x len(loader))"),
+        ("optim.decay", "cosine", f"{BARLOW_CODE} (adjust_learning_rate: cosine)"),
+        ("optim.epochs", 1000, BARLOW_README),
+        ("method.lambd", 0.0051, BARLOW_README),
+        ("method.scale_loss", 0.024, BARLOW_README),
+        ("method.proj_layers", 3, f"{BARLOW} implementation details / {BARLOW_README} (three linear layers)"),
+        ("method.proj_hidden_dim", 8192, f"{BARLOW} implementation details (projector: 3 layers of 8192) / {BARLOW_README}"),
+        ("method.proj_dim", 8192, f"{BARLOW} implementation details / {BARLOW_README}"),
+        *_views([("crop_scale", (0.08, 1.0), f"{BARLOW_CODE} (Transform: RandomResizedCrop's default scale)"),
+                 *[(k, v, f"{BARLOW_CODE} (Transform)") for k, v, _ in BYOL_AUG]], 0, 1),
+        *[(k, v, f"{BARLOW_CODE} (Transform / transform_prime)") for k, v, _ in BYOL_PAIR],
     ],
     "wav2vec2-base": [
         ("scaling.num_workers", 64, f"{W2V} §4.2 (64 V100s) / {FAIRSEQ} (distributed_world_size 64)"),
