@@ -31,8 +31,10 @@ def update_momentum(target: nn.Module, online: nn.Module, m: float, accepted: to
     online_params = list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError(f"target has {len(target_params)} parameters, online has {len(online_params)}")
-    weight = 1.0 - m if accepted is None else (1.0 - m) * accepted.to(target_params[0].dtype)
-    torch._foreach_lerp_(target_params, online_params, weight)
+    step = torch._foreach_sub(online_params, target_params)
+    if accepted is not None:  # a tensor factor: _foreach_lerp_ would read a 0-d weight on the host
+        torch._foreach_mul_(step, accepted.to(step[0].dtype))
+    torch._foreach_add_(target_params, step, alpha=1.0 - m)
 
 
 def cosine_momentum(base: float, progress: Progress) -> float:

@@ -111,7 +111,8 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """HSV (hue in turns) -> RGB, (..., 3, H, W) -> (..., 3, H, W): channel n in (r, g, b) is
     v * (1 - s * clamp(min(k, 4 - k), 0, 1)) with k = (n' + 6 h) mod 6 and n' = 5, 3, 1."""
     h, s, v = (c.unsqueeze(-3) for c in hsv.unbind(-3))
-    offsets = torch.tensor([5.0, 3.0, 1.0], device=hsv.device, dtype=hsv.dtype).view(3, 1, 1)
+    # 5, 3, 1 made on the device (torch.tensor([5., 3., 1.]) would be a host-to-device copy each call)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=hsv.device, dtype=hsv.dtype).view(3, 1, 1)
     k = torch.remainder(offsets + 6.0 * h, 6.0)
     return v * (1.0 - s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
 

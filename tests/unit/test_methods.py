@@ -20,7 +20,7 @@ from selfsup.methods import METHODS, build_method
 from selfsup.methods.byol import BYOL
 from selfsup.methods.losses import nt_xent
 from selfsup.methods.moco import MoCoV2, MoCoV3
-from selfsup.methods.momentum import cosine_momentum
+from selfsup.methods.momentum import cosine_momentum, momentum_copy, update_momentum
 from selfsup.methods.simsiam import SimSiam
 from selfsup.vision.backbones import build_backbone
 
@@ -360,3 +360,20 @@ def test_embedding_stats_spot_collapse():
     assert spread["embed_std"].item() == pytest.approx(64 ** -0.5, rel=0.1)
     assert spread["rankme"].item() > 50
     assert collapsed["embed_std"].item() < 0.01 and collapsed["rankme"].item() < 20
+
+
+def test_update_momentum_moves_the_target_only_on_accepted_steps():
+    online = nn.Linear(2, 1)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        online.bias.fill_(4.0)
+    target = momentum_copy(online)
+    with torch.no_grad():
+        online.weight.copy_(torch.tensor([[3.0, 6.0]]))
+        online.bias.fill_(0.0)
+    update_momentum(target, online, 0.75, accepted=torch.tensor(False))
+    assert target.weight.tolist() == [[1.0, 2.0]] and target.bias.tolist() == [4.0]
+    update_momentum(target, online, 0.75, accepted=torch.tensor(True))  # 0.75·target + 0.25·online
+    assert target.weight.tolist() == [[1.5, 3.0]] and target.bias.tolist() == [3.0]
+    update_momentum(target, online, 0.5)
+    assert target.weight.tolist() == [[2.25, 4.5]] and target.bias.tolist() == [1.5]
