@@ -14,6 +14,8 @@ import random
 import numpy as np
 import torch
 
+from selfsup.data.sources import decoder_reason
+
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 
@@ -42,7 +44,7 @@ def decode_sample(sample: dict, kind: str):
         try:
             img = np.asarray(Image.open(io.BytesIO(data)))
         except Exception as err:  # PIL raises many types for bad bytes
-            raise ValueError(f"sample {key}: undecodable ({type(err).__name__}: {err})") from None
+            raise ValueError(f"sample {key}: undecodable ({decoder_reason(err)})") from None
         return img, label
     if kind == "audio":
         from selfsup.audio.decode import decode_audio  # torchaudio loads only for audio data

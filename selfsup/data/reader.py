@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import webdataset as wds
-from tqdm import tqdm
 
+from selfsup.core.progress import progress
 from selfsup.core.storage import is_remote, open_read
 
 T = TypeVar("T")
@@ -189,7 +189,7 @@ def read_split(location: str, decode: Callable[[dict], T], limit: int | None = N
     items: list[T] = []
     lines: list[str] = []
     total = min(limit, manifest["num_samples"]) if limit else manifest["num_samples"]
-    with tqdm(total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit),
+    with progress(total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit),
               leave=False) as bar:
         for entry, url in zip(manifest["shards"], urls):
             problems: list[ShardProblem] = []

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
-from tqdm import tqdm
 
 from selfsup._version import __version__
+from selfsup.core.progress import progress
 from selfsup.core.storage import open_read
 from selfsup.data.decode import IMAGE_KEYS, decode_sample, image_payload
 from selfsup.data.reader import (MANIFEST, PARTIAL, ManifestError, ShardProblem, partial_message, read_manifest,
@@ -133,6 +133,10 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
                               "and must be re-written, not indexed: free space or pass another OUT, then run "
                               "`selfsup shards write` again") from None
     converted = written.pop("converted")
+    if not written["shards"]:  # an empty manifest would only fail later, as a run with too few samples
+        skipped = written["skipped"]
+        first = f"; the first of {len(skipped)} skipped: {skipped[0]}" if skipped else ""
+        raise BadInput(f"{source or 'the source'}: no sample could be written to {out}{first}")
     manifest = {
         "format": kind, "split": split, "classes": classes or [], **written,
         **({"converted": converted} if converted else {}), **(extra or {}),
@@ -204,7 +208,7 @@ def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total
             writer = None
 
     try:
-        with tqdm(samples, total=total, desc=f"shards {out}/{split}", unit="sample", mininterval=1.0) as bar:
+        with progress(samples, total=total, desc=f"shards {out}/{split}", unit="sample", mininterval=1.0) as bar:
             for sample in bar:
                 if "__error__" in sample:
                     skipped.append(sample["__error__"])
@@ -262,7 +266,7 @@ def verify_shards(location: str) -> VerifyReport:
     origins = source_files(location, manifest)
     report = VerifyReport(shards=len(urls))
     kind = manifest.get("format", "image")
-    for entry, url in tqdm(list(zip(manifest["shards"], urls)), desc=f"verify {location}", unit="shard"):
+    for entry, url in progress(list(zip(manifest["shards"], urls)), desc=f"verify {location}", unit="shard"):
         problems: list[ShardProblem] = []
         for sample in read_shard(url, problems, entry["count"], sha256=entry["sha256"]):
             try:
@@ -363,7 +367,7 @@ def index_shards(folder: str | Path, split: str = "train", classes: list[str] | 
     if not tars:
         raise ManifestError(f"{root} has no .tar files to index; pass the folder holding the WebDataset shards")
     shards, lines, labels, kind = [], [], set(), None
-    for tar in tqdm(tars, desc=f"index {root}", unit="shard"):
+    for tar in progress(tars, desc=f"index {root}", unit="shard"):
         entry, kind = _index_shard(tar, kind, lines, labels)
         shards.append(entry)
     if not any(s["count"] for s in shards):

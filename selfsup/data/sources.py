@@ -10,6 +10,7 @@ import gzip
 import io
 import os
 import random
+import re
 import struct
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from selfsup.core.progress import progress
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -98,7 +100,7 @@ def find_fashion_mnist(download_to: Path | None = None) -> Path:
             continue
         with urllib.request.urlopen(FASHION_MNIST_URL + target.name) as resp, open(f"{target}.part", "wb") as out:
             total = int(resp.headers.get("Content-Length", 0)) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
+            with progress(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
                 while chunk := resp.read(1 << 16):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -141,6 +143,11 @@ _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit grey: stored
 _KEPT_MODES = ("L", "LA", "RGB", "RGBA")  # what every reader decodes as it is
 
 
+def decoder_reason(err: Exception) -> str:
+    """A decoder's error as a reason: its type and message, without the in-memory file PIL names."""
+    return f"{type(err).__name__}: {re.sub(r' ?<_io.BytesIO object at 0x[0-9a-f]+>', '', str(err))}"
+
+
 def _check_decodes(img: Image.Image) -> None:
     """Decode ``img`` to the end of its data (a JPEG at 1/8 scale: its entropy-coded data is read whole,
     so a truncated or corrupt file fails, at a fraction of a full decode's cost)."""
@@ -176,7 +183,7 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
         (width, height), fmt, mode = img.size, img.format, img.mode
         _check_decodes(img)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
-        raise ValueError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{name}: not a readable image ({decoder_reason(err)})") from None
     if min(width, height) < MIN_SIDE:
         raise ValueError(f"{name}: {width}x{height} px, smaller than {MIN_SIDE} px on a side")
     too_big = bool(max_side and max(width, height) > max_side)

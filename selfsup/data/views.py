@@ -38,6 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from selfsup.data.decode import image_payload
+from selfsup.data.sources import decoder_reason
 from selfsup.vision.augment import crop_boxes
 
 log = logging.getLogger("selfsup.data")
@@ -128,7 +129,7 @@ class WholeImageViews:
                 return ViewItem(label, key, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes=boxes)
             return ViewItem(label, key, crops=cut_views(img, boxes, self.size, self.mode))
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
-            raise ValueError(f"sample {key}: undecodable ({type(err).__name__}: {err})") from None
+            raise ValueError(f"sample {key}: undecodable ({decoder_reason(err)})") from None
 
 
 def collate_views(items: list[ViewItem]) -> dict:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from selfsup.core.progress import progress
 from selfsup.eval.knn import check_labels, check_split_pair
 
 _MOMENTUM = 0.9
@@ -249,7 +249,7 @@ def _train_head(head: nn.Module, optimizer: torch.optim.Optimizer, features, tra
     device = next(head.parameters()).device
     total = epochs * math.ceil(len(train_y) / batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total)))
-    for _ in tqdm(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0, leave=False):
+    for _ in progress(range(epochs), desc="paper probe", unit="epoch", mininterval=1.0, leave=False):
         head.train()
         order = torch.randperm(len(train_y), generator=gen)
         for s in range(0, len(order), batch_size):

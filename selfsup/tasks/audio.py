@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from selfsup.audio.decode import SAMPLE_RATE
 from selfsup.audio.feature_encoder import receptive_field
@@ -17,6 +16,7 @@ from selfsup.audio.wav2vec2 import Wav2Vec2Pretraining
 from selfsup.config import ExperimentConfig
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
+from selfsup.core.progress import progress
 from selfsup.data.buckets import TokenBatching
 from selfsup.data.decode import collate_audio, decode_audio_sample, decode_sample
 from selfsup.data.reader import read_manifest, read_split, split_identity
@@ -57,7 +57,7 @@ def audio_layer_features(encoder: nn.Module, waves: list[np.ndarray], min_sample
     encoder.eval()
     device = next(encoder.parameters()).device
     per_layer: list[list[torch.Tensor]] = []
-    for wave in tqdm(waves, desc=desc, unit="clip", mininterval=1.0, disable=desc is None, leave=False):
+    for wave in progress(waves, desc=desc, unit="clip", mininterval=1.0, disable=desc is None, leave=False):
         x = torch.from_numpy(np.pad(wave, (0, max(0, min_samples - len(wave)))))[None].to(device)
         layers, _ = encoder(x, torch.tensor([x.shape[1]], device=device))
         if not per_layer:

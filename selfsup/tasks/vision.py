@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from selfsup.config import ExperimentConfig, ViewRecipe
 from selfsup.core.cache import digest, load_cached, store_cached
 from selfsup.core.device import memory_format
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
+from selfsup.core.progress import progress
 from selfsup.data.decode import collate_images, decode_image, decode_native
 from selfsup.data.preflight import max_side_problem
 from selfsup.data.reader import read_manifest, read_split, split_identity
@@ -53,7 +53,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews
     layout = memory_format(device)
     encoder.eval().to(memory_format=layout)
     out = []
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0,
+    for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0,
                   disable=desc is None, leave=False):
         batch = images[i:i + batch_size].to(device)
         x = (views(batch)[0] if augment else views.plain(batch)).contiguous(memory_format=layout)

@@ -84,3 +84,15 @@ def test_a_resumed_run_prints_none_of_the_earlier_attempts_lines_again(tmp_path,
             f.writelines(json.dumps({**step_record(s, 10), "samples": 8 * s}) + "\n" for s in range(5, 11))
     assert [line.split(" steps")[0] for line in out.getvalue().splitlines()] == [
         "pretraining 7/10", "pretraining 8/10", "pretraining 9/10", "pretraining 10/10"]
+
+
+def test_off_a_terminal_a_progress_bar_is_a_line_a_tenth_never_a_redraw():
+    from selfsup.core.progress import progress
+
+    out = io.StringIO()
+    for _ in progress(range(95), desc="shards", file=out, mininterval=0, miniters=1):
+        pass
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    assert [line.split(" [")[0] for line in text.splitlines()] == [
+        f"shards: {100 * n / 95:3.0f}% {n}/95" for n in (0, 10, 19, 29, 38, 48, 57, 67, 76, 86, 95)]  # each tenth

@@ -25,9 +25,11 @@ def one_error(capsys, argv: list[str], said: str) -> str:
     capsys.readouterr()
     assert cli.main(argv) == 2
     out = capsys.readouterr()
-    assert lines(out.err) == [lines(out.err)[0]] and "Traceback" not in out.err + out.out
-    assert lines(out.err)[0].startswith(f"selfsup: error: {said}"), out.err
-    return lines(out.err)[0]
+    said_lines = [line for line in lines(out.err + out.out) if line.startswith(("selfsup:", "warning:", "error:"))]
+    assert len(said_lines) == 1 and "Traceback" not in out.err + out.out, out.err
+    assert said_lines[0].startswith(f"selfsup: error: {said}"), out.err
+    assert "\r" not in out.err and "\x1b" not in out.err  # off a terminal: no redraws, no escape codes
+    return said_lines[0]
 
 
 @pytest.fixture
@@ -177,3 +179,24 @@ def test_set_aside_never_moves_what_is_outside_the_run_folder(tmp_path):
     assert kept == tmp_path / "runs" / kept.name and kept.name.startswith("x.old-")
     assert (kept / "metrics.jsonl").read_text() == "{}\n" and (tmp_path / "beside-runs.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["beside-runs.txt", "runs"]
+
+
+def test_a_folder_of_no_readable_image_is_an_error_naming_it_and_its_first_bad_file(tmp_path, capsys):
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    (tmp_path / "photos" / "cat" / "a.jpg").write_text("not a jpeg")
+    (tmp_path / "photos" / "cat" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    argv = ["shards", "write", "image-folder", str(tmp_path / "photos"), str(tmp_path / "out")]
+    one_error(capsys, argv, f"image folder {tmp_path / 'photos'}: no sample could be written to {tmp_path / 'out'}; "
+                            f"the first of 2 skipped: {tmp_path / 'photos' / 'cat' / 'a.jpg'}: not a readable image "
+                            "(UnidentifiedImageError: cannot identify image file)")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_each_skipped_file_is_named_with_the_decoders_reason(tmp_path, capsys):
+    rgb_jpeg_shards(tmp_path, n=2)
+    (tmp_path / "photos" / "a" / "bad.jpg").write_text("not a jpeg")
+    capsys.readouterr()
+    assert cli.main(["shards", "write", "image-folder", str(tmp_path / "photos"), str(tmp_path / "out")]) == 0
+    skipped = [line for line in lines(capsys.readouterr().out) if "skipped:" in line]
+    assert skipped == [f"  skipped: {tmp_path / 'photos' / 'a' / 'bad.jpg'}: not a readable image "
+                       "(UnidentifiedImageError: cannot identify image file)"]
