@@ -16,6 +16,16 @@ def memory_format(device: torch.device, channels_last: bool = True) -> torch.mem
     return torch.channels_last if channels_last and safe else torch.contiguous_format
 
 
+def module_memory_format(module: torch.nn.Module) -> torch.memory_format:
+    """The layout ``module``'s 4-D weights are in: ``torch.channels_last`` or ``torch.contiguous_format``
+    (a module with none that tells them apart, as an audio encoder: contiguous). A weight with one
+    input channel or a 1x1 kernel is both, so the first that is only one of them decides."""
+    weight = next((p for p in module.parameters() if p.dim() == 4
+                   and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)), None)
+    channels_last = weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def describe_machine(device: torch.device) -> str:
     """The machine a run trains on, for its report: the GPU's name, or the CPU's model, the threads
     torch uses and its vector capability (``AMD EPYC, 2 threads, AVX2``)."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.checkpoint import load_checkpoint
+from selfsup.core.device import memory_format
 from selfsup.core.objective import Objective
 from selfsup.eval.knn import weighted_knn
 from selfsup.tasks import LabelledSplit, Task, task_for
@@ -39,8 +40,10 @@ def objective_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None) -
 
 def encoder_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None,
                             device: torch.device | str = "cpu") -> nn.Module:
-    """The objective's encoder on ``device`` with the checkpoint's weights (None: at random initialisation)."""
-    return objective_from_checkpoint(cfg, model_state).encoder.to(device)
+    """The objective's encoder on ``device``, in the memory format training used there, with the
+    checkpoint's weights (None: at random initialisation)."""
+    encoder = objective_from_checkpoint(cfg, model_state).encoder.to(device)
+    return encoder.to(memory_format=memory_format(torch.device(device), cfg.train.channels_last))
 
 
 def load_encoder(run_or_checkpoint: str | Path, device: torch.device | str = "cpu") -> nn.Module:

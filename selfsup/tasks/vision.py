@@ -12,7 +12,7 @@ from torch import nn
 
 from selfsup.config import ExperimentConfig, ViewRecipe
 from selfsup.core.cache import digest, load_cached, store_cached
-from selfsup.core.device import memory_format
+from selfsup.core.device import memory_format, module_memory_format
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
 from selfsup.core.progress import progress
@@ -48,10 +48,13 @@ def paper_crop_scale(image_size: int) -> tuple[float, float]:
 def extract_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, batch_size: int = 256,
                      desc: str | None = "features", augment: bool = False) -> np.ndarray:
     """Features on the encoder's device: uint8 (N, C, H, W) -> float32 (N, D), un-augmented, or
-    through ``views``' first recipe with ``augment``; a progress bar named ``desc`` (None: none)."""
+    through ``views``' first recipe with ``augment``; a progress bar named ``desc`` (None: none).
+
+    The inputs take the encoder's memory format; the encoder keeps its own (the online monitor scores
+    the live training encoder, whose fused optimiser needs its parameters' strides unchanged)."""
     device = next(encoder.parameters()).device
-    layout = memory_format(device)
-    encoder.eval().to(memory_format=layout)
+    layout = module_memory_format(encoder)
+    encoder.eval()
     out = []
     for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch", mininterval=1.0,
                   disable=desc is None, leave=False):
