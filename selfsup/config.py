@@ -21,10 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class ViewRecipe(BaseModel):
-    """Augmentations for one view; every probability is per sample."""
+    """Augmentations for one view; every probability is per sample.
+
+    ``size`` is the crop's side in pixels: None (a global crop) is ``data.image_size``, a smaller one a
+    local crop (multi-crop, DINO's 96 px beside 224); ``copies`` repeats the recipe as that many views,
+    each drawn independently (DINO's 8 local crops).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    size: int | None = Field(None, gt=0, le=4096)
+    copies: int = Field(1, ge=1, le=64)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = Field(0.5, ge=0, le=1)
@@ -46,6 +53,8 @@ _GREY_JITTER = dict(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0, 
 _BYOL = dict(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
              grayscale_p=0.2)
 
+_DINO = dict(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2)
+
 PRESETS: dict[str, list[dict]] = {
     # grey images (Fashion-MNIST): crop, flip, the papers' colour jitter where it applies to one channel
     # (brightness and contrast, as MoCo v2 / BYOL: 0.4 each, p 0.8), blur
@@ -55,12 +64,21 @@ PRESETS: dict[str, list[dict]] = {
     "moco-v2": [_MOCO_V2, _MOCO_V2],
     # BYOL's asymmetric pair: view 1 always blurred, view 2 rarely blurred and sometimes solarized
     "byol": [dict(_BYOL, blur_p=1.0), dict(_BYOL, blur_p=0.1, solarize_p=0.2)],
+    # DINO's multi-crop (main_dino.py DataAugmentationDINO): two global crops from (0.4, 1), BYOL's pair of
+    # blur/solarize, and 8 local crops of 96 px from (0.05, 0.4), blurred at 0.5
+    "dino": [dict(_DINO, crop_scale=(0.4, 1.0), blur_p=1.0), dict(_DINO, crop_scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
+             dict(_DINO, size=96, copies=8, crop_scale=(0.05, 0.4), blur_p=0.5)],
 }
 
 
 def preset_views(name: str) -> list[ViewRecipe]:
-    """The per-view recipes of the preset ``name`` (a key of ``PRESETS``; ``AugmentConfig`` checks it)."""
+    """The recipes of the preset ``name`` (a key of ``PRESETS``; ``AugmentConfig`` checks it)."""
     return [ViewRecipe(**v) for v in PRESETS[name]]
+
+
+def expand_copies(recipes: list[ViewRecipe]) -> list[ViewRecipe]:
+    """One recipe per view: each recipe ``copies`` times (as ``copies=1``), in order."""
+    return [r.model_copy(update={"copies": 1}) for r in recipes for _ in range(r.copies)]
 
 
 class Strict(BaseModel):
@@ -68,9 +86,14 @@ class Strict(BaseModel):
 
 
 class ImageMethodConfig(Strict):
-    """Base of the image methods' hyper-parameters; ``data_kind`` is the ``data.kind`` a method trains on."""
+    """Base of the image methods' hyper-parameters; ``data_kind`` is the ``data.kind`` a method trains on.
+
+    ``global_views`` and ``local_views``: how many views at ``data.image_size`` the method needs, and
+    whether its loss takes any number of smaller (local) views besides them (multi-crop)."""
 
     data_kind: ClassVar[str] = "image"
+    global_views: ClassVar[int] = 2
+    local_views: ClassVar[bool] = False
 
 
 class SimCLRConfig(ImageMethodConfig):
@@ -537,8 +560,34 @@ class ExperimentConfig(Strict):
         return None
 
     def view_recipes(self) -> list[ViewRecipe]:
-        """The augmentation of each view: ``augment.views`` when given, else the preset's."""
-        return self.augment.views or preset_views(self.augment.preset)
+        """The augmentation of each view, copies expanded: ``augment.views`` when given, else the preset's."""
+        return expand_copies(self.augment.views or preset_views(self.augment.preset))
+
+    def view_sizes(self) -> list[int]:
+        """Each view's side in pixels: the global views' ``data.image_size``, then the local views' sizes."""
+        return [r.size or self.data.image_size for r in self.view_recipes()]
+
+    @model_validator(mode="after")
+    def _views_fit_the_method(self):
+        if self.method.data_kind != "image":
+            return self
+        key = "augment.views" if self.augment.views else f"augment.preset={self.augment.preset}"
+        sizes, size = self.view_sizes(), self.data.image_size
+        for i, s in enumerate(sizes):
+            if s > size:
+                raise ValueError(f"{key}: view {i} has size {s}, larger than data.image_size {size}: a local crop "
+                                 "must be smaller than the global crops (or leave size unset for a global crop)")
+        if sizes != sorted(sizes, reverse=True):
+            raise ValueError(f"{key}: views of sizes {sizes}: list the global views first, then the local views "
+                             "from the largest size to the smallest (each size then runs through the backbone as one batch)")
+        n_global, n_local = sizes.count(size), len(sizes) - sizes.count(size)
+        name, wanted = self.method.name, self.method.global_views
+        if n_global < wanted:
+            raise ValueError(f"{key}: method {name} needs {wanted} views at data.image_size {size}, got {n_global}")
+        if n_local and not self.method.local_views:
+            raise ValueError(f"{key}: method {name} does not use local crops ({n_local} views smaller than "
+                             f"data.image_size {size}); remove them, or choose a method that takes multi-crop")
+        return self
 
 
 class ConfigError(ValueError):

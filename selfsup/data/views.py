@@ -2,8 +2,9 @@
 
 Each view's random-resized-crop box is drawn per sample in the image's own pixels, by torchvision's
 rule (``selfsup.vision.augment.crop_boxes``: scale, log-ratio, 10 tries, centre-crop fall-back), then
-the box is cut and resized to ``data.image_size`` (a small image is upsampled, as torchvision does).
-Flip, jitter, grey, blur and solarize follow batched on the training device (``BatchViews.cropped``).
+the box is cut and resized to its view's size: ``data.image_size``, or a local crop's smaller size
+(multi-crop); a small image is upsampled, as torchvision does. Flip, jitter, grey, blur and solarize
+follow batched on the training device (``BatchViews.cropped``).
 
 The boxes are drawn in the loader workers by ``BoxSampler``, whichever way they are cut, so both ways
 give one distribution:
@@ -17,10 +18,12 @@ give one distribution:
   a progressive JPEG is cut by the worker instead; a JPEG the device decoder rejects is decoded on the
   CPU, counted and logged (``DeviceCrops.fallbacks``), never a crash.
 
-A batch (``collate_views``) of B samples and V views at S px:
-``{"labels": int64 (B,), "crops": uint8 (V, K, C, S, S) cut by the workers, "crop_index": int64 (K,)
-their places in the batch, "jpeg": uint8 (all J JPEGs' bytes,), "jpeg_offsets": int64 (J + 1,),
-"boxes": float32 (J, V, 4) [x1, y1, x2, y2] in each JPEG's pixels, "jpeg_index": int64 (J,), "keys": [J]}``.
+The views are grouped by size (``size_groups``: the global views, then each local size), V_g views
+at S_g px in group g. A batch (``collate_views``) of B samples:
+``{"labels": int64 (B,), "crops": [uint8 (V_g, K, C, S_g, S_g)] per group, cut by the workers,
+"crop_index": int64 (K,) their places in the batch, "jpeg": uint8 (all J JPEGs' bytes,),
+"jpeg_offsets": int64 (J + 1,), "boxes": float32 (J, V, 4) [x1, y1, x2, y2] in each JPEG's pixels,
+"jpeg_index": int64 (J,), "keys": [J]}``.
 """
 
 from __future__ import annotations
@@ -69,38 +72,51 @@ class BoxSampler:
         return boxes[used]
 
 
+def size_groups(sizes: list[int]) -> list[tuple[int, slice]]:
+    """The runs of consecutive views of one size: [(size, slice of the views)], in view order."""
+    groups: list[tuple[int, slice]] = []
+    for i, size in enumerate(sizes):
+        if groups and groups[-1][0] == size:
+            groups[-1] = (size, slice(groups[-1][1].start, i + 1))
+        else:
+            groups.append((size, slice(i, i + 1)))
+    return groups
+
+
 def device_decodable(img: Image.Image) -> bool:
     """Whether nvJPEG is expected to decode ``img`` (an opened, not yet decoded PIL image): a baseline
     JPEG in L or RGB (YCbCr). Everything else is cut by the loader worker."""
     return img.format == "JPEG" and img.mode in ("L", "RGB") and not img.info.get("progressive")
 
 
-def cut_views(img: Image.Image, boxes: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Each box of an opened PIL image, resized to ``size``: float (V, 4) -> uint8 (V, C, size, size).
+def cut_views(img: Image.Image, boxes: torch.Tensor, sizes: list[int], mode: str) -> list[torch.Tensor]:
+    """Each box of an opened PIL image, resized to its view's size: float (V, 4) -> [uint8 (V_g, C, S_g, S_g)]
+    per group of ``size_groups(sizes)``.
 
-    A JPEG is decoded at the smallest DCT scale (1/8 to 1) that leaves every box at least ``size``
-    pixels a side (PIL's ``draft``); ``mode``: "L" or "RGB". PIL's errors pass through.
+    A JPEG is decoded at the smallest DCT scale (1/8 to 1) that leaves every box at least its view's
+    size a side (PIL's ``draft``); ``mode``: "L" or "RGB". PIL's errors pass through.
     """
     width, height = img.size
-    shortest = float((boxes[:, 2:] - boxes[:, :2]).min())
-    scale = size / max(shortest, 1.0)
+    shortest = (boxes[:, 2:] - boxes[:, :2]).min(1).values.clamp(min=1.0)
+    scale = float((torch.tensor(sizes, dtype=shortest.dtype) / shortest).max())
     if img.format == "JPEG" and scale < 1:
         img.draft(mode, (math.ceil(width * scale), math.ceil(height * scale)))
     img.load()
     img = img if img.mode == mode else img.convert(mode)
     sx, sy = img.width / width, img.height / height
     crops = [torch.from_numpy(np.array(img.resize((size, size), Image.BILINEAR, box=(a * sx, b * sy, c * sx, d * sy))))
-             for a, b, c, d in boxes.tolist()]
-    return torch.stack([c.unsqueeze(0) if c.ndim == 2 else c.permute(2, 0, 1) for c in crops])
+             for (a, b, c, d), size in zip(boxes.tolist(), sizes)]
+    crops = [c.unsqueeze(0) if c.ndim == 2 else c.permute(2, 0, 1) for c in crops]
+    return [torch.stack(crops[views]) for _, views in size_groups(sizes)]
 
 
 class ViewItem(NamedTuple):
-    """One decoded sample: its views' ``crops`` uint8 (V, C, S, S) cut by the worker, or its ``jpeg``
-    bytes uint8 (N,) with their ``boxes`` float32 (V, 4) for the device to cut."""
+    """One decoded sample: its views' ``crops`` [uint8 (V_g, C, S_g, S_g)] per size group, cut by the
+    worker, or its ``jpeg`` bytes uint8 (N,) with their ``boxes`` float32 (V, 4) for the device to cut."""
 
     label: int
     key: str
-    crops: torch.Tensor | None = None
+    crops: list[torch.Tensor] | None = None
     jpeg: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
 
@@ -108,15 +124,16 @@ class ViewItem(NamedTuple):
 class WholeImageViews:
     """The loader workers' decode for views from the whole image: a raw sample -> ``ViewItem``.
 
-    ``crops``: each view's (scale, ratio); ``on_device``: leave the JPEGs nvJPEG can decode to
+    ``crops``: each view's (scale, ratio); ``sizes``: each view's side in pixels (the global views first,
+    then the local ones by size); ``on_device``: leave the JPEGs nvJPEG can decode to
     ``DeviceCrops`` (``data.decode: gpu``). Raises ValueError naming the key for a bad sample, which
     the stream skips and counts.
     """
 
-    def __init__(self, crops: list[Crop], size: int, channels: int, on_device: bool = False):
+    def __init__(self, crops: list[Crop], sizes: list[int], channels: int, on_device: bool = False):
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels}: views of images of many sizes need 1 or 3 channels")
-        self.boxes, self.size, self.on_device = BoxSampler(crops), size, on_device
+        self.boxes, self.sizes, self.on_device = BoxSampler(crops), sizes, on_device
         self.mode = "L" if channels == 1 else "RGB"
 
     def __call__(self, sample: dict) -> ViewItem:
@@ -127,7 +144,7 @@ class WholeImageViews:
             boxes = self.boxes(*img.size)
             if self.on_device and device_decodable(img):
                 return ViewItem(label, key, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes=boxes)
-            return ViewItem(label, key, crops=cut_views(img, boxes, self.size, self.mode))
+            return ViewItem(label, key, crops=cut_views(img, boxes, self.sizes, self.mode))
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
             raise ValueError(f"sample {key}: undecodable ({decoder_reason(err)})") from None
 
@@ -139,7 +156,7 @@ def collate_views(items: list[ViewItem]) -> dict:
     lengths = torch.tensor([0] + [len(items[i].jpeg) for i in enc], dtype=torch.int64)
     return {
         "labels": torch.tensor([it.label for it in items], dtype=torch.int64),
-        "crops": torch.stack([items[i].crops for i in cut], 1) if cut else torch.empty(0, dtype=torch.uint8),
+        "crops": [torch.stack(group, 1) for group in zip(*(items[i].crops for i in cut))],
         "crop_index": torch.tensor(cut, dtype=torch.int64),
         "jpeg": torch.cat([items[i].jpeg for i in enc]) if enc else torch.empty(0, dtype=torch.uint8),
         "jpeg_offsets": lengths.cumsum(0),
@@ -180,7 +197,8 @@ def cut_boxes(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> tor
 
 
 class DeviceCrops:
-    """A ``collate_views`` batch -> its views' crops on ``device``: float (V, B, C, S, S) in [0, 1].
+    """A ``collate_views`` batch -> its views' crops on ``device``: [float (V_g, B, C, S_g, S_g)] in [0, 1]
+    per group of ``size_groups(sizes)``, ``sizes`` each view's side in pixels.
 
     The workers' crops are copied over; the JPEGs are decoded on ``device`` (nvJPEG on CUDA, a batch
     at a time) and cut by ``cut_boxes``. A JPEG the device rejects is decoded by PIL instead
@@ -190,13 +208,13 @@ class DeviceCrops:
     the next batch's decoding while the GPU still runs the previous step, and the two can overlap.
     """
 
-    def __init__(self, size: int, channels: int, device: torch.device):
-        self.size, self.device = size, torch.device(device)
+    def __init__(self, sizes: list[int], channels: int, device: torch.device):
+        self.groups, self.device = size_groups(sizes), torch.device(device)
         self.read_mode, self.pil_mode = (ImageReadMode.GRAY, "L") if channels == 1 else (ImageReadMode.RGB, "RGB")
         self.fallbacks, self.failed = 0, 0
         self.stream = None
 
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def __call__(self, batch: dict) -> list[torch.Tensor]:
         if self.device.type != "cuda":
             return self.crops(batch)
         self.stream = self.stream or torch.cuda.Stream(self.device)
@@ -204,26 +222,30 @@ class DeviceCrops:
         with torch.cuda.stream(self.stream):
             out = self.crops(batch)
         main.wait_stream(self.stream)
-        out.record_stream(main)  # made on the side stream, read and freed on the training stream
+        for group in out:
+            group.record_stream(main)  # made on the side stream, read and freed on the training stream
         return out
 
-    def crops(self, batch: dict) -> torch.Tensor:
-        """float (V, B, C, S, S) on the device, queued on the current stream."""
+    def crops(self, batch: dict) -> list[torch.Tensor]:
+        """[float (V_g, B, C, S_g, S_g)] on the device, queued on the current stream."""
         parts = []
         if len(batch["crop_index"]):
-            parts.append((batch["crop_index"], torch.div(batch["crops"].to(self.device, non_blocking=True), 255)))
+            parts.append((batch["crop_index"], [torch.div(g.to(self.device, non_blocking=True), 255)
+                                                for g in batch["crops"]]))
         if len(batch["jpeg_index"]):
             parts.append((batch["jpeg_index"], self.cut_jpegs(batch)))
         if len(parts) == 1 and torch.equal(parts[0][0], torch.arange(len(batch["labels"]))):
             return parts[0][1]  # all cut one way, in order
-        v, _, c, s, _ = parts[0][1].shape
-        out = torch.empty((v, len(batch["labels"]), c, s, s), device=self.device)
-        for index, crops in parts:
-            out[:, index.to(self.device, non_blocking=True)] = crops
+        out = []
+        for g in range(len(self.groups)):
+            v, _, c, s, _ = parts[0][1][g].shape
+            out.append(torch.empty((v, len(batch["labels"]), c, s, s), device=self.device))
+            for index, crops in parts:
+                out[g][:, index.to(self.device, non_blocking=True)] = crops[g]
         return out
 
-    def cut_jpegs(self, batch: dict) -> torch.Tensor:
-        """float (V, J, C, S, S): the batch's JPEGs decoded on the device and cut."""
+    def cut_jpegs(self, batch: dict) -> list[torch.Tensor]:
+        """[float (V_g, J, C, S_g, S_g)]: the batch's JPEGs decoded on the device and cut."""
         offsets = batch["jpeg_offsets"].tolist()
         data = [batch["jpeg"][a:b] for a, b in zip(offsets, offsets[1:])]
         boxes = batch["boxes"].to(self.device, non_blocking=True)
@@ -231,7 +253,7 @@ class DeviceCrops:
             images = decode_jpeg(data, mode=self.read_mode, device=self.device)
         except (RuntimeError, ValueError):  # one bad JPEG fails the whole batched call: decode them one by one
             images = [self.decode_one(d, k, b) for d, k, b in zip(data, batch["keys"], batch["boxes"])]
-        return cut_boxes(images, boxes, self.size)
+        return [cut_boxes(images, boxes[:, views], size) for size, views in self.groups]
 
     def decode_one(self, data: torch.Tensor, key: str, boxes: torch.Tensor) -> torch.Tensor:
         """One JPEG -> uint8 (C, H, W) on the device: nvJPEG, else PIL, else grey over its ``boxes``' extent."""

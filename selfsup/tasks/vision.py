@@ -107,7 +107,7 @@ def image_decoding(cfg: ExperimentConfig, manifest: dict):
         (width, height), = sizes
         return functools.partial(decode_native, channels=d.channels, width=width, height=height), collate_images
     crops = [(r.crop_scale, r.crop_ratio) for r in cfg.view_recipes()]
-    return WholeImageViews(crops, d.image_size, d.channels, decode_on_device(cfg)), collate_views
+    return WholeImageViews(crops, cfg.view_sizes(), d.channels, decode_on_device(cfg)), collate_views
 
 
 def _flat_pixels(images: torch.Tensor) -> np.ndarray:
@@ -135,10 +135,11 @@ class VisionTask:
 
     def input_fn(self, cfg: ExperimentConfig, device: torch.device):
         """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format: cut from a
-        batch of one image size here, or from crops cut per image (in the workers, or here from JPEGs)."""
+        batch of one image size here, or from crops cut per image (in the workers, or here from JPEGs).
+        The global views (S = ``data.image_size``) come first, then the local views by size."""
         views = views_for(cfg)
         layout = memory_format(device, cfg.train.channels_last)
-        crops = DeviceCrops(cfg.data.image_size, cfg.data.channels, device)
+        crops = DeviceCrops(cfg.view_sizes(), cfg.data.channels, device)
 
         def to_input(batch: dict) -> list[torch.Tensor]:
             if "images" in batch:

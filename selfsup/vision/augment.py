@@ -147,7 +147,8 @@ def color_jitter(x: torch.Tensor, recipe: ViewRecipe, apply: torch.Tensor, gener
 class BatchViews:
     """Makes one augmented view per recipe from a uint8 batch, normalised for the encoder.
 
-    ``__call__(images: uint8 (B, C, H, W)) -> list of float (B, C, size, size)``, one per recipe.
+    ``__call__(images: uint8 (B, C, H, W)) -> list of float (B, C, S, S)``, one per recipe, S the
+    recipe's ``size`` (a local crop) or ``size`` (a global crop).
     """
 
     def __init__(self, recipes: list[ViewRecipe], size: int, mean: list[float], std: list[float],
@@ -155,19 +156,18 @@ class BatchViews:
         self.recipes, self.size, self.generator = recipes, size, generator
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
-        self.kernel_size = max(3, int(0.1 * size) // 2 * 2 + 1)
 
     def view(self, images: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
-        """One augmented, normalised view: uint8 (B, C, H, W) -> float (B, C, size, size)."""
+        """One augmented, normalised view: uint8 (B, C, H, W) -> float (B, C, S, S)."""
         b, _, h, w = images.shape
         x = images.float().div_(255)
         boxes = crop_boxes(b, h, w, recipe.crop_scale, recipe.crop_ratio, images.device, self.generator)
-        return self.augment(resized_crop(x, boxes, self.size).clamp_(0, 1), recipe)
+        return self.augment(resized_crop(x, boxes, recipe.size or self.size).clamp_(0, 1), recipe)
 
-    def cropped(self, crops: torch.Tensor) -> list[torch.Tensor]:
-        """The views of crops already cut per recipe (``selfsup.data.views``): float (V, B, C, size, size)
-        in [0, 1] -> [float (B, C, size, size)] * V, augmented and normalised."""
-        return [self.augment(x, r) for x, r in zip(crops, self.recipes)]
+    def cropped(self, groups: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The views of crops already cut per recipe (``selfsup.data.views``), grouped by size:
+        [float (V_g, B, C, S_g, S_g)] in [0, 1] -> [float (B, C, S, S)] * V, augmented and normalised."""
+        return [self.augment(x, r) for x, r in zip((x for g in groups for x in g), self.recipes, strict=True)]
 
     def augment(self, x: torch.Tensor, recipe: ViewRecipe) -> torch.Tensor:
         """Everything after the crop (flip, jitter, grey, blur, solarize, each drawn per sample), then
@@ -183,7 +183,7 @@ class BatchViews:
             x = torch.where(_per_sample(torch.rand(b, device=dev, generator=g) < recipe.grayscale_p), _grey(x), x)
         if recipe.blur_p > 0:
             sigma = _uniform(*recipe.blur_sigma, b, dev, g)
-            blurred = gaussian_blur(x, sigma, self.kernel_size)
+            blurred = gaussian_blur(x, sigma, max(3, int(0.1 * x.shape[-1]) // 2 * 2 + 1))  # 10% of the side
             x = torch.where(_per_sample(torch.rand(b, device=dev, generator=g) < recipe.blur_p), blurred, x)
         if recipe.solarize_p > 0:
             sol = _per_sample(torch.rand(b, device=dev, generator=g) < recipe.solarize_p)

@@ -55,7 +55,7 @@ def test_view_statistics_match_torchvision_per_image_pipeline():
         v2.ToDtype(torch.float32, scale=True),
         v2.RandomResizedCrop(SIZE, scale=(0.2, 1.0), antialias=True),
         v2.RandomHorizontalFlip(0.5),
-        v2.RandomApply([v2.GaussianBlur(batch_views.kernel_size, sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomApply([v2.GaussianBlur(max(3, int(0.1 * SIZE) // 2 * 2 + 1), sigma=(0.1, 2.0))], p=0.5),
     ])
     theirs = view_stats(torch.stack([per_image(img) for img in images]))
 

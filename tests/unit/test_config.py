@@ -102,8 +102,10 @@ def test_a_bucket_run_works_in_its_local_mirror(tmp_path, monkeypatch):
 
 def test_views_come_from_the_preset_unless_given():
     assert parse_config(BASE).view_recipes() == preset_views("grey")
-    cfg = parse_config(BASE, ["augment.views=[{blur_p: 1.0}]"])
-    assert cfg.view_recipes() == [ViewRecipe(blur_p=1.0)]
+    cfg = parse_config(BASE, ["augment.views=[{blur_p: 1.0}, {blur_p: 0.5, copies: 2}]"])
+    assert cfg.view_recipes() == [ViewRecipe(blur_p=1.0), ViewRecipe(blur_p=0.5), ViewRecipe(blur_p=0.5)]
+    with pytest.raises(ConfigError, match="method simclr needs 2 views at data.image_size 28, got 1"):
+        parse_config(BASE, ["augment.views=[{blur_p: 1.0}]"])
     assert not parse_config(BASE).data.verify_checksums
 
 
@@ -146,3 +148,15 @@ def test_lr_decay_and_audio_batching_default_to_the_old_behaviour():
     cfg = parse_config(BASE)
     assert cfg.optim.decay == "cosine" and cfg.data.max_tokens is None
     assert parse_config(BASE, ["optim.decay=linear", "data.max_tokens=1400000"]).data.max_tokens == 1_400_000
+
+
+def test_multi_crop_views_are_checked_against_the_global_size_and_the_method():
+    local = "{size: 12, copies: 4, crop_scale: [0.05, 0.4]}"
+    with pytest.raises(ConfigError) as err:
+        parse_config(BASE, ["augment.views=[{}, {}, {size: 32}]"])
+    assert "view 2 has size 32, larger than data.image_size 28" in str(err.value)
+    assert len(str(err.value).splitlines()) <= 2  # the header and one line
+    with pytest.raises(ConfigError, match=r"views of sizes \[28, 12, 28\]: list the global views first"):
+        parse_config(BASE, ["augment.views=[{}, {size: 12}, {}]"])
+    with pytest.raises(ConfigError, match="method simclr does not use local crops \\(4 views smaller"):
+        parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]"])

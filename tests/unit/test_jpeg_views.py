@@ -92,8 +92,8 @@ def test_views_show_the_corners_of_a_jpeg():
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
     torch.manual_seed(2)
-    decode = WholeImageViews([IMAGENET, IMAGENET], 64, 3)
-    crops = torch.cat([decode({"__key__": "k", "jpg": buf.getvalue(), "cls": b"0"}).crops for _ in range(150)])
+    decode = WholeImageViews([IMAGENET, IMAGENET], [64, 64], 3)
+    crops = torch.cat([decode({"__key__": "k", "jpg": buf.getvalue(), "cls": b"0"}).crops[0] for _ in range(150)])
     pixels = crops.permute(0, 2, 3, 1).reshape(-1, 3).int()
     for name, colour in colours.items():
         near = (pixels - torch.tensor(colour)).abs().max(1).values < 40
@@ -104,10 +104,10 @@ def test_an_image_smaller_than_the_views_is_upsampled_on_both_paths():
     buf = io.BytesIO()
     Image.fromarray(natural_image(np.random.default_rng(5), 20, 16, 0, 2)).save(buf, format="JPEG", quality=90)
     sample = {"__key__": "tiny", "jpg": buf.getvalue(), "cls": b"1"}
-    cut = WholeImageViews([IMAGENET, IMAGENET], 64, 3)(sample)
-    encoded = WholeImageViews([IMAGENET, IMAGENET], 64, 3, on_device=True)(sample)
-    out = DeviceCrops(64, 3, torch.device("cpu"))(collate_views([cut, encoded]))
-    assert cut.crops.shape == (2, 3, 64, 64) and out.shape == (2, 2, 3, 64, 64)
+    cut = WholeImageViews([IMAGENET, IMAGENET], [64, 64], 3)(sample)
+    encoded = WholeImageViews([IMAGENET, IMAGENET], [64, 64], 3, on_device=True)(sample)
+    out, = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views([cut, encoded]))
+    assert cut.crops[0].shape == (2, 3, 64, 64) and out.shape == (2, 2, 3, 64, 64)
     assert out.std() > 0.01  # image content, not an empty or constant crop
 
 
@@ -119,7 +119,7 @@ def test_one_size_images_give_the_same_views_on_the_fast_and_the_whole_image_pat
     torch.manual_seed(3)
     fast = BatchViews([recipe], 28, [0.0], [1.0]).view(torch.from_numpy(img).expand(n, 1, 28, 28).contiguous(), recipe)
     sampler, pil = BoxSampler([(recipe.crop_scale, recipe.crop_ratio)]), Image.fromarray(img)
-    whole = torch.stack([cut_views(pil, sampler(28, 28), 28, "L")[0] for _ in range(n)]).float() / 255
+    whole = torch.stack([cut_views(pil, sampler(28, 28), [28], "L")[0][0] for _ in range(n)]).float() / 255
     a, b = fast[:, 0], whole[:, 0]
     z = (a.mean(0) - b.mean(0)) / torch.sqrt(a.var(0) / n + b.var(0) / n)
     assert z.abs().max() < 5 and (a.mean(0) - b.mean(0)).abs().mean() < 0.01
@@ -215,7 +215,7 @@ def test_a_bad_sample_in_the_stream_raises_a_value_error_naming_it(jpeg_shards):
     sample = next(iter(read_shard(urls[0], [])))
     sample["jpg"] = sample["jpg"][:2000]
     for on_device in (False, True):  # on_device: the worker only reads the header, the device path decodes
-        decode = WholeImageViews([IMAGENET], 32, 3, on_device=on_device)
+        decode = WholeImageViews([IMAGENET], [32], 3, on_device=on_device)
         if on_device:
             assert decode(sample).jpeg is not None
         else:
@@ -232,10 +232,10 @@ def both_paths(samples: list[dict], size: int, seed: int) -> tuple[list, list]:
     """The worker's crops and the device reader's encoded views of ``samples``, drawn with the same boxes
     (the same seed: the same draws of the same sampler)."""
     torch.manual_seed(seed)
-    worker = WholeImageViews([IMAGENET, IMAGENET], size, 3)
+    worker = WholeImageViews([IMAGENET, IMAGENET], [size, size], 3)
     cut = [worker(s) for s in samples]
     torch.manual_seed(seed)
-    reader = WholeImageViews([IMAGENET, IMAGENET], size, 3, on_device=True)
+    reader = WholeImageViews([IMAGENET, IMAGENET], [size, size], 3, on_device=True)
     return cut, [reader(s) for s in samples]
 
 
@@ -244,8 +244,8 @@ def test_the_device_path_on_the_cpu_matches_the_worker_crops_on_the_same_boxes(j
     samples = raw_samples(jpeg_shards)
     cut, encoded = both_paths(samples, 64, seed=4)
     assert all(e.jpeg is not None for e in encoded)
-    on_device = DeviceCrops(64, 3, torch.device("cpu"))(collate_views(encoded))
-    in_workers = DeviceCrops(64, 3, torch.device("cpu"))(collate_views(cut))
+    on_device, = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views(encoded))
+    in_workers, = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views(cut))
     assert on_device.shape == in_workers.shape == (2, len(samples), 3, 64, 64)
     diff = (on_device - in_workers).abs().mean(dim=(2, 3, 4)) * 255
     assert diff.mean() < 3 and diff.max() < 6, diff
@@ -253,12 +253,12 @@ def test_the_device_path_on_the_cpu_matches_the_worker_crops_on_the_same_boxes(j
 
 def test_a_jpeg_the_device_rejects_falls_back_to_the_cpu_and_junk_turns_grey(jpeg_shards, monkeypatch):
     samples = raw_samples(jpeg_shards)[:3]
-    reader = WholeImageViews([IMAGENET], 32, 3, on_device=True)
+    reader = WholeImageViews([IMAGENET], [32], 3, on_device=True)
     encoded = [reader(s) for s in samples]
     junk = ViewItem(0, "junk", jpeg=torch.frombuffer(bytearray(b"\xff\xd8 junk"), dtype=torch.uint8),
                     boxes=torch.tensor([[0.0, 0.0, 40.0, 30.0]]))
     batch = collate_views(encoded + [junk])
-    reference = DeviceCrops(32, 3, torch.device("cpu"))(collate_views(encoded))
+    reference, = DeviceCrops([32], 3, torch.device("cpu"))(collate_views(encoded))
     real, rejected = views_module.decode_jpeg, samples[1]["jpg"]
 
     def picky(data, **kw):  # the device decoder refuses the second JPEG, as nvJPEG might a CMYK one
@@ -267,8 +267,8 @@ def test_a_jpeg_the_device_rejects_falls_back_to_the_cpu_and_junk_turns_grey(jpe
         return real(data, **kw)
 
     monkeypatch.setattr(views_module, "decode_jpeg", picky)
-    crops = DeviceCrops(32, 3, torch.device("cpu"))
-    out = crops(batch)
+    crops = DeviceCrops([32], 3, torch.device("cpu"))
+    out, = crops(batch)
     assert crops.fallbacks == 1 and crops.failed == 1 and out.shape == (1, 4, 3, 32, 32)
     assert (out[:, :3] - reference).abs().mean() < 2 / 255
     assert torch.allclose(out[:, 3], torch.full_like(out[:, 3], 128 / 255))
@@ -279,9 +279,9 @@ def test_cpu_and_gpu_paths_agree_on_boxes_and_pixels(jpeg_shards):
     samples = raw_samples(jpeg_shards)
     cut, encoded = both_paths(samples, 96, seed=5)
     assert torch.equal(collate_views(encoded)["boxes"][:, 0], torch.stack([e.boxes[0] for e in encoded]))
-    crops = DeviceCrops(96, 3, torch.device("cuda"))
-    gpu = crops(collate_views(encoded)).cpu()
-    cpu = DeviceCrops(96, 3, torch.device("cpu"))(collate_views(cut))
+    crops = DeviceCrops([96, 96], 3, torch.device("cuda"))
+    gpu = crops(collate_views(encoded))[0].cpu()
+    cpu, = DeviceCrops([96, 96], 3, torch.device("cpu"))(collate_views(cut))
     assert crops.fallbacks == 0
     diff = (gpu - cpu).abs().mean(dim=(2, 3, 4)) * 255
     assert diff.mean() < 4 and diff.max() < 8, diff
@@ -296,7 +296,7 @@ def test_the_vision_task_trains_on_views_from_jpegs_of_many_sizes(jpeg_shards):
     task = VisionTask()
     stream = task.train_stream(cfg)
     batch = next(iter(stream))
-    assert batch["crops"].shape == (2, 4, 3, 32, 32) and len(batch["jpeg_index"]) == 0
+    assert [g.shape for g in batch["crops"]] == [(2, 4, 3, 32, 32)] and len(batch["jpeg_index"]) == 0
     views = task.input_fn(cfg, torch.device("cpu"))(batch)
     assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2 and all(torch.isfinite(v).all() for v in views)
     if not torch.cuda.is_available():
