@@ -316,18 +316,19 @@ def _eval(args) -> None:
     if args.checkpoint[0] == "compare":
         from selfsup.eval.compare import compare
 
-        if len(args.checkpoint) < 2:
+        if len(args.checkpoint) < 2 or not (args.train and args.test):
             raise SystemExit("usage: selfsup eval compare RUN_DIR [RUN_DIR ...] --train DIR --test DIR [--out DIR]")
         compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
         return
-    from selfsup.eval.run import evaluate, report_dir
+    from selfsup.eval.run import eval_splits, evaluate, report_dir
     from selfsup.tracking.wandb_run import check_eval_tracking, log_eval_report
 
     if len(args.checkpoint) != 1:
         raise SystemExit("selfsup eval takes one checkpoint; `selfsup eval compare RUN_DIR ...` compares runs")
     check_eval_tracking(args.checkpoint[0])  # W&B online without credentials: refused before evaluating
-    out = report_dir(args.checkpoint[0], args.test, args.out)
-    log_eval_report(evaluate(args.checkpoint[0], args.train, args.test, out, not args.no_baselines, tsne=args.tsne), out)
+    train, test = eval_splits(args.checkpoint[0], args.train, args.test)
+    out = report_dir(args.checkpoint[0], test, args.out)
+    log_eval_report(evaluate(args.checkpoint[0], train, test, out, not args.no_baselines, tsne=args.tsne), out)
 
 
 def _export(args) -> None:
@@ -510,14 +511,19 @@ def _add_cluster(sub) -> None:
 def _add_eval(sub) -> None:
     e = _command(sub, "eval", "kNN + linear probe of a checkpoint, with baselines; `eval compare RUN…`: "
                               "every checkpoint of each run", [
+        "selfsup eval runs/quickstart   # on the run's data.train and data.test",
         "selfsup eval runs/quickstart --train data/fashion-mnist/train --test data/fashion-mnist/test",
         "selfsup eval compare runs/simclr runs/byol --train data/fashion-mnist/train --test data/fashion-mnist/test"],
         _eval, rest="checkpoint")
     e.add_argument("checkpoint", nargs="+", help="checkpoint directory, or a run directory (its latest checkpoint); "
                                                  "or `compare RUN_DIR [RUN_DIR ...]`")
-    e.add_argument("--train", required=True, help="labelled shards the kNN bank and the linear probe train on")
-    e.add_argument("--test", required=True, help="labelled shards the scores are measured on")
-    e.add_argument("--out", help="report folder (default: report/ in the run, or RUN/../compare for compare)")
+    e.add_argument("--train", help="labelled shards the kNN bank and the linear probe train on (default: the "
+                                   "run's data.train; compare: required)")
+    e.add_argument("--test", help="labelled shards the scores are measured on (default: the run's data.test; "
+                                  "compare: required)")
+    e.add_argument("--out", help="report folder (default: RUN/eval-<test folder name>-<8 hex digits of the test "
+                                 "data>, with -2, -3 ... added rather than overwrite a report; compare: "
+                                 "RUN/../compare)")
     e.add_argument("--no-baselines", action="store_true",
                    help="skip the raw-pixel and random-initialisation baselines")
     e.add_argument("--tsne", action="store_true", help="a t-SNE map of the test features besides the PCA one")

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from selfsup._version import __version__
-from selfsup.config import ExperimentConfig
+from selfsup.config import ConfigError, ExperimentConfig, load_config
 from selfsup.core.cache import digest, load_cached, store_cached
 from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
 from selfsup.core.reporter import read_records
+from selfsup.data.preflight import conversion_notes
+from selfsup.data.reader import read_manifest, split_identity
 from selfsup.eval.features import (EncoderFeatures, baseline_features, encoder_from_checkpoint, eval_device,
                                    model_features, num_classes, split_features)
 from selfsup.eval.knn import weighted_knn
@@ -29,6 +31,7 @@ from selfsup.eval.retrieval import retrieval_metrics, save_neighbour_grid
 from selfsup.tasks import EvalSpec, LabelledSplit, task_for
 
 log = logging.getLogger("selfsup.evaluate")
+notes = logging.getLogger("selfsup.note")  # the console says these as `selfsup: note: ...`
 
 _ARRAYS = ("predictions", "probabilities", "neighbours")  # per-query details kept out of report.json
 _TSNE_POINTS = 2000  # test samples in the t-SNE map (t-SNE is quadratic)
@@ -105,9 +108,36 @@ class _Eval:
         return list(self.train.classes) + [str(c) for c in range(len(self.train.classes), self.num_classes)]
 
 
+def eval_splits(checkpoint: str | Path, train: str | None, test: str | None) -> tuple[str, str]:
+    """(train, test) shard folders of an evaluation: those given, else the checkpoint's ``data.train``
+    and ``data.test``; a ConfigError saying what to pass when the config names none."""
+    cfg = load_config(resolve_checkpoint(checkpoint) / "config.yaml")
+    train, test = train or cfg.data.train, test or cfg.data.test
+    if test is None:
+        raise ConfigError(f"the run {cfg.name} was trained without data.test: pass --test DIR (labelled shards)")
+    return train, test
+
+
 def report_dir(checkpoint: str | Path, test: str, out: str | Path | None = None) -> Path:
-    """Where :func:`evaluate` writes: ``out``, else ``<run>/eval-<name of the test folder>``."""
-    return Path(out) if out else resolve_checkpoint(checkpoint).parent.parent / f"eval-{Path(test.rstrip('/')).name}"
+    """Where :func:`evaluate` writes: ``out``, else ``<run>/eval-<test folder name>-<8 hex digits of the test
+    data>``, with ``-2``, ``-3`` … added rather than overwrite an earlier report."""
+    if out:
+        return Path(out)
+    run = resolve_checkpoint(checkpoint).parent.parent
+    name = f"eval-{Path(test.rstrip('/')).name}-{digest(split_identity(test, read_manifest(test)))[:8]}"
+    found, n = run / name, 1
+    while (found / "report.json").exists():
+        n += 1
+        found = run / f"{name}-{n}"
+    return found
+
+
+def conversion_lines(cfg: ExperimentConfig, train: str, test: str) -> list[str]:
+    """What reading ``train`` and ``test`` converts for the checkpoint's encoder (its ``data.channels``)."""
+    if cfg.data.kind != "image":
+        return []
+    return [line for key, location in (("--train", train), ("--test", test))
+            for line in conversion_notes(key, location, read_manifest(location), cfg.data.channels, None)]
 
 
 def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | None = None,
@@ -115,6 +145,7 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
              context: list[str] | None = None) -> dict:
     """Score a checkpoint's encoder (and the baselines) on ``test`` against ``train``; writes the report
     to :func:`report_dir` and returns it (``selfsup.tracking.wandb_run.log_eval_report`` logs it to W&B).
+    What reading the splits converts (RGB for a grey encoder …) is said once, as notes.
 
     For every encoder: kNN at each ``eval.knn`` setting and the linear probe. When the task gives
     several candidate layers, each encoder's best layer is chosen by kNN on held-out train samples.
@@ -128,6 +159,8 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     ckpt = resolve_checkpoint(checkpoint)
     cfg, model_state, _ = load_checkpoint(ckpt)
     out = report_dir(ckpt, test, out)
+    for line in conversion_lines(cfg, train, test):
+        notes.info(line)
     task = task_for(cfg)
     ev = _Eval(ckpt, cfg, task.eval_spec(cfg), task.read_labelled(train, cfg), task.read_labelled(test, cfg))
     torch.set_num_threads(threads or fastest_threads(task, cfg, ev.train))

@@ -75,7 +75,9 @@ def test_report_has_every_part(tmp_path, split):
 
 def test_empty_split_is_refused(tmp_path, split):
     train, _, _ = split
-    empty = shards(tmp_path / "empty", [], [])
+    (tmp_path / "empty").mkdir()  # (`shards write` refuses to write one)
+    (tmp_path / "empty" / "manifest.json").write_text('{"format": "image", "classes": [], "shards": [], "num_samples": 0}')
+    empty = str(tmp_path / "empty")
     with pytest.raises(ValueError, match="split is empty"):
         evaluate(tiny_checkpoint(tmp_path, train), train, empty, tmp_path / "r", baselines=False)
 

@@ -200,3 +200,44 @@ def test_each_skipped_file_is_named_with_the_decoders_reason(tmp_path, capsys):
     skipped = [line for line in lines(capsys.readouterr().out) if "skipped:" in line]
     assert skipped == [f"  skipped: {tmp_path / 'photos' / 'a' / 'bad.jpg'}: not a readable image "
                        "(UnidentifiedImageError: cannot identify image file)"]
+
+
+def test_eval_defaults_to_the_runs_data_and_never_overwrites_a_report(tmp_path, capsys):
+    """Two test folders both named `test`: two reports; evaluating the same data again: a third, beside them."""
+    train = write_tiny_shards(tmp_path / "train", [24])
+    a, b = write_tiny_shards(tmp_path / "a" / "test", [16], seed=1), write_tiny_shards(tmp_path / "b" / "test", [16], seed=2)
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", train, tmp_path / "runs", data={"test": str(a)},
+                                                           eval={"probe_views": 1, "knn": [[5, 0.1]]}))
+    run = tmp_path / "runs" / "x"
+    assert cli.main(["pretrain", str(config), "--no-ray"]) == 0
+    for argv in ([str(run), "--no-baselines"], [str(run), "--test", str(b), "--no-baselines"],
+                 [str(run), "--no-baselines"]):
+        assert cli.main(["eval", *argv]) == 0
+    tested = {r.parent.name: json.loads(r.read_text())["notes"][1].split("test: ")[1].split(" (")[0]
+              for r in run.glob("eval-*/report.json")}
+    (again,) = [name for name in tested if name.endswith("-2")]
+    first, other = again.removesuffix("-2"), next(n for n in tested if n not in (again, again.removesuffix("-2")))
+    assert len(tested) == 3 and all(name.startswith("eval-test-") for name in tested)
+    assert (tested[first], tested[again], tested[other]) == (str(a), str(a), str(b))
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_eval_of_a_run_without_data_test_says_to_pass_test(tmp_path, capsys):
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [16]), tmp_path / "runs"))
+    assert cli.main(["pretrain", str(config), "--no-ray"]) == 0
+    one_error(capsys, ["eval", str(tmp_path / "runs" / "x")],
+              "the run x was trained without data.test: pass --test DIR (labelled shards)")
+
+
+def test_eval_says_once_what_it_converts(tmp_path, capsys):
+    """A grey checkpoint evaluated on RGB shards: a note for each split."""
+    shards = rgb_jpeg_shards(tmp_path)
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [16]), tmp_path / "runs",
+                                                           eval={"probe_views": 1, "knn": [[5, 0.1]]}))
+    assert cli.main(["pretrain", str(config), "--no-ray"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "runs" / "x"), "--train", str(shards), "--test", str(shards),
+                     "--no-baselines"]) == 0
+    notes = [line for line in lines(capsys.readouterr().err) if line.startswith("selfsup: note:")]
+    assert notes == [f"selfsup: note: --{key}={shards} holds RGB images; each is converted to grey (data.channels=1)"
+                     for key in ("train", "test")]
