@@ -380,6 +380,9 @@ def mirror_dir(run_root: str, name: str) -> Path:
     return cache_root() / "runs" / scheme / rest.strip("/") / name
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # data.max_image_pixels: an 8000x8000 photo fits, and decodes to 192 MB as RGB
+
+
 class DataConfig(Strict):
     """Where the shards are and how they become batches."""
 
@@ -402,6 +405,8 @@ class DataConfig(Strict):
     verify_checksums: bool = Field(False, description="check each shard's sha256 while streaming")
     decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="images of many sizes: where JPEGs are "
                                                   "decoded and views cut (gpu: nvJPEG; auto: gpu when training on CUDA)")
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="images: one of more pixels (width x "
+                                  "height, from its header) is skipped and counted, never decoded")
 
     @model_validator(mode="after")
     def _stats_match_channels(self):

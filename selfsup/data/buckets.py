@@ -60,14 +60,15 @@ class TokenPlan:
 
 
 def manifest_lengths(manifest: dict, rate: int) -> list[list[int]] | None:
-    """Each shard's clip lengths in samples, from the manifest's per-shard ``durations`` (seconds);
-    None when a shard lacks them (a manifest written before they were recorded) or they miscount."""
+    """Each shard's clip lengths in samples, from the manifest's per-shard ``durations`` (seconds; 0 for a
+    null one, a clip the reader skips, so that no batch plans it); None when a shard lacks them (a
+    manifest written before they were recorded) or they miscount."""
     out = []
     for shard in manifest["shards"]:
         durations = shard.get("durations")
         if durations is None or len(durations) != shard["count"]:
             return None
-        out.append([round(d * rate) for d in durations])
+        out.append([round(d * rate) if d is not None else 0 for d in durations])
     return out
 
 

@@ -3,6 +3,8 @@
 A decoder raises ValueError naming the sample's key for a bad sample, which every reader counts and
 skips (``ShardStream``, ``verify_shards``, ``read_split``). An image sample holds its encoded image
 under one of ``IMAGE_KEYS`` (a JPEG as ``.jpg``, as written; anything else as ``.png``) and ``.cls``.
+An image over ``max_pixels`` (``data.max_image_pixels``, read from its header) is refused before
+anything is decoded.
 """
 
 from __future__ import annotations
@@ -10,18 +12,28 @@ from __future__ import annotations
 import io
 import json
 import random
+import warnings
 
 import numpy as np
 import torch
 
 from selfsup.data.sources import decoder_reason
+from selfsup.config import MAX_IMAGE_PIXELS
+from selfsup.data.reader import DUPLICATE
 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 
 
+def refuse_duplicate(sample: dict) -> None:
+    """Raise ValueError naming the key when ``read_shard`` marked ``sample`` as a repeated key."""
+    if DUPLICATE in sample:
+        raise ValueError(f"sample {sample.get('__key__', '?')}: {sample[DUPLICATE]}")
+
+
 def image_payload(sample: dict) -> tuple[bytes, int]:
     """A raw image sample's (encoded image bytes, label); raises ValueError naming the key."""
+    refuse_duplicate(sample)
     key = sample.get("__key__", "?")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None or "cls" not in sample:
@@ -33,34 +45,55 @@ def image_payload(sample: dict) -> tuple[bytes, int]:
         raise ValueError(f"sample {key}: its .cls {sample['cls'][:20]!r} is not an integer") from None
 
 
-def decode_sample(sample: dict, kind: str):
+def open_image(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS):
+    """A raw image sample's (PIL image with only its header read, label); raises ValueError naming the
+    key and the cause for an unreadable header or more than ``max_pixels`` pixels."""
+    from PIL import Image
+
+    key = sample.get("__key__", "?")
+    data, label = image_payload(sample)
+    try:
+        with warnings.catch_warnings():  # PIL warns of images over its own limit: ours is checked below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"sample {key}: too large to decode ({err}); skipped") from None
+    except Exception as err:  # PIL raises many types for bad bytes
+        raise ValueError(f"sample {key}: unreadable image header ({decoder_reason(err)})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ValueError(f"sample {key}: {width}x{height} px ({width * height / 1e6:.1f} MP) is over "
+                         f"data.max_image_pixels={max_pixels}, not decoded (downscale it, or raise the cap)")
+    return img, label
+
+
+def decode_sample(sample: dict, kind: str, max_pixels: int = MAX_IMAGE_PIXELS):
     """Decode one raw sample's payload: (uint8 image array, label) for "image", ((float32 (T,) 16 kHz
     waveform, original rate), its .json dict) for "audio"; raises ValueError naming the key when it is bad."""
     key = sample.get("__key__", "?")
     if kind == "image":
-        from PIL import Image
-
-        data, label = image_payload(sample)
+        img, label = open_image(sample, max_pixels)
         try:
-            img = np.asarray(Image.open(io.BytesIO(data)))
+            return np.asarray(img), label
         except Exception as err:  # PIL raises many types for bad bytes
             raise ValueError(f"sample {key}: undecodable ({decoder_reason(err)})") from None
-        return img, label
     if kind == "audio":
         from selfsup.audio.decode import decode_audio  # torchaudio loads only for audio data
 
+        refuse_duplicate(sample)
         if "flac" not in sample or "json" not in sample:
             raise ValueError(f"sample {key}: needs .flac and .json")
         return decode_audio(sample["flac"], key), json.loads(sample["json"])
     raise ValueError(f"unknown sample format {kind!r}")
 
 
-def decode_image(sample: dict, channels: int, size: int | None) -> tuple[torch.Tensor, int]:
+def decode_image(sample: dict, channels: int, size: int | None,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
     """A raw image sample -> (uint8 (C, size, size), label): its short side resized to ``size``, then
     centre-cropped (``size`` None: uint8 (C, H, W) at its own size); raises ValueError naming the key."""
     from torchvision.transforms.v2 import functional as TF
 
-    img, label = decode_sample(sample, "image")
+    img, label = decode_sample(sample, "image", max_pixels)
     t = torch.from_numpy(np.array(img))
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     if t.shape[0] != channels:
@@ -75,10 +108,11 @@ def decode_image(sample: dict, channels: int, size: int | None) -> tuple[torch.T
     return t.contiguous(), label
 
 
-def decode_native(sample: dict, channels: int, width: int, height: int) -> tuple[torch.Tensor, int]:
+def decode_native(sample: dict, channels: int, width: int, height: int,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
     """A raw image sample of the one size ``width`` x ``height`` that a shard folder holds -> (uint8
     (C, height, width), label); raises ValueError naming the key for one of another size."""
-    image, label = decode_image(sample, channels, None)
+    image, label = decode_image(sample, channels, None, max_pixels)
     if image.shape[1:] != (height, width):
         raise ValueError(f"sample {sample.get('__key__', '?')}: {image.shape[2]}x{image.shape[1]} px, not the "
                          f"{width}x{height} the manifest lists for every image")

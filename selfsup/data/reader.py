@@ -27,7 +27,8 @@ T = TypeVar("T")
 MANIFEST = "manifest.json"
 PARTIAL = "WRITING-INCOMPLETE"  # written before `shards write` touches a folder, removed after its manifest
 
-SHORT, CHECKSUM, EXTRA = "short", "checksum", "extra"
+SHORT, CHECKSUM, EXTRA, UNKNOWN = "short", "checksum", "extra", "unknown"
+DUPLICATE = "__duplicate__"  # stands in for a sample whose key an earlier sample of its tar has: its reason
 
 
 class ManifestError(ValueError):
@@ -84,7 +85,8 @@ def split_identity(location: str, listing: tuple[dict, list[str]]) -> dict:
 class ShardProblem:
     """A shard not read as its manifest says. ``position``: samples read before reading stopped
     (the index of the first one lost); ``lost``: samples of the range asked for that were not read;
-    ``kind``: SHORT (lost samples), CHECKSUM (sha256 differs) or EXTRA (more samples than listed)."""
+    ``kind``: SHORT (lost samples), CHECKSUM (sha256 differs), EXTRA (more samples than listed) or
+    UNKNOWN (a member of no sample: a name without an extension, which WebDataset drops)."""
 
     url: str
     position: int
@@ -116,10 +118,18 @@ class _Hashing:
         return self.hash.hexdigest()
 
 
-def _samples(url: str, stream) -> Iterator[dict]:
+def _samples(url: str, stream, unknown: list[str]) -> Iterator[dict]:
+    """The tar's samples; the name of each member that belongs to no sample goes to ``unknown``."""
+    def named(files):
+        for f in files:
+            if wds.tariterators.base_plus_ext(f["fname"])[0] is None:  # group_by_keys would drop it unsaid
+                unknown.append(f["fname"])
+                continue
+            yield f
+
     files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception,
                                                eof_value=None)
-    return wds.tariterators.group_by_keys(files, handler=wds.reraise_exception)
+    return wds.tariterators.group_by_keys(named(files), handler=wds.reraise_exception)
 
 
 def _message(err: Exception) -> str:
@@ -135,20 +145,37 @@ def read_shard(url: str, problems: list[ShardProblem], count: int | None = None,
     shard holding ``count`` samples by its manifest. What goes wrong is appended to ``problems``:
     reading that stops before ``stop`` (or ``count``) is one SHORT problem; with ``sha256`` (the
     manifest's hex digest) the whole file is hashed as it streams, and a mismatch is a CHECKSUM problem.
-    With ``digests`` the whole file's sha256 is appended to it (``shards index``, which has no manifest yet)."""
+    With ``digests`` the whole file's sha256 is appended to it (``shards index``, which has no manifest yet).
+
+    A sample whose key an earlier sample of the tar has (WebDataset groups members by adjacent keys, so
+    a repeated key is a second sample) is yielded as ``{"__key__", "__url__", DUPLICATE: reason}``,
+    which every decoder refuses: it keeps its position, and is counted where it falls. A member of no
+    sample is an UNKNOWN problem of the read whose range holds the sample before it (the first sample,
+    for members before it): WebDataset meets it while completing that sample."""
     end = stop if stop is not None else count
     hashing = bool(sha256) or digests is not None
     i, failed, digest = 0, None, None
+    seen: dict[str, int] = {}
+    unknown: list[str] = []
     try:
         with open_read(url) as raw:
             stream = _Hashing(raw) if hashing else raw
             try:
-                for sample in _samples(url, stream):
+                for sample in _samples(url, stream, unknown):
+                    key = sample["__key__"]
+                    if key in seen:
+                        sample = {"__key__": key, "__url__": sample.get("__url__", url),
+                                  DUPLICATE: f"its key repeats sample {seen[key]} of this tar (read once)"}
+                    seen.setdefault(key, i)
                     if i >= start:
+                        problems += [ShardProblem(url, i, 0, _unknown_reason(n), UNKNOWN) for n in unknown]
                         yield sample
+                    unknown.clear()
                     i += 1
                     if stop is not None and i >= stop:
                         break
+                else:
+                    problems += [ShardProblem(url, i, 0, _unknown_reason(n), UNKNOWN) for n in unknown]
             except Exception as err:  # truncated or unreadable tar: the rest of the range is lost
                 failed = err
             digest = stream.hexdigest_of_all() if hashing else None
@@ -160,6 +187,10 @@ def read_shard(url: str, problems: list[ShardProblem], count: int | None = None,
     if digest is not None and sha256 and digest != sha256:
         problems.append(ShardProblem(url, i, 0, "sha256 differs from the manifest (shard changed or corrupt)",
                                      CHECKSUM))
+
+
+def _unknown_reason(name: str) -> str:
+    return f"member {name!r} has no extension, so it belongs to no sample; not read"
 
 
 def _check(url: str, problems: list[ShardProblem], i: int, start: int, end: int | None, count: int | None,

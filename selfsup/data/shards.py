@@ -3,12 +3,12 @@
 A shard folder holds ``<split>-000000.tar`` … (plain WebDataset tars: ``<key>.jpg`` or ``<key>.png`` +
 ``<key>.cls`` for images, ``<key>.flac`` + ``<key>.json`` for audio) and ``manifest.json`` listing every
 shard with its sample count and sha256 and, for images, each image's ``[width, height]`` (``sizes``), for
-audio each clip's duration in seconds (``durations``), which loaders use to plan equal steps per rank,
-audio batches by length and how views are cut from images, without reading data. Shards written
-from files (``shards write image-folder`` / ``audio-folder``) have a ``source-files.json`` next to the
-manifest (named by its ``source_files``) mapping each sample's key to the file it came from, which
-``shards verify`` names for a bad sample. ``index_shards`` writes the manifest of a folder of plain
-WebDataset tars written by other tools.
+audio each clip's duration in seconds (``durations``), null for a sample the reader skips, which loaders
+use to plan equal steps per rank, audio batches by length and how views are cut from images, without
+reading data. Shards written from files (``shards write image-folder`` / ``audio-folder``) have a
+``source-files.json`` next to the manifest (named by its ``source_files``) mapping each sample's key to
+the file it came from, which ``shards verify`` names for a bad sample. ``index_shards`` writes the
+manifest of a folder of plain WebDataset tars written by other tools.
 
 A write marks its folder partial (``reader.PARTIAL``) and removes an earlier manifest before its first
 tar, and writes its manifest last: a write that is killed or runs out of space leaves a folder that every
@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 
 from selfsup._version import __version__
 from selfsup.core.progress import progress
 from selfsup.core.storage import open_read
-from selfsup.data.decode import IMAGE_KEYS, decode_sample, image_payload
-from selfsup.data.reader import (MANIFEST, PARTIAL, ManifestError, ShardProblem, partial_message, read_manifest,
-                                 read_shard)
+from selfsup.data.decode import IMAGE_KEYS, decode_sample, open_image, refuse_duplicate
+from selfsup.data.reader import (MANIFEST, PARTIAL, SHORT, ManifestError, ShardProblem, partial_message,
+                                 read_manifest, read_shard)
 from selfsup.data.sources import BadInput, DatasetNotFound
 
 SOURCE_FILES = "source-files.json"  # {sample key: the file it was written from}, beside the manifest
@@ -65,10 +64,11 @@ def _duration(sample: dict) -> float | None:
 
 
 def _size(sample: dict) -> list[int] | None:
-    """An image sample's [width, height] from its encoded image's header (nothing is decoded), or None."""
+    """An image sample's [width, height] from its encoded image's header (nothing is decoded), or None
+    when the reader will skip it (an unreadable header, more than ``MAX_IMAGE_PIXELS``)."""
     try:
-        return list(Image.open(io.BytesIO(image_payload(sample)[0])).size)
-    except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes; the reader counts the sample
+        return list(open_image(sample)[0].size)
+    except ValueError:
         return None
 
 
@@ -100,12 +100,12 @@ def _output_folder(out_dir: str | Path) -> Path:
 
 
 def image_sizes(manifest: dict) -> set[tuple[int, int]] | None:
-    """The distinct (width, height) of an image shard folder's images, or None when its manifest does
-    not record every image's size (shards written by an older selfsup)."""
+    """The distinct (width, height) of an image shard folder's images (a size is null for an image the
+    reader skips), or None when its manifest does not record sizes (shards written by an older selfsup)."""
     shards = manifest["shards"]
     if not shards or any("sizes" not in s for s in shards):
         return None
-    return {(w, h) for s in shards for w, h in s["sizes"]}
+    return {(size[0], size[1]) for s in shards for size in s["sizes"] if size}
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "train", kind: str = "image",
@@ -118,8 +118,8 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
     (a line saying how its image was converted) is written and listed under ``converted``; one holding
     ``__source__`` (its file) is listed in ``SOURCE_FILES``. For
     ``kind="image"`` each shard lists its images' ``sizes`` (from their headers), for ``kind="audio"``
-    its clips' ``durations`` (from their ``.json``), when every sample has one. ``extra``: more manifest
-    fields (``max_side``). Every member's mtime is the whole second the writing began: a fractional
+    its clips' ``durations`` (from their ``.json``), null for one the reader will skip. ``extra``: more
+    manifest fields (``max_side``). Every member's mtime is the whole second the writing began: a fractional
     one costs each member a pax header, which doubles a small image's share of the tar.
     """
     out = _output_folder(out_dir)
@@ -203,7 +203,7 @@ def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total
             writer.close()
             shards.append({"name": path.name, "count": count, "sha256": sha256_file(path),
                            "bytes": path.stat().st_size})
-            if kind in ("audio", "image") and None not in per_sample:
+            if kind in ("audio", "image"):
                 shards[-1]["durations" if kind == "audio" else "sizes"] = list(per_sample)
             writer = None
 
@@ -307,11 +307,9 @@ def _sample_facts(sample: dict, kind: str) -> tuple[list[int] | float, int | Non
     would skip it."""
     key = sample.get("__key__", "?")
     if kind == "image":
-        _, label = image_payload(sample)
-        size = _size(sample)
-        if size is None:
-            raise ValueError(f"sample {key}: its image header is unreadable")
-        return size, label
+        img, label = open_image(sample)
+        return list(img.size), label
+    refuse_duplicate(sample)
     if "flac" not in sample or "json" not in sample:
         raise ValueError(f"sample {key}: needs .flac and .json")
     import soundfile as sf
@@ -341,12 +339,12 @@ def _index_shard(tar: Path, kind: str | None, lines: list[str], labels: set[int]
         per_sample.append(fact)
         if label is not None:
             labels.add(label)
-    if problems:
-        raise ManifestError(f"{url}: {problems[0].reason}; re-create this tar or move it out of {tar.parent}, "
+    if broken := [p for p in problems if p.kind == SHORT]:
+        raise ManifestError(f"{url}: {broken[0].reason}; re-create this tar or move it out of {tar.parent}, "
                             "then index again")
-    entry = {"name": tar.name, "count": count, "sha256": digests[0], "bytes": tar.stat().st_size}
-    if None not in per_sample:
-        entry["durations" if kind == "audio" else "sizes"] = per_sample
+    lines += [str(p) for p in problems]
+    entry = {"name": tar.name, "count": count, "sha256": digests[0], "bytes": tar.stat().st_size,
+             "durations" if kind == "audio" else "sizes": per_sample}
     return entry, kind
 
 

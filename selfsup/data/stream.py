@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from selfsup.data.buckets import Batch, TokenBatching, TokenPlan, count_batches, manifest_lengths, plan_token_epoch
-from selfsup.data.reader import CHECKSUM, SHORT, ShardProblem, read_manifest, read_shard
+from selfsup.data.reader import CHECKSUM, DUPLICATE, SHORT, UNKNOWN, ShardProblem, read_manifest, read_shard
 
 log = logging.getLogger("selfsup.data")
 
@@ -104,21 +104,26 @@ def batches_before(quotas: list[int], step: int) -> tuple[list[int], int]:
 
 @dataclass
 class DataHealth:
-    """Bad data met so far. ``skipped``: samples lost (undecodable, or in a shard that stopped before
-    its manifest's count); ``repeated``: samples read twice to top up a worker that ran short (so that
+    """Bad data met so far. ``skipped``: samples lost (undecodable, a repeated key, or in a shard that
+    stopped before its manifest's count); ``duplicates``: those of them skipped for a key an earlier
+    sample of their tar has; ``repeated``: samples read twice to top up a worker that ran short (so that
     every rank takes the same steps); ``mismatched``: shards whose sha256 differs from the manifest
-    (``data.verify_checksums``); ``where``: a line per problem (the first 50)."""
+    (``data.verify_checksums``); ``unknown``: tar members of no sample (no extension), not read;
+    ``where``: a line per problem (the first 50)."""
 
     skipped: int = 0
     repeated: int = 0
     where: list[str] = field(default_factory=list)
     mismatched: int = 0
+    duplicates: int = 0
+    unknown: int = 0
+
+    COUNTS = ("skipped", "repeated", "mismatched", "duplicates", "unknown")
 
     def add(self, batch: dict) -> None:
         """Take (and remove) a batch's counts since the previous batch of its worker."""
-        self.skipped += int(batch.pop("skipped", 0))
-        self.repeated += int(batch.pop("repeated", 0))
-        self.mismatched += int(batch.pop("mismatched", 0))
+        for name in self.COUNTS:
+            setattr(self, name, getattr(self, name) + int(batch.pop(name, 0)))
         for w in batch.pop("bad", []):
             if len(self.where) < 50:
                 self.where.append(w)
@@ -126,17 +131,22 @@ class DataHealth:
     @classmethod
     def merge(cls, parts: list[DataHealth]) -> DataHealth:
         """The health of all ranks together."""
-        return cls(sum(h.skipped for h in parts), sum(h.repeated for h in parts), [w for h in parts for w in h.where],
-                   sum(h.mismatched for h in parts))
+        return cls(where=[w for h in parts for w in h.where],
+                   **{name: sum(getattr(h, name) for h in parts) for name in cls.COUNTS})
 
     def as_dict(self) -> dict:
-        return {"skipped": self.skipped, "repeated": self.repeated, "mismatched": self.mismatched, "where": self.where}
+        return {**{name: getattr(self, name) for name in self.COUNTS}, "where": self.where}
 
     def summary(self) -> str:
         """One line for the end-of-epoch warning, "" when nothing went wrong."""
-        if not (self.skipped or self.repeated or self.mismatched):
+        if not any(getattr(self, name) for name in self.COUNTS):
             return ""
-        text = (f"{self.skipped} bad samples skipped, {self.repeated} samples repeated to top up batches")
+        text = f"{self.skipped} bad samples skipped"
+        if self.duplicates:
+            text += f" ({self.duplicates} of them repeated keys)"
+        text += f", {self.repeated} samples repeated to top up batches"
+        if self.unknown:
+            text += f", {self.unknown} tar members of no sample (no extension) not read"
         if self.mismatched:
             text += f", {self.mismatched} shards with a wrong sha256 (run `selfsup shards verify`)"
         return text + (f"; first: {'; '.join(self.where[:3])}" if self.where else "")
@@ -146,16 +156,24 @@ class _Tally:
     """A worker's counts since its previous batch, as the batch dict carries them."""
 
     def __init__(self):
-        self.skipped, self.repeated, self.mismatched, self.bad = 0, 0, 0, []
+        self.skipped = self.repeated = self.mismatched = self.duplicates = self.unknown = 0
+        self.bad: list[str] = []
 
     def problem(self, p: ShardProblem) -> None:
         self.skipped += p.lost
         self.mismatched += int(p.kind == CHECKSUM)
+        self.unknown += int(p.kind == UNKNOWN)
         hint = f"; run `selfsup shards verify {p.url.rsplit('/', 1)[0]}`" if p.kind == CHECKSUM else ""
         self.bad.append(f"{p}{hint}")
 
+    def bad_sample(self, sample: dict, err: ValueError) -> None:
+        """A sample the decoder refused."""
+        self.skipped += 1
+        self.duplicates += int(DUPLICATE in sample)
+        self.bad.append(f"{sample.get('__url__', '?')}: {err}")
+
     def take(self) -> dict:
-        out = {"skipped": self.skipped, "repeated": self.repeated, "mismatched": self.mismatched, "bad": self.bad}
+        out = {name: getattr(self, name) for name in DataHealth.COUNTS} | {"bad": self.bad}
         self.__init__()
         return out
 
@@ -164,12 +182,11 @@ class ShardStream(IterableDataset):
     """Yields this rank's batches of one epoch; see the module docstring for the plan.
 
     ``decode(raw_sample) -> item`` raises ValueError for a bad sample; ``collate(items) -> dict``.
-    Every batch dict also carries ``skipped``, ``repeated``, ``mismatched`` and ``bad`` (where-strings)
-    since the previous batch of the same worker, so counts reach the training process without extra
-    IPC (``DataHealth.add``). ``verify_checksums``: hash each shard this worker reads whole, from its
-    first sample, and count a sha256 that differs from the manifest's. ``tokens``: batches planned by
-    clip length (see the module docstring); ``batch_size`` is then used only for a manifest without
-    durations.
+    Every batch dict also carries the counts of ``DataHealth.COUNTS`` and ``bad`` (where-strings) since
+    the previous batch of the same worker, so counts reach the training process without extra IPC
+    (``DataHealth.add``). ``verify_checksums``: hash each shard this worker reads whole, from its first
+    sample, and count a sha256 that differs from the manifest's. ``tokens``: batches planned by clip
+    length (see the module docstring); ``batch_size`` is then used only for a manifest without durations.
     """
 
     def __init__(self, location: str, batch_size: int, decode: Callable, collate: Callable, *, rank: int = 0,
@@ -199,6 +216,9 @@ class ShardStream(IterableDataset):
             log.warning("%s: the manifest records no clip durations (shards written by an older selfsup): "
                         "batches of data.batch_size clips, not data.max_tokens samples; re-write the shards", location)
             return None, None, None
+        if unreadable := sum(d is None for s in self.manifest["shards"] for d in s["durations"]):
+            log.warning("%s: %d clips are unreadable by the manifest (null duration) and left out; "
+                        "`selfsup shards verify %s` names them", location, unreadable, location)
         steps = count_batches(lengths, tokens) // ranks
         if steps == 0:
             usable = sum(n >= tokens.min_length for ls in lengths for n in ls)
@@ -300,8 +320,7 @@ class ShardStream(IterableDataset):
                     items.append(self.decode(sample))
                 except ValueError as err:
                     if not is_spare:
-                        tally.skipped += 1
-                        tally.bad.append(f"{sample.get('__url__', '?')}: {err}")
+                        tally.bad_sample(sample, err)
                     continue
                 tally.repeated += int(is_spare)
                 if len(items) < self.batch_size:
@@ -389,8 +408,7 @@ class ShardStream(IterableDataset):
                 items.append(self.decode(sample))
             except ValueError as err:
                 if count_bad:
-                    tally.skipped += 1
-                    tally.bad.append(f"{sample.get('__url__', '?')}: {err}")
+                    tally.bad_sample(sample, err)
         return items
 
 

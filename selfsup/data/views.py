@@ -40,7 +40,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
-from selfsup.data.decode import image_payload
+from selfsup.config import MAX_IMAGE_PIXELS
+from selfsup.data.decode import image_payload, open_image
 from selfsup.data.sources import decoder_reason
 from selfsup.vision.augment import crop_boxes
 
@@ -130,17 +131,18 @@ class WholeImageViews:
     the stream skips and counts.
     """
 
-    def __init__(self, crops: list[Crop], sizes: list[int], channels: int, on_device: bool = False):
+    def __init__(self, crops: list[Crop], sizes: list[int], channels: int, on_device: bool = False,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels}: views of images of many sizes need 1 or 3 channels")
         self.boxes, self.sizes, self.on_device = BoxSampler(crops), sizes, on_device
-        self.mode = "L" if channels == 1 else "RGB"
+        self.mode, self.max_pixels = "L" if channels == 1 else "RGB", max_pixels
 
     def __call__(self, sample: dict) -> ViewItem:
         key = sample.get("__key__", "?")
-        data, label = image_payload(sample)
+        img, label = open_image(sample, self.max_pixels)
+        data = image_payload(sample)[0]
         try:
-            img = Image.open(io.BytesIO(data))
             boxes = self.boxes(*img.size)
             if self.on_device and device_decodable(img):
                 return ViewItem(label, key, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes=boxes)

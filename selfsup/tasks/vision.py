@@ -102,12 +102,15 @@ def image_decoding(cfg: ExperimentConfig, manifest: dict):
     if sizes is None:
         log.warning("%s: the manifest records no image sizes (shards written by an older selfsup): views are cut "
                     "from each image resized and centre-cropped to data.image_size; re-write the shards", d.train)
-        return functools.partial(decode_image, channels=d.channels, size=d.image_size), collate_images
+        return functools.partial(decode_image, channels=d.channels, size=d.image_size,
+                                 max_pixels=d.max_image_pixels), collate_images
     if len(sizes) == 1:
         (width, height), = sizes
-        return functools.partial(decode_native, channels=d.channels, width=width, height=height), collate_images
+        return functools.partial(decode_native, channels=d.channels, width=width, height=height,
+                                 max_pixels=d.max_image_pixels), collate_images
     crops = [(r.crop_scale, r.crop_ratio) for r in cfg.view_recipes()]
-    return WholeImageViews(crops, cfg.view_sizes(), d.channels, decode_on_device(cfg)), collate_views
+    views = WholeImageViews(crops, cfg.view_sizes(), d.channels, decode_on_device(cfg), d.max_image_pixels)
+    return views, collate_views
 
 
 def _flat_pixels(images: torch.Tensor) -> np.ndarray:
@@ -157,14 +160,15 @@ class VisionTask:
         channels, size = cfg.data.channels, cfg.data.image_size
         listing = read_manifest(location)
         identity = split_identity(location, listing)
-        key = None if limit else digest("decoded images", identity, channels, size)
+        key = None if limit else digest("decoded images", identity, channels, size, cfg.data.max_image_pixels)
         cached = load_cached("decoded", key) if key else None
         if cached is not None:
             log.info("%s: %d decoded images from the cache", location, len(cached["labels"]))
             images, labels, classes, problems = cached["images"], cached["labels"], cached["classes"], cached["problems"]
         else:
-            items, manifest, problems = read_split(location, functools.partial(decode_image, channels=channels, size=size),
-                                                   limit, listing)
+            decode = functools.partial(decode_image, channels=channels, size=size,
+                                       max_pixels=cfg.data.max_image_pixels)
+            items, manifest, problems = read_split(location, decode, limit, listing)
             images, labels = torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
             classes = manifest.get("classes", [])
             if key and images.numel() <= DECODED_CACHE_BYTES:

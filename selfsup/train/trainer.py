@@ -279,7 +279,8 @@ class Trainer:
         record.update(samples=self.samples_seen, lr=self.current_lr, epoch=epoch, samples_per_s=samples_per_s,
                       total_steps=self.total_steps, epochs=self.total_steps / self.steps_per_epoch,
                       train_seconds=self.train_seconds(),
-                      skipped_samples=self.health.skipped, bad_steps=int(self.bad.total))
+                      skipped_samples=self.health.skipped, duplicate_samples=self.health.duplicates,
+                      unknown_members=self.health.unknown, bad_steps=int(self.bad.total))
         for monitor in self.monitors:
             record[f"{monitor.name}_alarms"] = len(monitor.update(self.steps_done, record))
         self.last = record
@@ -295,9 +296,8 @@ class Trainer:
         """Check the epoch ran to its end; warn of bad samples; the online monitor; the epoch's checkpoint."""
         if in_epoch < (epoch_steps := self._epoch_steps(epoch)):
             raise RuntimeError(f"epoch {epoch} ended after {in_epoch} of {epoch_steps} steps: the loader ran dry")
-        if self.health.skipped and rank() == 0:
-            log.warning("epoch %d: %d bad samples skipped so far, %d batches topped up; first: %s",
-                        epoch + 1, self.health.skipped, self.health.repeated, self.health.where[:3])
+        if (health := self.health.summary()) and rank() == 0:
+            log.warning("epoch %d, so far: %s", epoch + 1, health)
         if self.online is not None and (self.online.due(epoch + 1) or self.steps_done >= self.total_steps):
             record = [{"samples": self.samples_seen, "epoch": epoch + in_epoch / self.steps_per_epoch,
                        "train_seconds": self.train_seconds(), **self.online(self.objective.encoder)}
@@ -368,11 +368,10 @@ class Trainer:
         if world_size() > 1:
             ranks_health = [None] * world_size()
             dist.all_gather_object(ranks_health, health)
-            health = DataHealth(sum(h.skipped for h in ranks_health), sum(h.repeated for h in ranks_health),
-                                [w for h in ranks_health for w in h.where])
+            health = DataHealth.merge(ranks_health)
         summary = {"steps": self.steps_done, "total_steps": self.total_steps,
                    "epochs": self.total_steps / self.steps_per_epoch, "last": self.last,
-                   "data": {"skipped": health.skipped, "repeated": health.repeated, "where": health.where},
+                   "data": health.as_dict(),
                    "samples_seen": self.samples_seen, "bad_steps": int(self.bad.total),
                    "train_seconds": self.train_seconds(), "precision": "bf16" if self.amp == torch.bfloat16 else "fp32",
                    "machine": describe_machine(self.device), "world_size": world_size(), "threads": torch.get_num_threads(),

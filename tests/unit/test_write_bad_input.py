@@ -174,5 +174,6 @@ def test_verify_names_the_source_file_of_a_bad_sample(tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["shards", "verify", str(out)]) == 1
     printed = capsys.readouterr().out
-    assert f"problem: {shard}: sample img-00000001: undecodable" in printed
+    assert (f"problem: {shard}: sample img-00000001: unreadable image header (UnidentifiedImageError: cannot "
+            "identify image file)") in printed
     assert f"(written from {files[1]})" in printed
