@@ -116,11 +116,11 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
     Each sample is a dict of WebDataset fields (``__key__`` and extensions). A sample holding
     ``__error__`` is skipped and listed in the manifest under ``skipped``; one holding ``__converted__``
     (a line saying how its image was converted) is written and listed under ``converted``; one holding
-    ``__source__`` (its file) is listed in ``SOURCE_FILES``. For
-    ``kind="image"`` each shard lists its images' ``sizes`` (from their headers), for ``kind="audio"``
-    its clips' ``durations`` (from their ``.json``), null for one the reader will skip. ``extra``: more
-    manifest fields (``max_side``). Every member's mtime is the whole second the writing began: a fractional
-    one costs each member a pax header, which doubles a small image's share of the tar.
+    ``__source__`` (its file) is listed in ``SOURCE_FILES``. For ``kind="image"`` each shard lists its
+    images' ``sizes`` (from their headers), for ``kind="audio"`` its clips' ``durations`` (from their
+    ``.json``), null for one the reader will skip. ``extra``: more manifest fields (``max_side``). Every
+    member's mtime is the whole second the writing began: a fractional one costs each member a pax
+    header, which doubles a small image's share of the tar.
     """
     out = _output_folder(out_dir)
     _begin(out)
