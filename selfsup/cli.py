@@ -54,6 +54,7 @@ ONE_LINE_ERRORS = {
     "selfsup.core.checkpoint": ("CheckpointError", "CheckpointSpaceError"),
     "selfsup.data.reader": ("ManifestError",),
     "selfsup.data.shards": ("ShardWriteError",),
+    "selfsup.data.views": ("DeviceDecodeError",),
     "selfsup.data.builders": ("MissingTool", "BuildError"),
     "selfsup.data.sources": ("DatasetNotFound", "BadInput"),
     "selfsup.data.preflight": ("DataProblem",),

@@ -109,7 +109,9 @@ class DataHealth:
     sample of their tar has; ``repeated``: samples read twice to top up a worker that ran short (so that
     every rank takes the same steps); ``mismatched``: shards whose sha256 differs from the manifest
     (``data.verify_checksums``); ``unknown``: tar members of no sample (no extension), not read;
-    ``where``: a line per problem (the first 50)."""
+    ``decode_fallbacks``: JPEGs the device decoder rejected, decoded on the CPU instead; ``decode_failed``:
+    JPEGs nothing decoded, trained as grey images (``selfsup.data.views.DeviceCrops``); ``where``: a line
+    per problem (the first 50)."""
 
     skipped: int = 0
     repeated: int = 0
@@ -117,8 +119,11 @@ class DataHealth:
     mismatched: int = 0
     duplicates: int = 0
     unknown: int = 0
+    decode_fallbacks: int = 0
+    decode_failed: int = 0
 
-    COUNTS = ("skipped", "repeated", "mismatched", "duplicates", "unknown")
+    COUNTS = ("skipped", "repeated", "mismatched", "duplicates", "unknown")  # the workers', carried by the batches
+    DEVICE_COUNTS = ("decode_fallbacks", "decode_failed")  # counted in the training process
 
     def add(self, batch: dict) -> None:
         """Take (and remove) a batch's counts since the previous batch of its worker."""
@@ -132,14 +137,14 @@ class DataHealth:
     def merge(cls, parts: list[DataHealth]) -> DataHealth:
         """The health of all ranks together."""
         return cls(where=[w for h in parts for w in h.where],
-                   **{name: sum(getattr(h, name) for h in parts) for name in cls.COUNTS})
+                   **{name: sum(getattr(h, name) for h in parts) for name in cls.COUNTS + cls.DEVICE_COUNTS})
 
     def as_dict(self) -> dict:
-        return {**{name: getattr(self, name) for name in self.COUNTS}, "where": self.where}
+        return {**{name: getattr(self, name) for name in self.COUNTS + self.DEVICE_COUNTS}, "where": self.where}
 
     def summary(self) -> str:
         """One line for the end-of-epoch warning, "" when nothing went wrong."""
-        if not any(getattr(self, name) for name in self.COUNTS):
+        if not any(getattr(self, name) for name in self.COUNTS + self.DEVICE_COUNTS):
             return ""
         text = f"{self.skipped} bad samples skipped"
         if self.duplicates:
@@ -149,6 +154,9 @@ class DataHealth:
             text += f", {self.unknown} tar members of no sample (no extension) not read"
         if self.mismatched:
             text += f", {self.mismatched} shards with a wrong sha256 (run `selfsup shards verify`)"
+        if self.decode_fallbacks or self.decode_failed:
+            text += (f", {self.decode_fallbacks} JPEGs the GPU rejected decoded on the CPU, "
+                     f"{self.decode_failed} undecodable trained as grey")
         return text + (f"; first: {'; '.join(self.where[:3])}" if self.where else "")
 
 

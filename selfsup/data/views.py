@@ -16,7 +16,8 @@ give one distribution:
   decodes the batch's JPEGs on the device (nvJPEG: ``torchvision.io.decode_jpeg(..., device="cuda")``)
   and cuts every box with ``roi_align`` over its own image (images grouped by size). A PNG, a CMYK or
   a progressive JPEG is cut by the worker instead; a JPEG the device decoder rejects is decoded on the
-  CPU, counted and logged (``DeviceCrops.fallbacks``), never a crash.
+  CPU, counted in the data health and logged, never a crash. The device's own failures (out of memory,
+  a CUDA error) are never taken for a bad JPEG: they stop the run with ``DeviceDecodeError``, one line.
 
 The views are grouped by size (``size_groups``: the global views, then each local size), V_g views
 at S_g px in group g. A batch (``collate_views``) of B samples:
@@ -28,6 +29,7 @@ at S_g px in group g. A batch (``collate_views``) of B samples:
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -37,11 +39,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
 from selfsup.config import MAX_IMAGE_PIXELS
 from selfsup.data.decode import image_payload, open_image
+from selfsup.data.stream import DataHealth
 from selfsup.data.sources import decoder_reason
 from selfsup.vision.augment import crop_boxes
 
@@ -168,6 +171,28 @@ def collate_views(items: list[ViewItem]) -> dict:
     }
 
 
+class DeviceDecodeError(RuntimeError):
+    """The device, not a JPEG, failed to decode or cut a batch (out of memory, a CUDA error, no nvJPEG)."""
+
+
+def device_failure(err: BaseException) -> bool:
+    """Whether ``err`` is the device's own (out of memory, a CUDA error) rather than a bad JPEG's."""
+    text = str(err)
+    return isinstance(err, (torch.OutOfMemoryError, torch.AcceleratorError)) or \
+        any(s in text for s in ("out of memory", "CUDA error", "ALLOCATOR_FAILURE"))
+
+
+@functools.cache
+def nvjpeg_problem(device: torch.device) -> str | None:
+    """Why this torchvision cannot decode a JPEG on ``device`` (one line), or None when it can."""
+    tiny = encode_jpeg(torch.zeros((3, 8, 8), dtype=torch.uint8))
+    try:
+        decode_jpeg(tiny, device=device)
+    except RuntimeError as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
 def _power_of_two(n: int) -> bool:
     """Whether the n-th occurrence is logged (1st, 2nd, 4th, 8th, ...)."""
     return n & (n - 1) == 0
@@ -204,29 +229,39 @@ class DeviceCrops:
 
     The workers' crops are copied over; the JPEGs are decoded on ``device`` (nvJPEG on CUDA, a batch
     at a time) and cut by ``cut_boxes``. A JPEG the device rejects is decoded by PIL instead
-    (``fallbacks``); one nothing decodes becomes a grey image (``failed``); both are logged by key (the
-    1st, 2nd, 4th, ... of each).
+    (``health.decode_fallbacks``); one nothing decodes becomes a grey image (``health.decode_failed``);
+    both are logged by key (the 1st, 2nd, 4th, ... of each). ``health``: the loop's ``DataHealth``.
+    Out of memory or a CUDA error raises ``DeviceDecodeError`` naming the settings to change.
     On CUDA the work is queued on a side stream, which the training stream waits for: the host queues
     the next batch's decoding while the GPU still runs the previous step, and the two can overlap.
     """
 
-    def __init__(self, sizes: list[int], channels: int, device: torch.device):
+    def __init__(self, sizes: list[int], channels: int, device: torch.device, health: DataHealth | None = None):
         self.groups, self.device = size_groups(sizes), torch.device(device)
         self.read_mode, self.pil_mode = (ImageReadMode.GRAY, "L") if channels == 1 else (ImageReadMode.RGB, "RGB")
-        self.fallbacks, self.failed = 0, 0
+        self.health = DataHealth() if health is None else health
         self.stream = None
 
     def __call__(self, batch: dict) -> list[torch.Tensor]:
-        if self.device.type != "cuda":
-            return self.crops(batch)
-        self.stream = self.stream or torch.cuda.Stream(self.device)
-        main = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self.stream):
-            out = self.crops(batch)
-        main.wait_stream(self.stream)
-        for group in out:
-            group.record_stream(main)  # made on the side stream, read and freed on the training stream
-        return out
+        try:
+            if self.device.type != "cuda":
+                return self.crops(batch)
+            self.stream = self.stream or torch.cuda.Stream(self.device)
+            main = torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.stream):
+                out = self.crops(batch)
+            main.wait_stream(self.stream)
+            for group in out:
+                group.record_stream(main)  # made on the side stream, read and freed on the training stream
+            return out
+        except RuntimeError as err:
+            if not device_failure(err):
+                raise
+            what = "ran out of memory" if "out of memory" in str(err) or isinstance(err, torch.OutOfMemoryError) \
+                else f"failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+            raise DeviceDecodeError(
+                f"decoding a batch of {len(batch['jpeg_index'])} JPEGs on {self.device} {what}: set data.decode=cpu "
+                "to decode in the loader workers, or lower data.batch_size") from None
 
     def crops(self, batch: dict) -> list[torch.Tensor]:
         """[float (V_g, B, C, S_g, S_g)] on the device, queued on the current stream."""
@@ -253,7 +288,9 @@ class DeviceCrops:
         boxes = batch["boxes"].to(self.device, non_blocking=True)
         try:
             images = decode_jpeg(data, mode=self.read_mode, device=self.device)
-        except (RuntimeError, ValueError):  # one bad JPEG fails the whole batched call: decode them one by one
+        except (RuntimeError, ValueError) as err:  # one bad JPEG fails the whole batched call: one by one
+            if device_failure(err):
+                raise
             images = [self.decode_one(d, k, b) for d, k, b in zip(data, batch["keys"], batch["boxes"])]
         return [cut_boxes(images, boxes[:, views], size) for size, views in self.groups]
 
@@ -262,20 +299,22 @@ class DeviceCrops:
         try:
             return decode_jpeg(data, mode=self.read_mode, device=self.device)
         except (RuntimeError, ValueError) as err:
+            if device_failure(err):
+                raise
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         try:
             img = Image.open(io.BytesIO(data.numpy().tobytes())).convert(self.pil_mode)
-            self.fallbacks += 1
-            if _power_of_two(self.fallbacks):
-                log.warning("sample %s: the device could not decode it (%s), decoded on the CPU (%d so far)",
-                            key, reason, self.fallbacks)
             array = torch.from_numpy(np.asarray(img).copy())
-            return (array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)).to(self.device)
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
-            self.failed += 1
-            if _power_of_two(self.failed):
+            self.health.decode_failed += 1
+            if _power_of_two(self.health.decode_failed):
                 log.warning("sample %s: undecodable (%s: %s), its views are grey (%d so far)", key,
-                            type(err).__name__, err, self.failed)
+                            type(err).__name__, err, self.health.decode_failed)
             c = 1 if self.pil_mode == "L" else 3
             h, w = math.ceil(float(boxes[:, 3].max())), math.ceil(float(boxes[:, 2].max()))
             return torch.full((c, max(h, 1), max(w, 1)), 128, dtype=torch.uint8, device=self.device)
+        self.health.decode_fallbacks += 1
+        if _power_of_two(self.health.decode_fallbacks):
+            log.warning("sample %s: the device could not decode it (%s), decoded on the CPU (%d so far)",
+                        key, reason, self.health.decode_fallbacks)
+        return (array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)).to(self.device)

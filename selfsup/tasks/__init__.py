@@ -17,7 +17,7 @@ from torch import nn
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.objective import Objective
-from selfsup.data.stream import ShardStream
+from selfsup.data.stream import DataHealth, ShardStream
 
 
 @dataclass
@@ -66,8 +66,10 @@ class Task(Protocol):
     def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
         """This rank's stream of training batches (equal steps on every rank)."""
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device) -> Callable[[dict], Any]:
-        """batch dict (CPU tensors) -> the objective's input on ``device``."""
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
+                 ) -> Callable[[dict], Any]:
+        """batch dict (CPU tensors) -> the objective's input on ``device``; what it finds wrong with the
+        data on the way (images the device cannot decode) is counted in ``health``."""
 
     def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
         """Every decodable labelled sample of a shard folder (``limit``: at most that many, spread over the shards)."""

@@ -20,7 +20,7 @@ from selfsup.core.progress import progress
 from selfsup.data.buckets import TokenBatching
 from selfsup.data.decode import collate_audio, decode_audio_sample, decode_sample
 from selfsup.data.reader import read_manifest, read_split, split_identity
-from selfsup.data.stream import ShardStream
+from selfsup.data.stream import DataHealth, ShardStream
 from selfsup.tasks import EvalSpec, LabelledSplit
 
 
@@ -100,8 +100,9 @@ class AudioTask:
                            rank=rank(), ranks=world_size(), workers=max(1, cfg.data.loader_workers),
                            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, tokens=tokens)
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device):
-        """batch -> (waves (B, S), lengths (B,)) on ``device``."""
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None):
+        """batch -> (waves (B, S), lengths (B,)) on ``device`` (the clips were decoded by the workers:
+        nothing here for ``health``)."""
         def to_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             return batch["waves"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
 

@@ -20,8 +20,8 @@ from selfsup.data.decode import collate_images, decode_image, decode_native
 from selfsup.data.preflight import max_side_problem
 from selfsup.data.reader import read_manifest, read_split, split_identity
 from selfsup.data.shards import image_sizes
-from selfsup.data.stream import ShardStream
-from selfsup.data.views import DeviceCrops, WholeImageViews, collate_views
+from selfsup.data.stream import DataHealth, ShardStream
+from selfsup.data.views import DeviceCrops, DeviceDecodeError, WholeImageViews, collate_views, nvjpeg_problem
 from selfsup.methods import build_method
 from selfsup.tasks import EvalSpec, LabelledSplit
 from selfsup.vision.augment import BatchViews
@@ -82,12 +82,23 @@ def probe_features(encoder: nn.Module, images: torch.Tensor, views: BatchViews, 
 
 
 def decode_on_device(cfg: ExperimentConfig) -> bool:
-    """Whether JPEGs are decoded on the GPU (``data.decode``; auto: when training on CUDA)."""
+    """Whether JPEGs are decoded on the GPU (``data.decode``; auto: when training on CUDA and this
+    torchvision's nvJPEG decodes there, else in the loader workers, with one warning)."""
     cuda = cfg.scaling.use_gpu and torch.cuda.is_available()
     if cfg.data.decode == "gpu" and not cuda:
         raise ValueError("data.decode=gpu needs a CUDA device (scaling.use_gpu=true and a GPU); "
                          "set data.decode=cpu or auto")
-    return cfg.data.decode == "gpu" or (cfg.data.decode == "auto" and cuda)
+    if cfg.data.decode == "cpu" or not cuda:
+        return False
+    problem = nvjpeg_problem(torch.device("cuda", torch.cuda.current_device()))
+    if problem is None:
+        return True
+    if cfg.data.decode == "gpu":
+        raise DeviceDecodeError(f"data.decode=gpu: this torchvision cannot decode JPEGs on the GPU ({problem}); "
+                                "set data.decode=cpu, or install a torchvision built with nvJPEG")
+    log.warning("data.decode=auto: this torchvision cannot decode JPEGs on the GPU (%s); they are decoded in "
+                "the loader workers (set data.decode=cpu to say so)", problem)
+    return False
 
 
 def image_decoding(cfg: ExperimentConfig, manifest: dict):
@@ -109,7 +120,11 @@ def image_decoding(cfg: ExperimentConfig, manifest: dict):
         return functools.partial(decode_native, channels=d.channels, width=width, height=height,
                                  max_pixels=d.max_image_pixels), collate_images
     crops = [(r.crop_scale, r.crop_ratio) for r in cfg.view_recipes()]
-    views = WholeImageViews(crops, cfg.view_sizes(), d.channels, decode_on_device(cfg), d.max_image_pixels)
+    on_device = decode_on_device(cfg)
+    if rank() == 0:
+        log.info("JPEGs decoded %s (data.decode=%s)", "on the GPU by nvJPEG, other images in the loader workers"
+                 if on_device else "by PIL in the loader workers", d.decode)
+    views = WholeImageViews(crops, cfg.view_sizes(), d.channels, on_device, d.max_image_pixels)
     return views, collate_views
 
 
@@ -136,13 +151,14 @@ class VisionTask:
                            ranks=world_size(), workers=max(1, cfg.data.loader_workers), seed=cfg.seed,
                            shuffle_buffer=cfg.data.shuffle_buffer)
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device):
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None):
         """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format: cut from a
-        batch of one image size here, or from crops cut per image (in the workers, or here from JPEGs).
-        The global views (S = ``data.image_size``) come first, then the local views by size."""
+        batch of one image size here, or from crops cut per image (in the workers, or here from JPEGs,
+        counting those the device cannot decode in ``health``). The global views (S = ``data.image_size``)
+        come first, then the local views by size."""
         views = views_for(cfg)
         layout = memory_format(device, cfg.train.channels_last)
-        crops = DeviceCrops(cfg.view_sizes(), cfg.data.channels, device)
+        crops = DeviceCrops(cfg.view_sizes(), cfg.data.channels, device, health)
 
         def to_input(batch: dict) -> list[torch.Tensor]:
             if "images" in batch:

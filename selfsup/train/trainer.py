@@ -123,7 +123,8 @@ class Trainer:
         self.device = pick_device(cfg)
         task = task_for(cfg)
         self.objective = self._place(task.build_objective(cfg))
-        self.stream, self.to_input = task.train_stream(cfg), task.input_fn(cfg, self.device)
+        self.health = DataHealth()
+        self.stream, self.to_input = task.train_stream(cfg), task.input_fn(cfg, self.device, self.health)
         self.monitors = self.objective.health_monitors() if rank() == 0 else []
         self.base_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size * world_size(), cfg.optim.reference_batch,
                                  cfg.optim.lr_scaling)
@@ -142,7 +143,7 @@ class Trainer:
         self.model = self._wrap(self.objective)
         self.amp = autocast_dtype(cfg, self.device)
         self.loader = make_loader(self.stream, cfg.data.loader_workers)
-        self.health, self.bad, self.last = DataHealth(), BadSteps(self.device), {}
+        self.bad, self.last = BadSteps(self.device), {}
         self.current_lr = self.base_lr
         self.online = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
         self.threads = ThreadTuner(torch.get_num_threads()) if cfg.train.adapt_threads and self.device.type == "cpu" else None
@@ -280,7 +281,8 @@ class Trainer:
                       total_steps=self.total_steps, epochs=self.total_steps / self.steps_per_epoch,
                       train_seconds=self.train_seconds(),
                       skipped_samples=self.health.skipped, duplicate_samples=self.health.duplicates,
-                      unknown_members=self.health.unknown, bad_steps=int(self.bad.total))
+                      unknown_members=self.health.unknown, decode_fallbacks=self.health.decode_fallbacks,
+                      decode_failed=self.health.decode_failed, bad_steps=int(self.bad.total))
         for monitor in self.monitors:
             record[f"{monitor.name}_alarms"] = len(monitor.update(self.steps_done, record))
         self.last = record

@@ -269,7 +269,7 @@ def test_a_jpeg_the_device_rejects_falls_back_to_the_cpu_and_junk_turns_grey(jpe
     monkeypatch.setattr(views_module, "decode_jpeg", picky)
     crops = DeviceCrops([32], 3, torch.device("cpu"))
     out, = crops(batch)
-    assert crops.fallbacks == 1 and crops.failed == 1 and out.shape == (1, 4, 3, 32, 32)
+    assert crops.health.decode_fallbacks == 1 and crops.health.decode_failed == 1 and out.shape == (1, 4, 3, 32, 32)
     assert (out[:, :3] - reference).abs().mean() < 2 / 255
     assert torch.allclose(out[:, 3], torch.full_like(out[:, 3], 128 / 255))
 
@@ -282,7 +282,7 @@ def test_cpu_and_gpu_paths_agree_on_boxes_and_pixels(jpeg_shards):
     crops = DeviceCrops([96, 96], 3, torch.device("cuda"))
     gpu = crops(collate_views(encoded))[0].cpu()
     cpu, = DeviceCrops([96, 96], 3, torch.device("cpu"))(collate_views(cut))
-    assert crops.fallbacks == 0
+    assert crops.health.decode_fallbacks == 0
     diff = (gpu - cpu).abs().mean(dim=(2, 3, 4)) * 255
     assert diff.mean() < 4 and diff.max() < 8, diff
     nv = decode_jpeg(torch.frombuffer(bytearray(samples[0]["jpg"]), dtype=torch.uint8), device="cuda").cpu()
