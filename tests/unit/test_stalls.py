@@ -22,7 +22,8 @@ EXEMPT = [
               "(aten/src/ATen/native/Onehot.cpp); on CUDA a device-side assert checks them",
               at_code("F.one_hot(")),
 ]
-PRESETS = {"simclr": "simclr", "moco_v2": "moco-v2", "moco_v3": "byol", "byol": "byol", "simsiam": "moco-v2"}
+PRESETS = {"simclr": "simclr", "moco_v2": "moco-v2", "moco_v3": "byol", "byol": "byol", "simsiam": "moco-v2",
+           "vicreg": "byol", "barlow_twins": "byol"}  # as their papers augment
 
 
 def count_stalls(cfg, bad_calls: set[int]) -> tuple[list[list], list[list], list[int]]:
