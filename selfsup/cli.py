@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ ONE_LINE_ERRORS = {
     "selfsup.config": ("ConfigError",),
     "selfsup.audio.hf_export": ("ExportError",),
     "selfsup.core.checkpoint": ("CheckpointError", "CheckpointSpaceError"),
+    "selfsup.core.storage": ("FolderNotWritable",),
     "selfsup.data.reader": ("ManifestError",),
     "selfsup.data.shards": ("ShardWriteError",),
     "selfsup.data.views": ("DeviceDecodeError",),
@@ -132,6 +134,20 @@ def interrupted_line(err: KeyboardInterrupt, argv: list[str]) -> str:
             f"resume with: {command}")
 
 
+def check_pretrain_folders(cfg, no_ray: bool, address: str | None) -> None:
+    """Refuse, before any work, a run whose folders cannot be written: the run folder, W&B's, and
+    ``~/.ray`` for a Ray of its own (its token and settings). One line naming the folder and the fix."""
+    from selfsup.core.storage import require_writable
+    from selfsup.tracking.wandb_run import check_folders
+
+    require_writable(cfg.run_dir, "pretrain writes the run there (its lease, checkpoints, metrics): make it "
+                                  "writable, or set run_root to another folder")
+    check_folders(cfg.tracking.mode, cfg.run_dir)
+    if not no_ray and not (address or os.environ.get("RAY_ADDRESS")):
+        require_writable(Path.home() / ".ray", "a Ray of its own writes its token and settings there: set HOME "
+                                               "to a writable folder, or pass --no-ray")
+
+
 def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = False) -> dict:
     """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a Ray of its own, or the cluster at
     ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary. ``restart``
@@ -141,6 +157,7 @@ def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = Fals
     from selfsup.train.lease import run_lease
 
     check_credentials(cfg.tracking.mode)  # W&B online without credentials: refused before anything starts
+    check_pretrain_folders(cfg, no_ray, address)
     try:
         with run_lease(cfg):  # taken before torch loads, so that a second driver is refused at once
             from selfsup.cluster.trainer import drive
@@ -321,6 +338,7 @@ def _eval(args) -> None:
             raise SystemExit("usage: selfsup eval compare RUN_DIR [RUN_DIR ...] --train DIR --test DIR [--out DIR]")
         compare(args.checkpoint[1:], args.train, args.test, args.out or Path(args.checkpoint[1]).parent / "compare")
         return
+    from selfsup.core.storage import require_writable
     from selfsup.eval.run import eval_splits, evaluate, report_dir
     from selfsup.tracking.wandb_run import check_eval_tracking, log_eval_report
 
@@ -329,6 +347,7 @@ def _eval(args) -> None:
     check_eval_tracking(args.checkpoint[0])  # W&B online without credentials: refused before evaluating
     train, test = eval_splits(args.checkpoint[0], args.train, args.test)
     out = report_dir(args.checkpoint[0], test, args.out)
+    require_writable(out, "eval writes its report there: pass --out with a writable folder")
     log_eval_report(evaluate(args.checkpoint[0], train, test, out, not args.no_baselines, tsne=args.tsne), out)
 
 

@@ -17,11 +17,31 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 PROGRESS = "progress.json"  # the checkpoint file written last (selfsup.core.checkpoint)
 RUN_FILES = ("wandb_id", "metrics.jsonl", "summary.json")
 SCHEMES = ("s3://", "gs://")
+
+
+class FolderNotWritable(RuntimeError):
+    """A folder a command must write in cannot be written; the message names it and what to do."""
+
+
+def require_writable(folder: str | Path, why: str) -> None:
+    """Create ``folder`` if missing, then create and remove a file in it: the write itself, so that a
+    read-only mount, a path under a file or missing permissions are found before any work, and a
+    folder root may write in passes. Raises FolderNotWritable naming it and ``why`` (what writes there,
+    what to do)."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".selfsup-write-probe-", dir=folder)
+    except OSError as err:
+        raise FolderNotWritable(f"{folder} is not writable ({err.strerror or err}); {why}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def is_remote(location: str | os.PathLike | None) -> bool:

@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 from selfsup.config import ExperimentConfig, load_config
+from selfsup.core.storage import require_writable
 
 log = logging.getLogger("selfsup.tracking")
 
@@ -65,6 +66,21 @@ def check_credentials(mode: str) -> None:
                             "`wandb login` (or use tracking.mode=offline and `wandb sync` later)")
 
 
+def check_folders(mode: str, run_dir: Path) -> None:
+    """Refuse, before any work, a W&B run (``mode`` not "disabled") that could not write its files:
+    the run folder, and wandb's settings, cache and data folders (under HOME unless their variables
+    name others). Raises FolderNotWritable naming the folder and the variable that moves it."""
+    if mode == "disabled":
+        return
+    from wandb import env
+
+    stay = f"or set tracking.mode=disabled (W&B writes there with tracking.mode={mode})"
+    require_writable(run_dir, f"make it writable, {stay}")
+    for var, folder in ((env.CONFIG_DIR, os.environ.get(env.CONFIG_DIR) or Path.home() / ".config" / "wandb"),
+                        (env.CACHE_DIR, env.get_cache_dir()), (env.DATA_DIR, env.get_data_dir())):
+        require_writable(folder, f"set {var} to a writable folder, {stay}")
+
+
 def start_run(cfg: ExperimentConfig, job_type: str, run_dir: Path, resume_id: str | None = None,
               name: str | None = None):
     """A W&B run of ``cfg`` in its ``tracking.mode`` ("offline" or "online"), written under
@@ -91,10 +107,14 @@ def finish_run(run) -> None:
 
 
 def check_eval_tracking(checkpoint: str | Path) -> None:
-    """Refuse now, before evaluating, a checkpoint whose run logs to W&B online without credentials."""
+    """Refuse now, before evaluating, a checkpoint whose run logs to W&B online without credentials, or
+    to W&B in folders it cannot write (:func:`check_folders`)."""
     from selfsup.core.checkpoint import resolve_checkpoint
 
-    check_credentials(load_config(resolve_checkpoint(checkpoint) / "config.yaml").tracking.mode)
+    ckpt = resolve_checkpoint(checkpoint)
+    mode = load_config(ckpt / "config.yaml").tracking.mode
+    check_credentials(mode)
+    check_folders(mode, ckpt.parent.parent)
 
 
 def log_eval_report(report: dict, out: str | Path) -> None:
