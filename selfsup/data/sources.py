@@ -13,12 +13,14 @@ import random
 import re
 import struct
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from selfsup.config import MAX_IMAGE_PIXELS
 from selfsup.core.progress import progress
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -176,14 +178,23 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
     A JPEG in L or RGB is kept byte for byte, a PNG in an 8-bit mode likewise; other formats are written
     as PNG; CMYK JPEGs and 16-bit grey are converted (JPEG stays JPEG, at ``JPEG_QUALITY``). With
     ``max_side``, an image whose long side exceeds it is resized to it (antialiased) and re-encoded.
-    Raises ValueError naming ``name`` for an unreadable, truncated or too small (< ``MIN_SIDE``) image.
+    Raises ValueError naming ``name`` for an unreadable, truncated or too small (< ``MIN_SIDE``) image,
+    and, without ``max_side``, for one over ``MAX_IMAGE_PIXELS`` (found from its header, not decoded).
     """
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # PIL's warning of a large image: the cap below is selfsup's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         (width, height), fmt, mode = img.size, img.format, img.mode
-        _check_decodes(img)
+        over = width * height > MAX_IMAGE_PIXELS and not max_side
+        if not over:
+            _check_decodes(img)
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ValueError(f"{name}: not a readable image ({decoder_reason(err)})") from None
+    if over:  # every reader would skip it (data.max_image_pixels)
+        raise ValueError(f"{name}: {width}x{height} px ({width * height / 1e6:.1f} MP), over the "
+                         f"{MAX_IMAGE_PIXELS} pixels training decodes (data.max_image_pixels); pass --max-side "
+                         "to store it downscaled")
     if min(width, height) < MIN_SIDE:
         raise ValueError(f"{name}: {width}x{height} px, smaller than {MIN_SIDE} px on a side")
     too_big = bool(max_side and max(width, height) > max_side)

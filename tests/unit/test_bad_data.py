@@ -190,3 +190,19 @@ def test_repeated_keys_and_unknown_members_reach_the_records_and_the_summary(tmp
     assert any("sample s03: its key repeats sample 3 of this tar" in w for w in data["where"])
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert (last["skipped_samples"], last["duplicate_samples"], last["unknown_members"]) == (1, 1, 1)
+
+
+def test_shards_write_refuses_an_image_over_the_cap_from_its_header_naming_the_file(tmp_path, capsys, monkeypatch):
+    src = tmp_path / "src" / "cat"
+    src.mkdir(parents=True)
+    (src / "bomb.png").write_bytes(_bomb())
+    for i in range(2):
+        (src / f"ok{i}.png").write_bytes(_png(40 * i))
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real(self))
+    assert main(["shards", "write", "image-folder", str(tmp_path / "src"), str(tmp_path / "out"),
+                 "--processes", "1"]) == 0
+    assert (f"  skipped: {src / 'bomb.png'}: 10000x10000 px (100.0 MP), over the 64000000 pixels training "
+            "decodes (data.max_image_pixels); pass --max-side to store it downscaled") in capsys.readouterr().out
+    assert (10000, 10000) not in loads and read_manifest(str(tmp_path / "out"))[0]["num_samples"] == 2
