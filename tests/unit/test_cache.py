@@ -59,3 +59,26 @@ def test_an_evaluation_split_is_read_under_a_full_cache(tmp_path, monkeypatch, c
         read = vision.VisionTask().read_labelled(str(split), cfg)
     assert len(read.labels) == 24 and read.problems == []  # as with a working cache
     assert len([r for r in caplog.records if r.name == "selfsup.cache"]) == 1
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full")
+def test_eval_under_a_full_cache_is_one_warning_and_its_report(tmp_path, monkeypatch, capsys):
+    import json
+
+    from selfsup import cli
+    from tests.clusterkit import tiny_config, write_config
+    from tests.conftest import write_tiny_shards
+
+    shards = write_tiny_shards(tmp_path / "shards", [16])
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs"))
+    assert cli.main(["pretrain", str(config), "--no-ray"]) == 0
+    capsys.readouterr()
+    real = torch.save
+    monkeypatch.setattr(cache.torch, "save", lambda obj, f: real(obj, str(FULL)) if str(f).endswith(".tmp")
+                        else real(obj, f))  # the cache's disk is full; the run's is not
+    out = tmp_path / "report"
+    argv = ["eval", str(tmp_path / "runs" / "x"), "--train", str(shards), "--test", str(shards), "--out", str(out)]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.count("cannot write the cache") == 1 and "Traceback" not in err
+    assert json.loads((out / "report.json").read_text())["encoders"]
