@@ -159,10 +159,10 @@ def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = Fals
     check_credentials(cfg.tracking.mode)  # W&B online without credentials: refused before anything starts
     check_pretrain_folders(cfg, no_ray, address)
     try:
-        with run_lease(cfg):  # taken before torch loads, so that a second driver is refused at once
+        with run_lease(cfg) as lease:  # taken before torch loads, so that a second driver is refused at once
             from selfsup.cluster.trainer import drive
 
-            summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart)
+            summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart, fence=lease.fence)
     except KeyboardInterrupt:
         raise Interrupted(cfg) from None
     print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "

@@ -7,10 +7,12 @@ another program started: ``--address auto`` joins that); with them the same call
 cluster. Ray's token authentication stays on (``RAY_AUTH_MODE=token`` unless set).
 
 Under Ray, checkpoints go to Ray's checkpoint storage, ``RunConfig(storage_path=run_root)``: the run
-folder locally, a bucket (or NFS) for several nodes. A restarted worker group resumes from
-``ray.train.get_checkpoint()`` on whatever node rank 0 lands. Errors that a retry cannot heal (no
-space for a checkpoint, bad config, missing data) end the run without spending ``max_failures``.
-One driver per run folder: :func:`run_training` holds the run's lease. Before any training the driver
+folder locally, a bucket (or NFS) for several nodes. Every start and restarted worker group resumes
+from the run's own latest good checkpoint (``resume_point``, the rule ``--no-ray`` follows), whatever
+Ray's bookkeeping says; Ray deletes none (``num_to_keep=None``): rank 0 prunes by write order. Errors
+that a retry cannot heal (no space, bad config or checkpoint, missing data, a lost lease) end the run
+without spending ``max_failures``. One driver per run folder: :func:`run_training` holds the run's
+lease, and every write into the run passes its fence (Ray's workers get its token). Before any training the driver
 refuses what could never run: resuming checkpoints trained with another config (``RESUMABLE_KEYS``
 aside; ``restart`` sets the old run aside instead), ``scaling.use_gpu`` without a GPU here (``--no-ray``),
 and workers the Ray cluster cannot ever place (Ray would wait for them forever).
@@ -30,20 +32,23 @@ from pathlib import Path
 import yaml
 
 from selfsup.config import ConfigError, ExperimentConfig, ScalingConfig, config_differences, load_config, parse_config
-from selfsup.core.checkpoint import (CheckpointSpaceError, latest_checkpoint, list_checkpoints, read_progress,
-                                     remove_after)
-from selfsup.core.distributed import rank
+from selfsup.core.checkpoint import (CheckpointError, CheckpointSpaceError, list_checkpoints, prune_checkpoints,
+                                     read_progress, resume_point)
+from selfsup.core.distributed import rank, world_size
+from selfsup.core.fence import RunLeaseError, fenced
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
 from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
 from selfsup.tracking.wandb_run import TrackingError, WandbReporter
 from selfsup.tasks import task_for
 from selfsup.train.console import POLL_SECONDS, ProgressConsole, follow_records
-from selfsup.train.lease import LEASE, run_lease
+from selfsup.train.lease import LEASE, Fence, run_lease
 from selfsup.train.trainer import Trainer
 
 # a retry cannot heal these:
-FATAL = (CheckpointSpaceError, ConfigError, ManifestError, FileNotFoundError, TrackingError)
+FATAL = (CheckpointSpaceError, CheckpointError, ConfigError, ManifestError, FileNotFoundError, TrackingError,
+         RunLeaseError)
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own record of a run's checkpoints
 SHOWN_CHANGES = 4  # a refused resume names this many changed keys, then a count
 
 
@@ -58,12 +63,16 @@ notes = logging.getLogger("selfsup.note")  # the console says these as `selfsup:
 class RayReporter:
     """Sink (every rank): each checkpoint, with the last record, goes to ``ray.train.report``, so Ray's
     result and checkpoint storage see it. Every rank reports the same number of times; rank 0 passes
-    the checkpoint directory, the others none.
+    the checkpoint directory, the others none. Rank 0 reports under ``fence`` (Ray's worker copies the
+    checkpoint into the run folder within the call), then prunes to ``keep`` by write order.
 
     Plain records are not reported: a report waits until Ray's controller has taken the one before
     (it polls every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s), which would cap the steps per second.
     After each checkpoint a second report waits for exactly that, so the loop trains on only once Ray
     holds the checkpoint: a node lost at any later step resumes from it (at most one interval lost)."""
+
+    def __init__(self, cfg: ExperimentConfig, fence: Fence | None):
+        self.cfg, self.fence = cfg, fence
 
     def checkpoint(self, step: int, path: Path | None, metrics: dict) -> None:
         import ray.train
@@ -72,8 +81,17 @@ class RayReporter:
         if path is None:
             ray.train.report(record, checkpoint=None)
         else:  # into <storage_path>/<name>/checkpoints/<its name>: the run folder's layout
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                             checkpoint_dir_name=f"checkpoints/{path.name}")
+            with fenced(self.fence):
+                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                                 checkpoint_dir_name=f"checkpoints/{path.name}")
+            if self.cfg.run_url:
+                from selfsup.core.storage import delete_checkpoint, remote_checkpoints
+
+                with fenced(self.fence):
+                    for old in remote_checkpoints(self.cfg.run_url)[:-self.cfg.train.keep_checkpoints]:
+                        delete_checkpoint(self.cfg.run_url, old)
+            else:
+                prune_checkpoints(self.cfg.run_dir, self.cfg.train.keep_checkpoints, self.fence)
         ray.train.report(record)  # returns once the controller has taken the checkpoint's report
 
 
@@ -82,34 +100,36 @@ class RunSyncReporter:
     the run finishes, and under Ray its metrics with each checkpoint (without Ray, ``save_checkpoint``
     does that), so that rank 0 on another node resumes them."""
 
-    def __init__(self, cfg: ExperimentConfig, under_ray: bool):
-        self.cfg, self.under_ray = cfg, under_ray
+    def __init__(self, cfg: ExperimentConfig, under_ray: bool, fence: Fence | None):
+        self.cfg, self.under_ray, self.fence = cfg, under_ray, fence
 
     def checkpoint(self, step: int, path: Path | None, metrics: dict) -> None:
         from selfsup.core.storage import push_run_files
 
         if self.under_ray and path is not None:
-            push_run_files(self.cfg.run_dir, self.cfg.run_url)
+            with fenced(self.fence):
+                push_run_files(self.cfg.run_dir, self.cfg.run_url)
 
     def finish(self, summary: dict) -> None:
         from selfsup.core.storage import push_run_files
 
         if rank() == 0:
-            push_run_files(self.cfg.run_dir, self.cfg.run_url)
+            with fenced(self.fence):
+                push_run_files(self.cfg.run_dir, self.cfg.run_url)
 
 
-def run_reporters(cfg: ExperimentConfig, under_ray: bool) -> Reporters:
-    """The run's sinks: its files; its bucket when remote (whose run files, the W&B id and metrics
-    of an earlier attempt, are pulled first); Ray under Ray; W&B on rank 0 unless disabled."""
-    sinks: list[object] = [FileReporter(cfg.run_dir)]
+def run_reporters(cfg: ExperimentConfig, under_ray: bool, fence: Fence | None = None) -> Reporters:
+    """The run's sinks, writing under ``fence``: its files; its bucket when remote (whose run files, the
+    W&B id and metrics of an earlier attempt, are pulled first); Ray under Ray; W&B on rank 0 unless disabled."""
+    sinks: list[object] = [FileReporter(cfg.run_dir, fence)]
     if cfg.run_url:
         from selfsup.core.storage import pull_run_files
 
         if rank() == 0:
             pull_run_files(cfg.run_url, cfg.run_dir)
-        sinks.append(RunSyncReporter(cfg, under_ray))
+        sinks.append(RunSyncReporter(cfg, under_ray, fence))
     if under_ray:
-        sinks.append(RayReporter())
+        sinks.append(RayReporter(cfg, fence))
     if rank() == 0 and cfg.tracking.mode != "disabled":
         sinks.append(WandbReporter(cfg))
     if rank() == 0 and not (under_ray and driver_follows(cfg)):  # under Ray, its output reaches the driver as lines
@@ -207,29 +227,50 @@ def check_gpu_here(cfg: ExperimentConfig) -> None:
                         f"{built}): set scaling.use_gpu=false, or run where a GPU is visible")
 
 
-def pretrain_here(cfg: ExperimentConfig, under_ray: bool = False, resume_from: Path | None = None,
-                  staging: Path | None = None) -> dict:
-    """Train ``cfg`` in this process (``--no-ray``, or one Ray worker) from ``resume_from``, else from
-    the run's latest checkpoint if it has one; returns the summary. Records past the checkpoint's
-    position (all, starting afresh) are dropped from ``metrics.jsonl``, so it reads as one run.
-    Without Ray it first refuses a GPU it cannot see and a changed config (Ray's driver checks these)."""
+def agreed_resume_point(cfg: ExperimentConfig, fence: Fence | None) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 picks the run's latest good one (``resume_point``:
+    damaged ones named and set aside under ``fence``), the others take its name and, from a bucket,
+    pull it. None to start afresh."""
+    import torch.distributed as dist
+
+    name = [None]
+    if rank() == 0:
+        found = resume_point(cfg.run_dir, cfg.run_url, fence)
+        name = [found.name if found is not None else None]
+    if world_size() > 1:
+        dist.broadcast_object_list(name)
+    if name[0] is None:
+        return None
+    if cfg.run_url and rank() != 0:
+        from selfsup.core.storage import pull_checkpoint
+
+        pull_checkpoint(cfg.run_url, name[0], cfg.run_dir)
+    return Path(cfg.run_dir) / "checkpoints" / name[0]
+
+
+def pretrain_here(cfg: ExperimentConfig, under_ray: bool = False, staging: Path | None = None,
+                  fence: Fence | None = None) -> dict:
+    """Train ``cfg`` in this process (``--no-ray``, or one Ray worker) from the run's latest good
+    checkpoint if it has one, every write under ``fence``; returns the summary. Records past the
+    checkpoint's position (all, starting afresh) are dropped from ``metrics.jsonl``, so it reads as one
+    run. Without Ray it first refuses a GPU it cannot see and a changed config (Ray's driver checks these)."""
     if not under_ray:
         check_gpu_here(cfg)
         refuse_changed_config(cfg)
-    resume_from = resume_from or latest_checkpoint(cfg.run_dir, remote=cfg.run_url)
-    reporter = run_reporters(cfg, under_ray)  # a remote run's metrics are pulled first
+    reporter = run_reporters(cfg, under_ray, fence)  # a remote run's metrics are pulled first
+    resume_from = agreed_resume_point(cfg, fence)
     if rank() == 0:
-        position = read_progress(resume_from)["samples_seen"] if resume_from is not None else 0
-        truncate_records(cfg.run_dir / "metrics.jsonl", position)
-    trainer = Trainer(cfg, reporter, resume_from, staging)
+        position = read_progress(resume_from).get("samples_seen", 0) if resume_from is not None else 0
+        truncate_records(cfg.run_dir / "metrics.jsonl", position, fence)
+    trainer = Trainer(cfg, reporter, resume_from, staging, fence)
     reporter.start()  # W&B starts only now, once the Trainer has checked the config, data and checkpoint
     return trainer.fit()
 
 
 def _train_worker(config: dict) -> str | None:
-    """Entry point of each Ray Train worker: resume from Ray's checkpoint storage, or the run folder.
-    Returns the message of an error that a retry cannot heal (Ray hands rank 0's to the driver), else None."""
-    import ray.train
+    """Entry point of each Ray Train worker: resume from the run folder's latest good checkpoint (not
+    Ray's, which may be older), writing under the driver's lease token. Returns the message of an
+    error that a retry cannot heal (Ray hands rank 0's to the driver), else None."""
     import torch
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
@@ -238,16 +279,10 @@ def _train_worker(config: dict) -> str | None:
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("selfsup").setLevel(logging.INFO)
     torch.set_num_threads(cfg.train.threads or cfg.scaling.cpus_per_worker)
+    fence = Fence(*config["lease"]) if config["lease"] else None
     staging = Path(tempfile.mkdtemp(prefix="selfsup-checkpoint-"))
     try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            pretrain_here(cfg, under_ray=True, staging=staging)
-        else:
-            with checkpoint.as_directory() as path:
-                if rank() == 0:  # what an interrupted attempt wrote after it, which Ray never took
-                    remove_after(cfg.run_dir, read_progress(path)["samples_seen"], remote=cfg.run_url)
-                pretrain_here(cfg, under_ray=True, resume_from=Path(path), staging=staging)
+        pretrain_here(cfg, under_ray=True, staging=staging, fence=fence)
     except FATAL as err:  # every rank meets these alike; ending normally spends no retry
         return f"{err}"  # (not a metrics-only report: Ray's Result keeps only the metrics of checkpoints)
     finally:
@@ -262,21 +297,24 @@ def preflight(cfg: ExperimentConfig, use_ray: bool) -> None:
         notes.info(line)
 
 
-def drive(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None, restart: bool = False) -> dict:
-    """What the driver does while it holds the run's lease: check the data (:func:`preflight`), with
-    ``restart`` set the old run aside, then train under Ray Train or in this process; returns the summary."""
+def drive(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None, restart: bool = False,
+          fence: Fence | None = None) -> dict:
+    """What the driver does while it holds the run's lease (``fence``, its writes' fence): check the data
+    (:func:`preflight`), with ``restart`` set the old run aside, then train under Ray Train or in this
+    process; returns the summary."""
     preflight(cfg, use_ray)
     if restart:
-        set_aside(cfg)
-    return run_pretraining(cfg, address) if use_ray else pretrain_here(cfg)
+        with fenced(fence):
+            set_aside(cfg)
+    return run_pretraining(cfg, address, fence) if use_ray else pretrain_here(cfg, fence=fence)
 
 
 def run_training(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None,
                  restart: bool = False) -> dict:
     """The driver: hold the run's lease (a second driver of the same run is refused), then
     :func:`drive`; returns the summary."""
-    with run_lease(cfg):
-        return drive(cfg, use_ray, address, restart)
+    with run_lease(cfg) as lease:
+        return drive(cfg, use_ray, address, restart, lease.fence)
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -349,17 +387,17 @@ def cluster_capacity() -> dict[str, float]:
     return most or ray.cluster_resources()
 
 
-def run_pretraining(cfg: ExperimentConfig, address: str | None = None) -> dict:
+def run_pretraining(cfg: ExperimentConfig, address: str | None = None, fence: Fence | None = None) -> dict:
     """Pretrain under Ray Train, checkpoints in Ray's storage under ``run_root``; returns the summary
     the loop wrote to ``<run>/summary.json``, its ``checkpoint`` the one Ray holds as the latest. A changed
     config, and workers the cluster can never place, are refused first (:class:`RunFailed`). A Ray that
-    this call started (or connected to) is shut down when it returns."""
+    this call started (or connected to) is shut down when it returns. Ray's workers write under ``fence``."""
     import ray
 
     refuse_changed_config(cfg)
     connected = init_ray(address)
     try:
-        return _fit_under_ray(cfg)
+        return _fit_under_ray(cfg, fence)
     finally:  # a Ray this run started or joined is let go: its idle processes would slow what comes next
         if connected:
             ray.shutdown()
@@ -386,7 +424,16 @@ def fit_interruptibly(trainer):
     return outcome["result"]
 
 
-def _fit_under_ray(cfg: ExperimentConfig) -> dict:
+def forget_ray_snapshot(cfg: ExperimentConfig) -> None:
+    """Delete Ray Train's record of the run's checkpoints from an earlier driver: the run folder's own
+    checkpoints decide where it resumes, and Ray restoring that record would refuse checkpoints it
+    lists that were pruned since, or delete ones newer than it knows."""
+    from selfsup.core import storage
+
+    storage.delete(f"{_run_location(cfg)}/{RAY_SNAPSHOT}")
+
+
+def _fit_under_ray(cfg: ExperimentConfig, fence: Fence | None) -> dict:
     """:func:`run_pretraining` once Ray is up: fit the TorchTrainer and return the summary."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train import ScalingConfig as RayScaling
@@ -400,14 +447,18 @@ def _fit_under_ray(cfg: ExperimentConfig) -> dict:
     scaling = RayScaling(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                          resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
                                                **({"GPU": 1} if cfg.scaling.use_gpu else {})})
+    with fenced(fence):
+        forget_ray_snapshot(cfg)
+    lease = (fence.location, fence.token) if fence is not None else None
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "secrets": job_secrets(), "verbose": verbose},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "secrets": job_secrets(), "verbose": verbose,
+                           "lease": lease},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=RunConfig(name=cfg.name, storage_path=cfg.run_root,
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),  # rank 0 prunes
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
     if driver_follows(cfg):

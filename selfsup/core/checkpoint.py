@@ -1,27 +1,39 @@
-"""Checkpoint directories: written atomically, read with ``torch.load(weights_only=True)``.
+"""Checkpoint directories: written atomically, verified by digest, read with ``torch.load(weights_only=True)``.
 
 ``<run>/checkpoints/samples-000000012800/`` holds ``model.pt`` (the method's state dict),
 ``state.pt`` (optimiser, position, RNG states), ``config.yaml``, ``metrics.json`` and, written last,
 ``progress.json``: the write order (``seq``), the samples seen (the name: a count that does not
-depend on the world size), the step, epoch and world size, and the size of every other file. A
-checkpoint is complete when ``progress.json`` lists files that are all there at their sizes;
+depend on the world size), the step, epoch and world size, and the size and sha256 of every other
+file. A checkpoint is complete when ``progress.json`` lists files that are all there at their sizes;
 "latest" is the complete one written last, and pruning drops the earliest written, never by name.
+Loading checks the digests of the files it reads (``torch.load`` checks no CRC): a damaged file is
+refused in one line; a resume skips it for the previous good checkpoint and moves it to
+``<run>/corrupt/`` for inspection.
+
+A write into the run takes a ``fence`` (``selfsup.train.lease.Fence``, or None when no lease is
+held): the rename and the prune happen only while its driver holds the run's lease.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from selfsup.config import ExperimentConfig, dump_config, load_config
+from selfsup.config import ConfigError, ExperimentConfig, dump_config, load_config
+from selfsup.core.fence import fenced
 
+log = logging.getLogger("selfsup.checkpoint")
 CHECKPOINTS = "checkpoints"
+CORRUPT = "corrupt"  # <run>/corrupt/<name>: checkpoints that failed their digests, kept for inspection
 PROGRESS = "progress.json"
 SPACE_MARGIN = 1.25  # free space wanted before a write, times the size of the last checkpoint
 
@@ -30,8 +42,18 @@ class CheckpointError(ValueError):
     """A path that is not a readable selfsup checkpoint."""
 
 
+class CheckpointCorrupt(CheckpointError):
+    """A complete checkpoint whose file does not match the digest ``progress.json`` lists."""
+
+
 class CheckpointSpaceError(OSError):
-    """Not enough free space for the next checkpoint (retrying cannot help)."""
+    """Not enough free space for the run's next write: a checkpoint or a record (retrying cannot help)."""
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 of the file at ``path`` (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def rng_state() -> dict:
@@ -60,15 +82,17 @@ def checkpoint_name(samples_seen: int) -> str:
 def write_checkpoint(dest: Path, model_state: dict, train_state: dict, cfg: ExperimentConfig, metrics: dict,
                      progress: dict) -> Path:
     """Write a checkpoint's files into the new directory ``dest``, ``progress.json`` (with the other
-    files' sizes) last; every file is fsynced. A full disk becomes :class:`CheckpointSpaceError`."""
+    files' sizes and sha256 digests, read back from the page cache) last; every file is fsynced. A full
+    disk becomes :class:`CheckpointSpaceError`."""
     dest.mkdir(parents=True)
     try:
         torch.save(model_state, dest / "model.pt")
         torch.save(train_state, dest / "state.pt")
         (dest / "config.yaml").write_text(dump_config(cfg))
         (dest / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-        sizes = {f.name: f.stat().st_size for f in sorted(dest.iterdir())}
-        (dest / PROGRESS).write_text(json.dumps({**progress, "files": sizes}, indent=1))
+        files = sorted(dest.iterdir())
+        sizes, digests = {f.name: f.stat().st_size for f in files}, {f.name: file_digest(f) for f in files}
+        (dest / PROGRESS).write_text(json.dumps({**progress, "files": sizes, "sha256": digests}, indent=1))
         for f in dest.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -97,58 +121,82 @@ def ensure_space(root: Path, needed: int) -> None:
                                    "some space or set run_root elsewhere")
 
 
-def remove_partial(root: Path) -> list[Path]:
-    """Delete the ``.tmp-*`` directories that interrupted writes left in ``root``; returns them."""
-    found = sorted(Path(root).glob(".tmp-*")) if Path(root).is_dir() else []
-    for p in found:
-        shutil.rmtree(p, ignore_errors=True)
+def tidy_checkpoints(run_dir: Path) -> list[str]:
+    """Finish what interrupted writes and prunes left in ``<run>/checkpoints``: ``.tmp-*`` directories
+    and ``samples-*`` ones with files missing are deleted; one whose files are all there but not at
+    their sizes (or whose ``progress.json`` is unreadable) is damaged, and moved to ``<run>/corrupt``.
+    Call it only while holding the run's lease. Returns the names it dealt with."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp-"):
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.name.startswith("samples-") and p.is_dir() and not is_complete(p):
+            files = read_progress(p).get("files")
+            present = {f.name for f in p.iterdir()}
+            if not (p / PROGRESS).exists() or (files and not set(files) <= present) or not present - {PROGRESS}:
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s: a write or prune of it was interrupted", p)
+            else:
+                log.warning("%s: its files are not at the sizes %s lists; moved to %s for inspection", p, PROGRESS,
+                            move_aside(p))
+        else:
+            continue
+        found.append(p.name)
     return found
 
 
+def move_aside(path: Path) -> Path:
+    """Move the checkpoint ``path`` into its run's ``corrupt/`` folder (kept, never deleted); returns where."""
+    dest = Path(path).parent.parent / CORRUPT / Path(path).name
+    if dest.exists():
+        dest = dest.with_name(f"{dest.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, dest)
+    return dest
+
+
+def prune_checkpoints(run_dir: Path, keep: int, fence=None) -> list[str]:
+    """Delete all but the ``keep`` complete checkpoints written last (under ``fence``); returns their names."""
+    old = list_checkpoints(run_dir)[:-keep]
+    with fenced(fence):
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in old]
+
+
 def save_checkpoint(run_dir: Path, model_state: dict, train_state: dict, cfg: ExperimentConfig, metrics: dict,
-                    progress: dict, keep: int) -> Path:
-    """Write ``<run>/checkpoints/samples-N`` atomically (temp dir, then rename), after checking the free
-    space against the last checkpoint's size; keep the ``keep`` written last. With an object-store
-    ``run_root`` the checkpoint is then pushed to the bucket."""
+                    progress: dict, keep: int, fence=None) -> Path:
+    """Write ``<run>/checkpoints/samples-N`` atomically (temp dir, then a rename under ``fence``), after
+    checking the free space against the last checkpoint's size; keep the ``keep`` written last. With an
+    object-store ``run_root`` the checkpoint is then pushed to the bucket."""
     root = Path(run_dir) / CHECKPOINTS
     previous = list_checkpoints(run_dir)
     ensure_space(root, checkpoint_bytes(previous[-1]) if previous else 0)
     final = root / checkpoint_name(progress["samples_seen"])
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(tmp, model_state, train_state, cfg, metrics, progress)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        write_checkpoint(tmp, model_state, train_state, cfg, metrics, progress)
+    except OSError:
+        if fence is not None:  # the new driver may have removed this one's temp dir: say that instead
+            fence.check()
+        raise
+    with fenced(fence):
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    prune_checkpoints(run_dir, keep, fence)
     if cfg.run_url:  # object storage: the files, progress.json last; then metrics and the W&B id
         from selfsup.core.storage import push_checkpoint, push_run_files
 
-        push_checkpoint(final, cfg.run_url, keep)
-        push_run_files(run_dir, cfg.run_url)
+        with fenced(fence):
+            push_checkpoint(final, cfg.run_url, keep)
+        with fenced(fence):
+            push_run_files(run_dir, cfg.run_url)
     return final
-
-
-def remove_after(run_dir: Path, samples_seen: int, remote: str | None = None) -> list[str]:
-    """Delete the run's checkpoints past ``samples_seen``, complete or not (in its bucket when
-    ``remote``); returns their names. Resuming at ``samples_seen``, these are the work of an attempt
-    that stopped before Ray took them: left, they would pass for the latest and outlive pruning."""
-    def past(name: str) -> bool:
-        return name.startswith("samples-") and name[8:].isdigit() and int(name[8:]) > samples_seen
-
-    if remote:
-        from selfsup.core.storage import checkpoint_names, delete_checkpoint
-
-        found = [n for n in checkpoint_names(remote) if past(n)]
-        for name in found:
-            delete_checkpoint(remote, name)
-        return found
-    root = Path(run_dir) / CHECKPOINTS
-    found = sorted(p.name for p in root.iterdir() if past(p.name)) if root.is_dir() else []
-    for name in found:
-        shutil.rmtree(root / name, ignore_errors=True)
-    return found
 
 
 def read_progress(path: Path) -> dict:
@@ -170,13 +218,30 @@ def is_complete(path: Path) -> bool:
         return False
 
 
+def verify_checkpoint(path: Path, names: tuple[str, ...] | None = None) -> None:
+    """Check the files ``names`` (all it lists when None) of the checkpoint at ``path`` against the
+    sha256 digests in its ``progress.json``; raise :class:`CheckpointCorrupt` naming the first that
+    differs. A checkpoint written before digests were recorded passes, with a warning."""
+    progress = read_progress(path)
+    if not progress.get("files"):
+        raise CheckpointError(f"{path} is not a complete selfsup checkpoint (needs {PROGRESS} and the files it lists)")
+    digests = progress.get("sha256")
+    if digests is None:
+        log.warning("%s was written before checkpoints recorded digests: loaded unverified", path)
+        return
+    for name in names or sorted(digests):
+        if name in digests and file_digest(Path(path) / name) != digests[name]:
+            raise CheckpointCorrupt(f"{Path(path) / name} does not match the sha256 in its {PROGRESS}: the file "
+                                    "is damaged")
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, in the order they were written."""
+    """Complete checkpoints of a run, in the order they were written (one pruned meanwhile is left out)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)]
-    return sorted(found, key=lambda p: read_progress(p)["seq"])
+    found = {p: read_progress(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)}
+    return sorted((p for p, progress in found.items() if "seq" in progress), key=lambda p: found[p]["seq"])
 
 
 def checkpoint_step(path: Path) -> int:
@@ -187,14 +252,36 @@ def checkpoint_step(path: Path) -> int:
     return int(progress["step"])
 
 
-def latest_checkpoint(run_dir: Path, remote: str | None = None) -> Path | None:
-    """The complete checkpoint written last; with ``remote`` (the run's URL) the bucket's is pulled first."""
-    if remote:
-        from selfsup.core.storage import pull_latest
-
-        pull_latest(remote, run_dir)
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint written last (not verified: :func:`resume_point` is)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+def resume_point(run_dir: Path, remote: str | None = None, fence=None) -> Path | None:
+    """The checkpoint a run resumes from: the complete one written last whose digests hold (with
+    ``remote``, the run's URL, the bucket's, pulled into ``run_dir``). Each damaged one is named in one
+    line and moved to ``<run>/corrupt`` (in the bucket too) under ``fence``; one pruned between
+    listing and reading is passed over. None when no checkpoint is left."""
+    from selfsup.core import storage
+
+    names = storage.remote_checkpoints(remote) if remote else [p.name for p in list_checkpoints(run_dir)]
+    for name in reversed(names):
+        path = Path(run_dir) / CHECKPOINTS / name
+        try:
+            if remote:
+                storage.pull_checkpoint(remote, name, run_dir)
+            verify_checkpoint(path)
+            return path
+        except CheckpointCorrupt as err:
+            with fenced(fence):
+                kept = move_aside(path)
+                if remote:
+                    storage.move_aside(remote, name)
+            log.warning("%s; resuming from the checkpoint before it (this one is kept in %s)", err, kept)
+        except (CheckpointError, FileNotFoundError):
+            log.info("%s was removed while being read (pruned); trying the one before it", path)
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -213,12 +300,23 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, with_state: bool = False) -> tuple[ExperimentConfig, dict, dict | None]:
-    """(config, model state dict, training state or None); refuses anything but plain tensors and data."""
+    """(config, model state dict, training state or None), the files read checked against their
+    digests first; refuses anything but plain tensors and data, and a damaged file in one line."""
     path = resolve_checkpoint(path)
-    cfg = load_config(path / "config.yaml")
     try:
+        verify_checkpoint(path, ("config.yaml", "model.pt", *(("state.pt",) if with_state else ())))
+        cfg = load_config(path / "config.yaml")
         model = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True) if with_state else None
+    except CheckpointCorrupt as err:
+        names = [p.name for p in list_checkpoints(path.parent.parent)]
+        earlier = [path.parent / n for n in names[:names.index(path.name) if path.name in names else None]][-1:]
+        raise CheckpointCorrupt(f"{err}; use an earlier checkpoint{f' ({earlier[0]})' if earlier else ''}") from None
+    except (CheckpointError, ConfigError):
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} was removed while being read (pruned by its run?); pick a later one, or "
+                              "pass the run folder for its latest") from None
     except Exception as err:  # pickle payloads and damaged files both land here
         raise CheckpointError(f"{path}: cannot load safely ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     return cfg, model, state

@@ -5,10 +5,10 @@ Credentials and endpoints come from the usual environment (``AWS_ACCESS_KEY_ID``
 
 A run whose ``run_root`` is a URL works in a local mirror (``selfsup.config.mirror_dir``: under
 ``$SELFSUP_CACHE``, default ``~/.cache/selfsup``) and pushes to the bucket: each checkpoint's files first, its
-``progress.json`` (which lists the others with their sizes) last, so a reader never takes a
-half-written checkpoint; the run's small files
+``progress.json`` (which lists the others with their sizes and digests) last, so a reader never takes
+a half-written checkpoint; the run's small files
 (``metrics.jsonl``, ``summary.json``, ``wandb_id``) after them. A restarted run, on any node,
-pulls the complete checkpoint written last back. (Under Ray, Ray's checkpoint storage uploads the
+pulls the complete checkpoint written last back (``selfsup.core.checkpoint.resume_point``). (Under Ray, Ray's checkpoint storage uploads the
 checkpoints instead; this mirror serves ``--no-ray`` runs on a bucket.)
 """
 
@@ -170,12 +170,8 @@ def push_checkpoint(local: Path, run_url: str, keep: int) -> str:
     return url
 
 
-def pull_latest(run_url: str, local_run_dir: Path) -> Path | None:
-    """Download the remote checkpoint written last into ``<local_run_dir>/checkpoints`` unless it is there."""
-    names = remote_checkpoints(run_url)
-    if not names:
-        return None
-    name = names[-1]
+def pull_checkpoint(run_url: str, name: str, local_run_dir: Path) -> Path:
+    """Download the remote checkpoint ``name`` into ``<local_run_dir>/checkpoints`` unless it is there."""
     dest = Path(local_run_dir) / "checkpoints" / name
     if (dest / PROGRESS).is_file():
         return dest
@@ -188,6 +184,17 @@ def pull_latest(run_url: str, local_run_dir: Path) -> Path | None:
         os.replace(tmp, dest)
     except OSError:  # another rank on this node pulled it first
         shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def move_aside(run_url: str, name: str) -> str:
+    """Move the remote checkpoint ``name`` to ``<run_url>/corrupt/<name>`` (kept for inspection): its
+    ``progress.json`` goes first, so that it stops counting as a checkpoint at once. Returns the new URL."""
+    src, dest = f"{run_url}/checkpoints/{name}", f"{run_url}/corrupt/{name}"
+    fs, path = _fs(src)
+    for f in sorted(_children(src), key=lambda f: f != PROGRESS):
+        fs.copy_file(f"{path}/{f}", f"{_fs(dest)[1]}/{f}")
+        fs.delete_file(f"{path}/{f}")
     return dest
 
 

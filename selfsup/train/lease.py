@@ -1,13 +1,24 @@
-"""One driver per run: a lease file in the run folder (local or in the bucket).
+"""One driver per run: a lease file in the run folder (local or in the bucket), and the fence that
+every write into the run passes.
 
-``<run>/lease.json`` holds the driver's host, pid, start time, a random token and a heartbeat that a
-background thread refreshes. A second driver with the same run name is refused at once, naming the
-holder. A lease whose holder is gone (its pid is dead on this host, or its heartbeat is older than
-``stale_after`` seconds) is taken over with a warning.
+``<run>/lease.json`` holds the driver's host, pid, start time, a random token and ``beat``, a counter
+that a background thread raises every ``heartbeat_every`` seconds. A second driver with the same run
+name is refused at once, naming the holder. A holder is gone when its pid is dead on this host (taken
+over at once), or, on another host, when its counter stands still for ``stale_after`` seconds of this
+host's monotonic clock: no two hosts' clocks are ever compared, and a holder whose process is alive on
+this host is never taken over.
+
+A driver whose lease was taken keeps nothing: :class:`Fence` ``hold()`` wraps every checkpoint rename,
+prune and metrics append in the lease's lock and refuses it (:class:`LeaseLost`) unless the lease
+still holds the writer's token; ``check()``, at every step, stops the loop with that one line. On a
+bucket there is no lock: the token is read before each write (a write may still land within the
+read's round trip).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,13 +29,22 @@ import uuid
 from pathlib import Path
 
 from selfsup.core import storage
+from selfsup.core.fence import LeaseLost, RunLeaseError
+
+__all__ = ["LEASE", "Fence", "LeaseLost", "RunLease", "RunLeaseError", "run_lease"]
 
 log = logging.getLogger("selfsup.lease")
 LEASE = "lease.json"
+LOCK = f".{LEASE}.lock"  # never replaced or deleted: flock holds on its inode (set_aside keeps .lease.json.*)
+LOCK_WAIT_S = 30.0  # a takeover waits this long for a writer inside hold() (a paused one keeps it)
 
 
-class RunLeaseError(RuntimeError):
-    """Another live driver holds the run's lease."""
+_UNSEEN = object()
+
+
+def wall_clock() -> float:
+    """The time written into the lease for people to read (never compared across drivers)."""
+    return time.time()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -37,31 +57,114 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class RunLease:
-    """The lease of run folder ``location`` (a path, or an s3:// / gs:// URL); use as a context manager."""
+def _read(url: str) -> dict | None:
+    """The lease at ``url``: None when there is none, {} when it is unreadable."""
+    try:
+        if not storage.is_remote(url):  # plain open: storage.open_read's local reader loads torch
+            return json.loads(Path(url).read_bytes())
+        with storage.open_read(url) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        return {}
 
-    def __init__(self, location: str | Path, stale_after: float = 60.0, heartbeat_every: float = 10.0):
+
+class Fence:
+    """The right of lease ``token`` to write into the run at ``location`` (a path or a bucket URL).
+    Any process can hold one (Ray workers get the driver's token); it never writes the lease."""
+
+    def __init__(self, location: str | Path, token: str, check_every: float = 5.0):
+        self.location, self.token = str(location).rstrip("/"), token
+        self.url = f"{self.location}/{LEASE}"
+        self.check_every = check_every  # a bucket's lease is read at most this often by check()
+        self.lost: str | None = None
+        self._seen: object = _UNSEEN  # the lease file's (inode, mtime, size) when last verified; a bucket's time
+
+    @contextlib.contextmanager
+    def locked(self, wait: float | None = None):
+        """The lease's lock (local folders; a bucket has none). ``wait``: seconds before giving up
+        with :class:`RunLeaseError` (None: wait as long as it takes)."""
+        if storage.is_remote(self.url):
+            yield
+            return
+        Path(self.location).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(self.location) / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            deadline = time.monotonic() + wait if wait is not None else None
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RunLeaseError(f"the lease of {self.location} stays locked by a driver that is "
+                                            "writing (or paused mid-write); wait for it, or stop it") from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _verify(self) -> None:
+        held = _read(self.url)
+        if held is not None and held.get("token") == self.token:
+            return
+        by = f"pid {held.get('pid')} on {held.get('host')}" if held else "nobody (the lease file is gone)"
+        self.lost = (f"the lease of {self.location} was taken over by {by}; this driver stopped and wrote "
+                     "nothing more (the run goes on under its new driver)")
+        raise LeaseLost(self.lost)
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Run the block (a rename, a prune, an append) only while this token holds the lease, under its
+        lock; else raise :class:`LeaseLost` and run nothing."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+        with self.locked():
+            self._verify()
+            yield
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` once the lease is another's. Cheap enough for every step: a local
+        lease is re-read only when its file changed (a stat), a bucket's every ``check_every`` s."""
+        if self.lost:
+            raise LeaseLost(self.lost)
+        if storage.is_remote(self.url):
+            now = time.monotonic()
+            if self._seen is not _UNSEEN and now - self._seen < self.check_every:
+                return
+            self._verify()
+            self._seen = now
+            return
+        try:
+            st = os.stat(self.url)
+            seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            seen = None
+        if seen is not None and seen == self._seen:
+            return
+        self._verify()
+        self._seen = seen
+
+
+class RunLease:
+    """The lease of run folder ``location`` (a path, or an s3:// / gs:// URL); use as a context manager.
+    ``host`` names this driver's host (a test may pose as another)."""
+
+    def __init__(self, location: str | Path, stale_after: float = 60.0, heartbeat_every: float = 10.0,
+                 host: str | None = None):
         self.location = str(location).rstrip("/")
         self.url = f"{self.location}/{LEASE}"
         self.stale_after, self.heartbeat_every = stale_after, heartbeat_every
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+        self.record = {"host": host or socket.gethostname(), "pid": os.getpid(), "started": wall_clock(),
                        "token": uuid.uuid4().hex}
+        self.beat = 0
+        self.fence = Fence(self.location, self.record["token"])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _read(self) -> dict | None:
-        try:
-            if not storage.is_remote(self.url):  # plain open: storage.open_read's local reader loads torch
-                return json.loads(Path(self.url).read_bytes())
-            with storage.open_read(self.url) as f:
-                return json.loads(f.read())
-        except FileNotFoundError:
-            return None
-        except (ValueError, OSError):  # half-written or unreadable: treat as stale
-            return {}
-
     def _write(self) -> None:
-        data = json.dumps({**self.record, "heartbeat": time.time()}).encode()
+        data = json.dumps({**self.record, "beat": self.beat, "heartbeat": wall_clock()}).encode()
         if storage.is_remote(self.url):
             storage.write_bytes(self.url, data)
             return
@@ -69,15 +172,6 @@ class RunLease:
         tmp = path.with_name(f".{LEASE}.{self.record['token']}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-
-    def _live(self, held: dict) -> bool:
-        if not held or "heartbeat" not in held:
-            return False
-        if time.time() - float(held["heartbeat"]) > self.stale_after:
-            return False
-        if held.get("host") == self.record["host"]:
-            return _pid_alive(int(held.get("pid", -1)))
-        return True
 
     def _claim_new(self) -> bool:
         """Create the lease where none exists; False when another driver created it first."""
@@ -91,22 +185,37 @@ class RunLease:
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps({**self.record, "heartbeat": time.time()}))
+            f.write(json.dumps({**self.record, "beat": self.beat, "heartbeat": wall_clock()}))
+        return True
+
+    def _gone(self, held: dict) -> bool:
+        """Whether the holder of ``held`` is gone: its pid is dead on this host, or (another host, or an
+        unreadable lease) the lease does not change for ``stale_after`` seconds of this host's clock."""
+        if held.get("host") == self.record["host"] and "pid" in held:
+            return not _pid_alive(int(held["pid"]))
+        log.info("the lease of %s is held by pid %s on %s; watching its heartbeat for up to %.0f s",
+                 self.location, held.get("pid"), held.get("host"), self.stale_after)
+        deadline = time.monotonic() + self.stale_after
+        while time.monotonic() < deadline:
+            time.sleep(min(self.heartbeat_every / 4, max(deadline - time.monotonic(), 0)))
+            if _read(self.url) != held:
+                return False
         return True
 
     def acquire(self) -> None:
         """Take the lease, or raise :class:`RunLeaseError` naming the live holder."""
-        held = self._read()
+        held = _read(self.url)
         if held is None and self._claim_new():
-            held = self._read()
-        elif held is not None and not self._live(held):
-            if held:
-                log.warning("taking over the stale lease of %s (pid %s on %s, last heartbeat %.0f s ago)",
-                            self.location, held.get("pid"), held.get("host"), time.time() - float(held.get("heartbeat", 0)))
-            self._write()
-            held = self._read()
+            held = _read(self.url)
+        elif held is not None and self._gone(held):
+            with self.fence.locked(wait=LOCK_WAIT_S):  # not while the old holder is inside hold()
+                if _read(self.url) == held:
+                    log.warning("taking over the stale lease of %s (pid %s on %s, which stopped beating)",
+                                self.location, held.get("pid"), held.get("host"))
+                    self._write()
+            held = _read(self.url)
         else:
-            held = held if held is not None else self._read()
+            held = held if held is not None else _read(self.url)
         if not held or held.get("token") != self.record["token"]:
             self._refuse(held or {})
         self._thread = threading.Thread(target=self._beat, name="selfsup-lease", daemon=True)
@@ -115,26 +224,29 @@ class RunLease:
     def _refuse(self, held: dict) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started", 0))))
         raise RunLeaseError(f"run folder {self.location} is in use by another driver (pid {held.get('pid')} on "
-                            f"{held.get('host')}, since {since}); wait for it to finish, stop it, or pick "
-                            "another name=...")
+                            f"{held.get('host')}, since {since} on its clock); wait for it to finish, stop it, "
+                            "or pick another name=...")
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):
-            held = self._read()
-            if held and held.get("token") != self.record["token"]:
-                log.error("the lease of %s was taken over by pid %s on %s; this driver no longer owns the run",
-                          self.location, held.get("pid"), held.get("host"))
+            try:
+                with self.fence.hold():
+                    self.beat += 1
+                    self._write()
+            except LeaseLost as err:
+                log.error("%s", err)
                 return
-            self._write()
+            except OSError as err:  # a bucket that did not answer: the next beat tries again
+                log.warning("could not refresh the lease of %s (%s)", self.location, err)
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this driver's."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        held = self._read()
-        if held and held.get("token") == self.record["token"]:
-            storage.delete(self.url)
+        with contextlib.suppress(LeaseLost):
+            with self.fence.hold():
+                storage.delete(self.url)
 
     def __enter__(self) -> RunLease:
         self.acquire()

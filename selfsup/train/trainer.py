@@ -26,7 +26,8 @@ from torch import nn
 from selfsup.config import ExperimentConfig
 from selfsup.core.device import describe_machine, memory_format
 from selfsup.core.checkpoint import (CheckpointSpaceError, checkpoint_name, ensure_space, load_checkpoint,
-                                     remove_partial, rng_state, save_checkpoint, set_rng_state, write_checkpoint)
+                                     rng_state, save_checkpoint, set_rng_state, tidy_checkpoints, write_checkpoint)
+from selfsup.core.fence import LeaseLost, fenced
 from selfsup.core.collapse import embedding_stats
 from selfsup.core.distributed import convert_sync_batchnorm, rank, world_size
 from selfsup.core.objective import Objective, Progress
@@ -112,11 +113,13 @@ class Trainer:
     ``resume_from``: a checkpoint directory to continue from, or None to start afresh. ``staging``:
     where rank 0 writes each checkpoint for the reporter to persist (Ray's checkpoint storage), or
     None to write them into the run folder itself (atomically, pruned to ``train.keep_checkpoints``).
+    ``fence``: the run lease's (``selfsup.train.lease.Fence``), which every write into the run passes
+    and which stops the loop once the lease is another driver's; None without a lease.
     """
 
     def __init__(self, cfg: ExperimentConfig, reporter: Reporter, resume_from: Path | None,
-                 staging: Path | None = None):
-        self.cfg, self.reporter, self.staging = cfg, reporter, staging
+                 staging: Path | None = None, fence=None):
+        self.cfg, self.reporter, self.staging, self.fence = cfg, reporter, staging, fence
         seed_everything(cfg.seed + rank(), cfg.deterministic)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -137,7 +140,8 @@ class Trainer:
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
         self.seconds_before, self.fit_started = 0.0, time.perf_counter()  # wall time of earlier attempts; this one's start
         if rank() == 0:
-            remove_partial(cfg.run_dir / "checkpoints")  # what an interrupted write left
+            with fenced(fence):  # what interrupted writes and prunes left
+                tidy_checkpoints(cfg.run_dir)
         if resume_from is not None:
             self._resume(resume_from)
         self.model = self._wrap(self.objective)
@@ -178,6 +182,7 @@ class Trainer:
         self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.samples_seen, self.checkpoints_written = state["samples_seen"], state["checkpoints_written"]
         self.seconds_before = state.get("train_seconds", 0.0)
+        self.checkpoint = path.name  # the final weights, should no step remain
         if state.get("sized_total_steps"):
             self.total_steps = self.sized_total = state["sized_total_steps"]
         saved_ranks = len(state["rng"])
@@ -252,8 +257,11 @@ class Trainer:
         self._end_epoch(epoch, in_epoch)
 
     def _after_step(self, out: dict, epoch: int, in_epoch: int) -> None:
-        """The thread count, the time budget, the logging step and the checkpoint interval, after step
-        ``in_epoch`` of ``epoch``."""
+        """The lease, the thread count, the time budget, the logging step and the checkpoint interval,
+        after step ``in_epoch`` of ``epoch``. With several ranks the lease is checked at checkpoints,
+        where they agree anyway (one rank stopping alone would leave the others waiting)."""
+        if self.fence is not None and world_size() == 1:
+            self.fence.check()
         if self.threads is not None:
             self.threads.update(time.perf_counter())
         trial = self.threads is not None and self.threads.trial_step
@@ -311,7 +319,7 @@ class Trainer:
 
     def _checkpoint(self, epoch: int, in_epoch: int) -> None:
         """Rank 0 writes the checkpoint of this position, with every rank's RNG; every rank reports it
-        (the other ranks with path None). Not enough space stops every rank with one line."""
+        (the other ranks with path None). Not enough space, or a lost lease, stops every rank with one line."""
         rngs = [None] * world_size()
         if world_size() > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -320,13 +328,15 @@ class Trainer:
         path, error = None, [None]
         if rank() == 0:
             try:
+                if self.fence is not None:
+                    self.fence.check()
                 path = self._write_checkpoint(epoch, in_epoch, rngs)
-            except CheckpointSpaceError as err:
-                error = [str(err)]
+            except (CheckpointSpaceError, LeaseLost) as err:
+                error = [err]
         if world_size() > 1:
             dist.broadcast_object_list(error)
-        if error[0]:
-            raise CheckpointSpaceError(error[0])
+        if error[0] is not None:
+            raise error[0]
         self.checkpoints_written += 1
         self.checkpoint = checkpoint_name(self.samples_seen)
         self.reporter.checkpoint(self.steps_done, path, self.last)
@@ -344,7 +354,7 @@ class Trainer:
                     "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world_size()}
         if self.staging is None:
             return save_checkpoint(self.cfg.run_dir, self.objective.state_dict(), state, self.cfg, self.last,
-                                   progress, self.cfg.train.keep_checkpoints)
+                                   progress, self.cfg.train.keep_checkpoints, self.fence)
         shutil.rmtree(self.staging, ignore_errors=True)  # the last one: Ray's storage holds it now
         if not self.cfg.run_url:  # Ray persists into the run folder: it needs the space there
             ensure_space(self.cfg.run_dir / "checkpoints", self.checkpoint_bytes_estimate())

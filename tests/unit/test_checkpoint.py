@@ -12,8 +12,8 @@ import torch
 from selfsup.config import parse_config
 from selfsup.core import checkpoint as ck
 from selfsup.core.checkpoint import (CheckpointError, CheckpointSpaceError, latest_checkpoint, list_checkpoints,
-                                     load_checkpoint, remove_partial, resolve_checkpoint, rng_state,
-                                     save_checkpoint, set_rng_state)
+                                     load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
+                                     set_rng_state, tidy_checkpoints)
 from tests.conftest import progress_at
 
 CFG = parse_config({"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}})
@@ -43,16 +43,23 @@ def test_write_order_decides_latest_and_pruning_not_the_name(tmp_path):
     assert load_checkpoint(third)[0] == CFG
 
 
-def test_half_written_checkpoints_are_ignored_and_leftovers_removed(tmp_path):
+def test_half_written_checkpoints_are_ignored_interrupted_prunes_finished_and_damaged_ones_kept(tmp_path):
     done = save_checkpoint(tmp_path, {}, {}, CFG, {}, progress_at(1), keep=3)
     partial = shutil.copytree(done, tmp_path / "checkpoints" / "samples-000000000016")
     (partial / "model.pt").write_bytes(b"x")  # a copy cut short: sizes differ from progress.json
     (partial / "progress.json").write_text((done / "progress.json").read_text().replace('"seq": 1', '"seq": 2'))
+    pruned = shutil.copytree(done, tmp_path / "checkpoints" / "samples-000000000032")
+    (pruned / "model.pt").unlink()  # a prune killed half-way: some files gone
+    (pruned / "state.pt").unlink()
     (tmp_path / "checkpoints" / ".tmp-samples-000000000024-1").mkdir()  # a write that crashed half-way
     assert list_checkpoints(tmp_path) == [done]
-    assert [p.name for p in remove_partial(tmp_path / "checkpoints")] == [".tmp-samples-000000000024-1"]
     with pytest.raises(CheckpointError, match="not a complete selfsup checkpoint"):
         resolve_checkpoint(partial)
+    assert tidy_checkpoints(tmp_path) == [".tmp-samples-000000000024-1", "samples-000000000016",
+                                          "samples-000000000032"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [done.name]
+    kept = tmp_path / "corrupt" / "samples-000000000016"  # the damaged one is kept, byte for byte
+    assert (kept / "model.pt").read_bytes() == b"x" and (kept / "state.pt").read_bytes() == (done / "state.pt").read_bytes()
 
 
 def test_a_full_disk_is_one_line_naming_the_path_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
@@ -89,6 +96,7 @@ def test_a_pickle_payload_is_refused(tmp_path):
     (path / "model.pt").write_bytes(pickle.dumps({"w": Evil()}))
     progress = ck.read_progress(path)
     progress["files"]["model.pt"] = (path / "model.pt").stat().st_size  # a complete, but hostile, checkpoint
+    progress["sha256"]["model.pt"] = ck.file_digest(path / "model.pt")
     (path / "progress.json").write_text(json.dumps(progress))
     with pytest.raises(CheckpointError, match="cannot load safely"):
         load_checkpoint(path)
