@@ -3,7 +3,8 @@
 ``compare(runs, train, test, out)`` writes ``compare.json`` (a row per checkpoint, the best one),
 ``compare.md`` (the table) and ``compare.png`` (top-1 against step, one colour per run: linear
 solid, kNN@20 dashed). Features of each checkpoint are cached in ``out/features/`` and reused while
-the checkpoint's ``model.pt`` and the two splits are unchanged.
+the checkpoint's ``model.pt`` and the two splits are unchanged. A checkpoint that its live run prunes
+while they are compared, or a damaged one, is skipped with a warning naming it; the rest are kept.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def compare(runs: list[str | Path], train: str, test: str, out: str | Path, rank
     """Every checkpoint of every run in ``runs`` scored on ``test`` against ``train``; the checkpoint
     with the highest ``rank_by`` top-1 is "best". Returns the compare.json content."""
     out = Path(out)
+    if len({Path(r).name for r in runs}) < len(runs):
+        raise ValueError(f"runs need distinct folder names, got {[str(r) for r in runs]}")
     splits: dict[str, tuple] = {}  # data config (JSON) -> the train and test splits read with it
     rows = []
     for run in map(Path, runs):
@@ -39,17 +42,22 @@ def compare(runs: list[str | Path], train: str, test: str, out: str | Path, rank
         if not checkpoints:
             raise CheckpointError(f"{run} has no complete checkpoint (is it a run directory?)")
         for ckpt in checkpoints:
-            cfg, state, _ = load_checkpoint(ckpt)
+            try:
+                step, cache_key = checkpoint_step(ckpt), _cache_key(ckpt, f"{train}|{test}")
+                cfg, state, _ = load_checkpoint(ckpt)
+            except (CheckpointError, FileNotFoundError) as err:  # a live run pruned it since listing, or damaged
+                log.warning("skipped %s: %s", ckpt, err)
+                continue
             task, key = task_for(cfg), cfg.data.model_dump_json()
             if key not in splits:
                 splits[key] = task.read_labelled(train, cfg), task.read_labelled(test, cfg)
             train_split, test_split = splits[key]
-            bank, queries = _features(ckpt, cfg, state, splits[key], out / "features" / run.name, f"{train}|{test}")
+            bank, queries = _features(ckpt, cfg, state, splits[key], out / "features" / run.name, cache_key)
             scores, _ = score(f"{run.name} {ckpt.name}", bank, train_split.labels, queries, test_split.labels,
                               num_classes(train_split, test_split), [tuple(s) for s in cfg.eval.knn])
-            rows.append({"run": run.name, "step": checkpoint_step(ckpt), "checkpoint": str(ckpt), **scores})
-    if len({r["run"] for r in rows}) < len(runs):
-        raise ValueError(f"runs need distinct folder names, got {[str(r) for r in runs]}")
+            rows.append({"run": run.name, "step": step, "checkpoint": str(ckpt), **scores})
+    if not rows:
+        raise CheckpointError(f"no checkpoint of {', '.join(map(str, runs))} could be read (each is named above)")
     best = max(rows, key=lambda r: (r[rank_by], r["step"]))
     result = {"train": train, "test": test, "rank_by": rank_by, "best": best, "checkpoints": rows}
     out.mkdir(parents=True, exist_ok=True)
@@ -65,11 +73,15 @@ def compare(runs: list[str | Path], train: str, test: str, out: str | Path, rank
     return result
 
 
-def _features(ckpt: Path, cfg, state: dict, splits: tuple, cache: Path, locations: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train (N, D), test (M, D)) un-augmented features of a checkpoint (``model_features``), from
-    ``cache`` when its key still matches."""
+def _cache_key(ckpt: Path, locations: str) -> str:
+    """What the cached features of ``ckpt`` depend on: its ``model.pt`` (path, size, time) and the splits."""
     stat = (ckpt / "model.pt").stat()
-    key = hashlib.sha256(f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{locations}".encode()).hexdigest()
+    return hashlib.sha256(f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{locations}".encode()).hexdigest()
+
+
+def _features(ckpt: Path, cfg, state: dict, splits: tuple, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train (N, D), test (M, D)) un-augmented features of a checkpoint (``model_features``), from
+    ``cache`` when its ``key`` (:func:`_cache_key`) still matches."""
     path = cache / f"{ckpt.name}.npz"
     if path.is_file():
         with np.load(path) as cached:

@@ -10,6 +10,7 @@ in the epoch, RNG) when one is given. ``step(batch)`` is one optimiser step, the
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -136,7 +137,7 @@ class Trainer:
         self.total_steps = max(1, math.ceil(cfg.optim.epochs * self.steps_per_epoch))
         self.warmup_steps = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.steps_done, self.start_epoch, self.start_in_epoch = 0, 0, 0
-        self.samples_seen, self.checkpoints_written, self.checkpoint = 0, 0, None
+        self.samples_seen, self.checkpoints_written, self.checkpoint, self.last = 0, 0, None, {}
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
         self.seconds_before, self.fit_started = 0.0, time.perf_counter()  # wall time of earlier attempts; this one's start
         if rank() == 0:
@@ -147,7 +148,7 @@ class Trainer:
         self.model = self._wrap(self.objective)
         self.amp = autocast_dtype(cfg, self.device)
         self.loader = make_loader(self.stream, cfg.data.loader_workers)
-        self.bad, self.last = BadSteps(self.device), {}
+        self.bad = BadSteps(self.device)
         self.current_lr = self.base_lr
         self.online = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
         self.threads = ThreadTuner(torch.get_num_threads()) if cfg.train.adapt_threads and self.device.type == "cpu" else None
@@ -182,7 +183,8 @@ class Trainer:
         self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.samples_seen, self.checkpoints_written = state["samples_seen"], state["checkpoints_written"]
         self.seconds_before = state.get("train_seconds", 0.0)
-        self.checkpoint = path.name  # the final weights, should no step remain
+        self.checkpoint = path.name  # the final weights and last record, should no step remain
+        self.last = json.loads((path / "metrics.json").read_text())
         if state.get("sized_total_steps"):
             self.total_steps = self.sized_total = state["sized_total_steps"]
         saved_ranks = len(state["rng"])

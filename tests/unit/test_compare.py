@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import torch
 
@@ -53,3 +54,23 @@ def test_compare_two_runs_names_the_best_and_reuses_features(tmp_path, monkeypat
 def test_compare_refuses_a_folder_without_checkpoints(tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "compare", str(tmp_path / "empty"), "--train", "x", "--test", "y"]) == 2
+
+
+def test_a_checkpoint_pruned_by_its_live_run_is_skipped_and_the_computed_scores_kept(tmp_path, monkeypatch, caplog):
+    torch.set_num_threads(1)
+    train = str(write_tiny_shards(tmp_path / "train", [60, 60]))
+    test = str(write_tiny_shards(tmp_path / "test", [40], seed=1, split="test"))
+    runs = [tiny_run(tmp_path, "a", train, [10, 20, 30]), tiny_run(tmp_path, "b", train, [5])]
+    load = compare_module.load_checkpoint
+
+    def pruned_meanwhile(ckpt):  # the live run prunes its oldest checkpoints while the first is scored
+        if ckpt.name == "samples-000000000160":
+            shutil.rmtree(ckpt)
+        return load(ckpt)
+
+    monkeypatch.setattr(compare_module, "load_checkpoint", pruned_meanwhile)
+    result = compare_module.compare(runs, train, test, tmp_path / "cmp")
+    assert [(r["run"], r["step"]) for r in result["checkpoints"]] == [("a", 10), ("a", 30), ("b", 5)]
+    assert "skipped" in caplog.text and "samples-000000000160" in caplog.text
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [r["step"] for r in saved["checkpoints"]] == [10, 30, 5]

@@ -3,6 +3,7 @@ back to the checkpoint before and keeps the damaged one aside; eval refuses it i
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 
@@ -13,7 +14,7 @@ from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import (CheckpointCorrupt, list_checkpoints, load_checkpoint, read_progress,
                                      resume_point)
-from tests.clusterkit import tiny_config
+from tests.clusterkit import tiny_config, write_config
 from tests.conftest import write_tiny_shards
 
 CORRUPTIONS = 20
@@ -70,3 +71,26 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
     assert silent == 0
     summary = pretrain_here(cfg)  # the last trial's run resumes from the checkpoint before and trains on
     assert summary["steps"] == 4 and read_progress(list_checkpoints(cfg.run_dir)[-1])["step"] == 4
+
+
+def test_rerunning_a_finished_run_keeps_its_final_checkpoint_and_drops_a_torn_record(tmp_path, capsys):
+    shards = write_tiny_shards(tmp_path / "shards", [32])
+    path = write_config(tmp_path / "x.yaml", tiny_config("done", shards, tmp_path / "runs", model={"width": 2},
+                                                         method={"name": "simclr", "proj_hidden_dim": 8,
+                                                                 "proj_dim": 4}))
+    run = tmp_path / "runs" / "done"
+    assert cli.main(["pretrain", str(path), "--no-ray"]) == 0
+    first = json.loads((run / "summary.json").read_text())
+    final = run / "checkpoints" / "samples-000000000032"
+    assert first["checkpoint"] == str(final)
+    records = (run / "metrics.jsonl").read_text()
+    with open(run / "metrics.jsonl", "a") as f:  # a kill mid-append (a full disk) tore a record
+        f.write('{"step": 5, "loss": 2.')
+    capsys.readouterr()
+    assert cli.main(["pretrain", str(path), "--no-ray"]) == 0
+    out, err = capsys.readouterr()
+    assert f"done: 4 steps, final weights in {final}," in out and "None" not in out
+    assert "metrics.jsonl: dropped its last line, a record cut short by an interrupted write" in err
+    again = json.loads((run / "summary.json").read_text())
+    assert again["checkpoint"] == str(final) and again["last"] == first["last"] and again["steps"] == 4
+    assert (run / "metrics.jsonl").read_text() == records
