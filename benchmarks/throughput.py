@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
 from selfsup.config import ExperimentConfig, ViewRecipe, load_config
+from selfsup.core.device import autocast_dtype
 from selfsup.core.objective import Progress
 from selfsup.core.reporter import Reporters
 from selfsup.data.decode import decode_image
@@ -45,7 +46,7 @@ from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png
 from selfsup.tasks.vision import VisionTask
 from selfsup.train.optim import build_optimizer, scaled_lr
-from selfsup.train.trainer import Trainer, autocast_dtype
+from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     peak, peak_note = peaks(device)
     scratch = Path(tempfile.mkdtemp(prefix="selfsup-throughput-"))
     extra = trainer_overrides(device.type, workers, args.threads, args.compile, str(scratch / "runs"))
-    amp = autocast_dtype(method_config(args.methods[0], device.type, settings[0], extra), device)
+    amp = autocast_dtype(method_config(args.methods[0], device.type, settings[0], extra).train.precision, device)
     real_kind = "bf16" if amp is not None else "fp32"
     print(f"device {device}, torch threads {torch.get_num_threads()}, loader processes {workers}, "
           f"real path Trainer.step {real_kind}{' + channels_last' if device.type == 'cuda' else ''}"

@@ -1,8 +1,57 @@
-"""Where and in which memory layout a model runs."""
+"""Where, in which memory layout and at which precision a model runs. The choices are pure functions of
+the device's properties (``choose_device``, ``amp_dtype``), tested without the device."""
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+log = logging.getLogger("selfsup.device")
+
+
+def choose_device(use_gpu: bool, gpus: int, local_rank: int) -> torch.device:
+    """``cuda:(local_rank mod gpus)`` when a GPU is asked for and there are ``gpus``, else the CPU."""
+    return torch.device("cuda", local_rank % gpus) if use_gpu and gpus else torch.device("cpu")
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """This process's training device (its ``LOCAL_RANK``'s GPU), made torch's current CUDA device: NCCL's
+    object collectives and every bare "cuda" tensor then use the GPU that DDP uses."""
+    device = choose_device(use_gpu, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                           int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: a GPU of compute capability 8.0 or more (Ampere on),
+    a CPU with AVX-512 BF16 or AMX. Older GPUs emulate it, slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.cpu._is_avx512_bf16_supported()
+
+
+def amp_dtype(precision: str, device_type: str, native: bool) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` on a ``device_type`` device with or without ``native``
+    bf16: None (fp32) when asked for; on CUDA bf16 only where native, else fp32 with one warning; on
+    a CPU bf16 when asked for or native ("auto")."""
+    if precision == "fp32":
+        return None
+    if device_type == "cuda":
+        if native:
+            return torch.bfloat16
+        log.warning("train.precision=%s: this GPU has no native bf16 (compute capability below 8.0), training "
+                    "in fp32", precision)
+        return None
+    return torch.bfloat16 if precision == "bf16" or native else None
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``amp_dtype`` of this ``device``."""
+    return amp_dtype(precision, device.type, native_bf16(device))
 
 
 def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:

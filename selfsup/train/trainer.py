@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -25,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from selfsup.config import ExperimentConfig
-from selfsup.core.device import describe_machine, memory_format
+from selfsup.core.device import autocast_dtype, describe_machine, memory_format, pick_device
 from selfsup.core.checkpoint import (CheckpointSpaceError, checkpoint_name, ensure_space, load_checkpoint,
                                      rng_state, save_checkpoint, set_rng_state, tidy_checkpoints, write_checkpoint)
 from selfsup.core.fence import LeaseLost, fenced
@@ -45,22 +44,6 @@ log = logging.getLogger("selfsup.pretrain")
 
 class TooManyBadSteps(RuntimeError):
     """The loss was NaN or inf for too many steps in a row."""
-
-
-def pick_device(cfg: ExperimentConfig) -> torch.device:
-    if cfg.scaling.use_gpu and torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", local % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA, and on CPUs with native bf16 (AVX-512 BF16 or AMX) unless fp32 is asked for."""
-    if cfg.train.precision == "fp32":
-        return None
-    if cfg.train.precision == "bf16" or device.type == "cuda" or torch.cpu._is_avx512_bf16_supported():
-        return torch.bfloat16
-    return None
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -124,7 +107,7 @@ class Trainer:
         seed_everything(cfg.seed + rank(), cfg.deterministic)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = pick_device(cfg)
+        self.device = pick_device(cfg.scaling.use_gpu)
         task = task_for(cfg)
         self.objective = self._place(task.build_objective(cfg))
         self.health = DataHealth()
@@ -146,7 +129,7 @@ class Trainer:
         if resume_from is not None:
             self._resume(resume_from)
         self.model = self._wrap(self.objective)
-        self.amp = autocast_dtype(cfg, self.device)
+        self.amp = autocast_dtype(cfg.train.precision, self.device)
         self.loader = make_loader(self.stream, cfg.data.loader_workers)
         self.bad = BadSteps(self.device)
         self.current_lr = self.base_lr

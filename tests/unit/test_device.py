@@ -1,10 +1,13 @@
-"""The memory layout: channels_last where it is safe, contiguous on CPUs whose oneDNN runs AVX2 kernels."""
+"""The device, as functions of its properties: channels_last where it is safe (contiguous on CPUs whose
+oneDNN runs AVX2 kernels), each rank's GPU made current, bf16 only where it is native."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from selfsup.core.device import memory_format
+from selfsup.core.device import amp_dtype, autocast_dtype, choose_device, memory_format, native_bf16, pick_device
 
 
 def test_channels_last_only_where_safe(monkeypatch):
@@ -15,3 +18,40 @@ def test_channels_last_only_where_safe(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert memory_format(cpu) is torch.contiguous_format  # its backward of small strided 1x1 convs corrupts the heap
     assert memory_format(torch.device("cuda", 0)) is torch.channels_last
+
+
+def test_each_rank_takes_its_local_gpu_and_makes_it_current(monkeypatch):
+    assert choose_device(True, 4, 6) == torch.device("cuda", 2)
+    assert choose_device(True, 0, 0) == torch.device("cpu")  # asked for, none there
+    assert choose_device(False, 8, 3) == torch.device("cpu")
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device(True) == torch.device("cuda", 1) and made_current == [torch.device("cuda", 1)]
+    assert pick_device(False) == torch.device("cpu") and len(made_current) == 1
+
+
+def test_bf16_only_where_the_device_computes_it_natively(caplog):
+    with caplog.at_level(logging.WARNING, logger="selfsup.device"):
+        assert amp_dtype("auto", "cuda", native=True) is torch.bfloat16  # A100, H100
+        assert amp_dtype("bf16", "cuda", native=True) is torch.bfloat16
+        assert caplog.records == []
+        assert amp_dtype("auto", "cuda", native=False) is None  # V100, T4: fp32, said once
+        assert [r.getMessage() for r in caplog.records] == [
+            "train.precision=auto: this GPU has no native bf16 (compute capability below 8.0), training in fp32"]
+        assert amp_dtype("bf16", "cuda", native=False) is None
+        assert amp_dtype("fp32", "cuda", native=True) is None
+        assert amp_dtype("auto", "cpu", native=True) is torch.bfloat16  # AVX-512 BF16 / AMX
+        assert amp_dtype("auto", "cpu", native=False) is None
+        assert amp_dtype("bf16", "cpu", native=False) is torch.bfloat16  # asked for: emulated, but exact bf16
+        assert len(caplog.records) == 2
+
+
+def test_native_bf16_reads_the_compute_capability(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+    assert not native_bf16(gpu) and autocast_dtype("auto", gpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    assert native_bf16(gpu) and autocast_dtype("auto", gpu) is torch.bfloat16
