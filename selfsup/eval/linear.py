@@ -2,7 +2,9 @@
 
 DINOv2-style: features are standardised with statistics of the training part (BatchNorm1d with
 ``affine=False`` at evaluation, folded in), then every grid member is one slice of a single
-(D, G*C) weight matrix, so one GEMM per batch trains all G members at once. Each member uses
+(D, G*C) weight matrix, so one GEMM per batch trains all G members at once. The features stay on the
+host and reach the device (a GPU when there is one) a batch at a time: V views x N images x D of
+ImageNet would not fit a GPU (4 x 1.28M x 2048 floats: 42 GB). Each member uses
 SGD with Nesterov momentum 0.9 and a cosine schedule on the mean cross-entropy; weight decay
 applies to weights, not biases. Members are scored on a held-out ``val_fraction`` of the train
 set; the best (lowest lr, then lowest decay on ties) is refit on the full train set and scored
@@ -72,27 +74,27 @@ def linear_probe(
                                                         ("train features", "test features"))
     grid, epochs, images, n_val = _plan(train_y, test_y, num_classes, lrs, weight_decays, epochs, batch_size,
                                         val_fraction, train_views)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(seed)
-    x = torch.from_numpy(train_x.astype(np.float32, copy=False)).to(device)
-    y = torch.from_numpy(train_y).to(device)
-    perm = torch.randperm(images, generator=gen).to(device)
+    x = torch.from_numpy(train_x.astype(np.float32, copy=False))  # on the host, read a batch at a time
+    y = torch.from_numpy(train_y)
+    perm = torch.randperm(images, generator=gen)
     val_rows = perm[:n_val]
-    fit_rows = (perm[n_val:] + images * torch.arange(train_views, device=device).unsqueeze(1)).reshape(-1)
+    fit_rows = (perm[n_val:] + images * torch.arange(train_views).unsqueeze(1)).reshape(-1)
 
-    model = _fit(x[fit_rows], y[fit_rows], num_classes, grid, epochs, batch_size, gen)
+    model = _fit(x, y, fit_rows, num_classes, grid, epochs, batch_size, gen, device)
     if n_val:
-        val_pred = _logits(model, x[val_rows]).argmax(-1)  # (n_val, G)
-        val_top1 = (val_pred == y[val_rows, None]).float().mean(0).cpu().numpy()
+        val_pred = _predict(model, x[val_rows], lambda logits: logits.argmax(-1))  # (n_val, G)
+        val_top1 = (val_pred == y[val_rows, None]).float().mean(0).numpy()
     else:
         val_top1 = np.full(len(grid), np.nan)
     chosen = int(np.argmax(np.nan_to_num(val_top1, nan=-1.0)))  # first best: lowest lr, then decay
     lr, wd = grid[chosen]
     member = chosen
     if refit:
-        model, member = _fit(x, y, num_classes, [(lr, wd)], epochs, batch_size, gen), 0
+        model, member = _fit(x, y, torch.arange(len(x)), num_classes, [(lr, wd)], epochs, batch_size, gen, device), 0
 
-    logits = _logits(model, torch.from_numpy(test_x.astype(np.float32, copy=False)).to(device))[:, member]
+    logits = _predict(model, torch.from_numpy(test_x.astype(np.float32, copy=False)), lambda out: out[:, member])
     return _scored(logits, test_y, num_classes, lr, wd, float(val_top1[chosen]),
                    {f"lr={g_lr:g},wd={g_wd:g}": float(v) for (g_lr, g_wd), v in zip(grid, val_top1)})
 
@@ -148,33 +150,63 @@ class _Model:
     members: int
 
 
+CHUNK = 8192  # rows a device holds at a time outside training (statistics, scoring)
+
+
+def _to(device: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """A host tensor on the probe's device: every copy there is one batch or one ``CHUNK`` of rows."""
+    return t.to(device, non_blocking=True)
+
+
 def _logits(model: _Model, x: torch.Tensor) -> torch.Tensor:
-    """(B, D) raw features -> (B, G, C) logits of every grid member."""
+    """(B, D) raw features on the model's device -> (B, G, C) logits of every grid member."""
     z = (x - model.mean) * model.inv_std
     return (z @ model.weight + model.bias).view(len(x), model.members, -1)
 
 
-def _fit(x, y, c: int, grid, epochs: int, batch_size: int, gen: torch.Generator) -> _Model:
-    """SGD (Nesterov) on mean cross-entropy for all grid members at once, closed-form gradients."""
-    n, d = x.shape
+def _predict(model: _Model, x: torch.Tensor, keep) -> torch.Tensor:
+    """``keep(logits (B, G, C))`` of the host rows ``x`` (M, D), a ``CHUNK`` at a time, on the host."""
+    return torch.cat([keep(_logits(model, _to(model.weight.device, x[s : s + CHUNK]))).cpu()
+                      for s in range(0, len(x), CHUNK)])
+
+
+def _standardiser(x: torch.Tensor, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (D,) and 1 / (std + 1e-6) (D,) of the host rows ``x[rows]``, summed a ``CHUNK`` at a time
+    in float64 on ``device``."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
+    squares = torch.zeros_like(total)
+    for s in range(0, len(rows), CHUNK):
+        block = _to(device, x[rows[s : s + CHUNK]]).double()
+        total += block.sum(0)
+        squares += block.square().sum(0)
+    mean = total / len(rows)
+    std = (squares / len(rows) - mean.square()).clamp_(min=0).sqrt()
+    return mean.float(), (1.0 / (std + 1e-6)).float()
+
+
+def _fit(x, y, rows, c: int, grid, epochs: int, batch_size: int, gen: torch.Generator,
+         device: torch.device) -> _Model:
+    """SGD (Nesterov) on mean cross-entropy for all grid members at once, closed-form gradients, on the
+    host rows ``x[rows]`` (D wide) and labels ``y[rows]``, a batch at a time on ``device``."""
+    n, d = len(rows), x.shape[1]
     g = len(grid)
-    model = _Model(x.mean(0), 1.0 / (x.std(0, correction=0) + 1e-6), x.new_zeros(d, g * c), x.new_zeros(g * c), g)
-    x = (x - model.mean) * model.inv_std  # standardised once: (N, D)
-    lr = torch.tensor([lr for lr, _ in grid], device=x.device).repeat_interleave(c)  # (G*C,)
-    wd = torch.tensor([wd for _, wd in grid], device=x.device).repeat_interleave(c)
+    mean, inv_std = _standardiser(x, rows, device)
+    model = _Model(mean, inv_std, mean.new_zeros(d, g * c), mean.new_zeros(g * c), g)
+    lr = torch.tensor([lr for lr, _ in grid], device=device).repeat_interleave(c)  # (G*C,)
+    wd = torch.tensor([wd for _, wd in grid], device=device).repeat_interleave(c)
     vel_w, vel_b = torch.zeros_like(model.weight), torch.zeros_like(model.bias)
     steps_per_epoch = math.ceil(n / batch_size)
     total, step = epochs * steps_per_epoch, 0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(x.device)
+        order = rows[torch.randperm(n, generator=gen)]
         for s in range(0, n, batch_size):
-            rows = order[s : s + batch_size]
-            z = x[rows]  # (B, D)
-            logits = (z @ model.weight + model.bias).view(len(rows), g, c)
+            batch = order[s : s + batch_size]
+            z = (_to(device, x[batch]) - model.mean) * model.inv_std  # (B, D), standardised
+            logits = (z @ model.weight + model.bias).view(len(batch), g, c)
             grad = (logits - logits.amax(-1, keepdim=True)).exp_()  # softmax; torch's is slow for small C
             grad /= grad.sum(-1, keepdim=True)
-            grad[torch.arange(len(rows)), :, y[rows]] -= 1.0
-            grad = grad.view(len(rows), g * c) / len(rows)  # d(mean CE) / d logits
+            grad[torch.arange(len(batch)), :, _to(device, y[batch])] -= 1.0
+            grad = grad.view(len(batch), g * c) / len(batch)  # d(mean CE) / d logits
             grad_w = z.T @ grad + wd * model.weight
             grad_b = grad.sum(0)
             scale = lr * (0.5 * (1.0 + math.cos(math.pi * step / total)))

@@ -55,9 +55,10 @@ def test_grid_members_train_exactly_as_if_alone():
     x = torch.from_numpy(rng.normal(size=(500, 10)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 4, 500))
     grid = [(0.01, 0.0), (0.3, 1e-2), (1.0, 1e-3)]
-    together = linear._fit(x, y, 4, grid, 3, 64, torch.Generator().manual_seed(0))
+    rows, cpu = torch.arange(500), torch.device("cpu")
+    together = linear._fit(x, y, rows, 4, grid, 3, 64, torch.Generator().manual_seed(0), cpu)
     for g, member in enumerate(grid):
-        alone = linear._fit(x, y, 4, [member], 3, 64, torch.Generator().manual_seed(0))
+        alone = linear._fit(x, y, rows, 4, [member], 3, 64, torch.Generator().manual_seed(0), cpu)
         torch.testing.assert_close(together.weight[:, 4 * g : 4 * g + 4], alone.weight, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(together.bias[4 * g : 4 * g + 4], alone.bias, rtol=1e-4, atol=1e-5)
     # different hyper-parameters really produce different classifiers
@@ -112,3 +113,23 @@ def test_paper_probe_learns_through_augmented_crops_and_leaves_the_backbone_froz
     assert r.top1 > 0.9 and r.top1 == pytest.approx((r.predictions == y[300:]).mean())
     assert r.probabilities.shape == (100, 2) and np.isnan(r.val_top1)
     assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, encoder.parameters()))
+
+
+def test_the_features_reach_the_device_a_batch_or_a_chunk_at_a_time(monkeypatch):
+    """The V x N x D train rows stay on the host (ImageNet's would not fit a GPU): every copy to the
+    probe's device holds at most one batch or one CHUNK of rows, and chunking changes no result."""
+    rng = np.random.default_rng(5)
+    centres = np.eye(3, 16) * 3
+    xtr, ytr = mixture(rng, 600, centres, 1.0)
+    xte, yte = mixture(rng, 150, centres, 1.0)
+    whole = linear_probe(xtr, ytr, xte, yte, 3, lrs=(0.1, 1.0), weight_decays=(0.0,), epochs=2, batch_size=64)
+    moved, to = [], linear._to
+    monkeypatch.setattr(linear, "CHUNK", 100)
+    monkeypatch.setattr(linear, "_to", lambda device, t: moved.append(len(t)) or to(device, t))
+    chunked = linear_probe(xtr, ytr, xte, yte, 3, lrs=(0.1, 1.0), weight_decays=(0.0,), epochs=2, batch_size=64)
+    assert max(moved) == 100 and moved.count(64) > 10
+    # each fit: its rows once for the statistics, then 2 epochs of features and labels; 540 rows, then
+    # the refit's 600; then the 60 held-out rows and the 150 test rows
+    assert sum(moved) == 540 * (1 + 2 * 2) + 600 * (1 + 2 * 2) + 60 + 150
+    assert chunked.top1 == whole.top1 and chunked.lr == whole.lr
+    np.testing.assert_allclose(chunked.probabilities, whole.probabilities, atol=1e-5)
