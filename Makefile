@@ -12,11 +12,11 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e .
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[cpu]'
 	@touch $@
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,cpu]'
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) --no-deps lightly  # the `reference` extra, torch left alone
 	@touch $@
 

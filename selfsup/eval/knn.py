@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import warnings
 from collections.abc import Sequence
@@ -113,16 +114,36 @@ def weighted_knn(
     return KNNResult(top1, top5, predictions, nb, sims, unseen, recall)
 
 
+FAISS_WHEELS = ("faiss-cpu", "faiss-gpu-cu12")  # the extras `cpu` and `gpu`: one `faiss` module, two wheels
+
+
 @functools.cache
 def _faiss():
     """faiss, imported on first use, so that its loader's lines follow the logging the caller set up
-    (a Ray worker quietens it only once it runs); None when it is not installed (it is a hard
-    dependency, but torch/numpy keep working without it)."""
+    (a Ray worker quietens it only once it runs); None when it is not installed (an extra: torch and
+    numpy give the same neighbours without it). Warns once when both FAISS wheels are installed."""
+    both = installed(FAISS_WHEELS)
+    if len(both) > 1:
+        log.warning("%s are both installed and write the same `faiss` module (the one installed last won): "
+                    "pip uninstall -y %s, then reinstall selfsup with one extra, '.[cpu]' or '.[gpu]'",
+                    " and ".join(both), " ".join(both))
     try:
         import faiss
     except ImportError:
         return None
     return faiss
+
+
+def installed(distributions: Sequence[str]) -> list[str]:
+    """Those of ``distributions`` that are installed."""
+    found = []
+    for name in distributions:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
 
 
 def _resolve_backend(backend: str) -> str:
@@ -131,7 +152,8 @@ def _resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "faiss" and _faiss() is None:
-        raise ValueError("backend='faiss' but faiss is not installed (pip install faiss-cpu)")
+        raise ValueError("backend='faiss' but faiss is not installed: install selfsup with the extra '.[cpu]' "
+                         "(faiss-cpu) or '.[gpu]' (faiss-gpu-cu12)")
     return backend
 
 

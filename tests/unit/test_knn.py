@@ -1,6 +1,9 @@
 """Weighted kNN: engine agreement, tie-breaking, hand-computed votes, validation."""
 
+import importlib.metadata
+import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +178,32 @@ def test_torch_engine_ignores_reduced_matmul_precision():
     finally:
         torch.set_float32_matmul_precision(previous)
     np.testing.assert_array_equal(r.neighbours, ref.neighbours)
+
+
+def test_the_two_faiss_wheels_are_alternative_extras_never_both_by_default():
+    """faiss-cpu and faiss-gpu-cu12 write the same `faiss` module: a default dependency beside a `gpu`
+    extra would leave install order to decide which one works."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    wheel = lambda spec: spec.split(">")[0].split("=")[0].split("<")[0]  # noqa: E731
+    assert not {wheel(d) for d in project["dependencies"]} & set(knn.FAISS_WHEELS)
+    extras = project["optional-dependencies"]
+    assert [wheel(d) for d in extras["cpu"]] == ["faiss-cpu"] and [wheel(d) for d in extras["gpu"]] == ["faiss-gpu-cu12"]
+    assert not any(set(map(wheel, deps)) >= set(knn.FAISS_WHEELS) for deps in extras.values())
+
+
+def test_both_faiss_wheels_installed_is_said_in_one_line(monkeypatch, caplog):
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(importlib.metadata, "distribution",
+                        lambda name: object() if name in knn.FAISS_WHEELS else real(name))
+    knn._faiss.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="selfsup.eval.knn"):
+            knn._faiss()
+            knn._faiss()
+    finally:
+        knn._faiss.cache_clear()
+    assert [r.getMessage() for r in caplog.records] == [
+        "faiss-cpu and faiss-gpu-cu12 are both installed and write the same `faiss` module (the one installed "
+        "last won): pip uninstall -y faiss-cpu faiss-gpu-cu12, then reinstall selfsup with one extra, "
+        "'.[cpu]' or '.[gpu]'"]
