@@ -40,7 +40,7 @@ from selfsup.eval.run import evaluate
 from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins"]
+METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins", "dino"]
 METRICS = ["knn@20", "knn@200", "linear"]
 BASELINES = {"pixels": "pixels", "random_init": "random init"}  # name -> as printed
 MONITOR_LEVEL = re.compile(r"monitor/(.+)_knn@20")  # a baseline's level on the monitor subset

@@ -217,6 +217,38 @@ class BarlowTwinsConfig(ImageMethodConfig):
     sync_bn: bool = True  # the cross-correlation is normalised over the global batch (SyncBatchNorm)
 
 
+class DINOConfig(ImageMethodConfig):
+    """DINO's hyper-parameters (Caron et al. 2021; defaults: the official main_dino.py's, ViT-S/16).
+
+    The student sees every view, the EMA teacher (momentum ``momentum_teacher`` -> 1 on a cosine) the
+    global ones. The head: ``head_layers`` linears ``hidden_dim`` wide to ``bottleneck_dim``, then a
+    weight-normalised layer to ``out_dim`` (its norm frozen with ``norm_last_layer``; the whole layer
+    frozen for the first ``freeze_last_layer_epochs``). The teacher's temperature rises linearly from
+    ``warmup_teacher_temp`` to ``teacher_temp`` over ``warmup_teacher_temp_epochs`` (by whole epochs);
+    its outputs are centred by a running mean of momentum ``center_momentum`` over every rank's batch.
+    ``clip_grad`` clips each parameter's gradient norm on its own (the official ``clip_gradients``);
+    None: no clipping.
+    """
+
+    local_views: ClassVar[bool] = True
+    name: Literal["dino"] = "dino"
+    out_dim: int = Field(65536, gt=0, le=262144)
+    hidden_dim: int = Field(2048, gt=0, le=65536)
+    bottleneck_dim: int = Field(256, gt=0, le=65536)
+    head_layers: int = Field(3, ge=1, le=8)
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    momentum_teacher: float = Field(0.996, ge=0, le=1)
+    student_temp: float = Field(0.1, gt=0, le=10)
+    warmup_teacher_temp: float = Field(0.04, gt=0, le=10)
+    teacher_temp: float = Field(0.04, gt=0, le=10)
+    warmup_teacher_temp_epochs: int = Field(0, ge=0, le=10000)
+    center_momentum: float = Field(0.9, ge=0, le=1)
+    freeze_last_layer_epochs: float = Field(1.0, ge=0, le=10000)
+    clip_grad: float | None = Field(3.0, gt=0, le=1e4)
+    sync_bn: bool = True  # the official code converts a backbone's (and head's) BatchNorm to SyncBatchNorm
+
+
 class Wav2Vec2Config(BaseModel):
     """Model and objective hyper-parameters; defaults are the paper's BASE (95M parameters)."""
 
@@ -363,6 +395,7 @@ METHOD_CONFIGS: dict[str, type[BaseModel]] = {
     "simsiam": SimSiamConfig,
     "vicreg": VICRegConfig,
     "barlow_twins": BarlowTwinsConfig,
+    "dino": DINOConfig,
     "wav2vec2": Wav2Vec2MethodConfig,
 }
 MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
@@ -429,8 +462,11 @@ class AugmentConfig(Strict):
         return v
 
 
+VIT_PATCH = {"vit_b_16": 16, "vit_s_16": 16}  # the ViT backbones' patch sizes (selfsup.vision.backbones.VIT_SPECS)
+
+
 class ModelConfig(Strict):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "vit_b_16"] = "resnet18"
+    backbone: Literal["resnet18", "resnet34", "resnet50", "vit_b_16", "vit_s_16"] = "resnet18"
     width: int = Field(64, gt=0, description="channels of the first ResNet stage (64 = standard)")
     small_stem: bool = Field(True, description="3x3 stem without max-pool, for 28-32 px images")
     stem_stride: int = Field(1, ge=1, le=2, description="stride of the small stem (2 quarters the compute)")
@@ -447,6 +483,8 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0, le=10, description="weight decay at the end of the run, "
+                                           "reached on a cosine from weight_decay (DINO: 0.04 -> 0.4); None: constant")
     warmup_epochs: float = Field(1.0, ge=0)
     decay: Literal["cosine", "linear"] = Field("cosine", description="after the warm-up: cosine to 0, or linear "
                                                 "to 0 (fairseq's polynomial_decay, power 1)")
@@ -585,6 +623,12 @@ class ExperimentConfig(Strict):
         if sizes != sorted(sizes, reverse=True):
             raise ValueError(f"{key}: views of sizes {sizes}: list the global views first, then the local views "
                              "from the largest size to the smallest (each size then runs through the backbone as one batch)")
+        patch = VIT_PATCH.get(self.model.backbone)
+        for s in sorted(set(sizes), reverse=True):
+            if patch and s % patch:
+                raise ValueError(f"model.backbone {self.model.backbone} has {patch}-px patches, which do not divide "
+                                 f"the {s}-px views ({key}, data.image_size {size}): use view sizes that are "
+                                 f"multiples of {patch}")
         n_global, n_local = sizes.count(size), len(sizes) - sizes.count(size)
         name, wanted = self.method.name, self.method.global_views
         if n_global < wanted:

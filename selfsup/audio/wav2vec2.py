@@ -133,6 +133,9 @@ class Wav2Vec2Pretraining(nn.Module):
         """The codebook collapse alarm on the logged accuracy and perplexity."""
         return [CodebookHealthMonitor(groups=self.cfg.codebook_groups)]
 
+    def on_gradients(self, progress: Progress) -> None:
+        """Before the optimiser step: the gradients as ``backward`` left them."""
+
     def on_after_step(self, progress: Progress, accepted: Tensor | None = None) -> None:
         """Anneal the Gumbel temperature, which follows ``progress`` alone: ``forward`` changes no state
         (codebook usage is measured per batch, not accumulated), so a skipped step has nothing to undo."""

@@ -16,15 +16,24 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Progress:
-    """Where training stands: ``step`` optimiser steps done out of ``total_steps`` planned."""
+    """Where training stands: ``step`` optimiser steps done out of ``total_steps`` planned, at
+    ``steps_per_epoch`` steps an epoch (the loop always gives it; schedules by epoch need it)."""
 
     step: int
     total_steps: int
+    steps_per_epoch: int | None = None
 
     @property
     def fraction(self) -> float:
         """Share of training done, in [0, 1]."""
         return min(1.0, self.step / max(1, self.total_steps))
+
+    @property
+    def epoch(self) -> float:
+        """Epochs done (fractional): ``step / steps_per_epoch``."""
+        if not self.steps_per_epoch:
+            raise ValueError("this Progress has no steps_per_epoch: an epoch schedule cannot follow it")
+        return self.step / self.steps_per_epoch
 
 
 class HealthMonitor(Protocol):
@@ -53,6 +62,9 @@ class Objective(Protocol):
       the step (queue pushes, momentum/EMA updates, statistics changed in ``forward``) is applied
       here and only where ``accepted``, with tensor arithmetic (no host sync); None means accepted.
       Schedules that follow ``progress`` (annealing) need not look at it.
+    - ``on_gradients(progress)`` runs after ``backward`` (and the loop's ``optim.grad_clip``), before the
+      optimiser step: the objective's own in-place changes to its gradients (DINO's per-parameter
+      clipping, its last layer frozen in the first epoch), without a host sync.
     - ``param_groups()`` returns optimiser parameter groups; a group with ``"fixed_lr": True`` keeps
       its base learning rate (SimSiam's predictor), ``"weight_decay": 0.0`` exempts a group.
     - ``encoder`` is the module that is evaluated and exported (backbone only, no heads).
@@ -67,6 +79,8 @@ class Objective(Protocol):
     find_unused_parameters: bool
 
     def forward(self, batch: Any, progress: Progress) -> dict[str, torch.Tensor]: ...
+
+    def on_gradients(self, progress: Progress) -> None: ...
 
     def on_after_step(self, progress: Progress, accepted: torch.Tensor | None = None) -> None: ...
 

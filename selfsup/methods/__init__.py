@@ -10,6 +10,7 @@ from torch import nn
 
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.byol import BYOL
+from selfsup.methods.dino import DINO
 from selfsup.methods.moco import MoCoV2, MoCoV3
 from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simsiam import SimSiam
@@ -23,6 +24,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "simsiam": SimSiam,
     "vicreg": VICReg,
     "barlow_twins": BarlowTwins,
+    "dino": DINO,
 }
 
 

@@ -77,6 +77,9 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def on_gradients(self, progress: Progress) -> None:
+        """Before the optimiser step: the gradients as ``backward`` left them (a method may change them)."""
+
     def on_after_step(self, progress: Progress, accepted: torch.Tensor | None = None) -> None:
         """After the optimiser step: BatchNorm statistics put back unless ``accepted`` (0-d bool
         tensor; None: accepted), then the momentum networks updated towards the online ones if it was."""

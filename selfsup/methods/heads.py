@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 
 class MLPHead(nn.Module):
@@ -34,3 +37,36 @@ class MLPHead(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (Caron et al. 2021, the official ``DINOHead``): an MLP of ``num_layers``
+    linears (GELU between, BatchNorm with ``use_bn``) down to ``bottleneck_dim``, L2-normalised, then a
+    weight-normalised linear without bias to ``out_dim`` whose norm g is 1 and, with ``norm_last_layer``,
+    frozen. (B, in_dim) -> (B, out_dim). Linear weights start from a truncated normal of std 0.02.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        self.out_dim, self.bottleneck_dim = out_dim, bottleneck_dim
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < num_layers - 1:
+                layers += [nn.BatchNorm1d(b)] if use_bn else []
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            g.fill_(1)
+        g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))

@@ -125,3 +125,22 @@ def barlow_twins_loss(n1: torch.Tensor, n2: torch.Tensor, lambd: float, scale: f
 def _off_diagonal_sq(m: torch.Tensor) -> torch.Tensor:
     """The sum of the squares of the off-diagonal entries of a square (D, D) matrix."""
     return m.pow(2).sum() - torch.diagonal(m).pow(2).sum()
+
+
+
+def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
+              teacher_temp: float, student_temp: float) -> torch.Tensor:
+    """DINO's loss (Caron et al. 2021, the official ``DINOLoss``): the cross-entropy between the
+    teacher's centred, sharpened softmax of each global view and the student's softmax of every other view.
+
+    student: (V·B, K) logits of all V views, view after view, the ``n_global`` = G global views first;
+    teacher: (G·B, K) the teacher's logits of the global views; center: (1, K). Pairs of a view with
+    itself are left out: the mean over the G·V − G other pairs of each pair's batch mean, in fp32.
+    """
+    with torch.autocast(student.device.type, enabled=False):
+        b = teacher.shape[0] // n_global
+        t = F.softmax((fp32(teacher) - fp32(center)) / teacher_temp, dim=-1).unflatten(0, (n_global, b))
+        s = F.log_softmax(fp32(student) / student_temp, dim=-1).unflatten(0, (-1, b))
+        pairs = -torch.einsum("tbk,sbk->ts", t, s) / b  # (G, V): each pair's batch mean
+        same = torch.eye(n_global, s.shape[0], dtype=torch.bool, device=pairs.device)
+        return pairs.masked_fill(same, 0.0).sum() / (pairs.numel() - n_global)

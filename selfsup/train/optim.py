@@ -73,7 +73,7 @@ def build_optimizer(groups: list[dict], cfg, lr: float) -> Optimizer:
     groups = split_decay(groups)
     for g in groups:
         g.setdefault("weight_decay", cfg.weight_decay)
-        g["base_lr"] = lr
+        g["base_lr"], g["base_weight_decay"] = lr, g["weight_decay"]
     clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
     if cfg.name == "sgd":
         optimizer = torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=True)
@@ -116,11 +116,16 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_
     return base_lr * (final_fraction + (1 - final_fraction) * left)
 
 
-def set_lr(optimizer: Optimizer, step: int, total_steps: int, warmup_steps: int, decay: str = "cosine") -> float:
+def set_lr(optimizer: Optimizer, step: int, total_steps: int, warmup_steps: int, decay: str = "cosine",
+           weight_decay_end: float | None = None) -> float:
     """Apply the schedule (``decay``: "cosine" or "linear", ``OptimConfig.decay``) to every group (groups
-    marked ``fixed_lr`` keep their base LR); returns the LR."""
+    marked ``fixed_lr`` keep their base LR); returns the LR. With ``weight_decay_end``, each decayed
+    group's weight decay follows a cosine from its base value to it over the run (DINO's schedule)."""
     lr = 0.0
     for g in optimizer.param_groups:
+        if weight_decay_end is not None and g.get("base_weight_decay"):
+            left = (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps)))) / 2
+            g["weight_decay"] = weight_decay_end + (g["base_weight_decay"] - weight_decay_end) * left
         if g.get("fixed_lr"):
             g["lr"] = g["base_lr"]
         else:

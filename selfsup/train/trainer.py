@@ -186,10 +186,11 @@ class Trainer:
         A NaN/inf loss on any rank skips the step on every rank, decided on the device through the
         optimiser's ``found_inf``: nothing here waits for the GPU.
         """
-        self.current_lr = set_lr(self.optimizer, self.steps_done, self.total_steps, self.warmup_steps, self.cfg.optim.decay)
+        self.current_lr = set_lr(self.optimizer, self.steps_done, self.total_steps, self.warmup_steps,
+                                 self.cfg.optim.decay, self.cfg.optim.weight_decay_end)
         inputs = self.to_input(batch)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = self.model(inputs, Progress(self.steps_done, self.total_steps))
+            out = self.model(inputs, Progress(self.steps_done, self.total_steps, self.steps_per_epoch))
         loss = out["loss"]
         bad = ~torch.isfinite(loss.detach())
         if world_size() > 1:  # one rank's NaN reaches every rank's gradients through the all-reduce
@@ -200,11 +201,12 @@ class Trainer:
         loss.backward()
         if self.cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+        self.objective.on_gradients(Progress(self.steps_done, self.total_steps, self.steps_per_epoch))
         self.optimizer.found_inf = bad.float()  # the optimiser skips a bad step on the device: no host sync
         self.optimizer.step()
         self.bad.add(bad)
         self.steps_done += 1
-        self.objective.on_after_step(Progress(self.steps_done, self.total_steps), ~bad)
+        self.objective.on_after_step(Progress(self.steps_done, self.total_steps, self.steps_per_epoch), ~bad)
         return out
 
     def fit(self) -> dict:

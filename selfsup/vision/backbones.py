@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet, VisionTransformer
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -72,31 +73,51 @@ def build_resnet(name: str, width: int = 64, in_channels: int = 3, small_stem: b
     return net, channels
 
 
-class ViTBackbone(nn.Module):
-    """torchvision ViT-B/16 without its head: (B, C, H, W) -> (B, 768) class-token features.
+# patch size, layers, heads, width, MLP width: ViT-B/16 (Dosovitskiy et al. 2021), ViT-S/16 (DeiT-S, as DINO)
+VIT_SPECS = {"vit_b_16": (16, 12, 12, 768, 3072), "vit_s_16": (16, 12, 6, 384, 1536)}
 
+
+class ViTBackbone(nn.Module):
+    """A torchvision ``VisionTransformer`` without its head: (B, C, H, W) -> (B, width) class-token features.
+
+    Any H, W divisible by the patch size (DINO's 96-px local crops beside 224-px global ones): the
+    position embeddings of the ``image_size`` grid are interpolated bicubically to the input's grid, as
+    DINO's ``interpolate_pos_encoding`` does; at ``image_size`` the model is torchvision's exactly.
     ``freeze_patch_embed`` keeps the patch projection at its random initialisation, the trick the
     MoCo v3 paper (Chen, Xie, He 2021, sec. 4.2) uses against the training instability of ViTs.
     """
 
-    def __init__(self, image_size: int = 224, in_channels: int = 3, freeze_patch_embed: bool = False):
+    def __init__(self, arch: str = "vit_b_16", image_size: int = 224, in_channels: int = 3,
+                 freeze_patch_embed: bool = False):
         super().__init__()
-        self.vit = VisionTransformer(image_size=image_size, patch_size=16, num_layers=12, num_heads=12,
-                                     hidden_dim=768, mlp_dim=3072)
+        patch, layers, heads, width, mlp = VIT_SPECS[arch]
+        self.vit = VisionTransformer(image_size=image_size, patch_size=patch, num_layers=layers, num_heads=heads,
+                                     hidden_dim=width, mlp_dim=mlp)
         if in_channels != 3:
-            self.vit.conv_proj = nn.Conv2d(in_channels, 768, kernel_size=16, stride=16)
+            self.vit.conv_proj = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch)
         self.vit.conv_proj.requires_grad_(not freeze_patch_embed)
         self.vit.heads = nn.Identity()
 
     def forward(self, x):
-        return self.vit(x)
+        vit, p = self.vit, self.vit.patch_size
+        n, _, h, w = x.shape
+        tokens = vit.conv_proj(x).flatten(2).transpose(1, 2)  # (B, h/p · w/p, width)
+        tokens = torch.cat([vit.class_token.expand(n, -1, -1), tokens], 1)
+        pos = vit.encoder.pos_embedding  # (1, 1 + grid², width)
+        if (h, w) != (vit.image_size, vit.image_size):
+            grid = vit.image_size // p
+            patches = pos[:, 1:].reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=(h // p, w // p), mode="bicubic", align_corners=False)
+            pos = torch.cat([pos[:, :1], patches.flatten(2).transpose(1, 2)], 1)
+        encoder = vit.encoder
+        return encoder.ln(encoder.layers(encoder.dropout(tokens + pos)))[:, 0]
 
 
 def build_backbone(name: str, width: int = 64, in_channels: int = 3, small_stem: bool = True,
                    image_size: int = 224, stem_stride: int = 1, freeze_patch_embed: bool = False) -> tuple[nn.Module, int]:
     """Backbone by name -> (module mapping (B, C, H, W) to (B, D), D)."""
-    if name == "vit_b_16":
-        return ViTBackbone(image_size, in_channels, freeze_patch_embed), 768
+    if name in VIT_SPECS:
+        return ViTBackbone(name, image_size, in_channels, freeze_patch_embed), VIT_SPECS[name][3]
     if freeze_patch_embed:
         raise ValueError(f"model.freeze_patch_embed is for ViT backbones; {name} has no patch projection")
     return build_resnet(name, width, in_channels, small_stem, stem_stride)
@@ -115,8 +136,9 @@ def export_state_dict(backbone: nn.Module, arch: str, *, width: int, channels: i
         weights = {k: v for k, v in backbone.vit.state_dict().items() if not k.startswith("heads")}
     else:
         weights = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-    standard = channels == 3 and (image_size == 224 if vit else width == 64 and not small_stem)
-    feature_dim = 768 if vit else width * 8 * RESNET_SPECS[arch][0].expansion
+    # torchvision builds vit_b_16 (not ViT-S/16) at 224 px
+    standard = channels == 3 and (arch == "vit_b_16" and image_size == 224 if vit else width == 64 and not small_stem)
+    feature_dim = backbone.vit.hidden_dim if vit else width * 8 * RESNET_SPECS[arch][0].expansion
     return {"format": EXPORT_FORMAT, "arch": arch, "width": width, "channels": channels, "small_stem": small_stem,
             "stem_stride": stem_stride, "image_size": image_size, "mean": [float(m) for m in mean],
             "std": [float(s) for s in std], "feature_dim": feature_dim, "torchvision": arch if standard else None,

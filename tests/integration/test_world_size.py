@@ -32,7 +32,7 @@ from tests.clusterkit import free_port
 pytestmark = pytest.mark.integration
 
 WORLD, BATCH = 2, 8  # global batch; each rank takes BATCH // WORLD
-PROGRESS = Progress(3, 10)
+PROGRESS = Progress(3, 10, 5)
 CASES = {  # name: method config (small heads for a width-8 ResNet-18, feature dimension 64)
     "simclr": dict(name="simclr", proj_hidden_dim=16, proj_dim=8),
     "moco_v2_sync_bn": dict(name="moco_v2", queue_size=32, proj_hidden_dim=16, proj_dim=8, shuffle_bn=False,
@@ -42,6 +42,8 @@ CASES = {  # name: method config (small heads for a width-8 ResNet-18, feature d
     "simsiam": dict(name="simsiam", proj_dim=16, proj_hidden_dim=16, pred_hidden_dim=4),
     "vicreg": dict(name="vicreg", proj_hidden_dim=16, proj_dim=16),  # variance, covariance: gathered
     "barlow_twins": dict(name="barlow_twins", proj_hidden_dim=16, proj_dim=16),  # cross-correlation: summed
+    "dino": dict(name="dino", out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True,
+                 freeze_last_layer_epochs=0),  # center: all-reduced; teacher head BN: global
 }
 SHUFFLE = dict(name="moco_v2", queue_size=32, proj_hidden_dim=16, proj_dim=8)  # the default: Shuffle-BN
 

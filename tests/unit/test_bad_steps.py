@@ -1,5 +1,5 @@
 """The training loop skips NaN/inf losses, counts them, and stops after too many in a row; a skipped
-step leaves no trace in any objective (queue, EMA targets, BatchNorm statistics, optimiser)."""
+step leaves no trace in any objective (queue, EMA targets, DINO's center, BatchNorm statistics, optimiser)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ HEADS = {  # small heads for a width-8 ResNet-18 (feature dimension 64)
     "simsiam": ["method.proj_dim=16", "method.proj_hidden_dim=16", "method.pred_hidden_dim=4"],
     "vicreg": ["method.proj_hidden_dim=16", "method.proj_dim=16"],
     "barlow_twins": ["method.proj_hidden_dim=16", "method.proj_dim=16"],
+    "dino": ["method.out_dim=32", "method.hidden_dim=16", "method.bottleneck_dim=8", "method.use_bn_in_head=true"],
 }
 
 

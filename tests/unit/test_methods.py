@@ -26,8 +26,9 @@ from selfsup.vision.backbones import build_backbone
 
 BATCH = 4
 SMALL = {"moco_v2": {"queue_size": 16},  # settings that keep the defaults' heads small enough for a unit test
-         "vicreg": {"proj_hidden_dim": 32, "proj_dim": 32}, "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32}}
-MID = Progress(step=5, total_steps=10)  # fraction 0.5
+         "vicreg": {"proj_hidden_dim": 32, "proj_dim": 32}, "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32},
+         "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}}
+MID = Progress(step=5, total_steps=10, steps_per_epoch=5)  # fraction 0.5, epoch 1
 ACCEPTED = torch.tensor(True)
 
 
@@ -299,7 +300,7 @@ def test_bn_mode_defaults_follow_the_papers_and_both_at_once_is_refused():
     sync = {name: build_method(cfg_cls(**SMALL.get(name, {})), *linear_backbone()).sync_batchnorm
             for name, cfg_cls in METHOD_CONFIGS.items() if cfg_cls.data_kind == "image"}
     assert sync == {"simclr": True, "moco_v2": False, "moco_v3": True, "byol": True, "simsiam": True,
-                    "vicreg": True, "barlow_twins": True}
+                    "vicreg": True, "barlow_twins": True, "dino": True}
     assert MoCoV2Config().shuffle_bn and not MoCoV2Config().sync_bn
     assert build_method(MoCoV2Config(shuffle_bn=False, sync_bn=True), *linear_backbone()).sync_batchnorm
     tree = {"name": "t", "data": {"train": "x"}, "method": {"name": "moco_v2"}}
@@ -338,7 +339,7 @@ def test_registry_names_match_config_literals():
         BYOLConfig(tau=0.9)
 
 
-@pytest.mark.parametrize("name", ["moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins"])
+@pytest.mark.parametrize("name", ["moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins", "dino"])
 def test_resnet_backbone_trains_one_step(name):
     torch.manual_seed(0)
     backbone, dim = build_backbone("resnet18", width=4, in_channels=1)

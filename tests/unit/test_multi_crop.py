@@ -118,3 +118,13 @@ def test_one_size_images_give_local_views_at_their_size():
     views = BatchViews(expand_copies([ViewRecipe(), ViewRecipe(), ViewRecipe(size=12, copies=3, blur_p=1.0)]),
                        28, [0.5], [0.25])(images)
     assert [tuple(v.shape) for v in views] == [(5, 1, 28, 28)] * 2 + [(5, 1, 12, 12)] * 3
+
+
+def test_the_vision_task_gives_dino_its_global_views_then_its_local_views():
+    from selfsup.config import load_config
+    from selfsup.tasks.vision import VisionTask
+
+    cfg = load_config("dino-resnet18-fmnist-cpu")
+    batch = {"images": torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8), "labels": torch.zeros(3)}
+    views = VisionTask().input_fn(cfg, torch.device("cpu"))(batch)
+    assert [tuple(v.shape) for v in views] == [(3, 1, 28, 28)] * 2 + [(3, 1, 12, 12)] * 4

@@ -33,6 +33,11 @@ BARLOW = "Barlow Twins (Zbontar et al. 2021, arXiv 2103.03230)"
 BARLOW_CODE = "facebookresearch/barlowtwins main.py at its first release (f13c949)"
 BARLOW_README = ("facebookresearch/barlowtwins README at f13c949 (--epochs 1000 --batch-size 2048 --learning-rate 0.2 "
                  "--lambd 0.0051 --projector 8192-8192-8192 --scale-loss 0.024)")
+DINO = "DINO (Caron et al. 2021, arXiv 2104.14294)"
+DINO_CODE = "facebookresearch/dino main_dino.py (defaults)"
+DINO_README = "facebookresearch/dino README, vanilla DINO training (8 GPUs, main_dino.py --arch vit_small)"
+DINO_AUG = "facebookresearch/dino main_dino.py DataAugmentationDINO"
+DINO_RN50 = "facebookresearch/dino README, ResNet-50 and other convnets (8 GPUs, main_dino.py --arch resnet50)"
 W2V = "wav2vec 2.0 (Baevski et al. 2020, arXiv 2006.11477)"
 FAIRSEQ = "fairseq examples/wav2vec/config/pretraining/wav2vec2_base_librispeech.yaml"
 
@@ -202,6 +207,66 @@ RECIPES: dict[str, list[tuple]] = {
                  *[(k, v, f"{BARLOW_CODE} (Transform)") for k, v, _ in BYOL_AUG]], 0, 1),
         *[(k, v, f"{BARLOW_CODE} (Transform / transform_prime)") for k, v, _ in BYOL_PAIR],
     ],
+    "dino-vit_s_16-imagenet": [
+        ("model.backbone", "vit_s_16", f"{DINO_README} (vit_small, patch_size 16)"),
+        ("batch", 512, f"{DINO_README} (8 GPUs x batch_size_per_gpu 64)"),
+        ("optim.name", "adamw", f"{DINO_CODE} (--optimizer adamw)"),
+        ("optim.lr_scaling", "linear", f"{DINO_CODE} (lr x batch_size / 256)"),
+        ("optim.lr", 0.0005, f"{DINO_CODE} (--lr 0.0005)"),
+        ("peak_lr", 0.001, DINO_CODE),
+        ("optim.warmup_epochs", 10, f"{DINO_CODE} (--warmup_epochs 10)"),
+        ("optim.decay", "cosine", f"{DINO_CODE} (cosine_scheduler)"),
+        ("optim.epochs", 100, f"{DINO_CODE} (--epochs 100)"),
+        ("optim.weight_decay", 0.04, f"{DINO_CODE} (--weight_decay 0.04)"),
+        ("optim.weight_decay_end", 0.4, f"{DINO_CODE} (--weight_decay_end 0.4, cosine)"),
+        ("optim.betas", (0.9, 0.999), f"{DINO_CODE} (torch.optim.AdamW's defaults)"),
+        ("method.out_dim", 65536, f"{DINO_CODE} (--out_dim 65536)"),
+        ("method.hidden_dim", 2048, f"{DINO_CODE} (DINOHead hidden_dim 2048)"),
+        ("method.bottleneck_dim", 256, f"{DINO_CODE} (DINOHead bottleneck_dim 256)"),
+        ("method.head_layers", 3, f"{DINO_CODE} (DINOHead nlayers 3)"),
+        ("method.use_bn_in_head", False, f"{DINO_CODE} (--use_bn_in_head False)"),
+        ("method.norm_last_layer", True, f"{DINO_CODE} (--norm_last_layer True)"),
+        ("method.momentum_teacher", 0.996, f"{DINO} §3.1 / {DINO_CODE} (--momentum_teacher 0.996, cosine to 1)"),
+        ("method.student_temp", 0.1, f"{DINO_CODE} (DINOLoss student_temp 0.1)"),
+        ("method.teacher_temp", 0.04, f"{DINO_CODE} (--teacher_temp 0.04)"),
+        ("method.warmup_teacher_temp", 0.04, f"{DINO_CODE} (--warmup_teacher_temp 0.04)"),
+        ("method.warmup_teacher_temp_epochs", 0, f"{DINO_CODE} (--warmup_teacher_temp_epochs 0)"),
+        ("method.center_momentum", 0.9, f"{DINO_CODE} (DINOLoss center_momentum 0.9)"),
+        ("method.freeze_last_layer_epochs", 1, f"{DINO_CODE} (--freeze_last_layer 1)"),
+        ("method.clip_grad", 3.0, f"{DINO_CODE} (--clip_grad 3.0)"),
+        ("view_sizes", (224, 224, 96, 96, 96, 96, 96, 96, 96, 96), f"{DINO_CODE} (2 global crops of 224, "
+                                                                    "--local_crops_number 8 of 96)"),
+        *_views([("crop_scale", (0.4, 1.0), f"{DINO_CODE} (--global_crops_scale 0.4 1)")], 0, 1),
+        *_views([("crop_scale", (0.05, 0.4), f"{DINO_CODE} (--local_crops_scale 0.05 0.4)"),
+                 ("blur_p", 0.5, f"{DINO_AUG} (local: GaussianBlur(p=0.5))"),
+                 ("solarize_p", 0.0, f"{DINO_AUG} (local: no solarization)")], *range(2, 10)),
+        *_views([(k, v, DINO_AUG) for k, v, _ in BYOL_AUG], *range(10)),
+        *[(k, v, f"{DINO_AUG} (global 1 / global 2)") for k, v, _ in BYOL_PAIR],
+    ],
+    "dino-resnet50-imagenet": [
+        ("model.backbone", "resnet50", f"{DINO_RN50} (--arch resnet50)"),
+        ("batch", 512, f"{DINO_RN50} (8 GPUs x batch_size_per_gpu 64)"),
+        ("optim.name", "sgd", f"{DINO_RN50} (--optimizer sgd; main_dino.py: momentum 0.9)"),
+        ("optim.momentum", 0.9, f"{DINO_CODE} (SGD momentum=0.9)"),
+        ("optim.lr", 0.03, f"{DINO_RN50} (--lr 0.03)"),
+        ("peak_lr", 0.06, f"{DINO_RN50} / {DINO_CODE} (lr x batch_size / 256)"),
+        ("optim.weight_decay", 1e-4, f"{DINO_RN50} (--weight_decay 1e-4)"),
+        ("optim.weight_decay_end", None, f"{DINO_RN50} (--weight_decay_end 1e-4: constant)"),
+        ("optim.warmup_epochs", 10, f"{DINO_CODE} (--warmup_epochs 10)"),
+        ("optim.epochs", 100, f"{DINO_RN50} (100 epochs)"),
+        ("method.out_dim", 65536, f"{DINO_CODE} (--out_dim 65536)"),
+        ("method.use_bn_in_head", False, f"{DINO_CODE} (--use_bn_in_head False)"),
+        ("method.momentum_teacher", 0.996, f"{DINO_CODE} (--momentum_teacher 0.996)"),
+        ("method.teacher_temp", 0.04, f"{DINO_CODE} (--teacher_temp 0.04)"),
+        ("method.freeze_last_layer_epochs", 1, f"{DINO_CODE} (--freeze_last_layer 1)"),
+        ("method.clip_grad", 3.0, f"{DINO_CODE} (--clip_grad 3.0)"),
+        ("view_sizes", (224, 224, 96, 96, 96, 96, 96, 96, 96, 96), f"{DINO_CODE} (--local_crops_number 8)"),
+        *_views([("crop_scale", (0.14, 1.0), f"{DINO_RN50} (--global_crops_scale 0.14 1)")], 0, 1),
+        *_views([("crop_scale", (0.05, 0.14), f"{DINO_RN50} (--local_crops_scale 0.05 0.14)"),
+                 ("blur_p", 0.5, f"{DINO_AUG} (local: GaussianBlur(p=0.5))")], *range(2, 10)),
+        *_views([(k, v, DINO_AUG) for k, v, _ in BYOL_AUG], *range(10)),
+        *[(k, v, f"{DINO_AUG} (global 1 / global 2)") for k, v, _ in BYOL_PAIR],
+    ],
     "wav2vec2-base": [
         ("scaling.num_workers", 64, f"{W2V} §4.2 (64 V100s) / {FAIRSEQ} (distributed_world_size 64)"),
         ("data.max_tokens", 1_400_000, f"{W2V} §4.2 (1.4M samples per GPU) / {FAIRSEQ} (max_tokens)"),
@@ -241,7 +306,7 @@ RECIPES: dict[str, list[tuple]] = {
 def value(cfg, key: str):
     """A config value by dotted path, a view's augmentation (``views.<i>.<field>``) or a derived one."""
     batch = cfg.scaling.num_workers * cfg.data.batch_size
-    derived = {"batch": lambda: batch,
+    derived = {"batch": lambda: batch, "view_sizes": lambda: tuple(cfg.view_sizes()),
                "peak_lr": lambda: scaled_lr(cfg.optim.lr, batch, cfg.optim.reference_batch, cfg.optim.lr_scaling),
                "warmup_fraction": lambda: cfg.optim.warmup_epochs / cfg.optim.epochs,
                "max_sample_size": lambda: round(cfg.data.max_seconds * 16000),
@@ -303,3 +368,15 @@ def test_the_momentum_schedules_rise_on_a_cosine_to_1():
     # BYOL §3.3 and MoCo v3 §4: m = 1 - (1 - m_base)(cos(pi k / K) + 1) / 2
     assert [cosine_momentum(0.996, Progress(k, 100)) for k in (0, 50, 100)] == pytest.approx([0.996, 0.998, 1.0])
     assert cosine_momentum(0.99, Progress(25, 100)) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_weight_decay_follows_a_cosine_to_its_end_value_on_decayed_groups_only():
+    # DINO's wd_schedule: cosine_scheduler(0.04, 0.4, epochs, niter) = 0.4 + 0.5 (0.04 - 0.4)(1 + cos(pi t / T))
+    w, b = torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.AdamW([{"params": [w], "base_lr": 1.0, "base_weight_decay": 0.04, "weight_decay": 0.04},
+                             {"params": [b], "base_lr": 1.0, "base_weight_decay": 0.0, "weight_decay": 0.0}])
+    for step, want in ((0, 0.04), (25, 0.4 - 0.36 * (1 + math.cos(math.pi / 4)) / 2), (50, 0.22), (100, 0.4)):
+        set_lr(opt, step, 100, 0, weight_decay_end=0.4)
+        assert opt.param_groups[0]["weight_decay"] == pytest.approx(want) and opt.param_groups[1]["weight_decay"] == 0
+    set_lr(opt, 50, 100, 0)  # without an end value the decay stays where it is
+    assert opt.param_groups[0]["weight_decay"] == pytest.approx(0.4)
