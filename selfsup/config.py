@@ -99,6 +99,7 @@ class ImageMethodConfig(Strict):
 class SimCLRConfig(ImageMethodConfig):
     """SimCLR's hyper-parameters."""
 
+    local_views: ClassVar[bool] = True  # multi-crop: every view of a sample a positive of the others
     name: Literal["simclr"] = "simclr"
     temperature: float = 0.2
     proj_hidden_dim: int = 2048
@@ -158,6 +159,7 @@ class BYOLConfig(ImageMethodConfig):
     the backbone: 2 x feature_dim (4096 for ResNet-50), for the projector and the predictor.
     """
 
+    local_views: ClassVar[bool] = True  # multi-crop: each view predicts the targets of the global views
     name: Literal["byol"] = "byol"
     tau_base: float = Field(0.99, ge=0, le=1)
     proj_hidden_dim: int | None = Field(None, gt=0)

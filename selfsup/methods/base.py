@@ -41,6 +41,17 @@ class RunningStats:
         self.saved = []
 
 
+def by_size(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of one size as one batch: [(B, C, S, S)] * V -> [(n·B, C, S, S)] per size."""
+    groups: list[list[torch.Tensor]] = []
+    for v in views:
+        if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return [torch.cat(g) if len(g) > 1 else g[0] for g in groups]
+
+
 class Method(nn.Module):
     """Base of the vision methods (``selfsup.core.objective.Objective``).
 

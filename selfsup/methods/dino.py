@@ -18,23 +18,12 @@ from selfsup.config import DINOConfig
 from selfsup.core.collapse import CollapseMonitor
 from selfsup.core.distributed import world_size
 from selfsup.core.objective import Progress
-from selfsup.methods.base import Method
+from selfsup.methods.base import Method, by_size
 from selfsup.methods.heads import DINOHead
 from selfsup.methods.losses import dino_loss
 from selfsup.methods.momentum import cosine_momentum
 
 N_GLOBAL = 2
-
-
-def by_size(views: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Consecutive views of one size as one batch: [(B, C, S, S)] * V -> [(n·B, C, S, S)] per size."""
-    groups: list[list[torch.Tensor]] = []
-    for v in views:
-        if groups and groups[-1][0].shape[-2:] == v.shape[-2:]:
-            groups[-1].append(v)
-        else:
-            groups.append([v])
-    return [torch.cat(g) if len(g) > 1 else g[0] for g in groups]
 
 
 class DINO(Method):

@@ -13,32 +13,31 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's NT-Xent loss over both views, with negatives from every rank.
+def nt_xent(zs: list[torch.Tensor], temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss over V >= 2 views, with negatives from every rank.
 
-    z1, z2: (B, D) projections of the two views on this rank. Each of the 2B local anchors has its
-    other view as positive and the 2·world·B − 2 other embeddings as negatives. Returns the mean loss.
-    Computed in fp32 (also under autocast).
+    zs: [(B, D)] * V projections of the views on this rank. Each of the V·B local anchors has the other
+    V − 1 views of its sample as positives and the embeddings of the other samples of every rank as
+    negatives: ``−log(Σ_pos exp(s/τ) / Σ_{all but itself} exp(s/τ))`` on cosine similarities s, the
+    multi-crop form of solo-learn's ``simclr_loss_func``; with two views, the paper's NT-Xent. Returns
+    the mean loss, computed in fp32 (also under autocast).
     """
-    with torch.autocast(z1.device.type, enabled=False):
-        return _nt_xent_fp32(fp32(z1), fp32(z2), temperature)
-
-
-def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    z1 = F.normalize(z1, dim=1)
-    z2 = F.normalize(z2, dim=1)
-    b = z1.shape[0]
-    local = torch.cat([z1, z2], 0)  # (2B, D)
-    everyone = torch.cat([gather_with_grad(z1), gather_with_grad(z2)], 0)  # (2·W·B, D): all z1, then all z2
-    n_all = everyone.shape[0] // 2
-    logits = local @ everyone.T / temperature  # (2B, 2WB)
-    offset = rank() * b
-    idx = torch.arange(b, device=z1.device) + offset
-    self_idx = torch.cat([idx, idx + n_all])
-    pos_idx = torch.cat([idx + n_all, idx])
-    # masked_fill takes the scalar as a kernel argument; an indexed assignment would copy it from the host
-    self_mask = F.one_hot(self_idx, logits.shape[1]).bool()  # (2B, 2WB)
-    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), pos_idx)
+    with torch.autocast(zs[0].device.type, enabled=False):
+        zs = [F.normalize(fp32(z), dim=1) for z in zs]
+        b, w = zs[0].shape[0], world_size()
+        local = torch.cat(zs, 0)  # (V·B, D), view after view
+        everyone = torch.cat([gather_with_grad(z) for z in zs], 0)  # (V·W·B, D): every rank's view 1, then view 2...
+        logits = local @ everyone.T / temperature  # (V·B, V·W·B)
+        row = torch.arange(len(local), device=local.device)
+        row_sample = rank() * b + row % b  # the global sample id of each anchor
+        col_sample = torch.arange(len(everyone), device=local.device) % (w * b)
+        self_idx = (row // b) * (w * b) + row_sample  # each anchor's own column
+        # masked_fill takes the scalar as a kernel argument; an indexed assignment would copy it from the host
+        self_mask = F.one_hot(self_idx, logits.shape[1]).bool()
+        positive = (row_sample.unsqueeze(1) == col_sample.unsqueeze(0)) & ~self_mask
+        everything = torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), 1)
+        positives = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)
+        return (everything - positives).mean()
 
 
 def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al. 2020): two views, a projection head and the NT-Xent loss across ranks."""
+"""SimCLR (Chen et al. 2020): two views (or multi-crop), a projection head and the NT-Xent loss across ranks."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from torch import nn
 
 from selfsup.config import SimCLRConfig
 from selfsup.core.objective import Progress
-from selfsup.methods.base import Method
+from selfsup.methods.base import Method, by_size
 from selfsup.methods.heads import MLPHead
 from selfsup.methods.losses import nt_xent
 
 
 class SimCLR(Method):
-    """Backbone + projection head; ``forward([v1, v2], progress)`` -> {"loss", "embedding" (B, proj_dim)}.
+    """Backbone + projection head; ``forward(views, progress)`` -> {"loss", "embedding" (B, proj_dim)}.
 
-    ``sync_bn`` (the paper's "Global BN", the default) normalises over the global batch when
+    ``views``: the 2 views, or with multi-crop the 2 global views then local views by size (every view
+    of a sample a positive of the others: ``nt_xent``). Each size runs through the backbone as one batch
+    (the two global views share BatchNorm statistics), the projector once over all. ``sync_bn`` (the paper's "Global BN", the default) normalises over the global batch when
     there are several ranks: with per-rank statistics both views of an image share a device and its
     statistics, which leak which samples are positives.
     """
@@ -27,6 +29,5 @@ class SimCLR(Method):
 
     def forward(self, views: list[torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         b = views[0].shape[0]
-        z = self.projector(self.encoder(torch.cat(views[:2], 0)))  # one pass: both views share BN statistics
-        z1, z2 = z[:b], z[b:]
-        return {"loss": nt_xent(z1, z2, self.cfg.temperature), "embedding": z1.detach()}
+        z = self.projector(torch.cat([self.encoder(x) for x in by_size(views)])).split(b)  # [(B, proj_dim)] * V
+        return {"loss": nt_xent(list(z), self.cfg.temperature), "embedding": z[0].detach()}

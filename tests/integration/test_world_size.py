@@ -45,6 +45,8 @@ CASES = {  # name: method config (small heads for a width-8 ResNet-18, feature d
     "dino": dict(name="dino", out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True,
                  freeze_last_layer_epochs=0),  # center: all-reduced; teacher head BN: global
 }
+MULTI_CROP = {"simclr", "byol", "dino"}  # also run with 3 local views of 8 px beside the two of 16 px
+CASES.update({f"{name}_multi_crop": CASES[name] for name in sorted(MULTI_CROP)})
 SHUFFLE = dict(name="moco_v2", queue_size=32, proj_hidden_dim=16, proj_dim=8)  # the default: Shuffle-BN
 
 
@@ -54,25 +56,28 @@ def build(cfg: dict) -> nn.Module:
     return build_method(METHOD_CONFIGS[cfg["name"]](**cfg), backbone, dim).double()
 
 
-def views() -> list[torch.Tensor]:
+def views(local: int = 0) -> list[torch.Tensor]:
+    """Two global views of 16 px, then ``local`` views of 8 px."""
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(BATCH, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    return ([torch.randn(BATCH, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+            + [torch.randn(BATCH, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(local)])
 
 
 def share(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return x.chunk(world)[rank]
 
 
-def vision_step(cfg: dict, rank: int, world: int) -> dict:
+def vision_step(name: str, rank: int, world: int) -> dict:
     """One forward/backward/on_after_step on this rank's share of the views (DDP when world > 1):
     this rank's loss, the all-reduced gradients and the state afterwards."""
-    method = build(cfg)
+    method = build(CASES[name])
     model = method
     if world > 1:
         if method.sync_batchnorm:
             method = convert_sync_batchnorm(method, torch.device("cpu"))
         model = nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
-    loss = model([share(v, rank, world) for v in views()], PROGRESS)["loss"]
+    local = 3 if name.endswith("_multi_crop") else 0
+    loss = model([share(v, rank, world) for v in views(local)], PROGRESS)["loss"]
     loss.backward()
     method.on_after_step(PROGRESS, torch.tensor(True))
     grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
@@ -133,7 +138,7 @@ def worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        results = {name: vision_step(cfg, rank, WORLD) for name, cfg in CASES.items()}
+        results = {name: vision_step(name, rank, WORLD) for name in CASES}
         results["shuffle_bn"] = shuffled_keys(rank, WORLD)
         results["wav2vec2"] = wav2vec2_step(rank, WORLD)
         torch.save(results, f"{out}/rank{rank}.pt")
@@ -155,7 +160,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_two_ranks_equal_one_with_the_papers_batchnorm(ranks, name):
     torch.set_num_threads(1)
-    one = vision_step(CASES[name], 0, 1)
+    one = vision_step(name, 0, 1)
     close(sum(r[name]["loss"] for r in ranks) / WORLD, one["loss"], "loss")
     for r in ranks:
         assert r[name]["grads"].keys() == one["grads"].keys()

@@ -158,5 +158,6 @@ def test_multi_crop_views_are_checked_against_the_global_size_and_the_method():
     assert len(str(err.value).splitlines()) <= 2  # the header and one line
     with pytest.raises(ConfigError, match=r"views of sizes \[28, 12, 28\]: list the global views first"):
         parse_config(BASE, ["augment.views=[{}, {size: 12}, {}]"])
-    with pytest.raises(ConfigError, match="method simclr does not use local crops \\(4 views smaller"):
-        parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]"])
+    with pytest.raises(ConfigError, match="method simsiam does not use local crops \\(4 views smaller"):
+        parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]", "method.name=simsiam"])
+    assert len(parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]"]).view_recipes()) == 6  # SimCLR: an option

@@ -14,7 +14,7 @@ from torch import nn
 from selfsup.config import ConfigError, DINOConfig, parse_config
 from selfsup.core.objective import Progress
 from selfsup.methods import build_method
-from selfsup.methods.dino import by_size
+from selfsup.methods.base import by_size
 from selfsup.methods.losses import dino_loss
 from selfsup.vision.backbones import build_backbone
 
@@ -146,5 +146,6 @@ def test_dino_config_takes_multi_crop_and_refuses_what_cannot_run():
     with pytest.raises(ConfigError) as err:
         parse_config(BASE, ["model.backbone=vit_s_16", "data.image_size=200"])
     assert "vit_s_16 has 16-px patches, which do not divide the 200-px views" in str(err.value)
-    with pytest.raises(ConfigError, match="method simclr does not use local crops \\(8 views"):
-        parse_config(BASE, ["method.name=simclr"])
+    with pytest.raises(ConfigError, match="method moco_v3 does not use local crops \\(8 views"):
+        parse_config(BASE, ["method.name=moco_v3"])
+    assert parse_config(BASE, ["method.name=simclr"]).view_sizes()[2:] == [96] * 8  # SimCLR takes them too

@@ -78,6 +78,17 @@ def ref_nt_xent(z1: np.ndarray, z2: np.ndarray, t: float) -> float:
     return sum(losses) / n
 
 
+def ref_multi_positive_nt_xent(zs: list[np.ndarray], t: float) -> float:
+    """Each anchor: −log(Σ over its sample's other views exp(cos/t) / Σ over every other embedding exp(cos/t))."""
+    e = [unit(v) for z in zs for v in z]
+    b, n = len(zs[0]), len(e)
+    losses = []
+    for i in range(n):
+        terms = {j: math.exp(float(e[i] @ e[j]) / t) for j in range(n) if j != i}
+        losses.append(-math.log(sum(v for j, v in terms.items() if j % b == i % b) / sum(terms.values())))
+    return sum(losses) / n
+
+
 def ref_moco_v2(q: np.ndarray, k: np.ndarray, queue: np.ndarray, t: float) -> float:
     losses = []
     for i in range(len(q)):
@@ -104,8 +115,49 @@ def ref_simsiam_d(p: np.ndarray, z: np.ndarray) -> float:
 def test_nt_xent_matches_explicit_formula():
     g = torch.Generator().manual_seed(1)
     z1, z2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
-    loss = nt_xent(z1, z2, temperature=0.5)
+    loss = nt_xent([z1, z2], temperature=0.5)
     assert loss.item() == pytest.approx(ref_nt_xent(numpy(z1), numpy(z2), 0.5), abs=1e-5)
+    z3, z4 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    assert nt_xent([z1, z2, z3, z4], 0.5).item() == pytest.approx(
+        ref_multi_positive_nt_xent([numpy(z) for z in (z1, z2, z3, z4)], 0.5), abs=1e-5)
+
+
+def multi_crop_views(seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return views(seed) + [torch.randn(BATCH, 1, 4, 4, generator=g) for _ in range(3)]
+
+
+def pooled_backbone() -> tuple[nn.Module, int]:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16, 8)), 8
+
+
+def test_simclr_multi_crop_runs_each_size_as_one_batch_with_every_view_a_positive():
+    from selfsup.config import SimCLRConfig
+
+    torch.manual_seed(0)
+    method = build_method(SimCLRConfig(proj_hidden_dim=16, proj_dim=5), *pooled_backbone())
+    shapes = []
+    method.encoder.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    x = multi_crop_views()
+    out = method(x, MID)
+    assert shapes == [(2 * BATCH, 1, 8, 8), (3 * BATCH, 1, 4, 4)]
+    with torch.no_grad():
+        z = method.projector(torch.cat([method.encoder(torch.cat(x[:2])), method.encoder(torch.cat(x[2:]))]))
+    expected = ref_multi_positive_nt_xent([numpy(part) for part in z.split(BATCH)], 0.2)
+    assert out["loss"].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_byol_multi_crop_regresses_every_other_view_onto_each_global_target():
+    torch.manual_seed(0)
+    method = build_method(BYOLConfig(proj_hidden_dim=16, proj_dim=5, pred_hidden_dim=12), *pooled_backbone())
+    x = multi_crop_views()
+    with torch.no_grad():
+        z = [method.projector(method.encoder(v)) for v in x[:2]]
+        z += list(method.projector(method.encoder(torch.cat(x[2:]))).split(BATCH))  # locals: one batch
+        p = [numpy(method.predictor(zv)) for zv in z]
+        t = [numpy(method.target_projector(method.target_encoder(v))) for v in x[:2]]
+    expected = sum(ref_byol(p[v], t[g]) for g in range(2) for v in range(5) if v != g)
+    assert method(x, MID)["loss"].item() == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
