@@ -4,7 +4,8 @@
 those that need a device value on the host:
 
 - a device scalar read (``.item()``, ``bool()``, ``int()``, ``float()`` of a tensor, a tensor used as
-  a Python number): ``aten._local_scalar_dense``;
+  a Python number): ``aten._local_scalar_dense``; ``torch.equal``, whose Python bool is read from the
+  device (``torch.cov`` calls it);
 - a tensor built from Python data (``torch.tensor([...])``): ``aten.lift_fresh``, a pageable
   host-to-device copy on a GPU, which waits for the stream;
 - an output whose shape depends on the data (``nonzero``, ``masked_select``, ``unique``, indexing with a
@@ -27,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
-SCALAR_READS = {aten._local_scalar_dense.default}
+SCALAR_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
 FROM_PYTHON = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 DATA_DEPENDENT = {aten.nonzero.default, aten.nonzero_static.default, aten.masked_select.default,
                   aten._unique.default, aten._unique2.default, aten.unique_dim.default,

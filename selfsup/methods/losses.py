@@ -98,7 +98,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff:
         invariance = F.mse_loss(z1, z2)
         everyone = [gather_with_grad(z) for z in (z1, z2)]  # (W·B, D) each
         variance = sum(F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean() for z in everyone) / 2
-        covariance = sum(_off_diagonal_sq(torch.cov(z.T)) / z.shape[1] for z in everyone)
+        covariance = sum(_off_diagonal_sq(_covariance(z)) / z.shape[1] for z in everyone)
         loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
             "covariance": covariance.detach()}
@@ -119,6 +119,13 @@ def barlow_twins_loss(n1: torch.Tensor, n2: torch.Tensor, lambd: float, scale: f
         off_diagonal = _off_diagonal_sq(c)
         loss = scale * (on_diagonal + lambd * off_diagonal)
     return {"loss": loss, "on_diagonal": on_diagonal.detach(), "off_diagonal": off_diagonal.detach()}
+
+
+def _covariance(z: torch.Tensor) -> torch.Tensor:
+    """The (D, D) covariance of the rows of ``z`` (N, D), unbiased, as the official VICReg computes it
+    (``torch.cov`` reads a device value on the host: a stall each step on a GPU, a graph break compiled)."""
+    centred = z - z.mean(dim=0)
+    return centred.T @ centred / (z.shape[0] - 1)
 
 
 def _off_diagonal_sq(m: torch.Tensor) -> torch.Tensor:
