@@ -23,7 +23,7 @@ from tests.unit.test_augment import N, SIZE, striped_ramps, view_stats
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-VISION_METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
+VISION_METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins", "dino"]
 
 
 def test_gpu_augmentation_draws_the_cpu_distribution():
@@ -49,6 +49,8 @@ def _method_config(method: str):
             "method": {"name": method}, "optim": {"name": "sgd" if method in ("moco_v2", "simsiam") else "lars"}}
     if method == "moco_v2":
         tree["method"]["queue_size"] = 256
+    if method == "dino":  # multi-crop: two global views of 32 px, two local views of 16 px
+        tree["augment"] = {"views": [{}, {}, {"size": 16, "copies": 2}]}
     return parse_config(tree, [])
 
 
@@ -75,17 +77,19 @@ def _cuda_step_parts(method: str):
     torch.manual_seed(0)
     model = VisionTask().build_objective(cfg).cuda().to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.param_groups(), cfg.optim, 0.05)
-    views = BatchViews(cfg.view_recipes(), 32, cfg.data.mean, cfg.data.std, torch.Generator(device="cuda").manual_seed(0))
+    views = BatchViews(cfg.view_recipes(), 32, cfg.data.mean, cfg.data.std,
+                       torch.Generator(device="cuda").manual_seed(0))
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return model, optimizer, views, images.cuda()
 
 
 def _step(model, optimizer, views, images, step: int) -> torch.Tensor:
-    progress = Progress(step, 10)
+    progress = Progress(step, 10, 5)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model([v.contiguous(memory_format=torch.channels_last) for v in views(images)], progress)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
+    model.on_gradients(progress)
     optimizer.step()
     model.on_after_step(progress)
     return out["loss"].detach()

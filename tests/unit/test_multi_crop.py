@@ -128,3 +128,20 @@ def test_the_vision_task_gives_dino_its_global_views_then_its_local_views():
     batch = {"images": torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8), "labels": torch.zeros(3)}
     views = VisionTask().input_fn(cfg, torch.device("cpu"))(batch)
     assert [tuple(v.shape) for v in views] == [(3, 1, 28, 28)] * 2 + [(3, 1, 12, 12)] * 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
+def test_nvjpeg_and_the_workers_cut_each_size_group_alike():
+    samples = [jpeg_sample(f"s{i}", i) for i in range(4)]
+    torch.manual_seed(6)
+    cut = [WholeImageViews(DINO_CROPS, DINO_SIZES, 3)(s) for s in samples]
+    torch.manual_seed(6)
+    encoded = [WholeImageViews(DINO_CROPS, DINO_SIZES, 3, on_device=True)(s) for s in samples]
+    crops = DeviceCrops(DINO_SIZES, 3, torch.device("cuda"))
+    gpu = crops(collate_views(encoded))
+    cpu = DeviceCrops(DINO_SIZES, 3, torch.device("cpu"))(collate_views(cut))
+    assert crops.fallbacks == 0 and [g.shape for g in gpu] == [g.shape for g in cpu]
+    for g, c in zip(gpu, cpu):
+        diff = (g.cpu() - c).abs().mean(dim=(2, 3, 4)) * 255
+        assert diff.mean() < 4 and diff.max() < 8, diff
