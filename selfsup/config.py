@@ -66,7 +66,8 @@ PRESETS: dict[str, list[dict]] = {
     "byol": [dict(_BYOL, blur_p=1.0), dict(_BYOL, blur_p=0.1, solarize_p=0.2)],
     # DINO's multi-crop (main_dino.py DataAugmentationDINO): two global crops from (0.4, 1), BYOL's pair of
     # blur/solarize, and 8 local crops of 96 px from (0.05, 0.4), blurred at 0.5
-    "dino": [dict(_DINO, crop_scale=(0.4, 1.0), blur_p=1.0), dict(_DINO, crop_scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
+    "dino": [dict(_DINO, crop_scale=(0.4, 1.0), blur_p=1.0),
+             dict(_DINO, crop_scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
              dict(_DINO, size=96, copies=8, crop_scale=(0.05, 0.4), blur_p=0.5)],
 }
 
@@ -464,7 +465,8 @@ class AugmentConfig(Strict):
         return v
 
 
-VIT_PATCH = {"vit_b_16": 16, "vit_s_16": 16}  # the ViT backbones' patch sizes (selfsup.vision.backbones.VIT_SPECS)
+# the ViT backbones' patch sizes (their specs: selfsup.vision.backbones.VIT_SPECS)
+VIT_PATCH = {"vit_b_16": 16, "vit_s_16": 16}
 
 
 class ModelConfig(Strict):
@@ -485,8 +487,8 @@ class OptimConfig(Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)
-    weight_decay_end: float | None = Field(None, ge=0, le=10, description="weight decay at the end of the run, "
-                                           "reached on a cosine from weight_decay (DINO: 0.04 -> 0.4); None: constant")
+    weight_decay_end: float | None = Field(None, ge=0, le=10, description="weight decay at the end of the "
+                                           "run, on a cosine from weight_decay (DINO: 0.04 -> 0.4); None: constant")
     warmup_epochs: float = Field(1.0, ge=0)
     decay: Literal["cosine", "linear"] = Field("cosine", description="after the warm-up: cosine to 0, or linear "
                                                 "to 0 (fairseq's polynomial_decay, power 1)")
@@ -624,7 +626,7 @@ class ExperimentConfig(Strict):
                                  "must be smaller than the global crops (or leave size unset for a global crop)")
         if sizes != sorted(sizes, reverse=True):
             raise ValueError(f"{key}: views of sizes {sizes}: list the global views first, then the local views "
-                             "from the largest size to the smallest (each size then runs through the backbone as one batch)")
+                             "from the largest size to the smallest (each size runs through the backbone as a batch)")
         patch = VIT_PATCH.get(self.model.backbone)
         for s in sorted(set(sizes), reverse=True):
             if patch and s % patch:

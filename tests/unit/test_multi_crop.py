@@ -72,7 +72,8 @@ def test_views_are_grouped_by_size():
 
 def jpeg_sample(key: str, seed: int, width: int = 200, height: int = 150) -> dict:
     buf = io.BytesIO()
-    Image.fromarray(natural_image(np.random.default_rng(seed), width, height, 0, 3)).save(buf, format="JPEG", quality=90)
+    image = natural_image(np.random.default_rng(seed), width, height, 0, 3)
+    Image.fromarray(image).save(buf, format="JPEG", quality=90)
     return {"__key__": key, "jpg": buf.getvalue(), "cls": b"0"}
 
 

@@ -201,7 +201,7 @@ RECIPES: dict[str, list[tuple]] = {
         ("method.lambd", 0.0051, BARLOW_README),
         ("method.scale_loss", 0.024, BARLOW_README),
         ("method.proj_layers", 3, f"{BARLOW} implementation details / {BARLOW_README} (three linear layers)"),
-        ("method.proj_hidden_dim", 8192, f"{BARLOW} implementation details (projector: 3 layers of 8192) / {BARLOW_README}"),
+        ("method.proj_hidden_dim", 8192, f"{BARLOW} implementation details (3 layers of 8192) / {BARLOW_README}"),
         ("method.proj_dim", 8192, f"{BARLOW} implementation details / {BARLOW_README}"),
         *_views([("crop_scale", (0.08, 1.0), f"{BARLOW_CODE} (Transform: RandomResizedCrop's default scale)"),
                  *[(k, v, f"{BARLOW_CODE} (Transform)") for k, v, _ in BYOL_AUG]], 0, 1),
