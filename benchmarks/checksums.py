@@ -1,7 +1,14 @@
-"""What ``data.verify_checksums: true`` costs: one shard folder streamed with and without sha256 checks.
+"""What ``data.verify_checksums: true`` costs: one shard folder streamed with and without sha256 checks;
+and what a checkpoint's digests cost beside writing it.
 
     python -m benchmarks.checksums                  # 20,000 Fashion-MNIST images (synthetic if absent)
     python -m benchmarks.checksums --size 96        # synthetic 96x96 RGB images: more bytes per sample
+    python -m benchmarks.checksums --checkpoint     # a ResNet-50 checkpoint (weights + SGD momentum)
+
+``--checkpoint`` writes torchvision's ResNet-50 with one momentum buffer a parameter, as
+``write_checkpoint`` does (torch.save, then fsync of every file), into a temporary folder, and times
+the sha256 of the written files (``file_digest``, as ``write_checkpoint`` and ``load_checkpoint`` run
+it) against the whole write; the best of ``--repeats``.
 
 The shards are written inside the run (from Fashion-MNIST's idx files when ``find_fashion_mnist``
 finds them, else from random images; nothing is downloaded) into a temporary folder, so both modes
@@ -91,6 +98,34 @@ def sha256_rate(location: str) -> float:
     return sum(map(len, data)) / 1e6 / (time.perf_counter() - start)
 
 
+def checkpoint_cost(repeats: int) -> dict:
+    """Seconds of the best write of a ResNet-50 checkpoint (digests included) and of its digests alone."""
+    import torch
+    import torchvision
+
+    from selfsup.config import parse_config
+    from selfsup.core.checkpoint import file_digest, write_checkpoint
+
+    model = torchvision.models.resnet50()
+    state = {"optimizer": {"state": {i: {"momentum_buffer": torch.randn_like(p)}
+                                     for i, p in enumerate(model.parameters())}, "param_groups": []}}
+    cfg = parse_config({"name": "bench", "data": {"train": "x"}, "method": {"name": "simclr"}})
+    best = {"write": float("inf"), "digest": float("inf"), "bytes": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            dest = Path(tmp) / f"samples-{i}"
+            start = time.perf_counter()
+            write_checkpoint(dest, model.state_dict(), state, cfg, {}, {"seq": i, "samples_seen": i})
+            best["write"] = min(best["write"], time.perf_counter() - start)
+            files = [f for f in dest.iterdir() if f.name != "progress.json"]
+            start = time.perf_counter()
+            for f in files:
+                file_digest(f)
+            best["digest"] = min(best["digest"], time.perf_counter() - start)
+            best["bytes"] = sum(f.stat().st_size for f in files)
+    return best
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=20_000)
@@ -98,7 +133,14 @@ def main() -> None:
     p.add_argument("--per-shard", type=int, default=5000)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--checkpoint", action="store_true", help="time a ResNet-50 checkpoint's digests instead")
     args = p.parse_args()
+    if args.checkpoint:
+        r = checkpoint_cost(args.repeats)
+        print(f"ResNet-50 checkpoint, {r['bytes'] / 1e6:.0f} MB: written (digests included) in {r['write']:.2f} s, "
+              f"sha256 of its files {r['digest']:.2f} s ({r['bytes'] / 1e6 / r['digest']:,.0f} MB/s); "
+              f"digest/write = {r['digest'] / r['write']:.2f} (best of {args.repeats})")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         source = write_folder(Path(tmp) / "shards", args.samples, args.size, args.per_shard)
         location = str(Path(tmp) / "shards")
