@@ -35,7 +35,7 @@ from selfsup.config import ConfigError, ExperimentConfig, ScalingConfig, config_
 from selfsup.core.checkpoint import (CheckpointError, CheckpointSpaceError, list_checkpoints, prune_checkpoints,
                                      read_progress, resume_point)
 from selfsup.core.distributed import rank, world_size
-from selfsup.core.fence import RunLeaseError, fenced
+from selfsup.core.fence import LeaseLost, RunLeaseError, fenced
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
 from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
@@ -81,9 +81,16 @@ class RayReporter:
         if path is None:
             ray.train.report(record, checkpoint=None)
         else:  # into <storage_path>/<name>/checkpoints/<its name>: the run folder's layout
-            with fenced(self.fence):
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                                 checkpoint_dir_name=f"checkpoints/{path.name}")
+            try:
+                with fenced(self.fence):
+                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                                     checkpoint_dir_name=f"checkpoints/{path.name}")
+            except LeaseLost:
+                if world_size() == 1:
+                    raise
+                ray.train.report(record)  # refused; the other ranks wait for this report, and every rank
+                ray.train.report(record)  # stops at the next checkpoint's lease check (Trainer._checkpoint)
+                return
             if self.cfg.run_url:
                 from selfsup.core.storage import delete_checkpoint, remote_checkpoints
 

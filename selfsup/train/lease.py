@@ -233,8 +233,8 @@ class RunLease:
                 with self.fence.hold():
                     self.beat += 1
                     self._write()
-            except LeaseLost as err:
-                log.error("%s", err)
+            except LeaseLost as err:  # the fence stays lost: the loop's next check says it, in one line
+                log.debug("%s", err)
                 return
             except OSError as err:  # a bucket that did not answer: the next beat tries again
                 log.warning("could not refresh the lease of %s (%s)", self.location, err)

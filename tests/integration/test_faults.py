@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -34,8 +35,12 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path):
     assert r["rc"] == 0, r["tail"]
     assert r["checkpoints_at_kill"] and r["resumed"]
     assert r["lease_taken_over"]  # the killed driver's lease, with a warning
-    last = r["checkpoint_steps_at_kill"][-1]  # resumed from the checkpoint written last before the kill
-    assert r["checkpoints_at_kill"][-1] == f"samples-{16 * last:012d}" and f"(step {last})" in r["resumed"][0]
+    last = r["checkpoint_steps_at_kill"][-1]
+    assert r["checkpoints_at_kill"][-1] == f"samples-{16 * last:012d}"
+    # resumed from the run's latest complete checkpoint: the one written last before the kill, or one that the
+    # killed driver's worker (outside its session) still completed after it, under its lease
+    step = int(re.search(r"\(step (\d+)\)", r["resumed"][0]).group(1))
+    assert step >= last and f"checkpoints/samples-{16 * step:012d} (step {step})" in r["resumed"][0]
     assert r["final_steps"] == r["planned"] and r["samples_increasing"]
     assert r["final_checkpoint"].endswith(f"/checkpoints/{r['checkpoints'][-1]}")
     assert r["checkpoints"][-1] == f"samples-{16 * r['planned']:012d}"

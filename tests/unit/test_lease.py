@@ -78,7 +78,7 @@ def test_a_live_process_on_this_host_is_never_taken_over_whatever_the_clocks(tmp
         holder.release()
 
 
-def test_a_taken_lease_fences_every_later_write_of_its_old_holder(tmp_path, caplog):
+def test_a_taken_lease_fences_every_later_write_of_its_old_holder(tmp_path):
     old = RunLease(tmp_path, host="host-a", heartbeat_every=0.05)
     old.acquire()
     wrote = []
@@ -103,13 +103,15 @@ def test_a_taken_lease_fences_every_later_write_of_its_old_holder(tmp_path, capl
     assert wrote == ["before", "new"]
 
 
-def test_the_old_holders_heartbeat_stops_without_overwriting_the_new_lease(tmp_path, caplog):
+def test_the_old_holders_heartbeat_stops_without_overwriting_the_new_lease(tmp_path):
     old = RunLease(tmp_path, host="host-a", heartbeat_every=0.05)
     old.acquire()
     record = json.loads((tmp_path / LEASE).read_text())
     (tmp_path / LEASE).write_text(json.dumps({**record, "host": "host-b", "pid": 2, "token": "new"}))
     old._thread.join(timeout=60)  # its next beat finds the new token and stops
-    assert not old._thread.is_alive() and "was taken over by pid 2 on host-b" in caplog.text
+    assert not old._thread.is_alive()
+    with pytest.raises(LeaseLost, match="was taken over by pid 2 on host-b"):  # the loop's next check, at once
+        old.fence.check()
     assert json.loads((tmp_path / LEASE).read_text())["token"] == "new"
     old.release()
     assert json.loads((tmp_path / LEASE).read_text())["token"] == "new"
