@@ -16,7 +16,7 @@ from selfsup.core.objective import Progress
 from selfsup.methods import build_method
 from selfsup.methods.base import by_size
 from selfsup.methods.losses import dino_loss
-from selfsup.vision.backbones import build_backbone
+from selfsup.vision.backbones import build_backbone, export_state_dict, torchvision_model
 
 B, K = 6, 10
 
@@ -132,6 +132,10 @@ def test_vit_s_16_takes_any_crop_size_its_patches_divide():
     torch.testing.assert_close(backbone(x), backbone.vit(x))  # at its own size: torchvision's model exactly
     assert backbone(torch.randn(2, 1, 16, 16)).shape == (2, 384)
     assert backbone(torch.randn(2, 1, 48, 48)).shape == (2, 384)
+    export = export_state_dict(backbone, "vit_s_16", width=64, channels=1, small_stem=False, stem_stride=1,
+                               image_size=32, mean=[0.5], std=[0.2])
+    assert export["torchvision"] is None and export["feature_dim"] == 384  # torchvision has no ViT-S/16 builder
+    torch.testing.assert_close(torchvision_model(export)(x), backbone(x))
 
 
 BASE = {"name": "t", "data": {"train": "x", "image_size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3},
