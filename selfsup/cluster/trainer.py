@@ -23,10 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -41,7 +44,8 @@ from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
 from selfsup.tracking.wandb_run import TrackingError, WandbReporter
 from selfsup.tasks import task_for
-from selfsup.train.console import POLL_SECONDS, ProgressConsole, follow_records
+from selfsup.train.console import (POLL_SECONDS, ProgressConsole, follow_records, follow_worker_log,
+                                   worker_log_handler)
 from selfsup.train.lease import LEASE, Fence, run_lease
 from selfsup.train.trainer import Trainer
 
@@ -50,6 +54,8 @@ FATAL = (CheckpointSpaceError, CheckpointError, ConfigError, ManifestError, File
          RunLeaseError)
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's own record of a run's checkpoints
 SHOWN_CHANGES = 4  # a refused resume names this many changed keys, then a count
+LOGS = "logs"  # in the run folder: driver.log, rank 0's selfsup lines and a link to Ray's session logs
+WORKER_LOG = f"{LOGS}/worker.jsonl"
 
 
 class RunFailed(RuntimeError):
@@ -282,9 +288,11 @@ def _train_worker(config: dict) -> str | None:
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     os.environ.update(config["secrets"])  # this process's memory only: never a file, never a log
-    if not config["verbose"]:  # Ray forwards this worker's console to the driver: selfsup's lines, others' warnings
+    if not config["verbose"]:  # rank 0's selfsup lines reach the driver's console through the run folder
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("selfsup").setLevel(logging.INFO)
+        if rank() == 0 and not cfg.run_url:
+            logging.getLogger("selfsup").addHandler(worker_log_handler(cfg.run_dir / WORKER_LOG))
     torch.set_num_threads(cfg.train.threads or cfg.scaling.cpus_per_worker)
     fence = Fence(*config["lease"]) if config["lease"] else None
     staging = Path(tempfile.mkdtemp(prefix="selfsup-checkpoint-"))
@@ -344,15 +352,16 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    verbose = log.isEnabledFor(logging.DEBUG)  # -v: Ray forwards every worker's and actor's output to the console
     if address:
         log.info("joining the Ray cluster at %s", address)
-        context = ray.init(address=address, log_to_driver=True)
+        context = ray.init(address=address, log_to_driver=verbose, configure_logging=False)
     else:
         log.info("starting a Ray of its own on this machine (--address auto joins one already running)")
         # one machine has no node to drain: Ray Train's preemption watcher only logs an error line at start
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           log_to_driver=True, configure_logging=False)
+                           log_to_driver=verbose, configure_logging=False)
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
     return True
@@ -402,12 +411,72 @@ def run_pretraining(cfg: ExperimentConfig, address: str | None = None, fence: Fe
     import ray
 
     refuse_changed_config(cfg)
-    connected = init_ray(address)
+    with driver_log(cfg.run_dir, log.isEnabledFor(logging.DEBUG)) as path:
+        connected = init_ray(address)
+        try:
+            link_ray_logs(cfg.run_dir)
+            return _fit_under_ray(cfg, fence, path)
+        finally:  # a Ray this run started or joined is let go: its idle processes would slow what comes next
+            if connected:
+                ray.shutdown()
+
+
+class PlainFormatter(logging.Formatter):
+    """Lines without the terminal escape codes (colours, bold) that Ray puts in some of its messages."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", super().format(record))
+
+
+@contextmanager
+def driver_log(run_dir: Path, verbose: bool) -> Iterator[Path]:
+    """While the body runs, ``<run>/logs/driver.log`` gets every log line of this process: selfsup's and
+    Ray's own. :func:`init_ray` leaves Ray's loggers without a handler of their own, so their lines reach
+    logging's last resort, which is this file here (the console with ``verbose``, -v)."""
+    path = Path(run_dir) / LOGS / "driver.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    last_resort = logging.lastResort
+    logging.getLogger().addHandler(handler)
+    if not verbose:
+        logging.lastResort = handler
     try:
-        return _fit_under_ray(cfg, fence)
-    finally:  # a Ray this run started or joined is let go: its idle processes would slow what comes next
-        if connected:
-            ray.shutdown()
+        yield path
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.lastResort = last_resort
+        handler.close()
+
+
+def link_ray_logs(run_dir: Path) -> None:
+    """``<run>/logs/ray``: a link to the Ray session's logs on this machine (its workers' and actors'
+    output); a cluster joined from elsewhere keeps them on its nodes."""
+    from ray._private import worker
+
+    try:  # a private API: an older or newer Ray may lack it
+        target = Path(worker._global_node.get_logs_dir_path())
+    except Exception as err:  # noqa: BLE001
+        log.debug("no Ray session logs to link (%s)", err)
+        return
+    link = Path(run_dir) / LOGS / "ray"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    log.debug("Ray's session logs: %s", target)
+
+
+def worker_failure(err: Exception, driver_log_path: Path) -> str:
+    """One line for a Ray Train failure (a worker's error, or the controller's), after its whole text
+    (the worker's traceback) is appended to the driver log."""
+    failures = getattr(err, "worker_failures", None) or {}
+    first = failures[min(failures)] if failures else getattr(err, "controller_failure", err)
+    base = getattr(first, "_base_exc", first)  # Ray Train wraps a worker's exception with its traceback
+    with open(driver_log_path, "a", encoding="utf-8") as f:
+        f.write(f"{err}\n{first}\n")
+    said = str(base).strip().splitlines()
+    where = f"rank {min(failures)}" if failures else "Ray Train"
+    return (f"{where} failed: {type(base).__name__}{': ' + said[0] if said else ''} (the traceback is in "
+            f"{driver_log_path})")
 
 
 def fit_interruptibly(trainer):
@@ -440,9 +509,10 @@ def forget_ray_snapshot(cfg: ExperimentConfig) -> None:
     storage.delete(f"{_run_location(cfg)}/{RAY_SNAPSHOT}")
 
 
-def _fit_under_ray(cfg: ExperimentConfig, fence: Fence | None) -> dict:
-    """:func:`run_pretraining` once Ray is up: fit the TorchTrainer and return the summary."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+def _fit_under_ray(cfg: ExperimentConfig, fence: Fence | None, driver_log_path: Path) -> dict:
+    """:func:`run_pretraining` once Ray is up: fit the TorchTrainer and return the summary. Rank 0's
+    selfsup lines reach this console (:func:`follow_worker_log`); a worker's error is one line."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, TrainingFailedError
     from ray.train import ScalingConfig as RayScaling
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -468,11 +538,15 @@ def _fit_under_ray(cfg: ExperimentConfig, fence: Fence | None) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=None),  # rank 0 prunes
                              logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
     )
-    if driver_follows(cfg):
-        with follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)):
+    try:
+        if driver_follows(cfg):
+            with follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)), \
+                    follow_worker_log(cfg.run_dir / WORKER_LOG):
+                result = fit_interruptibly(trainer)
+        else:
             result = fit_interruptibly(trainer)
-    else:
-        result = fit_interruptibly(trainer)
+    except TrainingFailedError as err:
+        raise RunFailed(worker_failure(err, driver_log_path)) from None
     if result.return_value:  # rank 0 stopped on an error that a retry cannot heal
         raise RunFailed(result.return_value)
     if cfg.run_url:  # rank 0 may have run on another node: the bucket's summary, never a stale one here

@@ -2,12 +2,14 @@
 
 :class:`ProgressConsole` is a reporter sink. Without Ray it runs in the training process; under Ray
 the driver feeds it the records the workers append to ``metrics.jsonl`` (:func:`follow_records`),
-so the bar is drawn where the user is, and Ray forwards only the workers' warnings.
+so the bar is drawn where the user is; rank 0's selfsup log lines reach the driver the same way
+(:func:`follow_worker_log`), and nothing else of the workers does unless asked (-v).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import threading
@@ -138,3 +140,52 @@ def _lines(path: Path) -> list[str]:
     except FileNotFoundError:
         return []
     return [line for line in text.split("\n")[:-1] if line.strip()]
+
+
+class _JsonLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"level": record.levelno, "name": record.name, "message": record.getMessage()})
+
+
+def worker_log_handler(path: Path) -> logging.Handler:
+    """A handler (for a worker's ``selfsup`` logger) appending each record to ``path`` as a JSON line,
+    for :func:`follow_worker_log` in the driver."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(_JsonLine())
+    return handler
+
+
+@contextmanager
+def follow_worker_log(path: Path) -> Iterator[None]:
+    """While the body runs, log here each record another process appends to ``path``
+    (:func:`worker_log_handler`), under its own logger and level: a worker's selfsup lines reach the
+    driver's console as selfsup's, and nothing else of the worker does. Earlier attempts' records are not repeated."""
+    stop = threading.Event()
+    start = Path(path).stat().st_size if Path(path).exists() else 0
+
+    def follow() -> None:
+        offset = start
+        while True:
+            finished = stop.wait(POLL_SECONDS)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            complete = chunk[:chunk.rfind(b"\n") + 1]  # a half-written last line waits
+            offset += len(complete)
+            for line in complete.decode("utf-8", "replace").splitlines():
+                record = json.loads(line)
+                logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
+            if finished:
+                return
+
+    thread = threading.Thread(target=follow, name="selfsup-worker-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

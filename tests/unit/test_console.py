@@ -96,3 +96,28 @@ def test_off_a_terminal_a_progress_bar_is_a_line_a_tenth_never_a_redraw():
     assert "\r" not in text and "\x1b" not in text
     assert [line.split(" [")[0] for line in text.splitlines()] == [
         f"shards: {100 * n / 95:3.0f}% {n}/95" for n in (0, 10, 19, 29, 38, 48, 57, 67, 76, 86, 95)]  # each tenth
+
+
+def test_the_driver_logs_a_workers_selfsup_lines_once(tmp_path, monkeypatch, caplog):
+    """Rank 0's records (its selfsup logger, through ``worker_log_handler``) are logged in the driver under
+    their own logger and level; an earlier attempt's records in the file are not logged again."""
+    import logging
+
+    from selfsup.train.console import follow_worker_log, worker_log_handler
+
+    monkeypatch.setattr(console_module, "POLL_SECONDS", 0.01)
+    path = tmp_path / "logs" / "worker.jsonl"
+    handler = worker_log_handler(path)  # the worker's, in another process there
+
+    def worker(level, message, *args):
+        handler.handle(logging.LogRecord("selfsup.pretrain", level, __file__, 0, message, args, None))
+
+    worker(logging.WARNING, "an earlier attempt's line")
+    with caplog.at_level(logging.INFO), follow_worker_log(path):
+        worker(logging.INFO, "resumed from step %d", 4)
+        worker(logging.WARNING, "epoch 1: 2 bad samples skipped")
+        time.sleep(0.05)
+    handler.close()
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("selfsup.pretrain", "INFO", "resumed from step 4"),
+        ("selfsup.pretrain", "WARNING", "epoch 1: 2 bad samples skipped")]

@@ -241,3 +241,44 @@ def test_eval_says_once_what_it_converts(tmp_path, capsys):
     notes = [line for line in lines(capsys.readouterr().err) if line.startswith("selfsup: note:")]
     assert notes == [f"selfsup: note: --{key}={shards} holds RGB images; each is converted to grey (data.channels=1)"
                      for key in ("train", "test")]
+
+
+def test_rays_loggers_write_to_the_driver_log_not_the_console(tmp_path, capsys):
+    """As ``ray.init(configure_logging=False)`` leaves them: Ray's loggers without handlers, not propagating.
+    Their lines go to <run>/logs/driver.log, without terminal escape codes; selfsup's go to both."""
+    import logging
+
+    from selfsup.cluster.trainer import driver_log
+
+    ray_logger = logging.getLogger("ray.test-driver-log")
+    ray_logger.propagate = False
+    cli.setup_logging(verbose=False)
+    with driver_log(tmp_path / "run", verbose=False) as path:
+        ray_logger.warning("Token authentication is enabled for this Ray cluster")
+        ray_logger.warning("Started a local Ray instance. View the dashboard at \x1b[1m\x1b[32mhttp://127.0.0.1:8265\x1b[39m")
+        logging.getLogger("selfsup.cluster").info("Ray dashboard: http://127.0.0.1:8265")
+    ray_logger.warning("after the run: logging's last resort again")
+    err = capsys.readouterr().err
+    assert lines(err) == ["Ray dashboard: http://127.0.0.1:8265", "after the run: logging's last resort again"]
+    logged = [line.split(" ", 2)[2] for line in path.read_text().splitlines()]
+    assert logged == ["WARNING ray.test-driver-log: Token authentication is enabled for this Ray cluster",
+                      "WARNING ray.test-driver-log: Started a local Ray instance. View the dashboard at "
+                      "http://127.0.0.1:8265",
+                      "INFO selfsup.cluster: Ray dashboard: http://127.0.0.1:8265"]
+
+
+def test_a_workers_error_is_one_line_and_its_traceback_goes_to_the_driver_log(tmp_path):
+    from selfsup.cluster.trainer import worker_failure
+
+    class Wrapped(Exception):  # as Ray Train wraps a worker's exception: its str is the traceback
+        def __init__(self, base):
+            super().__init__("Traceback (most recent call last):\n  ...\nValueError: the shard is bad")
+            self._base_exc = base
+
+    class Failed(Exception):
+        worker_failures = {1: Wrapped(ValueError("the shard is bad\nsecond line")), 0: Wrapped(KeyError("k"))}
+
+    log = tmp_path / "driver.log"
+    assert worker_failure(Failed("Training failed due to worker errors"), log) == (
+        f"rank 0 failed: KeyError: 'k' (the traceback is in {log})")
+    assert "Traceback (most recent call last)" in log.read_text()
