@@ -165,10 +165,21 @@ def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = Fals
             summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart, fence=lease.fence)
     except KeyboardInterrupt:
         raise Interrupted(cfg) from None
-    print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
+    print(f"done: {summary['steps']} steps, final weights in {final_weights(cfg, summary)}, "
           f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
           f"{summary['train_seconds'] / 60:.1f} min)")
     return summary
+
+
+def final_weights(cfg, summary: dict) -> str:
+    """Where the run's final weights are: the checkpoint this attempt wrote last, else (a finished run run
+    again writes none) the run's latest."""
+    if summary.get("checkpoint"):
+        return str(summary["checkpoint"])
+    from selfsup.core.checkpoint import list_checkpoints
+
+    found = list_checkpoints(cfg.run_dir)
+    return f"{found[-1]} (the run had already finished)" if found else f"no checkpoint of {cfg.run_dir}"
 
 
 def _shards_write(args) -> None:
@@ -264,15 +275,28 @@ def _shards_verify(args) -> int:
     return 0 if report.ok else 1
 
 
+def index_split(folder: str | Path, given: str | None) -> str:
+    """The split `shards index` records: ``given`` (--split), else the name the folder's tars share
+    (``val`` of ``val-000000.tar``, ``val-000001.tar``), else the folder's name."""
+    import re
+
+    if given:
+        return given
+    stems = {re.sub(r"[-_.]?\d+$", "", p.stem) for p in Path(folder).glob("*.tar")}
+    return stems.pop() if len(stems) == 1 and "" not in stems else Path(folder).resolve().name
+
+
 def _shards_index(args) -> None:
     from selfsup.data.shards import index_shards
 
-    m, lines = index_shards(args.dir, args.split or "train", args.classes.split(",") if args.classes else None)
+    split = index_split(args.dir, args.split)
+    m, lines = index_shards(args.dir, split, args.classes.split(",") if args.classes else None)
     for line in lines[:SHOWN_SKIPPED]:
         print(f"  unreadable, the reader will skip it: {line}")
     if len(lines) > SHOWN_SKIPPED:
         print(f"  ... and {len(lines) - SHOWN_SKIPPED} more")
-    print(f"indexed {m['num_samples']} {m['format']} samples in {len(m['shards'])} shards ({len(lines)} unreadable); "
+    print(f"indexed {m['num_samples']} {m['format']} samples of split {split!r} in {len(m['shards'])} shards "
+          f"({len(lines)} unreadable); "
           f"wrote {Path(args.dir) / 'manifest.json'}; `selfsup shards verify {args.dir}` decodes every sample")
 
 
@@ -467,7 +491,8 @@ def _add_shards(sub) -> None:
         _shards_index)
     x.add_argument("dir", help="a folder of .tar shards: <key>.jpg/.png + <key>.cls images, "
                                "or <key>.flac + <key>.json audio")
-    x.add_argument("--split", help="the split name written in the manifest (default: train)")
+    x.add_argument("--split", help="the split name written in the manifest (default: the name its tars share, "
+                                   "val of val-000000.tar, else the folder's name)")
     x.add_argument("--classes", help="comma-separated class names, in label order")
     v = _command(sh, "verify", "check checksums and decode every sample",
                  ["selfsup shards verify data/fashion-mnist/train"], _shards_verify)

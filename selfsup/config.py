@@ -759,9 +759,28 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     return parse_config(tree, overrides, str(path))
 
 
+# Keys that mean something for one kind of data only (``data.kind``); :func:`dump_config` leaves out
+# the other kind's where they hold their defaults.
+KIND_KEYS = {"image": ("data.image_size", "data.channels", "data.mean", "data.std", "data.decode", "augment", "model"),
+             "audio": ("data.max_seconds", "data.min_seconds", "data.max_tokens", "data.bucket_size")}
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
-    """The config as YAML, the form written beside checkpoints."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The config as YAML, the form written beside checkpoints and shown by `config show`: without the
+    keys of the other kind of data (an audio run's image keys) that hold their defaults, so that loading
+    it gives the same config."""
+    tree = cfg.model_dump(mode="json")
+    for kind, keys in KIND_KEYS.items():
+        if kind == cfg.data.kind:
+            continue
+        for key in keys:
+            section, _, leaf = key.partition(".")
+            if not leaf:
+                if tree[section] == ExperimentConfig.model_fields[section].get_default().model_dump(mode="json"):
+                    del tree[section]
+            elif tree[section][leaf] == DataConfig.model_fields[leaf].get_default():
+                del tree[section][leaf]
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 # The keys (a dotted key, or a whole section) that may differ between a run's checkpoints and the config that

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from selfsup.audio.decode import SAMPLE_RATE
@@ -95,5 +95,6 @@ def write_hf_folder(out: str | Path, encoder: nn.Module, mask_embedding: Tensor,
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg), indent=2) + "\n")
-    save_file(hf_state_dict(encoder, mask_embedding), str(out / "model.safetensors"), metadata={"format": "pt"})
+    # written as its siblings are (safetensors' save_file makes the file 0600, whatever the umask)
+    (out / "model.safetensors").write_bytes(save(hf_state_dict(encoder, mask_embedding), metadata={"format": "pt"}))
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import os
 import random
 import re
@@ -32,6 +33,8 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+log = logging.getLogger("selfsup.data")
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -96,6 +99,9 @@ def find_fashion_mnist(download_to: Path | None = None) -> Path:
             "`sudo apt-get install dataset-fashion-mnist`, point $SELFSUP_DATA at a folder holding the four "
             "idx files, or pass --download.")
     download_to.mkdir(parents=True, exist_ok=True)
+    if not all((download_to / f"{stem}.gz").exists() for stem in needed):
+        log.info("downloading Fashion-MNIST (4 gzipped idx files, about 30 MB) from %s to %s",
+                 FASHION_MNIST_URL, download_to)
     for stem in needed:
         target = download_to / f"{stem}.gz"
         if target.exists():

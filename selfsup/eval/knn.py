@@ -22,7 +22,6 @@ import contextlib
 import functools
 import importlib.metadata
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+notes = logging.getLogger("selfsup.note")  # the console says these as `selfsup: note: ...`
 
 _BLOCK_BYTES = 2**27  # float32 bytes of one normalised bank block
 _TILE_ELEMENTS = 2**25  # similarities held at once by the torch / numpy engines on CPU
@@ -73,7 +73,7 @@ def weighted_knn(
     """Classify ``queries`` (M, D) by weighted vote of their nearest rows of ``bank`` (N, D).
 
     ``bank_labels`` (N,) / ``query_labels`` (M,) are integer classes. ``settings``: (k, T) pairs with
-    distinct k; a k above N is lowered to N with a warning. ``backend``: "faiss", "torch", "numpy"
+    distinct k; a k above N is lowered to N, said in a note. ``backend``: "faiss", "torch", "numpy"
     or "auto" (faiss if importable, else torch). ``chunk_size``: queries per search call.
     ``index``: "flat" (exact) or "ivf" / "hnsw" (approximate faiss index for very large banks; its
     recall against exact search on ``recall_sample`` queries is logged and returned).
@@ -201,15 +201,21 @@ def check_split_pair(train_x, train_y, test_x, test_y, names: tuple[str, str] = 
     return train_x, check_labels(train_y, len(train_x), names[0]), test_x, check_labels(test_y, len(test_x), names[1])
 
 
+@functools.lru_cache(maxsize=None)
+def _note_once(line: str) -> None:
+    """Say ``line`` as a note the first time only: every encoder of an evaluation is scored on the same bank."""
+    notes.info(line)
+
+
 def _check_settings(settings: Sequence[tuple[int, float]], n: int) -> list[tuple[str, int, float]]:
-    """(key, k actually used, T) per setting; k is lowered to the bank size ``n`` with a warning."""
+    """(key, k actually used, T) per setting; k is lowered to the bank size ``n``, said in a note."""
     out = []
     for k, t in settings:
         k, t = int(k), float(t)
         if k < 1 or t <= 0:
             raise ValueError(f"each setting needs k >= 1 and T > 0, got ({k}, {t})")
         if k > n:
-            warnings.warn(f"k={k} is larger than the bank ({n} rows); using k={n} under the key 'knn@{k}'")
+            _note_once(f"kNN: k={k} is larger than the bank ({n} rows); using k={n} under the key 'knn@{k}'")
         out.append((f"knn@{k}", min(k, n), t))
     keys = [key for key, _, _ in out]
     if not out or len(set(keys)) != len(keys):

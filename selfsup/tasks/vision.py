@@ -203,9 +203,12 @@ class VisionTask:
         return {"pixels": (_flat_pixels(train.inputs), _flat_pixels(test.inputs))}
 
     def eval_spec(self, cfg: ExperimentConfig) -> EvalSpec:
+        views = cfg.eval.probe_views
+        rows = "trained on each train image un-augmented" if views == 1 else \
+            f"{views} views per train image (un-augmented, then {views - 1} of crops and flips)"
         return EvalSpec(title=f"selfsup evaluation: {cfg.name} ({cfg.method.name}, {cfg.model.backbone} "
                               f"w{cfg.model.width})", unit="samples", diagnostics=True,
-                        probe_note=f"{cfg.eval.probe_views} view(s) per train image (un-augmented + crops and flips); "
+                        probe_note=f"{rows}; "
                                    "lr={lr:g}, weight_decay={weight_decay:g} chosen on held-out train images "
                                    "(top-1 {top1:.2f}%); per-class scores, ROC and confusion are its predictions")
 

@@ -161,3 +161,21 @@ def test_multi_crop_views_are_checked_against_the_global_size_and_the_method():
     with pytest.raises(ConfigError, match="method simsiam does not use local crops \\(4 views smaller"):
         parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]", "method.name=simsiam"])
     assert len(parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]"]).view_recipes()) == 6  # SimCLR: an option
+
+
+@pytest.mark.parametrize("name, absent", [("wav2vec2-tiny", ["image_size", "channels", "mean", "std", "decode"]),
+                                          ("quickstart", ["max_seconds", "min_seconds", "max_tokens", "bucket_size"])])
+def test_a_dump_lists_no_key_of_the_other_kind_of_data_and_loads_back_the_same(name, absent, tmp_path):
+    import yaml
+
+    cfg = load_config(name)
+    tree = yaml.safe_load(dump_config(cfg))
+    assert [key for key in absent if key in tree["data"]] == []
+    assert ("augment" in tree and "model" in tree) == (cfg.data.kind == "image")
+    (tmp_path / "c.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "c.yaml") == cfg
+    changed = parse_config(yaml.safe_load(dump_config(cfg)), ["data.max_seconds=3.0"] if name == "quickstart"
+                           else ["data.image_size=32"])
+    assert load_config(tmp_path / "c.yaml") != changed  # a non-default value of the other kind is kept
+    (tmp_path / "d.yaml").write_text(dump_config(changed))
+    assert load_config(tmp_path / "d.yaml") == changed

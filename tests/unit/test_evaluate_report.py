@@ -64,7 +64,8 @@ def test_report_has_every_part(tmp_path, split):
     assert rows["d"]["recall"] == 0 and rows["d"]["support"] == int((test_y == 3).sum())
     assert sum(r["support"] for r in rows.values()) == len(test_y)
     hp = saved["details"]["checkpoint"]["linear_hparams"]
-    assert any(f"lr={hp['lr']:g}" in n and "4 view(s) per train image" in n for n in saved["notes"])
+    assert any(f"lr={hp['lr']:g}" in n and "4 views per train image (un-augmented, then 3 of crops and flips)" in n
+               for n in saved["notes"])
     assert set(saved["details"]["roc_auc"]["per_class"]) == {"a", "b", "c", "d"}
     for name in ("confusion.png", "roc.png", "embedding.png", "embedding-tsne.png", "neighbours.png"):
         assert (out / name).stat().st_size > 1000, name

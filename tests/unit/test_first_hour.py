@@ -282,3 +282,14 @@ def test_a_workers_error_is_one_line_and_its_traceback_goes_to_the_driver_log(tm
     assert worker_failure(Failed("Training failed due to worker errors"), log) == (
         f"rank 0 failed: KeyError: 'k' (the traceback is in {log})")
     assert "Traceback (most recent call last)" in log.read_text()
+
+
+@pytest.mark.parametrize("views, said", [
+    (1, "linear probe (checkpoint): trained on each train image un-augmented; lr="),
+    (3, "linear probe (checkpoint): 3 views per train image (un-augmented, then 2 of crops and flips); lr=")])
+def test_the_reports_probe_note_says_what_its_rows_are(views, said):
+    from selfsup.config import parse_config
+    from selfsup.tasks.vision import VisionTask
+
+    spec = VisionTask().eval_spec(parse_config(tiny_config("x", "s", "runs", eval={"probe_views": views})))
+    assert f"linear probe (checkpoint): {spec.probe_note}".startswith(said)

@@ -103,6 +103,8 @@ def test_the_exporter_needs_no_transformers(tmp_path, monkeypatch):
     assert "Hugging Face folder" in line
     assert sorted(p.name for p in (tmp_path / "deep" / "hf").iterdir()) == \
         ["config.json", "model.safetensors", "preprocessor_config.json"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "deep" / "hf").iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes  # readable like its siblings
 
 
 def test_a_file_path_is_refused_in_one_line(tmp_path, capsys):

@@ -120,12 +120,20 @@ def test_chunking_and_bank_blocks_do_not_change_the_result(monkeypatch):
         assert abs(r.top1["knn@10"] - whole.top1["knn@10"]) <= 2 / 33  # fp16 rounding may move a vote
 
 
-def test_k_above_bank_size_is_lowered_with_a_warning():
+def test_k_above_bank_size_is_lowered_with_a_note(capsys):
+    import warnings
+
+    from selfsup import cli
+
     rng = np.random.default_rng(4)
     bank, yb, _ = clustered(rng, 12)
-    with pytest.warns(UserWarning, match="k=50 is larger than the bank"):
+    cli.setup_logging(verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raw UserWarning would fail here
         r = weighted_knn(bank, yb, bank[:3], yb[:3], ((50, 0.1),))
     assert r.neighbours.shape == (3, 12) and "knn@50" in r.top1
+    assert capsys.readouterr().err.splitlines() == [
+        "selfsup: note: kNN: k=50 is larger than the bank (12 rows); using k=12 under the key 'knn@50'"]
 
 
 @pytest.mark.parametrize("index", ["ivf", "hnsw"])

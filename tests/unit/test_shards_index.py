@@ -61,10 +61,11 @@ def test_index_records_counts_checksums_and_sizes_and_leaves_the_tars_alone(plai
     root, labels = plain_tars
     before = {p.name: p.read_bytes() for p in root.glob("*.tar")}
     assert main(["shards", "index", str(root), "--classes", "a,b,c,d"]) == 0
-    assert f"indexed {N_WRITER + N_TAR} image samples in 2 shards (0 unreadable)" in capsys.readouterr().out
+    assert f"indexed {N_WRITER + N_TAR} image samples of split 'wds' in 2 shards (0 unreadable)" \
+        in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in root.glob("*.tar")} == before
     manifest, urls = read_manifest(str(root))
-    assert (manifest["format"], manifest["split"], manifest["classes"]) == ("image", "train", list("abcd"))
+    assert (manifest["format"], manifest["split"], manifest["classes"]) == ("image", "wds", list("abcd"))
     assert manifest["num_samples"] == N_WRITER + N_TAR
     assert [(s["name"], s["count"]) for s in manifest["shards"]] == [("part-a.tar", N_WRITER), ("part-b.tar", N_TAR)]
     for entry, url in zip(manifest["shards"], urls):
@@ -167,3 +168,21 @@ def test_index_reads_audio_durations_from_flac_headers(tmp_path):
     assert stored["num_samples"] == 3 and stored["classes"] == ["no", "yes"]
     labels, _, _ = read_split(str(root), functools.partial(decode_audio_sample, min_samples=400))
     assert [label for _, label in labels] == [0, 1, 0]
+
+
+def test_the_split_is_the_one_given_the_manifests_the_tars_or_the_folders(plain_tars, capsys):
+    """part-a.tar and part-b.tar share no name: the folder's (wds); val-000000.tar, val-000001.tar: val;
+    --split wins."""
+    root, _ = plain_tars
+
+    def indexed(*args):
+        assert main(["shards", "index", str(root), *args]) == 0
+        return read_manifest(str(root))[0]["split"]
+
+    assert indexed() == "wds"
+    for i, tar in enumerate(sorted(root.glob("*.tar"))):
+        tar.rename(root / f"val-{i:06d}.tar")
+    (root / "manifest.json").unlink()
+    assert indexed() == "val"
+    (root / "manifest.json").unlink()
+    assert indexed("--split", "test") == "test"
