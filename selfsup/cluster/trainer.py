@@ -12,7 +12,9 @@ from the run's own latest good checkpoint (``resume_point``, the rule ``--no-ray
 Ray's bookkeeping says; Ray deletes none (``num_to_keep=None``): rank 0 prunes by write order. Errors
 that a retry cannot heal (no space, bad config or checkpoint, missing data, a lost lease) end the run
 without spending ``max_failures``. One driver per run folder: :func:`run_training` holds the run's
-lease, and every write into the run passes its fence (Ray's workers get its token). Before any training the driver
+lease, and every write into the run passes its fence (Ray's workers get its token). The console shows
+selfsup's lines only: Ray's loggers write to ``<run>/logs/driver.log`` and its workers' output stays in
+Ray's session logs (``<run>/logs/ray`` links them), unless -v asks for them. Before any training the driver
 refuses what could never run: resuming checkpoints trained with another config (``RESUMABLE_KEYS``
 aside; ``restart`` sets the old run aside instead), ``scaling.use_gpu`` without a GPU here (``--no-ray``),
 and workers the Ray cluster cannot ever place (Ray would wait for them forever).
@@ -481,8 +483,8 @@ def worker_failure(err: Exception, driver_log_path: Path) -> str:
 
 def fit_interruptibly(trainer):
     """``trainer.fit()`` in a thread of its own, so that Ctrl-C reaches the caller as KeyboardInterrupt
-    (Ray's Ray then goes down with :func:`run_pretraining`): in the main thread Ray Train would take
-    SIGINT itself, print its own lines and exit 1."""
+    (and the Ray this run started goes down with :func:`run_pretraining`): in the main thread Ray Train
+    would take SIGINT itself, print its own lines and exit 1."""
     outcome: dict = {}
 
     def fit() -> None:

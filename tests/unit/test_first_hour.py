@@ -293,3 +293,13 @@ def test_the_reports_probe_note_says_what_its_rows_are(views, said):
 
     spec = VisionTask().eval_spec(parse_config(tiny_config("x", "s", "runs", eval={"probe_views": views})))
     assert f"linear probe (checkpoint): {spec.probe_note}".startswith(said)
+
+
+def test_a_finished_run_run_again_names_its_final_weights(tmp_path, capsys):
+    config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [16]), tmp_path / "runs"))
+    for _ in range(2):
+        capsys.readouterr()
+        assert cli.main(["pretrain", str(config), "--no-ray"]) == 0
+    (done,) = [line for line in lines(capsys.readouterr().out) if line.startswith("done: ")]
+    assert done.startswith(f"done: 2 steps, final weights in {tmp_path}/runs/x/checkpoints/{checkpoint_name(16)} "
+                           "(the run had already finished), 0 bad samples skipped")
