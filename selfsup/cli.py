@@ -165,21 +165,10 @@ def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = Fals
             summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart, fence=lease.fence)
     except KeyboardInterrupt:
         raise Interrupted(cfg) from None
-    print(f"done: {summary['steps']} steps, final weights in {final_weights(cfg, summary)}, "
+    print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
           f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
           f"{summary['train_seconds'] / 60:.1f} min)")
     return summary
-
-
-def final_weights(cfg, summary: dict) -> str:
-    """Where the run's final weights are: the checkpoint this attempt wrote last, else (a finished run run
-    again writes none) the run's latest."""
-    if summary.get("checkpoint"):
-        return str(summary["checkpoint"])
-    from selfsup.core.checkpoint import list_checkpoints
-
-    found = list_checkpoints(cfg.run_dir)
-    return f"{found[-1]} (the run had already finished)" if found else f"no checkpoint of {cfg.run_dir}"
 
 
 def _shards_write(args) -> None:
