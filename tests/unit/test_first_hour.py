@@ -265,6 +265,9 @@ def test_rays_loggers_write_to_the_driver_log_not_the_console(tmp_path, capsys):
                       "WARNING ray.test-driver-log: Started a local Ray instance. View the dashboard at "
                       "http://127.0.0.1:8265",
                       "INFO selfsup.cluster: Ray dashboard: http://127.0.0.1:8265"]
+    with driver_log(tmp_path / "run", verbose=True):  # -v: Ray's lines on the console too
+        ray_logger.warning("Token authentication is enabled for this Ray cluster")
+    assert lines(capsys.readouterr().err) == ["Token authentication is enabled for this Ray cluster"]
 
 
 def test_a_workers_error_is_one_line_and_its_traceback_goes_to_the_driver_log(tmp_path):
