@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,14 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _digest_and_sync(path: Path) -> str:
+    """The sha256 of the file at ``path``, once it is on disk (fsync)."""
+    digest = file_digest(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return digest
+
+
 def rng_state() -> dict:
     """Every RNG the loop uses, in a form ``weights_only`` loading accepts."""
     np_state = np.random.get_state()
@@ -82,20 +91,23 @@ def checkpoint_name(samples_seen: int) -> str:
 def write_checkpoint(dest: Path, model_state: dict, train_state: dict, cfg: ExperimentConfig, metrics: dict,
                      progress: dict) -> Path:
     """Write a checkpoint's files into the new directory ``dest``, ``progress.json`` (with the other
-    files' sizes and sha256 digests, read back from the page cache) last; every file is fsynced. A full
-    disk becomes :class:`CheckpointSpaceError`."""
+    files' sizes and sha256 digests) last; every file is fsynced. Each file is hashed (read back from
+    the page cache) and synced in a thread while the next is serialised. A full disk becomes
+    :class:`CheckpointSpaceError`."""
     dest.mkdir(parents=True)
     try:
-        torch.save(model_state, dest / "model.pt")
-        torch.save(train_state, dest / "state.pt")
-        (dest / "config.yaml").write_text(dump_config(cfg))
-        (dest / "metrics.json").write_text(json.dumps(metrics, indent=1, default=float))
-        files = sorted(dest.iterdir())
-        sizes, digests = {f.name: f.stat().st_size for f in files}, {f.name: file_digest(f) for f in files}
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            done = {}
+            for name, write in (("model.pt", lambda f: torch.save(model_state, f)),
+                                ("state.pt", lambda f: torch.save(train_state, f)),
+                                ("config.yaml", lambda f: f.write_text(dump_config(cfg))),
+                                ("metrics.json", lambda f: f.write_text(json.dumps(metrics, indent=1, default=float)))):
+                write(dest / name)
+                done[name] = pool.submit(_digest_and_sync, dest / name)
+            digests = {name: future.result() for name, future in sorted(done.items())}
+        sizes = {name: (dest / name).stat().st_size for name in digests}
         (dest / PROGRESS).write_text(json.dumps({**progress, "files": sizes, "sha256": digests}, indent=1))
-        for f in dest.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        _digest_and_sync(dest / PROGRESS)
     except (OSError, RuntimeError) as err:  # torch.save reports ENOSPC as "basic_ios::clear: iostream error"
         shutil.rmtree(dest, ignore_errors=True)
         free = shutil.disk_usage(dest.parent).free
