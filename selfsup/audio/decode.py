@@ -13,6 +13,8 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from selfsup.core.messages import decoder_reason
+
 SAMPLE_RATE = 16_000
 SILENCE_PEAK = 1.0 / 32768  # below one 16-bit PCM step
 
@@ -26,7 +28,7 @@ def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
-        raise ValueError(f"{name}: cannot decode audio ({exc})") from exc
+        raise ValueError(f"{name}: cannot decode audio ({decoder_reason(exc)})") from exc
     if samples.size == 0:
         raise ValueError(f"{name}: audio has no samples")
     if not np.isfinite(samples).all():

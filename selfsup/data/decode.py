@@ -17,8 +17,8 @@ import warnings
 import numpy as np
 import torch
 
-from selfsup.data.sources import decoder_reason
 from selfsup.config import MAX_IMAGE_PIXELS
+from selfsup.core.messages import decoder_reason
 from selfsup.data.reader import DUPLICATE
 
 

@@ -11,7 +11,6 @@ import io
 import logging
 import os
 import random
-import re
 import struct
 import urllib.request
 import warnings
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from selfsup.config import MAX_IMAGE_PIXELS
+from selfsup.core.messages import decoder_reason
 from selfsup.core.progress import progress
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -149,11 +149,6 @@ MIN_MAX_SIDE = 32  # px: the smallest ``max_side`` that `shards write image-fold
 JPEG_QUALITY = 90  # of the JPEGs written when one must be re-encoded (FFCV's default)
 _WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16/32-bit grey: stored 8-bit
 _KEPT_MODES = ("L", "LA", "RGB", "RGBA")  # what every reader decodes as it is
-
-
-def decoder_reason(err: Exception) -> str:
-    """A decoder's error as a reason: its type and message, without the in-memory file PIL names."""
-    return f"{type(err).__name__}: {re.sub(r' ?<_io.BytesIO object at 0x[0-9a-f]+>', '', str(err))}"
 
 
 def _check_decodes(img: Image.Image) -> None:

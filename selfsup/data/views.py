@@ -43,9 +43,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
 from selfsup.config import MAX_IMAGE_PIXELS
+from selfsup.core.messages import decoder_reason
 from selfsup.data.decode import image_payload, open_image
 from selfsup.data.stream import DataHealth
-from selfsup.data.sources import decoder_reason
 from selfsup.vision.augment import crop_boxes
 
 log = logging.getLogger("selfsup.data")

@@ -306,3 +306,15 @@ def test_a_finished_run_run_again_names_its_final_weights(tmp_path, capsys):
     (done,) = [line for line in lines(capsys.readouterr().out) if line.startswith("done: ")]
     assert done.startswith(f"done: 2 steps, final weights in {tmp_path}/runs/x/checkpoints/{checkpoint_name(16)}, "
                            "0 bad samples skipped")
+
+
+def test_an_undecodable_clip_is_named_with_the_decoders_reason(tmp_path, capsys):
+    import soundfile as sf
+
+    (tmp_path / "speech").mkdir()
+    sf.write(tmp_path / "speech" / "good.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 8000), 16000)
+    (tmp_path / "speech" / "bad.wav").write_text("not audio")
+    capsys.readouterr()
+    assert cli.main(["shards", "write", "audio-folder", str(tmp_path / "speech"), str(tmp_path / "out")]) == 0
+    skipped = [line for line in lines(capsys.readouterr().out) if "skipped:" in line]
+    assert skipped == ["  skipped: bad.wav: cannot decode audio (LibsndfileError: Error opening: Format not recognised.)"]
