@@ -20,7 +20,7 @@ $(STAMP):
 
 $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,cpu]'
-	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) --no-deps lightly  # the `reference` extra, torch left alone
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) --no-deps lightly lightning-utilities  # the `reference` extra, torch left alone
 	@touch $@
 
 venv: $(STAMP)

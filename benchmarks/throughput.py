@@ -119,6 +119,15 @@ def first_images(location: str, n: int, channels: int, size: int) -> torch.Tenso
     return torch.stack([decode_image(s, channels, size)[0] for s in samples])
 
 
+def view_pipelines(recipes: list[ViewRecipe], size: int, mean, std) -> list[T.Compose]:
+    """torchvision's per-image PIL transforms of each view recipe (crop, flip, blur): PIL -> float (C, size, size)."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return [T.Compose([T.RandomResizedCrop(size, scale=r.crop_scale, ratio=r.crop_ratio),
+                       T.RandomHorizontalFlip(r.flip_p),
+                       T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=r.blur_p),
+                       T.ToTensor(), T.Normalize(mean, std)]) for r in recipes]
+
+
 class TorchvisionViews(Dataset):
     """The baseline's data: per-image PIL transforms, one pipeline per view recipe.
 
@@ -128,12 +137,7 @@ class TorchvisionViews(Dataset):
     def __init__(self, images: torch.Tensor, recipes: list[ViewRecipe], size: int, mean, std):
         self.images = images.permute(0, 2, 3, 1).squeeze(-1).numpy() if images.shape[1] == 1 else \
             images.permute(0, 2, 3, 1).numpy()
-        kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-        self.pipelines = [T.Compose([
-            T.RandomResizedCrop(size, scale=r.crop_scale, ratio=r.crop_ratio),
-            T.RandomHorizontalFlip(r.flip_p),
-            T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=r.blur_p),
-            T.ToTensor(), T.Normalize(mean, std)]) for r in recipes]
+        self.pipelines = view_pipelines(recipes, size, mean, std)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from selfsup.config import ExperimentConfig
 from selfsup.core.device import autocast_dtype, describe_machine, memory_format, pick_device
@@ -184,12 +185,15 @@ class Trainer:
         objective's outputs (``"loss"``, detached metrics, maybe ``"embedding"``), unread.
 
         A NaN/inf loss on any rank skips the step on every rank, decided on the device through the
-        optimiser's ``found_inf``: nothing here waits for the GPU.
+        optimiser's ``found_inf``: nothing here waits for the GPU. Its phases are profiler regions ("views",
+        "forward" with "loss" inside it, "backward", "optimiser", "on_after_step"), which cost nothing
+        unless a profiler runs (``benchmarks/vs_lightly.py`` prints them).
         """
         self.current_lr = set_lr(self.optimizer, self.steps_done, self.total_steps, self.warmup_steps,
                                  self.cfg.optim.decay, self.cfg.optim.weight_decay_end)
-        inputs = self.to_input(batch)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with record_function("views"):
+            inputs = self.to_input(batch)
+        with record_function("forward"), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             out = self.model(inputs, Progress(self.steps_done, self.total_steps, self.steps_per_epoch))
         loss = out["loss"]
         bad = ~torch.isfinite(loss.detach())
@@ -197,16 +201,19 @@ class Trainer:
             bad = bad.to(torch.int32)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             bad = bad.bool()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.cfg.optim.grad_clip:
-            nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
-        self.objective.on_gradients(Progress(self.steps_done, self.total_steps, self.steps_per_epoch))
-        self.optimizer.found_inf = bad.float()  # the optimiser skips a bad step on the device: no host sync
-        self.optimizer.step()
+        with record_function("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function("optimiser"):
+            if self.cfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
+            self.objective.on_gradients(Progress(self.steps_done, self.total_steps, self.steps_per_epoch))
+            self.optimizer.found_inf = bad.float()  # the optimiser skips a bad step on the device: no host sync
+            self.optimizer.step()
         self.bad.add(bad)
         self.steps_done += 1
-        self.objective.on_after_step(Progress(self.steps_done, self.total_steps, self.steps_per_epoch), ~bad)
+        with record_function("on_after_step"):
+            self.objective.on_after_step(Progress(self.steps_done, self.total_steps, self.steps_per_epoch), ~bad)
         return out
 
     def fit(self) -> dict:
