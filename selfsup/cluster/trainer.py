@@ -275,8 +275,10 @@ def pretrain_here(cfg: ExperimentConfig, under_ray: bool = False, staging: Path 
     reporter = run_reporters(cfg, under_ray, fence)  # a remote run's metrics are pulled first
     resume_from = agreed_resume_point(cfg, fence)
     if rank() == 0:
-        position = read_progress(resume_from).get("samples_seen", 0) if resume_from is not None else 0
-        truncate_records(cfg.run_dir / "metrics.jsonl", position, fence)
+        progress = read_progress(resume_from) if resume_from is not None else {"samples_seen": 0}
+        if "samples_seen" not in progress:  # never truncate the records to a checkpoint that is gone
+            raise CheckpointError(f"{resume_from} was removed while being read; run the same command again")
+        truncate_records(cfg.run_dir / "metrics.jsonl", progress["samples_seen"], fence)
     trainer = Trainer(cfg, reporter, resume_from, staging, fence)
     reporter.start()  # W&B starts only now, once the Trainer has checked the config, data and checkpoint
     return trainer.fit()

@@ -107,3 +107,20 @@ def test_missing_and_foreign_paths_get_one_line_errors(tmp_path):
         resolve_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="not a complete selfsup checkpoint"):
         resolve_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_pruned_between_listing_and_reading_is_passed_over(tmp_path, monkeypatch):
+    first = save_checkpoint(tmp_path, {"w": torch.zeros(2)}, {}, CFG, {}, progress_at(1), keep=3)
+    second = save_checkpoint(tmp_path, {"w": torch.ones(2)}, {}, CFG, {}, progress_at(2), keep=3)
+    verify = ck.verify_checkpoint
+
+    def pruned_meanwhile(path, names=None):  # another driver's prune lands between the listing and the read
+        if path == second:
+            shutil.rmtree(second)
+        return verify(path, names)
+
+    monkeypatch.setattr(ck, "verify_checkpoint", pruned_meanwhile)
+    assert ck.resume_point(tmp_path) == first
+    monkeypatch.setattr(ck, "verify_checkpoint", verify)
+    with pytest.raises(CheckpointError, match="does not exist"):  # the one-line error, not a KeyError
+        load_checkpoint(second, with_state=True)
