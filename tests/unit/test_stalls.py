@@ -24,6 +24,10 @@ EXEMPT = [
 ]
 PRESETS = {"simclr": "simclr", "moco_v2": "moco-v2", "moco_v3": "byol", "byol": "byol", "simsiam": "moco-v2",
            "vicreg": "byol", "barlow_twins": "byol"}  # as their papers augment
+# DINO's multi-crop at 28 px: its two global views, then two local views of 12 px (DINO's 96/224)
+VIEWS = {"dino": "augment.views=[{jitter_p: 0.8, grayscale_p: 0.2, blur_p: 1.0}, {jitter_p: 0.8, grayscale_p: 0.2, "
+                 "blur_p: 0.1, solarize_p: 0.2}, {size: 12, copies: 2, crop_scale: [0.05, 0.4], jitter_p: 0.8, "
+                 "blur_p: 0.5}]"}
 
 
 def count_stalls(cfg, bad_calls: set[int]) -> tuple[list[list], list[list], list[int]]:
@@ -72,7 +76,7 @@ def test_no_host_stall_in_a_quiet_step(tmp_path, name):
         bad = {2}
     else:  # RGB images and the method's own preset, so the colour jitter (hue included) runs
         cfg = tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8", "data.channels=3",
-                          f"augment.preset={PRESETS[name]}",
+                          VIEWS[name] if name in VIEWS else f"augment.preset={PRESETS[name]}",
                           "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]",
                           "train.log_every_steps=4", "optim.max_bad_steps=5")
         bad = {1, 2, 6}
