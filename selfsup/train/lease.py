@@ -1,8 +1,9 @@
 """One driver per run: a lease file in the run folder (local or in the bucket), and the fence that
 every write into the run passes.
 
-``<run>/lease.json`` holds the driver's host, pid, start time, a random token and ``beat``, a counter
-that a background thread raises every ``heartbeat_every`` seconds. A second driver with the same run
+``<run>/lease.json`` holds the driver's host, pid (and its boot and start tick, which a reused pid does
+not share), start time, a random token and ``beat``, a counter that a background thread raises every
+``heartbeat_every`` seconds. A second driver with the same run
 name is refused at once, naming the holder. A holder is gone when its pid is dead on this host (taken
 over at once), or, on another host, when its counter stands still for ``stale_after`` seconds of this
 host's monotonic clock: no two hosts' clocks are ever compared, and a holder whose process is alive on
@@ -47,14 +48,28 @@ def wall_clock() -> float:
     return time.time()
 
 
-def _pid_alive(pid: int) -> bool:
+def _process(pid: int) -> str | None:
+    """This host's boot and the start of process ``pid`` (in clock ticks since boot): the same pid after
+    a reboot or reused by another process differs. None where /proc cannot tell (not Linux, gone)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, starttime (the name may hold ')')
+
+
+def _holder_alive(held: dict) -> bool:
+    """Whether the process of a lease taken on this host still runs (the very process, not its pid's reuse)."""
+    pid = int(held["pid"])
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # alive, owned by another user
-        return True
-    return True
+        pass
+    now = _process(pid)
+    return held.get("process") is None or now is None or now == held["process"]
 
 
 def _read(url: str) -> dict | None:
@@ -156,8 +171,8 @@ class RunLease:
         self.location = str(location).rstrip("/")
         self.url = f"{self.location}/{LEASE}"
         self.stale_after, self.heartbeat_every = stale_after, heartbeat_every
-        self.record = {"host": host or socket.gethostname(), "pid": os.getpid(), "started": wall_clock(),
-                       "token": uuid.uuid4().hex}
+        self.record = {"host": host or socket.gethostname(), "pid": os.getpid(), "process": _process(os.getpid()),
+                       "started": wall_clock(), "token": uuid.uuid4().hex}
         self.beat = 0
         self.fence = Fence(self.location, self.record["token"])
         self._stop = threading.Event()
@@ -189,10 +204,10 @@ class RunLease:
         return True
 
     def _gone(self, held: dict) -> bool:
-        """Whether the holder of ``held`` is gone: its pid is dead on this host, or (another host, or an
-        unreadable lease) the lease does not change for ``stale_after`` seconds of this host's clock."""
+        """Whether the holder of ``held`` is gone: its process is dead on this host, or (another host, or
+        an unreadable lease) the lease does not change for ``stale_after`` seconds of this host's clock."""
         if held.get("host") == self.record["host"] and "pid" in held:
-            return not _pid_alive(int(held["pid"]))
+            return not _holder_alive(held)
         log.info("the lease of %s is held by pid %s on %s; watching its heartbeat for up to %.0f s",
                  self.location, held.get("pid"), held.get("host"), self.stale_after)
         deadline = time.monotonic() + self.stale_after

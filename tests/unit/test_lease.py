@@ -36,6 +36,14 @@ def test_the_lease_of_a_dead_process_is_taken_over(tmp_path, caplog):
     assert "taking over the stale lease" in caplog.text
 
 
+def test_a_reused_pid_on_this_host_does_not_keep_a_dead_drivers_lease(tmp_path):
+    here = RunLease(tmp_path).record
+    (tmp_path / LEASE).write_text(json.dumps({"host": here["host"], "pid": here["pid"], "process": "another-boot:1",
+                                              "started": 0, "beat": 3, "token": "old"}))
+    with RunLease(tmp_path, stale_after=3600) as lease:  # this pid runs, but not the process that took the lease
+        assert json.loads((tmp_path / LEASE).read_text())["token"] == lease.record["token"]
+
+
 def _beating(path, stop: threading.Event, skew: float) -> None:
     """Another host's driver: raises its beat counter every 20 ms, stamping a clock ``skew`` s off."""
     beat = 0
