@@ -97,7 +97,7 @@ class RayReporter:
                 if world_size() == 1:
                     raise
                 ray.train.report(record)  # refused; the other ranks wait for this report, and every rank
-                ray.train.report(record)  # stops at the next checkpoint's lease check (Trainer._checkpoint)
+                ray.train.report(record)  # stops at the next lease check (Trainer._check_lease)
                 return
             if self.cfg.run_url:
                 from selfsup.core.storage import delete_checkpoint, remote_checkpoints

@@ -67,7 +67,8 @@ class FileReporter:
     """Sink: appends records as JSON lines to ``<run>/metrics.jsonl`` and writes ``<run>/summary.json``
     (rank 0 only), each write under ``fence`` (the run lease's, or None without one). A record is
     appended whole or not at all: a write cut short (a full disk) is undone and stops the run in one line.
-    A record refused for a lost lease stops a one-rank run; with several ranks, their next checkpoint does."""
+    A record refused for a lost lease stops a one-rank run; with several ranks, their next lease check
+    does."""
 
     def __init__(self, run_dir: Path, fence=None):
         self.path, self.fence = Path(run_dir) / "metrics.jsonl", fence
@@ -81,7 +82,7 @@ class FileReporter:
             except LeaseLost:
                 if world_size() == 1:
                     raise
-                # refused; the ranks stop together at the next checkpoint (rank 0 alone would hang the rest)
+                # refused; the ranks stop together at their next lease check (rank 0 alone would hang them)
 
     def finish(self, summary: dict) -> None:
         if rank() == 0:

@@ -252,10 +252,8 @@ class Trainer:
 
     def _after_step(self, out: dict, epoch: int, in_epoch: int) -> None:
         """The lease, the thread count, the time budget, the logging step and the checkpoint interval,
-        after step ``in_epoch`` of ``epoch``. With several ranks the lease is checked at checkpoints,
-        where they agree anyway (one rank stopping alone would leave the others waiting)."""
-        if self.fence is not None and world_size() == 1:
-            self.fence.check()
+        after step ``in_epoch`` of ``epoch``."""
+        self._check_lease()
         if self.threads is not None:
             self.threads.update(time.perf_counter())
         trial = self.threads is not None and self.threads.trial_step
@@ -269,6 +267,27 @@ class Trainer:
             self._log(out, epoch + in_epoch / self.steps_per_epoch)
         if self.steps_done % self.cfg.train.checkpoint_every_steps == 0 and in_epoch < epoch_steps:
             self._checkpoint(epoch, in_epoch)
+
+    def _check_lease(self) -> None:
+        """Raise LeaseLost once the run's lease is another driver's. One rank checks every step (a
+        stat). Several agree every ``train.log_every_steps`` steps, where logging reads the device
+        anyway, so that they stop together: one rank stopping alone would leave the others waiting."""
+        if self.fence is None:
+            return
+        if world_size() == 1:
+            self.fence.check()
+            return
+        if self.steps_done % self.cfg.train.log_every_steps:
+            return
+        try:
+            self.fence.check()
+            lost = torch.zeros((), dtype=torch.int32, device=self.device)
+        except LeaseLost:
+            lost = torch.ones((), dtype=torch.int32, device=self.device)
+        dist.all_reduce(lost, op=dist.ReduceOp.MAX)
+        if int(lost):
+            raise LeaseLost(self.fence.lost or f"the lease of {self.fence.location} was taken over; this "
+                            "driver stopped and wrote nothing more (the run goes on under its new driver)")
 
     def _log(self, out: dict, epoch: float) -> None:
         """Report this step's record: the objective's metrics, the collapse statistics of its embedding
