@@ -66,7 +66,9 @@ class MoCoV2(Method):
         if not self.cfg.shuffle_bn:
             return gather_no_grad(self.keys(x))
         images = gather_no_grad(x)
-        order = broadcast_from_first(torch.randperm(len(images), device=x.device))
+        # a random permutation as the order of uniform draws: inductor (torch 2.11) fails to compile
+        # indexing with torch.randperm's output ("Not all inputs to pattern found in match.kwargs")
+        order = broadcast_from_first(torch.rand(len(images), device=x.device).argsort())
         if world_size() > 1:
             shuffled = gather_no_grad(self.keys(images[local_share(order)]))
         else:

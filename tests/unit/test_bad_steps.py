@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from selfsup.audio.decode import encode_flac
 from selfsup.config import parse_config
@@ -96,6 +97,14 @@ HEADS = {  # small heads for a width-8 ResNet-18 (feature dimension 64)
 }
 
 
+def small_backbone(name, width, channels, *args, **kwargs) -> tuple[nn.Module, int]:
+    """conv-BN-ReLU x 2, pooled: (B, C, H, W) -> (B, 16), with BatchNorm statistics to keep; a stand-in
+    for ``build_backbone`` where what is tested is the same for every backbone."""
+    return nn.Sequential(nn.Conv2d(channels, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16
+
+
 def audio_config(tmp_path):
     rng = np.random.default_rng(0)
     clips = ({"__key__": f"c{i}", "flac": encode_flac((0.1 * rng.standard_normal(8000)).astype(np.float32)),
@@ -160,6 +169,21 @@ def assert_same_tensors(a: dict, b: dict, what: str, skip: set[str] = frozenset(
 def test_a_non_finite_batch_changes_nothing(tmp_path, name):
     cfg = audio_config(tmp_path) if name == "wav2vec2" else \
         tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8")
+    assert_a_non_finite_batch_changes_nothing(cfg, name)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_bf16_autocast_accepts_and_rejects_steps_as_fp32_does(tmp_path, monkeypatch, name):
+    """train.precision=bf16 on the CPU: the same autocast path a GPU takes, through each method's heads
+    and losses (a small backbone: a CPU without native bf16 emulates it, slowly)."""
+    monkeypatch.setattr("selfsup.tasks.vision.build_backbone", small_backbone)
+    cfg = tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8", "train.precision=bf16")
+    trainer = assert_a_non_finite_batch_changes_nothing(cfg, name)
+    assert trainer.amp is torch.bfloat16
+
+
+def assert_a_non_finite_batch_changes_nothing(cfg, name: str) -> Trainer:
+    """A clean step, a non-finite one, a clean one against the same without the bad step."""
     first, bad, second = batches(name)
     skipped, loss, states = run_steps(cfg, [first, bad, second])
     never, expected, _ = run_steps(cfg, [first, None, second])
@@ -169,6 +193,7 @@ def test_a_non_finite_batch_changes_nothing(tmp_path, name):
     assert torch.isfinite(loss) and torch.equal(loss, expected)
     assert_same_tensors(skipped.objective.state_dict(), never.objective.state_dict(), "state")
     assert_same_tensors(skipped.optimizer.state_dict()["state"], never.optimizer.state_dict()["state"], "optimiser")
+    return skipped
 
 
 @pytest.mark.parametrize("name,optimiser", [("moco_v2", "sgd"), ("simsiam", "sgd"), ("byol", "lars"),
