@@ -96,7 +96,7 @@ def test_a_pickle_payload_is_refused(tmp_path):
     (path / "model.pt").write_bytes(pickle.dumps({"w": Evil()}))
     progress = ck.read_progress(path)
     progress["files"]["model.pt"] = (path / "model.pt").stat().st_size  # a complete, but hostile, checkpoint
-    progress["sha256"]["model.pt"] = ck.file_digest(path / "model.pt")
+    progress[ck.DIGEST]["model.pt"] = ck.file_digest(path / "model.pt")
     (path / "progress.json").write_text(json.dumps(progress))
     with pytest.raises(CheckpointError, match="cannot load safely"):
         load_checkpoint(path)

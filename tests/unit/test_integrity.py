@@ -51,7 +51,7 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
         size = damaged.stat().st_size
         _flip(damaged, rng)
         assert damaged.stat().st_size == size and list_checkpoints(cfg.run_dir)[-1].name == latest  # looks complete
-        with pytest.raises(CheckpointCorrupt, match=f"{damaged} does not match the sha256"):
+        with pytest.raises(CheckpointCorrupt, match=f"{damaged} does not match its digest"):
             load_checkpoint(damaged.parent, with_state=True)
         capsys.readouterr()
         code = cli.main(["eval", str(damaged.parent), "--train", str(cfg.data.train), "--test",
@@ -59,10 +59,10 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
         err = capsys.readouterr().err
         if damaged.name == "model.pt":  # eval reads model.pt: refused in one line naming it and the one before
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-            assert f"{damaged} does not match the sha256" in err and previous in err
+            assert f"{damaged} does not match its digest" in err and previous in err
         found = resume_point(cfg.run_dir)
         warned = capsys.readouterr().err.splitlines()
-        assert len(warned) == 1 and f"{damaged} does not match the sha256" in warned[0], warned
+        assert len(warned) == 1 and f"{damaged} does not match its digest" in warned[0], warned
         assert "resuming from the checkpoint before it" in warned[0]
         silent += found is None or found.name != previous
         assert (cfg.run_dir / "corrupt" / latest / damaged.name).read_bytes() != (good / "checkpoints" / latest /
