@@ -635,14 +635,13 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 def setup_logging(verbose: bool) -> None:
-    """selfsup's INFO lines as plain text (``verbose``: DEBUG, with each line's level and logger);
-    FAISS's loader probing only when ``verbose``."""
+    """selfsup's INFO lines as plain text, other libraries' warnings (``verbose``: selfsup's DEBUG and the
+    others' INFO lines too, FAISS's loader probing and torch's exit statistics among them, each line with
+    its level and logger)."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s") if verbose else _ConsoleFormatter())
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("selfsup").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:

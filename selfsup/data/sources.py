@@ -284,7 +284,7 @@ def image_samples(files: list[tuple[int, str, int]], max_side: int | None = None
         return
     import multiprocessing
 
-    with multiprocessing.Pool(processes) as pool:
+    with multiprocessing.Pool(processes, initializer=_ignore_ctrl_c) as pool:
         yield from pool.imap(_image_sample, jobs, chunksize=16)
 
 
@@ -337,10 +337,20 @@ def audio_label_splits(labels_csv: str | Path | None) -> list[str]:
     return sorted({r["split"] for r in rows if r.get("split")})
 
 
+def _ignore_ctrl_c() -> None:
+    """Pool initialiser: Ctrl-C (SIGINT, sent to the whole foreground group) stops the parent, which
+    ends the pool; a worker would print a KeyboardInterrupt traceback each."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _one_thread() -> None:
-    """Pool initialiser: one torch thread per decoding process (the processes are the parallelism)."""
+    """Pool initialiser: one torch thread per decoding process (the processes are the parallelism); Ctrl-C
+    left to the parent (:func:`_ignore_ctrl_c`)."""
     import torch
 
+    _ignore_ctrl_c()
     torch.set_num_threads(1)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.clusterkit import ray_head, tiny_config, write_config
+from tests.integration.test_ctrl_c import default_sigint
 from tests.conftest import write_tiny_shards
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,7 @@ SELFSUP_LINE = re.compile(r"^(starting a Ray of its own on this machine|Ray dash
 
 def selfsup(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "selfsup.cli", *args], cwd=cwd, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, preexec_fn=default_sigint)
 
 
 def console_lines(text: str) -> list[str]:
