@@ -1,18 +1,18 @@
 """One driver per run: a lease file in the run folder (local or in the bucket), and the fence that
 every write into the run passes.
 
-``<run>/lease.json`` holds the driver's host, pid (and its boot and start tick, which a reused pid does
-not share), start time, a random token and ``beat``, a counter that a background thread raises every
-``heartbeat_every`` seconds. A second driver with the same run
-name is refused at once, naming the holder. A holder is gone when its pid is dead on this host (taken
-over at once), or, on another host, when its counter stands still for ``stale_after`` seconds of this
-host's monotonic clock: no two hosts' clocks are ever compared, and a holder whose process is alive on
-this host is never taken over.
+``<run>/lease.json`` holds the driver's host, pid (with its boot and start tick, which a reused pid
+does not share), start time, a random token and ``beat``, a counter that a background thread raises
+every ``heartbeat_every`` seconds. A second driver with the same run name is refused at once, naming
+the holder. A holder is gone when its process is gone from this host (taken over at once), or, on
+another host, when its counter stands still for ``stale_after`` seconds of this host's monotonic
+clock: no two hosts' clocks are ever compared, and a holder whose process is alive on this host is
+never taken over.
 
-A driver whose lease was taken keeps nothing: :class:`Fence` ``hold()`` wraps every checkpoint rename,
-prune and metrics append in the lease's lock and refuses it (:class:`LeaseLost`) unless the lease
-still holds the writer's token; ``check()``, at every step, stops the loop with that one line. On a
-bucket there is no lock: the token is read before each write (a write may still land within the
+A driver whose lease was taken writes nothing more: :class:`Fence` ``hold()`` wraps every checkpoint
+rename, prune and metrics append in the lease's lock and refuses it (:class:`LeaseLost`) unless the
+lease still holds the writer's token; ``check()``, at every step, stops the loop with that one line.
+On a bucket there is no lock: the token is read before each write (a write may still land within the
 read's round trip).
 """
 
