@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | sha1sum 
 DEV_STAMP := $(STAMP)-dev
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo demo-audio test venv dataset espeak constraints clean
+.PHONY: demo demo-audio test venv dataset espeak constraints clean device-carry
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,23 @@ demo-audio: $(STAMP) espeak
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q
+
+# What a GPU check (benchmarks/device_check.py) carries to the device image, which has Python 3.12, torch,
+# torchvision, torchaudio, timm and pytest only: the wheels of the other packages the training loop imports
+# (no Ray, W&B or FAISS), at constraints.txt's versions, and Fashion-MNIST's idx files; 64 MiB at most.
+DEVICE := .device
+DEVICE_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions webdataset braceexpand \
+  PyYAML tqdm soundfile cffi pycparser
+FMNIST_URL := http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/
+device-carry:
+	rm -rf $(DEVICE) && mkdir -p $(DEVICE)/wheels $(DEVICE)/fashion-mnist
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --abi cp312 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d $(DEVICE)/wheels $$(for p in $(DEVICE_WHEELS); do grep -i "^$$p==" $(CONSTRAINTS) || exit 1; done)
+	if [ -d $(FMNIST) ]; then cp $(FMNIST)/*ubyte* $(DEVICE)/fashion-mnist/; else \
+	  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do \
+	    curl -fsSL -o $(DEVICE)/fashion-mnist/$$f.gz $(FMNIST_URL)$$f.gz || exit 1; done; fi
+	@size=$$(du -sm $(DEVICE) | cut -f1); echo "$(DEVICE): $$size MiB"; test $$size -le 64
 
 clean:
 	rm -rf $(VENV) runs data/fashion-mnist
