@@ -11,23 +11,26 @@ from tqdm import tqdm
 PLAIN_LINES = 10  # off a terminal, a line per tenth of the total ...
 PLAIN_SECONDS = 30.0  # ... or, when the total is unknown, at most one this often
 PLAIN_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+UNSIZED_FORMAT = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}]"
 
 
 class progress(tqdm):  # noqa: N801 - used as tqdm is, in its place
-    """tqdm, which off a terminal prints a whole line at 0%, each further tenth and the end, instead of redrawing."""
+    """tqdm, which off a terminal prints a whole line at 0%, each further tenth and the end, instead of
+    redrawing."""
 
     def __init__(self, *args, **kwargs):
         stream = kwargs.get("file") or sys.stderr
         self.plain = not (hasattr(stream, "isatty") and stream.isatty())
         if self.plain:
-            kwargs.setdefault("bar_format", PLAIN_FORMAT if kwargs.get("total") is not None or
-                              (args and hasattr(args[0], "__len__")) else "{desc}: {n_fmt} [{elapsed}, {rate_fmt}]")
+            sized = kwargs.get("total") is not None or (args and hasattr(args[0], "__len__"))
+            kwargs.setdefault("bar_format", PLAIN_FORMAT if sized else UNSIZED_FORMAT)
             kwargs["dynamic_ncols"], kwargs["leave"] = False, False
         self.shown, self.shown_at = -1, 0.0
         super().__init__(*args, **kwargs)
 
     def _due(self) -> bool:
-        """Whether a plain line is due now: a new tenth of a known total, else ``PLAIN_SECONDS`` since the last."""
+        """Whether a plain line is due now: a new tenth of a known total, else ``PLAIN_SECONDS`` since
+        the last."""
         if self.total:
             tenth = int(PLAIN_LINES * min(self.n, self.total) / self.total)
             if tenth > self.shown:
@@ -48,6 +51,7 @@ class progress(tqdm):  # noqa: N801 - used as tqdm is, in its place
         return False  # so that close() writes no carriage return
 
     def close(self):
-        if self.plain and not self.disable and self.total and self.shown < PLAIN_LINES and self.n >= self.total:
+        finished = bool(self.total) and self.n >= self.total
+        if self.plain and not self.disable and finished and self.shown < PLAIN_LINES:
             self.display()
         super().close()

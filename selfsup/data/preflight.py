@@ -39,14 +39,15 @@ def max_side_problem(manifest: dict, image_size: int, location: str) -> str | No
     """Why shards written with ``--max-side`` below ``image_size`` cannot train it, or None."""
     side = manifest.get("max_side")
     if side and side < image_size:
-        return (f"data.image_size {image_size} is larger than the {side} px long side the shards at {location} "
-                f"were written with (`shards write --max-side {side}`); re-write them with --max-side "
-                f"{image_size} or more, or set data.image_size={side}")
+        return (f"data.image_size {image_size} is larger than the {side} px long side the shards at "
+                f"{location} were written with (`shards write --max-side {side}`); re-write them with "
+                f"--max-side {image_size} or more, or set data.image_size={side}")
     return None
 
 
 def first_image_mode(urls: list[str], manifest: dict) -> str | None:
-    """The PIL mode (``L``, ``RGB`` …) of the folder's first image, from its header; None when unreadable."""
+    """The PIL mode (``L``, ``RGB`` …) of the folder's first image, from its header; None when
+    unreadable."""
     from PIL import Image
 
     from selfsup.data.decode import image_payload
@@ -71,13 +72,14 @@ def conversion_notes(key: str, location: str, listed: tuple[dict, list[str]], ch
     if mode is not None:
         grey = mode in GREY_MODES
         if grey and channels != 1:
-            notes.append(f"{key}={location} holds grey images ({mode}); each is repeated to data.channels={channels}")
+            notes.append(f"{key}={location} holds grey images ({mode}); each is repeated to "
+                         f"data.channels={channels}")
         elif not grey and channels == 1:
             notes.append(f"{key}={location} holds {mode} images; each is converted to grey (data.channels=1)")
     sizes = image_sizes(manifest) or set()
     if image_size is not None and len(sizes) == 1 and (size := next(iter(sizes))) != (image_size, image_size):
-        notes.append(f"{key}={location} holds {size[0]}x{size[1]} px images; views are cropped and resized to "
-                     f"data.image_size={image_size}")
+        notes.append(f"{key}={location} holds {size[0]}x{size[1]} px images; views are cropped and resized "
+                     f"to data.image_size={image_size}")
     return notes
 
 
@@ -91,14 +93,15 @@ def check_data(cfg: ExperimentConfig, ranks: int) -> list[str]:
     if count == 0:
         skipped = manifest.get("skipped", [])
         first = f"; the first of its {len(skipped)} skipped files: {skipped[0]}" if skipped else ""
-        raise DataProblem(f"data.train={d.train} holds no samples{first}; re-write the shards from readable files")
+        raise DataProblem(f"data.train={d.train} holds no samples{first}; re-write the shards from readable "
+                          "files")
     batch = d.batch_size * ranks
     if d.max_tokens is None and count < batch:
         per = f" per rank x {ranks} ranks (scaling.num_workers)" if ranks > 1 else ""
         fits = count // ranks
         change = f"set data.batch_size={fits} or less" if fits else f"set scaling.num_workers={count} or less"
-        raise DataProblem(f"data.train={d.train} holds {count} samples, fewer than one batch of {d.batch_size}{per}: "
-                          f"{change}, or add samples")
+        raise DataProblem(f"data.train={d.train} holds {count} samples, fewer than one batch of "
+                          f"{d.batch_size}{per}: {change}, or add samples")
     notes = []
     if d.kind == "image":
         if problem := max_side_problem(manifest, d.image_size, d.train):

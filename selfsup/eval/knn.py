@@ -203,7 +203,8 @@ def check_split_pair(train_x, train_y, test_x, test_y, names: tuple[str, str] = 
 
 @functools.lru_cache(maxsize=None)
 def _note_once(line: str) -> None:
-    """Say ``line`` as a note the first time only: every encoder of an evaluation is scored on the same bank."""
+    """Say ``line`` as a note the first time only: every encoder of an evaluation is scored on the same
+    bank."""
     notes.info(line)
 
 

@@ -114,7 +114,8 @@ def eval_splits(checkpoint: str | Path, train: str | None, test: str | None) -> 
     cfg = load_config(resolve_checkpoint(checkpoint) / "config.yaml")
     train, test = train or cfg.data.train, test or cfg.data.test
     if test is None:
-        raise ConfigError(f"the run {cfg.name} was trained without data.test: pass --test DIR (labelled shards)")
+        raise ConfigError(f"the run {cfg.name} was trained without data.test: pass --test DIR "
+                          "(labelled shards)")
     return train, test
 
 

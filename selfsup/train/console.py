@@ -102,7 +102,7 @@ def follow_records(path: Path, console: ProgressConsole) -> Iterator[None]:
     to the furthest shown, only move the bar (:meth:`ProgressConsole.skip`): a resumed run's console
     goes on from where it resumed, printing none of an earlier attempt's lines again."""
     before = max((json.loads(line).get("samples", 0) for line in _lines(path)), default=0)
-    shown = {False: before, True: before}  # the furthest samples shown, of progress and of online-check records
+    shown = {False: before, True: before}  # the furthest samples shown: of progress, of online checks
     stop = threading.Event()
 
     def follow() -> None:
@@ -160,7 +160,8 @@ def worker_log_handler(path: Path) -> logging.Handler:
 def follow_worker_log(path: Path) -> Iterator[None]:
     """While the body runs, log here each record another process appends to ``path``
     (:func:`worker_log_handler`), under its own logger and level: a worker's selfsup lines reach the
-    driver's console as selfsup's, and nothing else of the worker does. Earlier attempts' records are not repeated."""
+    driver's console as selfsup's, and nothing else of the worker does. Earlier attempts' records are
+    not repeated."""
     stop = threading.Event()
     start = Path(path).stat().st_size if Path(path).exists() else 0
 
