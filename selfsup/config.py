@@ -14,10 +14,22 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, le=1)]  # of an image's area, a probability's range
+Unit = Annotated[float, Field(ge=0, lt=1)]  # Adam's betas, a momentum
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"({pair[0]}, {pair[1]}) is not a range: give (low, high) with low <= high")
+    return pair
 
 
 class ViewRecipe(BaseModel):
@@ -32,8 +44,8 @@ class ViewRecipe(BaseModel):
 
     size: int | None = Field(None, gt=0, le=4096)
     copies: int = Field(1, ge=1, le=64)
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    crop_scale: tuple[Fraction, Fraction] = (0.2, 1.0)
+    crop_ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
     flip_p: float = Field(0.5, ge=0, le=1)
     jitter_p: float = Field(0.0, ge=0, le=1)
     brightness: float = Field(0.4, ge=0)
@@ -42,8 +54,10 @@ class ViewRecipe(BaseModel):
     hue: float = Field(0.1, ge=0, le=0.5)
     grayscale_p: float = Field(0.0, ge=0, le=1)
     blur_p: float = Field(0.0, ge=0, le=1)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_sigma: tuple[PositiveFloat, PositiveFloat] = (0.1, 2.0)
     solarize_p: float = Field(0.0, ge=0, le=1)
+
+    _ranges = field_validator("crop_scale", "crop_ratio", "blur_sigma")(_ordered)
 
 
 _SIMCLR = dict(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.2, blur_p=0.5)
@@ -102,10 +116,10 @@ class SimCLRConfig(ImageMethodConfig):
 
     local_views: ClassVar[bool] = True  # multi-crop: every view of a sample a positive of the others
     name: Literal["simclr"] = "simclr"
-    temperature: float = 0.2
-    proj_hidden_dim: int = 2048
-    proj_dim: int = 128
-    proj_layers: int = 2
+    temperature: float = Field(0.2, gt=0, le=10)
+    proj_hidden_dim: int = Field(2048, gt=0, le=65536)
+    proj_dim: int = Field(128, gt=0, le=65536)
+    proj_layers: int = Field(2, ge=1, le=8)
     sync_bn: bool = True  # the paper's "Global BN": BatchNorm over the batch of every rank
 
 
@@ -252,15 +266,17 @@ class DINOConfig(ImageMethodConfig):
     sync_bn: bool = True  # the official code converts a backbone's (and head's) BatchNorm to SyncBatchNorm
 
 
-class Wav2Vec2Config(BaseModel):
+class Wav2Vec2Config(Strict):
     """Model and objective hyper-parameters; defaults are the paper's BASE (95M parameters)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
-    # Feature encoder (raw 16 kHz waveform -> 50 Hz frames)
+    # Feature encoder (raw 16 kHz waveform -> 50 Hz frames): channels of each conv layer, their kernel widths
+    # and strides (these: 320x downsampling, 49 frames per second); group_norm: one per-channel norm after
+    # conv 1 (BASE), layer_norm: after every conv (LARGE)
     conv_channels: int = Field(512, gt=0)
-    conv_kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_kernels: tuple[PositiveInt, ...] = Field((10, 3, 3, 3, 3, 2, 2), min_length=1)
+    conv_strides: tuple[PositiveInt, ...] = Field((5, 2, 2, 2, 2, 2, 2), min_length=1)
     conv_norm: Literal["group_norm", "layer_norm"] = "group_norm"
     conv_bias: bool = False
     feature_grad_mult: float = Field(0.1, ge=0.0)  # gradient scale into the conv stack
@@ -279,11 +295,13 @@ class Wav2Vec2Config(BaseModel):
     dropout_input: float = Field(0.1, ge=0.0, lt=1.0)  # on the projected features
     dropout_features: float = Field(0.1, ge=0.0, lt=1.0)  # on the quantiser input
     layer_drop: float = Field(0.05, ge=0.0, lt=1.0)
-    # Masking
+    # Span masking: ~49% of frames at p=0.65, spans of 10; the same masked count in every row
     mask_prob: float = Field(0.65, ge=0.0, le=1.0)
     mask_length: int = Field(10, gt=0)
     min_mask_spans: int = Field(2, ge=1)
-    # Quantiser
+    # Gumbel product quantiser: G groups x V entries, codevectors of codevector_dim. Its temperature is
+    # max(end, start * decay^s), s the step rescaled so that it reaches `end` at the same fraction of training
+    # as the paper's run of gumbel_reference_updates updates
     codebook_groups: int = Field(2, gt=0)
     codebook_entries: int = Field(320, gt=1)
     codevector_dim: int = Field(256, gt=0)
@@ -292,7 +310,7 @@ class Wav2Vec2Config(BaseModel):
     gumbel_temperature_end: float = Field(0.5, gt=0.0)
     gumbel_temperature_decay: float = Field(0.999995, gt=0.0, le=1.0)
     gumbel_reference_updates: int = Field(400_000, gt=0)  # the schedule is rescaled to the planned updates
-    # Loss
+    # Loss: K distractors, kappa, diversity alpha, feature L2 penalty weight
     num_negatives: int = Field(100, gt=0)
     logit_temperature: float = Field(0.1, gt=0.0)  # kappa
     diversity_weight: float = Field(0.1, ge=0.0)  # alpha
@@ -346,33 +364,26 @@ class Wav2Vec2Config(BaseModel):
         p=0.5 spans of 5, 64 entries per codebook and 20 distractors."""
         return cls(
             conv_channels=64,
-            feature_grad_mult=1.0,
+            feature_grad_mult=1.0,  # BASE 0.1: the tiny stack learns too slowly with it
             embed_dim=128,
             num_layers=2,
             num_heads=2,
             ffn_dim=256,
             pos_conv_kernel=32,
-            dropout=0.0,
+            dropout=0.0,  # no dropout: the tiny model under-fits in a CPU-minutes budget
             attention_dropout=0.0,
             dropout_input=0.0,
             dropout_features=0.0,
             layer_drop=0.0,
-            mask_prob=0.5,
+            mask_prob=0.5,  # ~37% of frames (BASE: p=0.65, span 10, for 15 s crops)
             mask_length=5,
             codebook_entries=64,
             codevector_dim=64,
             final_dim=64,
             gumbel_reference_updates=400_000,
-            num_negatives=20,
-            feature_penalty_weight=0.1,
+            num_negatives=20,  # BASE 100; a 2 s crop has ~37 masked frames
+            feature_penalty_weight=0.1,  # BASE 10, which shrinks the tiny conv features to ~0
         )
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Wav2Vec2Config:
-        """The model fields of the ``method:`` section of a ``configs/wav2vec2-*.yaml`` experiment."""
-        with open(path) as f:
-            method = Wav2Vec2MethodConfig(**yaml.safe_load(f)["method"])
-        return cls(**method.model_dump(exclude={"name", "preset"}))
 
 
 class Wav2Vec2MethodConfig(Wav2Vec2Config):
@@ -390,18 +401,15 @@ class Wav2Vec2MethodConfig(Wav2Vec2Config):
         return data
 
 
+# Every method's config, the union that `method:` validates against (by its `name`); a new method is one
+# class more here.
+MethodConfig = Annotated[
+    SimCLRConfig | MoCoV2Config | MoCoV3Config | BYOLConfig | SimSiamConfig | VICRegConfig | BarlowTwinsConfig
+    | DINOConfig | Wav2Vec2MethodConfig,
+    Field(discriminator="name"),
+]
 METHOD_CONFIGS: dict[str, type[BaseModel]] = {
-    "simclr": SimCLRConfig,
-    "moco_v2": MoCoV2Config,
-    "moco_v3": MoCoV3Config,
-    "byol": BYOLConfig,
-    "simsiam": SimSiamConfig,
-    "vicreg": VICRegConfig,
-    "barlow_twins": BarlowTwinsConfig,
-    "dino": DINOConfig,
-    "wav2vec2": Wav2Vec2MethodConfig,
-}
-MethodConfig = Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]
+    cls.model_fields["name"].default: cls for cls in get_args(get_args(MethodConfig)[0])}
 
 
 def cache_root() -> Path:
@@ -431,7 +439,7 @@ class DataConfig(Strict):
     image_size: int = Field(28, gt=0)
     channels: int = Field(1, ge=1)
     mean: list[float] = [0.2860]
-    std: list[float] = [0.3530]
+    std: list[PositiveFloat] = [0.3530]
     max_seconds: float = Field(15.625, gt=0, description="audio: random crop length; batches are cut to their shortest clip")
     min_seconds: float = Field(2.0, ge=0, description="audio: shorter clips are skipped (and counted)")
     max_tokens: int | None = Field(None, gt=0, description="audio: samples per rank per batch, filled from clips of "
@@ -484,7 +492,7 @@ class OptimConfig(Strict):
     reference_batch: int = Field(256, gt=0, description="global batch at which `lr` applies")
     momentum: float = Field(0.9, ge=0, lt=1)
     lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient (SimCLR 0.001; solo-learn CIFAR 0.02)")
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Unit, Unit] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)
     weight_decay_end: float | None = Field(None, ge=0, le=10, description="weight decay at the end of the "
@@ -547,7 +555,8 @@ class TrackingConfig(Strict):
 
 
 class EvalConfig(Strict):
-    knn: list[tuple[int, float]] = [(20, 0.07), (200, 0.1)]
+    knn: list[tuple[PositiveInt, PositiveFloat]] = Field([(20, 0.07), (200, 0.1)], description="kNN "
+                                                         "classifiers to score: (k, temperature) each")
     baselines: bool = True
     probe_views: int = Field(4, ge=1, description="linear probe train rows per image: the un-augmented features "
                              "plus probe_views - 1 passes of the paper probe's crops and flips")
@@ -558,7 +567,7 @@ class ExperimentConfig(Strict):
 
     name: str = Field(description="run name: runs/<name>/ is resumed when it exists")
     run_root: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     deterministic: bool = False
     data: DataConfig
     augment: AugmentConfig = AugmentConfig()

@@ -2,9 +2,21 @@ from pathlib import Path
 
 import pytest
 
-from selfsup.config import (METHOD_CONFIGS, BYOLConfig, ConfigError, MoCoV2Config, ViewRecipe, config_description,
-                            dump_config, find_config, load_config, mirror_dir, parse_config, preset_views,
-                            shipped_configs)
+from selfsup.config import (
+    METHOD_CONFIGS,
+    BYOLConfig,
+    ConfigError,
+    MoCoV2Config,
+    ViewRecipe,
+    config_description,
+    dump_config,
+    find_config,
+    load_config,
+    mirror_dir,
+    parse_config,
+    preset_views,
+    shipped_configs,
+)
 
 BASE = {"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}}
 CONFIGS = sorted(shipped_configs().values())
@@ -24,6 +36,19 @@ CONFIGS = sorted(shipped_configs().values())
     (["optim.decay=step"], "optim.decay", "'cosine' or 'linear'"),
     (["data.max_tokens=0"], "data.max_tokens", "greater than 0"),
     (["data.bucket_size=1"], "data.bucket_size", "greater than 1"),
+    # every numeric field with a valid range is bounded
+    (["method.temperature=0"], "method.temperature", "greater than 0"),
+    (["method.proj_layers=0"], "method.proj_layers", "greater than or equal to 1"),
+    (["seed=-1"], "seed", "greater than or equal to 0"),
+    (["data.std=[0]"], "data.std.0", "greater than 0"),
+    (["optim.betas=[0.9,1.0]"], "optim.betas.1", "less than 1"),
+    (["eval.knn=[[0,0.1]]"], "eval.knn.0.0", "greater than 0"),
+    (["eval.knn=[[20,0]]"], "eval.knn.0.1", "greater than 0"),
+    (["augment.views=[{crop_scale: [0.5, 0.2]}, {}]"], "augment.views.0.crop_scale", "not a range"),
+    (["augment.views=[{crop_scale: [0, 1]}, {}]"], "augment.views.0.crop_scale.0", "greater than 0"),
+    (["augment.views=[{blur_sigma: [2, 0.1]}, {}]"], "augment.views.0.blur_sigma", "not a range"),
+    (["method.name=wav2vec2", "method.preset=tiny", "data.kind=audio", "method.conv_strides=[5,0]"],
+     "method.conv_strides.1", "greater than 0"),
 ])
 def test_bad_keys_and_values_are_refused_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as err:
