@@ -14,7 +14,6 @@ submit jobs. Token authentication: set ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TO
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import tempfile

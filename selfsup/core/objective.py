@@ -6,8 +6,8 @@ Vision methods (``selfsup.methods``) and wav2vec 2.0 (``selfsup.audio``) impleme
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch

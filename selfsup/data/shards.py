@@ -35,8 +35,16 @@ from selfsup._version import __version__
 from selfsup.core.progress import progress
 from selfsup.core.storage import open_read
 from selfsup.data.decode import IMAGE_KEYS, decode_sample, open_image, refuse_duplicate
-from selfsup.data.reader import (MANIFEST, PARTIAL, SHORT, ManifestError, ShardProblem, partial_message,
-                                 read_manifest, read_shard)
+from selfsup.data.reader import (
+    MANIFEST,
+    PARTIAL,
+    SHORT,
+    ManifestError,
+    ShardProblem,
+    partial_message,
+    read_manifest,
+    read_shard,
+)
 from selfsup.data.sources import BadInput, DatasetNotFound
 
 SOURCE_FILES = "source-files.json"  # {sample key: the file it was written from}, beside the manifest

@@ -201,7 +201,7 @@ def check_split_pair(train_x, train_y, test_x, test_y, names: tuple[str, str] = 
     return train_x, check_labels(train_y, len(train_x), names[0]), test_x, check_labels(test_y, len(test_x), names[1])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _note_once(line: str) -> None:
     """Say ``line`` as a note the first time only: every encoder of an evaluation is scored on the same
     bank."""

@@ -20,8 +20,15 @@ from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_chec
 from selfsup.core.reporter import read_records
 from selfsup.data.preflight import conversion_notes
 from selfsup.data.reader import read_manifest, split_identity
-from selfsup.eval.features import (EncoderFeatures, baseline_features, encoder_from_checkpoint, eval_device,
-                                   model_features, num_classes, split_features)
+from selfsup.eval.features import (
+    EncoderFeatures,
+    baseline_features,
+    encoder_from_checkpoint,
+    eval_device,
+    model_features,
+    num_classes,
+    split_features,
+)
 from selfsup.eval.knn import weighted_knn
 from selfsup.eval.linear import linear_probe
 from selfsup.eval.metrics import confusion, per_class_report, project_2d, roc_auc_ovr

@@ -27,7 +27,6 @@ from selfsup.tasks import EvalSpec, LabelledSplit
 from selfsup.vision.augment import BatchViews
 from selfsup.vision.backbones import build_backbone, export_state_dict
 
-
 log = logging.getLogger("selfsup.data")
 
 DECODED_CACHE_BYTES = 2**30  # the largest decoded split (uint8 images) the evaluation caches

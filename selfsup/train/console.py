@@ -13,9 +13,10 @@ import logging
 import math
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from tqdm import tqdm
 

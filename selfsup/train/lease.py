@@ -259,9 +259,8 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        with contextlib.suppress(LeaseLost):
-            with self.fence.hold():
-                storage.delete(self.url)
+        with contextlib.suppress(LeaseLost), self.fence.hold():
+            storage.delete(self.url)
 
     def __enter__(self) -> RunLease:
         self.acquire()

@@ -86,6 +86,5 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
 def test_a_missing_remote_manifest_names_the_location(tmp_path):
     from selfsup.data.reader import ManifestError
 
-    with s3_server(BUCKET):
-        with pytest.raises(ManifestError, match=f"s3://{BUCKET}/nothing has no manifest.json"):
-            read_manifest(f"s3://{BUCKET}/nothing")
+    with s3_server(BUCKET), pytest.raises(ManifestError, match=f"s3://{BUCKET}/nothing has no manifest.json"):
+        read_manifest(f"s3://{BUCKET}/nothing")

@@ -11,10 +11,10 @@ import pytest
 from selfsup.audio.decode import encode_flac
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.eval.run import evaluate
 from selfsup.core.reporter import FileReporter, Reporters
-from selfsup.train.trainer import Trainer
 from selfsup.data.shards import write_shards
+from selfsup.eval.run import evaluate
+from selfsup.train.trainer import Trainer
 
 pytestmark = pytest.mark.integration
 

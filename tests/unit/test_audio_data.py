@@ -21,8 +21,8 @@ from selfsup.data.buckets import TokenBatching, bucket_batches, manifest_lengths
 from selfsup.data.decode import collate_audio, decode_audio_sample, decode_sample
 from selfsup.data.reader import read_manifest, read_shard
 from selfsup.data.shards import write_shards
-from selfsup.data.stream import DataHealth, ShardStream, make_loader
 from selfsup.data.sources import audio_folder_samples
+from selfsup.data.stream import DataHealth, ShardStream, make_loader
 from selfsup.tasks.audio import clip_limits
 
 # name -> (format, subtype, rate, channels, seconds): every good file of the folder

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import webdataset as wds
 from PIL import ImageFile
 
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.data.decode import collate_images, decode_sample
+from selfsup.data.decode import decode_sample
 from selfsup.data.reader import UNKNOWN, read_manifest, read_shard
 from selfsup.data.shards import index_shards, verify_shards, write_shards
 from selfsup.data.sources import encode_png

@@ -16,9 +16,9 @@ from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from selfsup.core.objective import Progress
 from selfsup.core.reporter import FileReporter, Reporters
-from selfsup.train.trainer import TooManyBadSteps, Trainer
 from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
+from selfsup.train.trainer import TooManyBadSteps, Trainer
 from tests.conftest import write_tiny_shards
 
 

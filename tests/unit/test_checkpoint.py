@@ -11,9 +11,18 @@ import torch
 
 from selfsup.config import parse_config
 from selfsup.core import checkpoint as ck
-from selfsup.core.checkpoint import (CheckpointError, CheckpointSpaceError, latest_checkpoint, list_checkpoints,
-                                     load_checkpoint, resolve_checkpoint, rng_state, save_checkpoint,
-                                     set_rng_state, tidy_checkpoints)
+from selfsup.core.checkpoint import (
+    CheckpointError,
+    CheckpointSpaceError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    tidy_checkpoints,
+)
 from tests.conftest import progress_at
 
 CFG = parse_config({"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}})

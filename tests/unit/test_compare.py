@@ -9,11 +9,10 @@ import torch
 
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.eval import compare as compare_module
 from selfsup.core.checkpoint import save_checkpoint
-from tests.conftest import progress_at
+from selfsup.eval import compare as compare_module
 from selfsup.tasks.vision import VisionTask
-from tests.conftest import write_tiny_shards
+from tests.conftest import progress_at, write_tiny_shards
 
 
 def tiny_run(tmp_path, name: str, train: str, steps: list[int]):

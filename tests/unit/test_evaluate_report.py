@@ -10,12 +10,11 @@ import torch
 
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import save_checkpoint
-from tests.conftest import progress_at
-from selfsup.eval.run import evaluate
-from selfsup.tasks.vision import VisionTask
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png
-from tests.conftest import make_images
+from selfsup.eval.run import evaluate
+from selfsup.tasks.vision import VisionTask
+from tests.conftest import make_images, progress_at
 
 
 def shards(out, images, labels):
@@ -90,8 +89,8 @@ def test_nan_features_name_the_cause(tmp_path, split):
 
 
 def test_probe_features_are_the_plain_features_then_seeded_crops():
-    from selfsup.tasks.vision import extract_features, probe_features
     from selfsup.config import ViewRecipe
+    from selfsup.tasks.vision import extract_features, probe_features
     from selfsup.vision.augment import BatchViews
 
     torch.manual_seed(0)

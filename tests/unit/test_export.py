@@ -128,8 +128,8 @@ def test_non_standard_geometry_round_trips_through_torchvision_model(tmp_path):
 
 def test_moco_v3_vit_recipe_keeps_the_patch_projection_random_and_out_of_the_optimiser():
     from selfsup.config import load_config
-    from selfsup.train.optim import build_optimizer
     from selfsup.tasks.vision import VisionTask
+    from selfsup.train.optim import build_optimizer
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/moco_v3-vit_b_16-imagenet.yaml")
     assert cfg.model.freeze_patch_embed

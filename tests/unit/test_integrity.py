@@ -12,8 +12,7 @@ import pytest
 from selfsup import cli
 from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import (CheckpointCorrupt, list_checkpoints, load_checkpoint, read_progress,
-                                     resume_point)
+from selfsup.core.checkpoint import CheckpointCorrupt, list_checkpoints, load_checkpoint, read_progress, resume_point
 from tests.clusterkit import tiny_config, write_config
 from tests.conftest import write_tiny_shards
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.eval.knn import weighted_knn
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
+from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.eval.features import encoder_from_checkpoint
+from selfsup.eval.knn import weighted_knn
 from selfsup.eval.online import OnlineMonitor
 from selfsup.tasks.vision import VisionTask, extract_features, views_for
-from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.train.trainer import Trainer
 from tests.conftest import write_tiny_shards
 
@@ -37,7 +37,7 @@ def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
     monitored = [r for r in records if "monitor/knn@20" in r]
     assert [r["step"] for r in monitored] == [5, 10]  # 80 samples / batch 16 = 5 steps per epoch
     for r in monitored:
-        assert 0 < r["monitor/seconds"] and 0 < r["monitor/fraction"] < 1
+        assert r["monitor/seconds"] > 0 and 0 < r["monitor/fraction"] < 1
         assert 1 <= r["monitor/rankme"] <= 32  # at most the feature dimension (ResNet-18 width 4: 32)
     assert 0 < monitored[0]["train_seconds"] < monitored[1]["train_seconds"]  # a curve against wall time
     # the last monitor saw the final weights: the same kNN computed offline from the checkpoint agrees
