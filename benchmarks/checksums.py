@@ -115,8 +115,8 @@ def checkpoint_cost(repeats: int) -> dict:
     from selfsup.core import checkpoint as ck
 
     model = torchvision.models.resnet50()
-    state = {"optimizer": {"state": {i: {"momentum_buffer": torch.randn_like(p)}
-                                     for i, p in enumerate(model.parameters())}, "param_groups": []}}
+    optimizer = {"state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(model.parameters())},
+                 "param_groups": []}
     cfg = parse_config({"name": "bench", "data": {"train": "x"}, "method": {"name": "simclr"}})
     best = {"with": float("inf"), "without": float("inf"), "digest": float("inf"), "sha256": float("inf")}
     digest = ck.file_digest
@@ -126,7 +126,9 @@ def checkpoint_cost(repeats: int) -> dict:
                 ck.file_digest = digest if mode == "with" else (lambda path: "")
                 dest = Path(tmp) / f"samples-{i}-{mode}"
                 start = time.perf_counter()
-                ck.write_checkpoint(dest, model.state_dict(), state, cfg, {}, {"seq": i, "samples_seen": i})
+                state = ck.TrainState(optimizer, step=i, epoch=0, step_in_epoch=i, samples_seen=i,
+                                      checkpoints_written=i, rng=[ck.rng_state()])
+                ck.write_checkpoint(dest, model.state_dict(), state, cfg, {})
                 best[mode] = min(best[mode], time.perf_counter() - start)
             ck.file_digest = digest
             files = [f for f in dest.iterdir() if f.name != ck.PROGRESS]

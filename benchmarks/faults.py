@@ -47,7 +47,7 @@ def tiny_run(tmp: Path, name: str, shards: Path, **sections) -> Path:
 
 
 def make_shards(out: Path, sizes: list[int], seed: int = 0) -> Path:
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     return write_tiny_shards(out, sizes, seed)
 
@@ -221,7 +221,7 @@ def write_corrupt_shards(out: Path) -> tuple[Path, dict]:
     shard truncated away, and a zero-byte shard of 4; returns (folder, what was corrupted)."""
     from selfsup.data.shards import write_shards
     from selfsup.data.sources import encode_png
-    from tests.conftest import make_images
+    from tests.helpers import make_images
 
     sizes = [40, 40, 40, 40, 36, 4]
     images, labels = make_images(sum(sizes), seed=1)

@@ -1,4 +1,5 @@
-"""Helpers for the cluster-operations tests: a tiny config, free ports, a local S3 server."""
+"""Helpers for the cluster-operations tests: free ports, a local S3 server, a Ray head (the tiny config is
+``tests.helpers.tiny_config``)."""
 
 from __future__ import annotations
 
@@ -7,32 +8,6 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
-
-import yaml
-
-
-def tiny_config(name: str, shards: Path | str, run_root: Path | str, **sections) -> dict:
-    """A SimCLR run small enough for two CPU cores (ResNet-18 of width 4, batch 8, no loader processes)."""
-    tree = {
-        "name": name, "run_root": str(run_root), "seed": 3,
-        "data": {"train": str(shards), "batch_size": 8, "loader_workers": 0, "shuffle_buffer": 16},
-        "model": {"width": 4},
-        "method": {"name": "simclr"},
-        "optim": {"lr": 0.1, "epochs": 1, "warmup_epochs": 0.2},
-        "train": {"log_every_steps": 1, "checkpoint_every_steps": 4, "threads": 1},
-        "tracking": {"mode": "disabled"},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            tree.setdefault(section, {}).update(values)
-        else:
-            tree[section] = values
-    return tree
-
-
-def write_config(path: Path, tree: dict) -> Path:
-    path.write_text(yaml.safe_dump(tree))
-    return path
 
 
 def free_port() -> int:

@@ -10,6 +10,11 @@ Loading checks the digests of the files it reads (``torch.load`` checks no CRC):
 refused in one line; a resume skips it for the previous good checkpoint and moves it to
 ``<run>/corrupt/`` for inspection.
 
+This module owns the format: :class:`TrainState` is ``state.pt``, :class:`CheckpointProgress` is
+``progress.json`` (both derived from the one ``TrainState``), :class:`CheckpointWriter` is the one
+writer (the run folder, a staging folder Ray persists, and the run's bucket after the run folder), and
+:func:`decide_resume` is the one rule for where a run resumes from.
+
 A write into the run takes a ``fence`` (``selfsup.train.lease.Fence``, or None when no lease is
 held): the rename and the prune happen only while its driver holds the run's lease.
 """
@@ -23,6 +28,7 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +36,7 @@ import torch
 import xxhash
 
 from selfsup.config import ConfigError, ExperimentConfig, dump_config, load_config
+from selfsup.core.distributed import rank, world_size
 from selfsup.core.fence import fenced
 
 log = logging.getLogger("selfsup.checkpoint")
@@ -50,6 +57,68 @@ class CheckpointCorrupt(CheckpointError):
 
 class CheckpointSpaceError(OSError):
     """Not enough free space for the run's next write: a checkpoint or a record (retrying cannot help)."""
+
+
+@dataclass
+class TrainState:
+    """``state.pt``: what the loop needs to go on exactly where it stopped. Stored as a plain dict of
+    tensors and numbers (``torch.load(weights_only=True)`` reads it); ``rng`` holds one entry per rank."""
+
+    optimizer: dict
+    step: int
+    epoch: int
+    step_in_epoch: int
+    samples_seen: int
+    checkpoints_written: int
+    rng: list
+    sized_total_steps: int = 0  # the total steps a time budget fixed (0: not sized)
+    train_seconds: float = 0.0  # wall time of every attempt so far
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # not asdict: it would copy every tensor
+
+    @classmethod
+    def from_dict(cls, state: dict, where: Path | str = "state.pt") -> TrainState:
+        """The record of a loaded ``state.pt`` (keys it does not know, such as old ``data_health``, ignored)."""
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in state.items() if k in known})
+        except TypeError as err:
+            raise CheckpointError(f"{where}: not a selfsup training state ({err})") from None
+
+    def progress(self) -> CheckpointProgress:
+        """The ``progress.json`` of a checkpoint of this state."""
+        return CheckpointProgress(seq=self.checkpoints_written, samples_seen=self.samples_seen, step=self.step,
+                                  epoch=self.epoch, step_in_epoch=self.step_in_epoch, world_size=len(self.rng))
+
+
+@dataclass(frozen=True)
+class CheckpointProgress:
+    """``progress.json``, written last: the write order (``seq``), the samples seen by all ranks (the
+    name), step, epoch and world size; ``files`` and ``digests`` (file name -> size, xxh3-128) are
+    filled in by the writer."""
+
+    seq: int
+    samples_seen: int
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    world_size: int = 1
+    files: dict = field(default_factory=dict)
+    digests: dict | None = None  # None: written before checkpoints recorded digests
+
+    def to_json(self) -> str:
+        tree = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "digests"}
+        return json.dumps({**tree, DIGEST: self.digests}, indent=1)
+
+    @classmethod
+    def read(cls, path: Path) -> CheckpointProgress | None:
+        """The ``progress.json`` of the checkpoint at ``path``; None when missing or unreadable."""
+        tree = read_progress(path)
+        if "seq" not in tree or "samples_seen" not in tree:
+            return None
+        known = {f.name for f in fields(cls)} - {"digests"}
+        return cls(**{k: v for k, v in tree.items() if k in known}, digests=tree.get(DIGEST))
 
 
 def file_digest(path: Path) -> str:
@@ -94,8 +163,8 @@ def checkpoint_name(samples_seen: int) -> str:
     return f"samples-{samples_seen:012d}"
 
 
-def write_checkpoint(dest: Path, model_state: dict, train_state: dict, cfg: ExperimentConfig, metrics: dict,
-                     progress: dict) -> Path:
+def write_checkpoint(dest: Path, model_state: dict, state: TrainState, cfg: ExperimentConfig,
+                     metrics: dict) -> Path:
     """Write a checkpoint's files into the new directory ``dest``, ``progress.json`` (with the other
     files' sizes and digests) last; every file is fsynced. Each file is hashed (read back from
     the page cache) and synced in a thread while the next is serialised. A full disk becomes
@@ -105,14 +174,15 @@ def write_checkpoint(dest: Path, model_state: dict, train_state: dict, cfg: Expe
         with ThreadPoolExecutor(max_workers=1) as pool:
             done = {}
             for name, write in (("model.pt", lambda f: torch.save(model_state, f)),
-                                ("state.pt", lambda f: torch.save(train_state, f)),
+                                ("state.pt", lambda f: torch.save(state.to_dict(), f)),
                                 ("config.yaml", lambda f: f.write_text(dump_config(cfg))),
                                 ("metrics.json", lambda f: f.write_text(json.dumps(metrics, indent=1, default=float)))):
                 write(dest / name)
                 done[name] = pool.submit(_digest_and_sync, dest / name)
             digests = {name: future.result() for name, future in sorted(done.items())}
         sizes = {name: (dest / name).stat().st_size for name in digests}
-        (dest / PROGRESS).write_text(json.dumps({**progress, "files": sizes, DIGEST: digests}, indent=1))
+        (dest / PROGRESS).write_text(CheckpointProgress(**{**state.progress().__dict__, "files": sizes,
+                                                           "digests": digests}).to_json())
         _digest_and_sync(dest / PROGRESS)
     except (OSError, RuntimeError) as err:  # torch.save reports ENOSPC as "basic_ios::clear: iostream error"
         shutil.rmtree(dest, ignore_errors=True)
@@ -185,36 +255,57 @@ def prune_checkpoints(run_dir: Path, keep: int, fence=None) -> list[str]:
     return [p.name for p in old]
 
 
-def save_checkpoint(run_dir: Path, model_state: dict, train_state: dict, cfg: ExperimentConfig, metrics: dict,
-                    progress: dict, keep: int, fence=None) -> Path:
-    """Write ``<run>/checkpoints/samples-N`` atomically (temp dir, then a rename under ``fence``), after
-    checking the free space against the last checkpoint's size; keep the ``keep`` written last. With an
-    object-store ``run_root`` the checkpoint is then pushed to the bucket."""
-    root = Path(run_dir) / CHECKPOINTS
-    previous = list_checkpoints(run_dir)
-    ensure_space(root, checkpoint_bytes(previous[-1]) if previous else 0)
-    final = root / checkpoint_name(progress["samples_seen"])
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_checkpoint(tmp, model_state, train_state, cfg, metrics, progress)
-    except OSError:
-        if fence is not None:  # the new driver may have removed this one's temp dir: say that instead
-            fence.check()
-        raise
-    with fenced(fence):
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    prune_checkpoints(run_dir, keep, fence)
-    if cfg.run_url:  # object storage: the files, progress.json last; then metrics and the W&B id
-        from selfsup.core.storage import push_checkpoint, push_run_files
+@dataclass(frozen=True)
+class CheckpointWriter:
+    """The one writer of a run's checkpoints (rank 0 calls it). Without ``staging``: into
+    ``<run_dir>/checkpoints/samples-N`` atomically (a temp dir, then a rename under ``fence``), after
+    checking the free space against the last checkpoint's size, pruned to the ``keep`` written last,
+    then pushed to the run's bucket ``run_url`` when it has one. With ``staging`` (Ray): into that
+    folder, which Ray's checkpoint storage persists into the run folder or bucket (Ray's sink prunes)."""
 
-        with fenced(fence):
-            push_checkpoint(final, cfg.run_url, keep)
-        with fenced(fence):
-            push_run_files(run_dir, cfg.run_url)
-    return final
+    run_dir: Path
+    keep: int
+    run_url: str | None = None
+    fence: object = None
+    staging: Path | None = None
+
+    @classmethod
+    def for_run(cls, cfg: ExperimentConfig, fence=None, staging: Path | None = None) -> CheckpointWriter:
+        return cls(Path(cfg.run_dir), cfg.train.keep_checkpoints, cfg.run_url, fence, staging)
+
+    def write(self, model_state: dict, state: TrainState, cfg: ExperimentConfig, metrics: dict,
+              size_estimate: int = 0) -> Path:
+        """The checkpoint of ``state``; ``size_estimate`` (bytes) is the space a staged one needs in the run folder."""
+        name = checkpoint_name(state.samples_seen)
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)  # the last one: Ray's storage holds it now
+            if not self.run_url:  # Ray persists into the run folder: it needs the space there
+                ensure_space(self.run_dir / CHECKPOINTS, size_estimate)
+            return write_checkpoint(self.staging / name, model_state, state, cfg, metrics)
+        root = self.run_dir / CHECKPOINTS
+        previous = list_checkpoints(self.run_dir)
+        ensure_space(root, checkpoint_bytes(previous[-1]) if previous else 0)
+        final, tmp = root / name, root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            write_checkpoint(tmp, model_state, state, cfg, metrics)
+        except OSError:
+            if self.fence is not None:  # the new driver may have removed this one's temp dir: say that instead
+                self.fence.check()
+            raise
+        with fenced(self.fence):
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        prune_checkpoints(self.run_dir, self.keep, self.fence)
+        if self.run_url:  # object storage: the files, progress.json last; then metrics and the W&B id
+            from selfsup.core.storage import push_checkpoint, push_run_files
+
+            with fenced(self.fence):
+                push_checkpoint(final, self.run_url, self.keep)
+            with fenced(self.fence):
+                push_run_files(self.run_dir, self.run_url)
+        return final
 
 
 def read_progress(path: Path) -> dict:
@@ -264,42 +355,82 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int:
     """The training step a checkpoint was written at (from its ``progress.json``)."""
-    progress = read_progress(path)
-    if "step" not in progress:
+    progress = CheckpointProgress.read(path)
+    if progress is None:
         raise CheckpointError(f"{path}: not a complete checkpoint (no readable {PROGRESS})")
-    return int(progress["step"])
+    return progress.step
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint written last (not verified: :func:`resume_point` is)."""
+    """The complete checkpoint written last (not verified: :func:`decide_resume` verifies)."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def resume_point(run_dir: Path, remote: str | None = None, fence=None) -> Path | None:
-    """The checkpoint a run resumes from: the complete one written last whose digests hold (with
-    ``remote``, the run's URL, the bucket's, pulled into ``run_dir``). Each damaged one is named in one
-    line and moved to ``<run>/corrupt`` (in the bucket too) under ``fence``; one pruned between
-    listing and reading is passed over. None when no checkpoint is left."""
+@dataclass(frozen=True)
+class Resume:
+    """Where a run resumes from and why: ``checkpoint`` None starts afresh; ``samples_seen`` is its
+    position (records past it are redone); ``reason`` says which checkpoint and what was passed over."""
+
+    checkpoint: Path | None
+    samples_seen: int
+    reason: str
+
+
+def decide_resume(run_dir: Path, remote: str | None = None, fence=None) -> Resume:
+    """The one rule for where a run resumes: the complete checkpoint written last whose digests hold
+    (with ``remote``, the run's URL, the bucket's, pulled into ``run_dir``), whatever Ray's bookkeeping
+    says. Rank 0 decides; with several ranks the others take its decision (and pull the checkpoint
+    from a bucket). Each damaged checkpoint is named in one line and moved to ``<run>/corrupt`` (in the
+    bucket too) under ``fence``; one pruned between listing and reading is passed over."""
+    decision = [_decide_here(Path(run_dir), remote, fence) if rank() == 0 else None]
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(decision)
+        if remote and rank() != 0 and decision[0].checkpoint is not None:
+            from selfsup.core.storage import pull_checkpoint
+
+            pull_checkpoint(remote, decision[0].checkpoint.name, run_dir)
+    return decision[0]
+
+
+def _decide_here(run_dir: Path, remote: str | None, fence) -> Resume:
     from selfsup.core import storage
 
     names = storage.remote_checkpoints(remote) if remote else [p.name for p in list_checkpoints(run_dir)]
+    passed = []
     for name in reversed(names):
-        path = Path(run_dir) / CHECKPOINTS / name
+        path = run_dir / CHECKPOINTS / name
         try:
             if remote:
                 storage.pull_checkpoint(remote, name, run_dir)
             verify_checkpoint(path)
-            return path
+            progress = CheckpointProgress.read(path)
+            if progress is None:
+                raise CheckpointError(f"{path}: {PROGRESS} went missing")
         except CheckpointCorrupt as err:
             with fenced(fence):
                 kept = move_aside(path)
                 if remote:
                     storage.move_aside(remote, name)
             log.warning("%s; resuming from the checkpoint before it (this one is kept in %s)", err, kept)
+            passed.append(f"{name} damaged, kept in {kept}")
+            continue
         except (CheckpointError, FileNotFoundError):
             log.info("%s was removed while being read (pruned); trying the one before it", path)
-    return None
+            passed.append(f"{name} pruned while read")
+            continue
+        why = f"resuming from {path} (step {progress.step}), the latest good checkpoint"
+        return Resume(path, progress.samples_seen, why + (f"; passed over: {'; '.join(passed)}" if passed else ""))
+    why = "no complete checkpoint yet: starting afresh" if not passed else \
+        f"no good checkpoint left ({'; '.join(passed)}): starting afresh"
+    return Resume(None, 0, why)
+
+
+def resume_point(run_dir: Path, remote: str | None = None, fence=None) -> Path | None:
+    """Rank 0's part of :func:`decide_resume` (kept until the Ray driver calls that)."""
+    return _decide_here(Path(run_dir), remote, fence).checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -317,7 +448,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, with_state: bool = False) -> tuple[ExperimentConfig, dict, dict | None]:
+def load_checkpoint(path: str | Path, with_state: bool = False
+                    ) -> tuple[ExperimentConfig, dict, TrainState | None]:
     """(config, model state dict, training state or None), the files read checked against their
     digests first; refuses anything but plain tensors and data, and a damaged file in one line."""
     path = resolve_checkpoint(path)
@@ -326,6 +458,7 @@ def load_checkpoint(path: str | Path, with_state: bool = False) -> tuple[Experim
         cfg = load_config(path / "config.yaml")
         model = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True) if with_state else None
+        state = TrainState.from_dict(state, path / "state.pt") if with_state else None
     except CheckpointCorrupt as err:
         names = [p.name for p in list_checkpoints(path.parent.parent)]
         earlier = [path.parent / n for n in names[:names.index(path.name) if path.name in names else None]][-1:]

@@ -16,7 +16,7 @@ import torch
 from selfsup._version import __version__
 from selfsup.config import ConfigError, ExperimentConfig, load_config
 from selfsup.core.cache import digest, load_cached, store_cached
-from selfsup.core.checkpoint import load_checkpoint, read_progress, resolve_checkpoint
+from selfsup.core.checkpoint import CheckpointProgress, load_checkpoint, resolve_checkpoint
 from selfsup.core.reporter import read_records
 from selfsup.data.preflight import conversion_notes
 from selfsup.data.reader import read_manifest, split_identity
@@ -252,16 +252,16 @@ def training_history(ckpt: Path) -> dict | None:
     """The training behind ``ckpt`` from its run folder: {"facts": steps, epochs, wall time, throughput,
     precision, machine; "records": the ``metrics.jsonl`` records up to the checkpoint}; None when the
     checkpoint is not in a run folder."""
-    run, progress = ckpt.parent.parent, read_progress(ckpt)
-    if not (run / "metrics.jsonl").is_file() or not progress:
+    run, progress = ckpt.parent.parent, CheckpointProgress.read(ckpt)
+    if not (run / "metrics.jsonl").is_file() or progress is None:
         return None
-    samples = progress.get("samples_seen", 0)
+    samples = progress.samples_seen
     records = [r for r in read_records(run / "metrics.jsonl") if r.get("samples", 0) <= samples]
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     final = summary if str(summary.get("checkpoint", "")).rstrip("/").endswith(ckpt.name) else {}
     last = records[-1] if records else {}
     seconds = final.get("train_seconds") or last.get("train_seconds")
-    facts = {"steps": progress.get("step"), "epochs": f"{progress.get('step', 0) / max(1, _steps_per_epoch(records)):.2f}",
+    facts = {"steps": progress.step, "epochs": f"{progress.step / max(1, _steps_per_epoch(records)):.2f}",
              "samples seen": samples}
     if seconds:
         facts |= {"training wall time": f"{seconds / 60:.1f} min", "throughput": f"{samples / seconds:.0f} samples/s"}

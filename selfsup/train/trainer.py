@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -25,12 +24,20 @@ from torch import nn
 from torch.profiler import record_function
 
 from selfsup.config import ExperimentConfig
-from selfsup.core.device import autocast_dtype, describe_machine, memory_format, pick_device
-from selfsup.core.checkpoint import (CheckpointSpaceError, checkpoint_name, ensure_space, load_checkpoint,
-                                     rng_state, save_checkpoint, set_rng_state, tidy_checkpoints, write_checkpoint)
-from selfsup.core.fence import LeaseLost, fenced
+from selfsup.core.checkpoint import (
+    CheckpointSpaceError,
+    CheckpointWriter,
+    TrainState,
+    checkpoint_name,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+    tidy_checkpoints,
+)
 from selfsup.core.collapse import embedding_stats
+from selfsup.core.device import autocast_dtype, describe_machine, memory_format, pick_device
 from selfsup.core.distributed import convert_sync_batchnorm, rank, world_size
+from selfsup.core.fence import LeaseLost, fenced
 from selfsup.core.objective import Objective, Progress
 from selfsup.core.reporter import Reporter
 from selfsup.data.stream import DataHealth, make_loader
@@ -104,7 +111,8 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, reporter: Reporter, resume_from: Path | None,
                  staging: Path | None = None, fence=None):
-        self.cfg, self.reporter, self.staging, self.fence = cfg, reporter, staging, fence
+        self.cfg, self.reporter, self.fence = cfg, reporter, fence
+        self.writer = CheckpointWriter.for_run(cfg, fence, staging)
         seed_everything(cfg.seed + rank(), cfg.deterministic)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -160,24 +168,24 @@ class Trainer:
         number of ranks resumes at the same sample of its epoch, with this world size's steps and LR."""
         _, model_state, state = load_checkpoint(path, with_state=True)
         self.objective.load_state_dict(model_state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state.optimizer)
         prime_state(self.optimizer)  # this run's memory format, as the fused kernels need
         for group in self.optimizer.param_groups:  # this world size's LR, not the saved one (elastic runs resize)
             group["base_lr"] = self.base_lr
-        self.steps_done, self.start_epoch, self.start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        self.samples_seen, self.checkpoints_written = state["samples_seen"], state["checkpoints_written"]
-        self.seconds_before = state.get("train_seconds", 0.0)
+        self.steps_done, self.start_epoch, self.start_in_epoch = state.step, state.epoch, state.step_in_epoch
+        self.samples_seen, self.checkpoints_written = state.samples_seen, state.checkpoints_written
+        self.seconds_before = state.train_seconds
         self.checkpoint = path.name  # the final weights and last record, should no step remain
         self.last = json.loads((path / "metrics.json").read_text())
-        if state.get("sized_total_steps"):
-            self.total_steps = self.sized_total = state["sized_total_steps"]
-        saved_ranks = len(state["rng"])
+        if state.sized_total_steps:
+            self.total_steps = self.sized_total = state.sized_total_steps
+        saved_ranks = len(state.rng)
         if saved_ranks != world_size():  # the same place in the epoch, in this size's steps; the batches of
             batches = self.start_in_epoch * saved_ranks  # a part step it cannot express are trained again
             self.start_in_epoch = batches // world_size()
             self.samples_seen -= (batches - self.start_in_epoch * world_size()) * self.cfg.data.batch_size
             self.steps_done = self.start_epoch * self.steps_per_epoch + self.start_in_epoch
-        set_rng_state(state["rng"][rank()] if rank() < saved_ranks else state["rng"][0])
+        set_rng_state(state.rng[rank()] if rank() < saved_ranks else state.rng[0])
         log.info("resumed %s from %s (step %d)", self.cfg.name, path, self.steps_done)
 
     def step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -357,22 +365,13 @@ class Trainer:
             dist.barrier()
 
     def _write_checkpoint(self, epoch: int, in_epoch: int, rngs: list) -> Path:
-        """The checkpoint directory of this position: in the run folder, or in ``staging`` for the reporter."""
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.steps_done, "epoch": epoch,
-                 "step_in_epoch": in_epoch, "samples_seen": self.samples_seen,
-                 "checkpoints_written": self.checkpoints_written + 1, "sized_total_steps": self.sized_total,
-                 "train_seconds": self.train_seconds(),
-                 "rng": rngs, "data_health": {"skipped": self.health.skipped, "repeated": self.health.repeated}}
-        progress = {"seq": self.checkpoints_written + 1, "samples_seen": self.samples_seen, "step": self.steps_done,
-                    "epoch": epoch, "step_in_epoch": in_epoch, "world_size": world_size()}
-        if self.staging is None:
-            return save_checkpoint(self.cfg.run_dir, self.objective.state_dict(), state, self.cfg, self.last,
-                                   progress, self.cfg.train.keep_checkpoints, self.fence)
-        shutil.rmtree(self.staging, ignore_errors=True)  # the last one: Ray's storage holds it now
-        if not self.cfg.run_url:  # Ray persists into the run folder: it needs the space there
-            ensure_space(self.cfg.run_dir / "checkpoints", self.checkpoint_bytes_estimate())
-        return write_checkpoint(self.staging / checkpoint_name(self.samples_seen), self.objective.state_dict(),
-                                state, self.cfg, self.last, progress)
+        """The checkpoint of this position, written by the run's :class:`CheckpointWriter`."""
+        state = TrainState(optimizer=self.optimizer.state_dict(), step=self.steps_done, epoch=epoch,
+                           step_in_epoch=in_epoch, samples_seen=self.samples_seen,
+                           checkpoints_written=self.checkpoints_written + 1, rng=rngs,
+                           sized_total_steps=self.sized_total, train_seconds=self.train_seconds())
+        return self.writer.write(self.objective.state_dict(), state, self.cfg, self.last,
+                                 self.checkpoint_bytes_estimate())
 
     def checkpoint_bytes_estimate(self) -> int:
         """About the size of a checkpoint: the parameters, buffers and optimiser state in memory."""

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import save_checkpoint
 from selfsup.train.lease import LEASE, LeaseLost, RunLease
 from tests.clusterkit import s3_server
-from tests.conftest import progress_at
+from tests.helpers import save_at
 
 pytestmark = pytest.mark.integration
 BUCKET = "selfsup-fence"
@@ -42,16 +41,16 @@ def test_a_taken_lease_on_a_bucket_refuses_the_old_drivers_pushes(tmp_path, monk
                             "method": {"name": "simclr"}})
         old = RunLease(url, host="host-a", heartbeat_every=3600)  # paused: its counter stands still
         old.acquire()
-        save_checkpoint(cfg.run_dir, {"w": torch.zeros(4)}, {}, cfg, {}, progress_at(1), keep=1, fence=old.fence)
+        save_at(cfg.run_dir, cfg, 1, {"w": torch.zeros(4)}, keep=1, fence=old.fence)
         new = RunLease(url, host="host-b", stale_after=0.5, heartbeat_every=0.1)
         new.acquire()  # another host's silent lease: taken over
-        save_checkpoint(cfg.run_dir, {"w": torch.ones(4)}, {}, cfg, {}, progress_at(2), keep=1, fence=new.fence)
+        save_at(cfg.run_dir, cfg, 2, {"w": torch.ones(4)}, keep=1, fence=new.fence)
         before = _objects("runs/x/")
         assert _holder("runs/x") == new.record["token"] and "checkpoints/samples-000000000016/progress.json" in before
         assert "checkpoints/samples-000000000008/progress.json" not in before  # pruned by the new driver
         (cfg.run_dir / "metrics.jsonl").write_text('{"step": 3}\n')
         with pytest.raises(LeaseLost, match=f"the lease of {url} was taken over by pid .* on host-b"):
-            save_checkpoint(cfg.run_dir, {"w": torch.full((4,), 2.0)}, {}, cfg, {}, progress_at(3), keep=1,
+            save_at(cfg.run_dir, cfg, 3, {"w": torch.full((4,), 2.0)}, keep=1,
                             fence=old.fence)
         assert _objects("runs/x/") == before  # no push, no prune, no metrics: the bucket is the new driver's
         old.release()

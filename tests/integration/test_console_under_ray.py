@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusterkit import ray_head, tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.clusterkit import ray_head
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 from tests.integration.test_ctrl_c import default_sigint
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,7 @@ from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint
 from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.train.trainer import Trainer
-from tests.clusterkit import tiny_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 

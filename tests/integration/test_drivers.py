@@ -22,8 +22,8 @@ import yaml
 from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import checkpoint_bytes, latest_checkpoint, list_checkpoints, load_checkpoint
-from tests.clusterkit import ray_head, tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.clusterkit import ray_head
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 from tests.integration.test_determinism import Crash, train
 
 pytestmark = pytest.mark.integration
@@ -157,7 +157,7 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_cleans_up(tmp_path, tmpfs
     good = latest_checkpoint(run)  # the last good checkpoint survives and loads
     assert good.name == "samples-000000000032" and not list((run / "checkpoints").glob(".tmp-*"))
     _, weights, state = load_checkpoint(good, with_state=True)
-    assert state["step"] == 4 and weights
+    assert state.step == 4 and weights
 
     # what a write killed mid-way leaves (0.8 checkpoint of bytes); free space, so a rerun fits only once
     # the leftover is gone
@@ -171,7 +171,7 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_cleans_up(tmp_path, tmpfs
     final = run / "checkpoints" / "samples-000000000064"
     assert f"done: 8 steps, final weights in {final}, 0 bad samples skipped" in again.stdout
     assert not list((run / "checkpoints").glob(".tmp-*"))
-    assert load_checkpoint(final, with_state=True)[2]["step"] == 8 and latest_checkpoint(run) == final
+    assert load_checkpoint(final, with_state=True)[2].step == 8 and latest_checkpoint(run) == final
 
 
 def test_a_full_disk_under_ray_spends_no_retry(tmp_path, tmpfs):
@@ -189,7 +189,7 @@ def test_a_full_disk_under_ray_spends_no_retry(tmp_path, tmpfs):
     # the driver (Ray's own lines, such as its failure policy's, only with -v)
     assert "resumed" not in out and "[FailurePolicy]" not in out, out[-4000:]
     assert latest_checkpoint(run).name == "samples-000000000032"
-    assert load_checkpoint(latest_checkpoint(run), with_state=True)[2]["step"] == 4
+    assert load_checkpoint(latest_checkpoint(run), with_state=True)[2].step == 4
     assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "lease.json").exists()
 
 

@@ -10,8 +10,7 @@ import pytest
 from benchmarks import faults
 from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
-from tests.clusterkit import tiny_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 

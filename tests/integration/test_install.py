@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from selfsup.core.checkpoint import latest_checkpoint
-from tests.conftest import write_tiny_shards
+from tests.helpers import write_tiny_shards
 
 ROOT = Path(__file__).parents[2]
 

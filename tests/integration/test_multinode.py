@@ -34,8 +34,8 @@ import boto3
 import pytest
 import torch
 
-from tests.clusterkit import free_port, s3_server, tiny_config, upload_dir
-from tests.conftest import write_tiny_shards
+from tests.clusterkit import free_port, s3_server, upload_dir
+from tests.helpers import tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray")
@@ -314,7 +314,7 @@ def check_run(run: Run, summary: dict, tmp: Path, planned: int, world: int, work
                          .read())
     assert written["checkpoint"] == summary["checkpoint"]  # what the loop wrote last is what Ray holds as latest
     saved, weights, state = load_checkpoint(download(summary["checkpoint"], tmp / name), with_state=True)
-    assert saved.name == run.name and state["samples_seen"] == planned and state["step"] == summary["steps"]
+    assert saved.name == run.name and state.samples_seen == planned and state.step == summary["steps"]
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
     body = boto3.client("s3").get_object(Bucket=BUCKET, Key=f"runs/{run.name}/metrics.jsonl")["Body"].read()

@@ -13,8 +13,8 @@ from selfsup.config import parse_config
 from selfsup.core import storage
 from selfsup.core.checkpoint import load_checkpoint
 from selfsup.data.reader import read_manifest, read_shard
-from tests.clusterkit import s3_server, tiny_config, upload_dir
-from tests.conftest import write_tiny_shards
+from tests.clusterkit import s3_server, upload_dir
+from tests.helpers import tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 BUCKET = "selfsup-test"
@@ -78,7 +78,7 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         assert sorted(p.name for p in (cfg2.run_dir / "checkpoints").iterdir()) == [
             "samples-000000000096", "samples-000000000128"]  # resumed from 64 (kept 2), none of 99..101 pulled
         _, weights, state = load_checkpoint(cfg2.run_dir / "checkpoints" / "samples-000000000128", with_state=True)
-        assert state["step"] == 16 and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+        assert state.step == 16 and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
         assert storage.remote_checkpoints(cfg2.run_url) == ["samples-000000000096", "samples-000000000128"]
         assert second["checkpoint"] == f"{cfg2.run_url}/checkpoints/samples-000000000128"  # the one written last
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from selfsup.core.checkpoint import list_checkpoints
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 ERROR = "selfsup: error: "

@@ -13,8 +13,8 @@ import torch.multiprocessing as mp
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import list_checkpoints
 from selfsup.train.lease import LEASE, Fence, LeaseLost, RunLease
-from tests.clusterkit import free_port, tiny_config
-from tests.conftest import write_tiny_shards
+from tests.clusterkit import free_port
+from tests.helpers import tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 WORLD = 2

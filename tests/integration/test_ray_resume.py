@@ -11,8 +11,7 @@ import pytest
 from selfsup.cluster.trainer import RAY_SNAPSHOT, pretrain_here, run_pretraining
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import list_checkpoints
-from tests.clusterkit import tiny_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,7 @@ import torch
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint
 from selfsup.train.optim import lr_at, scaled_lr
-from tests.clusterkit import tiny_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_tiny_shards
 from tests.integration.test_determinism import Crash, CrashAfterCheckpoint, train
 
 pytestmark = pytest.mark.integration

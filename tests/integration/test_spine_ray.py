@@ -6,7 +6,7 @@ import pytest
 
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-from tests.conftest import write_tiny_shards
+from tests.helpers import write_tiny_shards
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_l
     ckpt = latest_checkpoint(cfg.run_dir)
     assert ckpt.name == "samples-000000000128" and summary["checkpoint"] == str(ckpt)  # 4 steps x 2 ranks x 16
     saved_cfg, weights, state = load_checkpoint(ckpt, with_state=True)
-    assert saved_cfg.name == "spine" and state["step"] == 4 and state["epoch"] == 1 and len(state["rng"]) == 2
+    assert saved_cfg.name == "spine" and state.step == 4 and state.epoch == 1 and len(state.rng) == 2
     # Ray's checkpoint storage is the run folder: it keeps the 2 written last (keep_checkpoints: 2), nothing else
     assert [p.name for p in sorted((cfg.run_dir / "checkpoints").iterdir())] == [
         "samples-000000000096", "samples-000000000128"]

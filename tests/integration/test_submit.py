@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from selfsup.core.checkpoint import latest_checkpoint
-from tests.clusterkit import ray_head, tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.clusterkit import ray_head
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 SELFSUP = str(Path(sys.executable).with_name("selfsup"))

@@ -172,7 +172,7 @@ def test_member_names_no_locale_can_print_are_escaped(tmp_path):
 def test_repeated_keys_and_unknown_members_reach_the_records_and_the_summary(tmp_path, capsys):
     import json
 
-    from tests.clusterkit import tiny_config, write_config
+    from tests.helpers import tiny_config, write_config
 
     root = tmp_path / "wds"
     members = [m for i in range(15) for m in _image_members(f"s{i:02d}", _png(10 * i), i % 4)]

@@ -19,7 +19,7 @@ from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
 from selfsup.train.trainer import TooManyBadSteps, Trainer
-from tests.conftest import write_tiny_shards
+from tests.helpers import write_tiny_shards
 
 
 def tiny_config(tmp_path, *overrides):

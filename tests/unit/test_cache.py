@@ -48,7 +48,7 @@ def test_a_cache_root_that_cannot_be_created_is_one_warning(tmp_path, monkeypatc
 def test_an_evaluation_split_is_read_under_a_full_cache(tmp_path, monkeypatch, caplog):
     import selfsup.tasks.vision as vision
     from selfsup.config import parse_config
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     split = write_tiny_shards(tmp_path / "s", [10, 14])
 
@@ -66,8 +66,7 @@ def test_eval_under_a_full_cache_is_one_warning_and_its_report(tmp_path, monkeyp
     import json
 
     from selfsup import cli
-    from tests.clusterkit import tiny_config, write_config
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import tiny_config, write_config, write_tiny_shards
 
     shards = write_tiny_shards(tmp_path / "shards", [16])
     config = write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs"))

@@ -9,10 +9,9 @@ import torch
 
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import save_checkpoint
 from selfsup.eval import compare as compare_module
 from selfsup.tasks.vision import VisionTask
-from tests.conftest import progress_at, write_tiny_shards
+from tests.helpers import save_at, write_tiny_shards
 
 
 def tiny_run(tmp_path, name: str, train: str, steps: list[int]):
@@ -21,7 +20,7 @@ def tiny_run(tmp_path, name: str, train: str, steps: list[int]):
                         "tracking": {"mode": "disabled"}, "eval": {"knn": [[20, 0.07]]}})
     for seed, step in enumerate(steps):
         torch.manual_seed(seed)
-        save_checkpoint(cfg.run_dir, VisionTask().build_objective(cfg).state_dict(), {"step": step}, cfg, {}, progress_at(step), keep=5)
+        save_at(cfg.run_dir, cfg, step, VisionTask().build_objective(cfg).state_dict(), keep=5)
     return cfg.run_dir
 
 

@@ -18,7 +18,7 @@ from selfsup.config import ViewRecipe, parse_config
 from selfsup.core.objective import Progress
 from selfsup.train.optim import build_optimizer
 from selfsup.vision.augment import BatchViews
-from tests.unit.test_augment import N, SIZE, striped_ramps, view_stats
+from tests.unit.test_augment import SIZE, N, striped_ramps, view_stats
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -159,7 +159,7 @@ def test_wav2vec2_steps_on_cuda_in_bf16_without_host_sync():
 
 def _tiny_byol_run(tmp_path):
     """BYOL on 256 tiny images, batch 32, 2 epochs (16 steps), on the GPU, logging every 4 steps."""
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     shards = write_tiny_shards(tmp_path / "shards", [128, 128])
     return parse_config({
@@ -172,8 +172,8 @@ def _tiny_byol_run(tmp_path):
 
 def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
     from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-    from selfsup.tasks.vision import VisionTask
     from selfsup.core.reporter import FileReporter, Reporters
+    from selfsup.tasks.vision import VisionTask
     from selfsup.train.trainer import Trainer
 
     cfg = _tiny_byol_run(tmp_path)

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import save_checkpoint
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png
 from selfsup.eval.run import evaluate
 from selfsup.tasks.vision import VisionTask
-from tests.conftest import make_images, progress_at
+from tests.helpers import make_images, save_at
 
 
 def shards(out, images, labels):
@@ -33,7 +32,7 @@ def tiny_checkpoint(tmp_path, train: str, spoil: bool = False):
     if spoil:
         first = next(k for k, v in state.items() if v.ndim == 4)
         state[first] = torch.full_like(state[first], float("nan"))
-    return save_checkpoint(cfg.run_dir, state, {"step": 7}, cfg, {}, progress_at(7), keep=1)
+    return save_at(cfg.run_dir, cfg, 7, state, keep=1)
 
 
 @pytest.fixture

@@ -14,11 +14,10 @@ from torch import nn
 import selfsup
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import save_checkpoint
 from selfsup.core.objective import Progress
 from selfsup.methods import build_method
 from selfsup.vision.backbones import build_backbone, torchvision_model
-from tests.conftest import progress_at
+from tests.helpers import save_at
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -48,7 +47,7 @@ def trained_checkpoint(tmp_path: Path, method: str, size: int, model: dict, data
         objective([torch.rand(4, c, size, size), torch.rand(4, c, size, size)], Progress(0, 1))
         for p in objective.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    ckpt = save_checkpoint(cfg.run_dir, objective.state_dict(), {"step": 1}, cfg, {}, progress_at(1), keep=1)
+    ckpt = save_at(cfg.run_dir, cfg, 1, objective.state_dict(), keep=1)
     return objective, ckpt
 
 

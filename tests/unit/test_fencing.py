@@ -17,8 +17,7 @@ from selfsup.core.checkpoint import file_digest, list_checkpoints
 from selfsup.train import lease as lease_mod
 from selfsup.train.lease import LeaseLost, RunLease, RunLeaseError
 from selfsup.train.trainer import Trainer
-from tests.clusterkit import tiny_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_tiny_shards
 
 
 def _config(tmp_path):
@@ -63,7 +62,7 @@ def test_a_paused_driver_whose_lease_was_taken_stops_and_writes_nothing(tmp_path
 
     def paused_write(dest, *args):
         path = write(dest, *args)
-        if pause.startswith("before the rename") and "b" not in seen and args[-1]["step"] == 8:
+        if pause.startswith("before the rename") and "b" not in seen and args[1].step == 8:
             second_driver()
         return path
 

@@ -12,8 +12,7 @@ from PIL import Image
 
 from selfsup import cli
 from selfsup.core.checkpoint import checkpoint_name
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 
 def lines(text: str) -> list[str]:

@@ -14,10 +14,9 @@ import torch
 import selfsup
 from selfsup.cli import main
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import save_checkpoint
 from selfsup.eval.features import export_encoder
 from selfsup.tasks import task_for
-from tests.conftest import progress_at
+from tests.helpers import save_at
 
 transformers = pytest.importorskip("transformers")  # in the dev extra; the guard is for bare installs
 
@@ -39,7 +38,7 @@ def trained_run(tmp_path, method: dict):
     with torch.no_grad():
         for p in objective.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    ckpt = save_checkpoint(cfg.run_dir, objective.state_dict(), {"step": 1}, cfg, {}, progress_at(1), keep=1)
+    ckpt = save_at(cfg.run_dir, cfg, 1, objective.state_dict(), keep=1)
     return objective.eval(), ckpt
 
 

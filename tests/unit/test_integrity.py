@@ -12,9 +12,14 @@ import pytest
 from selfsup import cli
 from selfsup.cluster.trainer import pretrain_here
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import CheckpointCorrupt, list_checkpoints, load_checkpoint, read_progress, resume_point
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from selfsup.core.checkpoint import (
+    CheckpointCorrupt,
+    CheckpointProgress,
+    decide_resume,
+    list_checkpoints,
+    load_checkpoint,
+)
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 CORRUPTIONS = 20
 
@@ -59,17 +64,19 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
         if damaged.name == "model.pt":  # eval reads model.pt: refused in one line naming it and the one before
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
             assert f"{damaged} does not match its digest" in err and previous in err
-        found = resume_point(cfg.run_dir)
+        decided = decide_resume(cfg.run_dir)
+        found = decided.checkpoint
         warned = capsys.readouterr().err.splitlines()
         assert len(warned) == 1 and f"{damaged} does not match its digest" in warned[0], warned
         assert "resuming from the checkpoint before it" in warned[0]
         silent += found is None or found.name != previous
+        assert f"passed over: {latest} damaged, kept in {cfg.run_dir / 'corrupt' / latest}" in decided.reason
         assert (cfg.run_dir / "corrupt" / latest / damaged.name).read_bytes() != (good / "checkpoints" / latest /
                                                                                   damaged.name).read_bytes()
         assert [c.name for c in list_checkpoints(cfg.run_dir)] == [previous]
     assert silent == 0
     summary = pretrain_here(cfg)  # the last trial's run resumes from the checkpoint before and trains on
-    assert summary["steps"] == 4 and read_progress(list_checkpoints(cfg.run_dir)[-1])["step"] == 4
+    assert summary["steps"] == 4 and CheckpointProgress.read(list_checkpoints(cfg.run_dir)[-1]).step == 4
 
 
 def test_rerunning_a_finished_run_keeps_its_final_checkpoint_and_drops_a_torn_record(tmp_path, capsys):

@@ -102,7 +102,7 @@ def test_paper_probe_learns_through_augmented_crops_and_leaves_the_backbone_froz
     from torch import nn
 
     from selfsup.eval.linear import linear_probe_paper
-    from tests.conftest import make_images
+    from tests.helpers import make_images
 
     x, y = make_images(400, seed=3)  # a bright square in one quadrant (0 1 / 2 3) ...
     images, y = torch.from_numpy(x)[:, None], y // 2  # ... as top / bottom: classes that survive a horizontal flip

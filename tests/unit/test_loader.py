@@ -70,7 +70,7 @@ def test_uneven_shards_over_2_ranks_x_3_workers_read_through_dataloaders(tiny_sh
 
 
 def test_a_rank_with_no_full_shard_still_takes_the_same_steps(tmp_path):
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     loc = write_tiny_shards(tmp_path / "s", [70, 3])  # one big shard, one nearly empty
     got = epoch_keys(loc, ranks=2, workers=2, batch=4)
@@ -91,7 +91,7 @@ def test_batches_before_follows_round_robin_with_uneven_quotas():
 
 
 def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_topped_up(tmp_path):
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     loc = write_tiny_shards(tmp_path / "s", [40, 40])
     shard0 = sorted(loc.glob("*.tar"))[0]
@@ -137,7 +137,7 @@ def stream_health(location, ranks, batch, **kw) -> list[tuple[int, DataHealth]]:
 
 
 def test_a_flipped_header_byte_counts_the_rest_of_the_shard_as_skipped(tmp_path):
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
     from tests.unit.test_shards import break_header
 
     loc = write_tiny_shards(tmp_path / "s", [1000])
@@ -162,7 +162,7 @@ def test_a_flipped_header_byte_counts_the_rest_of_the_shard_as_skipped(tmp_path)
 
 
 def test_checksums_are_checked_when_asked_and_only_for_shards_read_whole(tmp_path):
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     loc = write_tiny_shards(tmp_path / "s", [40, 40])
     shard1 = loc / "train1-000000.tar"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import methods_fmnist as bench
-from tests.conftest import progress_at, write_tiny_shards
+from tests.helpers import train_state, write_tiny_shards
 
 
 def monitor_record(step, epoch, seconds, knn, rankme, **extra):
@@ -67,7 +67,7 @@ def fake_checkpoint(run_dir, step):
     ckpt = run_dir / "checkpoints" / f"samples-{8 * step:012d}"
     ckpt.mkdir(parents=True)
     (ckpt / "model.pt").write_bytes(b"abc")
-    (ckpt / "progress.json").write_text(json.dumps({**progress_at(step), "files": {"model.pt": 3}}))
+    (ckpt / "progress.json").write_text(json.dumps({**train_state(step).progress().__dict__, "files": {"model.pt": 3}}))
     return ckpt
 
 

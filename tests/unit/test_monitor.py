@@ -15,7 +15,7 @@ from selfsup.eval.knn import weighted_knn
 from selfsup.eval.online import OnlineMonitor
 from selfsup.tasks.vision import VisionTask, extract_features, views_for
 from selfsup.train.trainer import Trainer
-from tests.conftest import write_tiny_shards
+from tests.helpers import write_tiny_shards
 
 
 def config(tmp_path, *overrides):

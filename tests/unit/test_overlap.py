@@ -12,13 +12,12 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import save_checkpoint
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png
 from selfsup.eval.overlap import held_out_warnings, overlap
 from selfsup.eval.run import evaluate
 from selfsup.tasks.vision import VisionTask
-from tests.conftest import make_images, progress_at
+from tests.helpers import make_images, save_at
 
 CFG = {"name": "tiny", "data": {"train": "x", "channels": 1, "image_size": 28}, "model": {"width": 4},
        "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8}, "tracking": {"mode": "disabled"},
@@ -79,8 +78,7 @@ def test_a_held_out_split_gives_no_warning(folders, caplog):
 def test_the_report_and_the_console_say_it(tmp_path, folders, caplog, test_split, warned):
     cfg = parse_config({**CFG, "run_root": str(tmp_path / "runs"), "data": {**CFG["data"], "train": folders["train"]}})
     torch.manual_seed(0)
-    ckpt = save_checkpoint(cfg.run_dir, VisionTask().build_objective(cfg).state_dict(), {"step": 1}, cfg, {},
-                           progress_at(1), keep=1)
+    ckpt = save_at(cfg.run_dir, cfg, 1, VisionTask().build_objective(cfg).state_dict(), keep=1)
     with caplog.at_level(logging.WARNING, logger="selfsup.evaluate"):
         evaluate(ckpt, folders["train"], folders[test_split], tmp_path / "report", baselines=False, threads=1)
     notes = json.loads((tmp_path / "report" / "report.json").read_text())["notes"]

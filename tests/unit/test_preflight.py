@@ -11,8 +11,7 @@ import pytest
 from selfsup import cli
 from selfsup.cluster.trainer import unmet_resources
 from selfsup.config import ScalingConfig
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 
 @pytest.mark.parametrize("asked, cluster, said", [

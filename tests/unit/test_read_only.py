@@ -15,8 +15,7 @@ import pytest
 
 from selfsup import cli
 from selfsup.core.checkpoint import latest_checkpoint
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 
 def _blocked(tmp_path: Path, how: str) -> Path:

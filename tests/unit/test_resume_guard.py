@@ -11,8 +11,7 @@ from selfsup.cluster import trainer
 from selfsup.cluster.trainer import RunFailed, set_aside
 from selfsup.config import RESUMABLE_KEYS, _leaves, config_differences, load_config, parse_config
 from selfsup.core.checkpoint import latest_checkpoint, list_checkpoints
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import write_tiny_shards
+from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 
 def test_config_differences_name_each_changed_key_with_both_values():

@@ -17,8 +17,7 @@ import pytest
 from selfsup.cli import main
 from selfsup.data.reader import MANIFEST, PARTIAL, read_manifest
 from selfsup.data.shards import verify_shards
-from tests.clusterkit import tiny_config, write_config
-from tests.conftest import make_images, write_idx
+from tests.helpers import make_images, tiny_config, write_config, write_idx
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL = Path("/dev/full")  # every write fails with ENOSPC, as on a full disk; works as root too

@@ -8,7 +8,7 @@ from selfsup.cli import main
 from selfsup.data import sources
 from selfsup.data.reader import ManifestError, read_manifest
 from selfsup.data.shards import shards_info, verify_shards
-from tests.conftest import make_images, write_idx
+from tests.helpers import make_images, write_idx
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -102,7 +102,7 @@ def break_header(shard, key: str) -> None:
 @pytest.fixture(scope="module")
 def broken_1000(tmp_path_factory):
     """One 1,000-sample shard whose header of sample 500 has a flipped byte."""
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     loc = write_tiny_shards(tmp_path_factory.mktemp("broken") / "s", [1000])
     break_header(loc / "train0-000000.tar", "s000500")
@@ -144,7 +144,7 @@ def _key(sample):
 @pytest.fixture
 def split_with_problems(tmp_path):
     """Shards of 10, 10 and 4 samples: s000001 undecodable, shard 2's tar broken at its sample 2."""
-    from tests.conftest import write_tiny_shards
+    from tests.helpers import write_tiny_shards
 
     loc = write_tiny_shards(tmp_path / "s", [10, 10, 4])
     shard0 = loc / "train0-000000.tar"

@@ -20,7 +20,7 @@ from selfsup.data.reader import ManifestError, read_manifest, read_split
 from selfsup.data.shards import index_shards, sha256_file
 from selfsup.data.sources import encode_png
 from selfsup.data.stream import ShardStream
-from tests.conftest import make_images
+from tests.helpers import make_images
 
 N_WRITER, N_TAR = 14, 10  # samples in the TarWriter shard and in the `tar`-style shard
 

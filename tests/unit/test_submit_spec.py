@@ -10,7 +10,7 @@ import yaml
 
 from selfsup.cluster import submit as sub
 from selfsup.cluster.secrets import job_secrets
-from tests.clusterkit import tiny_config, write_config
+from tests.helpers import tiny_config, write_config
 
 
 def test_secrets_go_only_to_the_job_metadata(tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ def test_a_time_budget_cuts_the_run_and_is_kept_on_resume(tmp_path, tiny_shards,
     summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
     assert summary["steps"] == summary["total_steps"] == expected
     _, _, state = load_checkpoint(latest_checkpoint(cfg.run_dir), with_state=True)
-    assert state["sized_total_steps"] == expected
+    assert state.sized_total_steps == expected
     # resuming a finished run trains no further
     again = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=latest_checkpoint(cfg.run_dir)).fit()
     assert again["steps"] == expected

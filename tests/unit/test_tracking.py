@@ -18,7 +18,7 @@ import yaml
 from selfsup import cli
 from selfsup.config import ConfigError, dump_config, parse_config
 from selfsup.tracking.wandb_run import WandbReporter, check_credentials, log_eval_report, run_id
-from tests.clusterkit import tiny_config, write_config
+from tests.helpers import tiny_config, write_config
 
 BLOCK, HEADER = 32768, 7  # the .wandb file: leveldb-log blocks of records, after a 7-byte file header
 
