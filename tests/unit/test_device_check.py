@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from benchmarks.device_check import METHODS, main
-from tests.conftest import make_images, write_idx
+from tests.helpers import make_images, write_idx
 
 NOT_ON_THE_DEVICE = ["ray", "wandb", "faiss", "sklearn", "matplotlib", "scipy", "pandas", "rich", "lightly",
                      "transformers", "moto"]
