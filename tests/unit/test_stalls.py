@@ -10,7 +10,10 @@ import torch
 from selfsup.core.reporter import Reporters
 from selfsup.train.trainer import Trainer
 from tests.stalls import Exemption, HostStalls, at_code, in_torch_function
+from selfsup.config import load_config
+from selfsup.data.views import DeviceCrops
 from tests.unit.test_bad_steps import HEADS, audio_config, tiny_config
+from tests.unit.test_jpeg_views import jpeg_folder, jpeg_shards  # noqa: F401 - fixtures
 
 EXEMPT = [
     Exemption("fused AdamW's CPU step counter",
@@ -22,6 +25,14 @@ EXEMPT = [
               "(aten/src/ATen/native/Onehot.cpp); on CUDA a device-side assert checks them",
               at_code("F.one_hot(")),
 ]
+HOST_BATCH = [  # DeviceCrops' work on the loader's batch metadata, CPU tensors on a GPU machine too
+    Exemption("cut_boxes' group index",
+              "built from Python ints on the host and copied pinned and asynchronously (selfsup.data.views._on): "
+              "the host does not wait for the GPU", at_code("_on(boxes.device, torch.tensor(members))")),
+    Exemption("the batch's index metadata",
+              "crop_index / jpeg_index are CPU tensors of the loader's batch: comparing them reads host memory",
+              at_code("torch.equal(parts[0][0]")),
+]
 PRESETS = {"simclr": "simclr", "moco_v2": "moco-v2", "moco_v3": "byol", "byol": "byol", "simsiam": "moco-v2",
            "vicreg": "byol", "barlow_twins": "byol"}  # as their papers augment
 # DINO's multi-crop at 28 px: its two global views, then two local views of 12 px (DINO's 96/224)
@@ -30,7 +41,7 @@ VIEWS = {"dino": "augment.views=[{jitter_p: 0.8, grayscale_p: 0.2, blur_p: 1.0},
                  "blur_p: 0.5}]"}
 
 
-def count_stalls(cfg, bad_calls: set[int]) -> tuple[list[list], list[list], list[int]]:
+def count_stalls(cfg, bad_calls: set[int], exempt: list[Exemption] = EXEMPT) -> tuple[list[list], list[list], list[int]]:
     """Trains ``cfg`` to its end, the loss NaN on the forward calls in ``bad_calls`` (1-based). Returns
     the stalls of each step, those of the loop's work after each quiet step, and the logging steps."""
     trainer = Trainer(cfg, Reporters(), resume_from=None)
@@ -48,14 +59,14 @@ def count_stalls(cfg, bad_calls: set[int]) -> tuple[list[list], list[list], list
     step, after_step = trainer.step, trainer._after_step
 
     def counted_step(batch):
-        with HostStalls(EXEMPT) as mode:
+        with HostStalls(exempt) as mode:
             out = step(batch)
         in_step.append(mode.stalls)
         return out
 
     def counted_after(out, epoch, in_epoch):
         logging = trainer.steps_done % cfg.train.log_every_steps == 0 or in_epoch == trainer._epoch_steps(epoch)
-        with HostStalls(EXEMPT) as mode:
+        with HostStalls(exempt) as mode:
             after_step(out, epoch, in_epoch)
         if logging:
             logged.append(trainer.steps_done)
@@ -101,3 +112,21 @@ def test_the_detector_finds_each_kind_and_names_its_line():
         ("data-dependent shape", "nonzero"), ("data-dependent shape", "index")]
     assert mode.stalls[0].site.file == __file__ and "float(x.max())" in mode.stalls[0].site.code
     assert mode.exempt == {"one named": 1}
+
+
+def test_no_host_stall_decoding_jpegs_on_the_device(jpeg_shards, tmp_path, monkeypatch):
+    """The device decode path (data.decode=gpu: DeviceCrops decodes and cuts the JPEGs inside the step),
+    here on the CPU: what it reads on the host is the loader's batch metadata, never a device value."""
+    monkeypatch.setattr("selfsup.tasks.vision.decode_on_device", lambda cfg: True)
+    cut, decoded = DeviceCrops.cut_jpegs, []
+    monkeypatch.setattr(DeviceCrops, "cut_jpegs", lambda self, batch: decoded.append(1) or cut(self, batch))
+    cfg = load_config("simclr-resnet50-imagenet", [
+        f"data.train={jpeg_shards}", "data.image_size=32", "data.batch_size=4", "data.loader_workers=0",
+        f"run_root={tmp_path}", "model.backbone=resnet18", "model.width=4", "method.proj_hidden_dim=16",
+        "method.proj_dim=8", "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every_steps=2",
+        "train.precision=fp32", "tracking.mode=disabled"])
+    in_step, after, _ = count_stalls(cfg, bad_calls={2}, exempt=EXEMPT + HOST_BATCH)
+    assert len(in_step) == 3 and [len(s) for s in in_step] == [0] * 3, \
+        "\n".join(str(s) for steps in in_step for s in steps)
+    assert [len(s) for s in after] == [0] * len(after)
+    assert len(decoded) == 3  # every step decoded its batch's JPEGs inside the step
