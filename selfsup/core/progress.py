@@ -1,5 +1,6 @@
 """Progress bars that suit where the output goes: tqdm's live bar on a terminal; elsewhere (a log file,
-CI, a pipe) a plain line every tenth of the total, never a redraw or an escape code."""
+CI, a pipe) a plain line every tenth of the total, never a redraw or an escape code, and nothing for a
+transient bar (``leave=False``), which a terminal would not keep either."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class progress(tqdm):  # noqa: N801 - used as tqdm is, in its place
         stream = kwargs.get("file") or sys.stderr
         self.plain = not (hasattr(stream, "isatty") and stream.isatty())
         if self.plain:
+            kwargs["disable"] = kwargs.get("disable") or kwargs.get("leave", True) is False
             sized = kwargs.get("total") is not None or (args and hasattr(args[0], "__len__"))
             kwargs.setdefault("bar_format", PLAIN_FORMAT if sized else UNSIZED_FORMAT)
             kwargs["dynamic_ncols"], kwargs["leave"] = False, False

@@ -49,6 +49,28 @@ def test_a_run_under_ray_prints_only_selfsups_lines(tmp_path):
     assert "INFO ray." in (logs / "driver.log").read_text() and (logs / "ray").is_symlink()
 
 
+DEMO_LINE = re.compile(r"^(\[[123]/3\] |set the old run aside as |starting a Ray of its own|Ray dashboard: |"
+                       r"pretraining \d+/\d+ steps|warning: (training|evaluating) with 1 of \d+ CPU threads|"
+                       r"online kNN@20 on a held-out subset must beat: |epoch \d+\.\d\d: online kNN@20 |"
+                       r"time budget |done: \d+ steps|.*: \d+ decoded images from the cache$|scoring \w+ \(|"
+                       r"baselines .* from the cache$|\| |\|---|report: |demo finished in |selfsup: note: )")
+
+
+def test_the_demo_under_ray_prints_only_selfsups_lines(tmp_path):
+    """`selfsup demo` on tiny shards (the same phases as on Fashion-MNIST): every line is one of selfsup's."""
+    write_tiny_shards(tmp_path / "data" / "train", [400])
+    write_tiny_shards(tmp_path / "data" / "test", [200], seed=1, split="test")
+    run = selfsup(["demo", "--data", str(tmp_path / "data"), "data.batch_size=32", "optim.epochs=3", "model.width=4",
+                   "tracking.mode=disabled"], tmp_path)
+    out = run.communicate(timeout=600)[0]
+    assert run.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert "Traceback" not in out and "\x1b" not in out and "\r" not in out, out
+    assert [line for line in lines if not DEMO_LINE.match(line)] == [], out
+    print(f"the demo on tiny shards printed {len(lines)} lines")
+    assert sum(line.startswith("pretraining ") for line in lines) >= 3 and lines[-1].startswith("demo finished in")
+
+
 def test_beside_another_ray_ctrl_c_is_one_line_and_the_resumed_console_goes_on_from_there(tmp_path):
     # 25 steps an epoch, 4 epochs, a checkpoint every 10 steps and each epoch (each waits on Ray's controller)
     config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [200]), tmp_path / "runs",

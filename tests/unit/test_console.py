@@ -121,3 +121,12 @@ def test_the_driver_logs_a_workers_selfsup_lines_once(tmp_path, monkeypatch, cap
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
         ("selfsup.pretrain", "INFO", "resumed from step 4"),
         ("selfsup.pretrain", "WARNING", "epoch 1: 2 bad samples skipped")]
+
+
+def test_off_a_terminal_a_transient_bar_prints_nothing():
+    from selfsup.core.progress import progress
+
+    out = io.StringIO()
+    for _ in progress(range(50), desc="features", file=out, leave=False, mininterval=0, miniters=1):
+        pass
+    assert out.getvalue() == ""
