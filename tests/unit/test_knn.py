@@ -215,3 +215,48 @@ def test_both_faiss_wheels_installed_is_said_in_one_line(monkeypatch, caplog):
         "faiss-cpu and faiss-gpu-cu12 are both installed and write the same `faiss` module (the one installed "
         "last won): pip uninstall -y faiss-cpu faiss-gpu-cu12, then reinstall selfsup with one extra, "
         "'.[cpu]' or '.[gpu]'"]
+
+
+class GpuFaissStandIn:
+    """faiss as its GPU build presents itself, searching exactly with numpy; records each GPU call."""
+
+    METRIC_INNER_PRODUCT = 0
+
+    def __init__(self):
+        self.calls = []
+
+    def omp_set_num_threads(self, n):
+        pass
+
+    def get_num_gpus(self):
+        return 1
+
+    def StandardGpuResources(self):  # noqa: N802 - faiss's name
+        return "resources"
+
+    def knn_gpu(self, resources, q, block, k, metric):
+        self.calls.append((resources, q.dtype, block.dtype, q.flags.c_contiguous, k, metric))
+        sims = q @ block.T
+        idx = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, idx, 1), idx.astype(np.int64)
+
+    def knn(self, *args, **kwargs):
+        raise AssertionError("the CPU search ran where faiss has a GPU")
+
+
+def test_the_faiss_gpu_glue_against_a_stand_in_index(monkeypatch):
+    rng = np.random.default_rng(3)
+    bank, queries = rng.normal(size=(300, 16)).astype(np.float32), rng.normal(size=(40, 16)).astype(np.float32)
+    bank_y, query_y = rng.integers(0, 5, 300), rng.integers(0, 5, 40)
+    expected = weighted_knn(bank, bank_y, queries, query_y, settings=[(20, 0.07)], num_classes=5, backend="numpy")
+    fake = GpuFaissStandIn()
+    monkeypatch.setattr(knn, "_faiss", lambda: fake)
+    knn._gpu_resources.cache_clear()
+    try:
+        got = weighted_knn(bank, bank_y, queries, query_y, settings=[(20, 0.07)], num_classes=5, backend="faiss")
+    finally:
+        knn._gpu_resources.cache_clear()
+    # unit float32 rows, C order, on the process's one GPU resource; k with a margin for exact re-ranking
+    assert fake.calls and all(c[:4] == ("resources", np.float32, np.float32, True) and c[4] >= 20 and c[5] == 0
+                              for c in fake.calls)
+    assert got.top1 == expected.top1 and np.array_equal(got.predictions["knn@20"], expected.predictions["knn@20"])

@@ -381,6 +381,25 @@ def test_global_batchnorm_conversion_keeps_parameters_buffers_and_keys():
     torch.testing.assert_close(converted.encoder.state_dict(), plain.encoder.state_dict())
 
 
+@pytest.mark.parametrize("name", ["simclr", "byol", "dino"])
+def test_the_cuda_conversion_to_sync_batchnorm_keeps_parameters_buffers_and_keys(name):
+    """The CUDA branch of convert_sync_batchnorm (torch's SyncBatchNorm), converted on the CPU as the
+    trainer converts before moving to the GPU: the same parameters, buffers and keys, frozen copies frozen."""
+    from selfsup.core.distributed import convert_sync_batchnorm
+
+    torch.manual_seed(0)
+    backbone, dim = build_backbone("resnet18", width=8, in_channels=1)
+    method = build_method(METHOD_CONFIGS[name](**SMALL.get(name, {})), backbone, dim)
+    before = method.state_dict(keep_vars=True)
+    frozen = {k for k, v in method.named_parameters() if not v.requires_grad}
+    converted = convert_sync_batchnorm(method, torch.device("cuda", 0))
+    after = converted.state_dict(keep_vars=True)
+    assert list(after) == list(before) and all(after[k] is before[k] for k in before)
+    norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    assert {k for k, v in converted.named_parameters() if not v.requires_grad} == frozen
+
+
 # ---- registry and a real backbone ----
 
 def test_registry_names_match_config_literals():
