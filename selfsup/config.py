@@ -11,6 +11,7 @@ nothing from selfsup and no torch, so a config validates anywhere (``selfsup sub
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -497,10 +498,14 @@ class OptimConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     weight_decay_end: float | None = Field(None, ge=0, le=10, description="weight decay at the end of the "
                                            "run, on a cosine from weight_decay (DINO: 0.04 -> 0.4); None: constant")
-    warmup_epochs: float = Field(1.0, ge=0)
+    warmup_epochs: float | None = Field(1.0, ge=0, description="linear warm-up, in epochs (None with `updates`)")
     decay: Literal["cosine", "linear"] = Field("cosine", description="after the warm-up: cosine to 0, or linear "
                                                 "to 0 (fairseq's polynomial_decay, power 1)")
-    epochs: float = Field(10, gt=0)
+    epochs: float | None = Field(10, gt=0, description="the schedule's length in epochs (None with `updates`)")
+    updates: int | None = Field(None, gt=0, description="the schedule's length in optimiser updates, for a recipe "
+                                "stated in updates (fairseq's max_update), in place of `epochs`")
+    warmup_updates: int | None = Field(None, ge=0, description="with `updates`: the linear warm-up in updates "
+                                       "(fairseq's warmup_updates), in place of `warmup_epochs`; None: 0")
     minutes: float | None = Field(None, gt=0, description="fit training into this wall time: after a few "
                                   "steps the schedule is cut to the steps that fit (never beyond `epochs`)")
     reserve_steps: int = Field(0, ge=0, description="with `minutes`: leave the time of this many more steps, at "
@@ -508,6 +513,40 @@ class OptimConfig(Strict):
                                "machine, as the demo's evaluation)")
     grad_clip: float | None = Field(None, gt=0)
     max_bad_steps: int = Field(10, ge=1, description="consecutive NaN/inf losses (each skipped) that stop the run at the next logging step")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _updates_replace_epochs(cls, data: Any) -> Any:
+        """With ``updates`` given, ``epochs`` and ``warmup_epochs`` default to None (their defaults are in epochs)."""
+        if isinstance(data, dict) and data.get("updates") is not None:
+            return {"epochs": None, "warmup_epochs": None, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_unit_for_the_schedule(self) -> OptimConfig:
+        if self.updates is None:
+            if self.epochs is None or self.warmup_epochs is None:
+                raise ValueError("optim.epochs and optim.warmup_epochs are needed without optim.updates: give the "
+                                 "schedule in epochs, or its length as optim.updates")
+            if self.warmup_updates is not None:
+                raise ValueError("optim.warmup_updates needs optim.updates: give the schedule's length in updates "
+                                 "too, or the warm-up as optim.warmup_epochs")
+            return self
+        for key in ("epochs", "warmup_epochs"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"optim.{key} and optim.updates both give the schedule in a unit: keep one (with "
+                                 f"optim.updates, the warm-up is optim.warmup_updates; optim.updates=null for epochs)")
+        if (self.warmup_updates or 0) > self.updates:
+            raise ValueError(f"optim.warmup_updates {self.warmup_updates} is longer than optim.updates {self.updates}")
+        return self
+
+    def schedule_steps(self, steps_per_epoch: int) -> tuple[int, int]:
+        """The schedule's (total, warm-up) optimiser steps: ``updates`` and ``warmup_updates`` when the recipe
+        gives updates, else ``epochs`` and ``warmup_epochs`` at ``steps_per_epoch`` steps an epoch."""
+        if self.updates is not None:
+            return self.updates, self.warmup_updates or 0
+        assert self.epochs is not None and self.warmup_epochs is not None  # _one_unit_for_the_schedule
+        return max(1, math.ceil(self.epochs * steps_per_epoch)), int(self.warmup_epochs * steps_per_epoch)
 
 
 class TrainConfig(Strict):
@@ -799,7 +838,7 @@ def dump_config(cfg: ExperimentConfig) -> str:
 RESUMABLE_KEYS = (
     "name", "run_root", "data.train", "data.test",  # the same run and shards at another path (absolute under Ray)
     "data.loader_workers", "data.verify_checksums", "data.decode",
-    "optim.epochs", "optim.minutes", "optim.reserve_steps", "optim.max_bad_steps",
+    "optim.epochs", "optim.updates", "optim.minutes", "optim.reserve_steps", "optim.max_bad_steps",
     "train.precision", "train.channels_last", "train.compile", "train.threads", "train.adapt_threads", "train.log_every_steps",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.monitor_every_epochs",
     "scaling", "tracking", "eval",

@@ -146,18 +146,20 @@ class DataHealth:
         """One line for the end-of-epoch warning, "" when nothing went wrong."""
         if not any(getattr(self, name) for name in self.COUNTS + self.DEVICE_COUNTS):
             return ""
-        text = f"{self.skipped} bad samples skipped"
-        if self.duplicates:
-            text += f" ({self.duplicates} of them repeated keys)"
-        text += f", {self.repeated} samples repeated to top up batches"
+        parts = []  # what happened only: a checksum alone is not "0 bad samples skipped, 0 repeated"
+        if self.skipped:
+            parts.append(f"{self.skipped} bad samples skipped"
+                         + (f" ({self.duplicates} of them repeated keys)" if self.duplicates else ""))
+        if self.repeated:
+            parts.append(f"{self.repeated} samples repeated to top up batches")
         if self.unknown:
-            text += f", {self.unknown} tar members of no sample (no extension) not read"
+            parts.append(f"{self.unknown} tar members of no sample (no extension) not read")
         if self.mismatched:
-            text += f", {self.mismatched} shards with a wrong sha256 (run `selfsup shards verify`)"
+            parts.append(f"{self.mismatched} shards with a wrong sha256 (run `selfsup shards verify`)")
         if self.decode_fallbacks or self.decode_failed:
-            text += (f", {self.decode_fallbacks} JPEGs the GPU rejected decoded on the CPU, "
-                     f"{self.decode_failed} undecodable trained as grey")
-        return text + (f"; first: {'; '.join(self.where[:3])}" if self.where else "")
+            parts.append(f"{self.decode_fallbacks} JPEGs the GPU rejected decoded on the CPU, "
+                         f"{self.decode_failed} undecodable trained as grey")
+        return ", ".join(parts) + (f"; first: {'; '.join(self.where[:3])}" if self.where else "")
 
 
 class _Tally:

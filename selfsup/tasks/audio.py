@@ -98,7 +98,8 @@ class AudioTask:
                            functools.partial(decode_audio_sample, min_samples=min_samples),
                            functools.partial(collate_audio, max_samples=max_samples, min_samples=min_samples),
                            rank=rank(), ranks=world_size(), workers=max(1, cfg.data.loader_workers),
-                           seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, tokens=tokens)
+                           seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, tokens=tokens,
+                           verify_checksums=cfg.data.verify_checksums)
 
     def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None):
         """batch -> (waves (B, S), lengths (B,)) on ``device`` (the clips were decoded by the workers:

@@ -148,7 +148,8 @@ class VisionTask:
         decode, collate = image_decoding(cfg, read_manifest(cfg.data.train)[0])
         return ShardStream(cfg.data.train, cfg.data.batch_size, decode, collate, rank=rank(),
                            ranks=world_size(), workers=max(1, cfg.data.loader_workers), seed=cfg.seed,
-                           shuffle_buffer=cfg.data.shuffle_buffer)
+                           shuffle_buffer=cfg.data.shuffle_buffer,
+                           verify_checksums=cfg.data.verify_checksums)
 
     def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None):
         """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format: cut from a

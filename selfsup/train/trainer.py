@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -126,8 +125,7 @@ class Trainer:
                                  cfg.optim.lr_scaling)
         self.optimizer = build_optimizer(self.objective.param_groups(), cfg.optim, self.base_lr)
         self.steps_per_epoch = self.stream.steps_per_epoch()
-        self.total_steps = max(1, math.ceil(cfg.optim.epochs * self.steps_per_epoch))
-        self.warmup_steps = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.total_steps, self.warmup_steps = cfg.optim.schedule_steps(self.steps_per_epoch)
         self.steps_done, self.start_epoch, self.start_in_epoch = 0, 0, 0
         self.samples_seen, self.checkpoints_written, self.checkpoint, self.last = 0, 0, None, {}
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)

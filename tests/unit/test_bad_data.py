@@ -205,3 +205,31 @@ def test_shards_write_refuses_an_image_over_the_cap_from_its_header_naming_the_f
     assert (f"  skipped: {src / 'bomb.png'}: 10000x10000 px (100.0 MP), over the 64000000 pixels training "
             "decodes (data.max_image_pixels); pass --max-side to store it downscaled") in capsys.readouterr().out
     assert (10000, 10000) not in loads and read_manifest(str(tmp_path / "out"))[0]["num_samples"] == 2
+
+
+def test_a_shard_with_a_wrong_sha256_that_still_decodes_is_counted_in_the_summary_and_warned_about(tmp_path, capsys):
+    import json
+
+    from tests.helpers import tiny_config, write_config, write_tiny_shards
+
+    loc = write_tiny_shards(tmp_path / "s", [16])
+    shard = loc / "train0-000000.tar"
+    with tarfile.open(shard) as tar:
+        png = next(m for m in tar.getmembers() if m.name.endswith(".png") and m.size % 512)
+    data = bytearray(shard.read_bytes())
+    data[png.offset_data + png.size] ^= 0xFF  # a byte of the tar's padding after an image: every sample decodes
+    shard.write_bytes(bytes(data))
+    # 2 steps of 8 an epoch, the schedule in updates (3): the shard is read whole (and hashed) in the first
+    # epoch only; the second stops after its first step
+    tree = tiny_config("x", loc, tmp_path / "runs", data={"verify_checksums": True, "shuffle_buffer": 0})
+    tree["optim"] = {"lr": 0.1, "updates": 3, "warmup_updates": 1}  # in place of tiny_config's epochs
+    config = write_config(tmp_path / "x.yaml", tree)
+    assert main(["pretrain", str(config), "--no-ray"]) == 0
+    summary = json.loads((tmp_path / "runs" / "x" / "summary.json").read_text())
+    assert (summary["steps"], summary["total_steps"]) == (3, 3)
+    assert (summary["data"]["mismatched"], summary["data"]["skipped"], summary["data"]["repeated"]) == (1, 0, 0)
+    assert summary["data"]["where"][0] == (f"{shard}: sha256 differs from the manifest (shard changed or corrupt); "
+                                           f"run `selfsup shards verify {loc}`")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: epoch")]
+    assert len(warnings) == 2 and warnings[0].startswith(
+        f"warning: epoch 1, so far: 1 shards with a wrong sha256 (run `selfsup shards verify`); first: {shard}: sha256")

@@ -278,6 +278,8 @@ RECIPES: dict[str, list[tuple]] = {
         ("optim.weight_decay", 0.01, f"{FAIRSEQ} (weight_decay)"),
         ("optim.lr", 5e-4, f"{W2V} §4.2 (peak 5e-4 for BASE) / {FAIRSEQ}"),
         ("optim.lr_scaling", "none", f"{FAIRSEQ} (a fixed lr; batches in samples)"),
+        ("optim.updates", 400_000, f"{W2V} §4.2 (BASE trained for 400k updates) / {FAIRSEQ} (max_update 400000)"),
+        ("optim.warmup_updates", 32_000, f"{FAIRSEQ} (lr_scheduler warmup_updates 32000)"),
         ("warmup_fraction", 0.08, f"{W2V} §4.2 (warm-up for the first 8%) / {FAIRSEQ} (32k of 400k)"),
         ("optim.decay", "linear", f"{W2V} §4.2 (linearly decayed) / {FAIRSEQ} (polynomial_decay, power 1)"),
         ("method.mask_prob", 0.65, f"{FAIRSEQ} (mask_prob 0.65 default; paper §4.2: p = 0.065, M = 10)"),
@@ -308,7 +310,8 @@ def value(cfg, key: str):
     batch = cfg.scaling.num_workers * cfg.data.batch_size
     derived = {"batch": lambda: batch, "view_sizes": lambda: tuple(cfg.view_sizes()),
                "peak_lr": lambda: scaled_lr(cfg.optim.lr, batch, cfg.optim.reference_batch, cfg.optim.lr_scaling),
-               "warmup_fraction": lambda: cfg.optim.warmup_epochs / cfg.optim.epochs,
+               "warmup_fraction": lambda: (cfg.optim.warmup_updates / cfg.optim.updates if cfg.optim.updates
+                                           else cfg.optim.warmup_epochs / cfg.optim.epochs),
                "max_sample_size": lambda: round(cfg.data.max_seconds * 16000),
                "min_sample_size": lambda: round(cfg.data.min_seconds * 16000)}
     if key in derived:
@@ -340,6 +343,34 @@ def test_a_shipped_recipe_sets_its_papers_value(name, key, want, source):
         assert got == pytest.approx(want, rel=1e-9), f"{name} {key}: {got}, {source} says {want}"
     else:
         assert (tuple(got) if isinstance(got, (list, tuple)) else got) == want, f"{name} {key}: {got}, {source} says {want}"
+
+
+def test_a_schedule_in_updates_is_that_many_optimiser_steps_whatever_an_epochs_steps():
+    optim = load_config("wav2vec2-base").optim
+    assert optim.schedule_steps(750) == optim.schedule_steps(3) == (400_000, 32_000)
+    assert (optim.epochs, optim.warmup_epochs) == (None, None)
+    assert lr_at(32_000, 400_000, 32_000, 5e-4, decay="linear") == pytest.approx(5e-4)  # the peak, after warm-up
+    assert lr_at(216_000, 400_000, 32_000, 5e-4, decay="linear") == pytest.approx(2.5e-4)  # halfway down
+    # a schedule in epochs: ceil(epochs x steps an epoch), the warm-up rounded down
+    simclr = load_config("simclr-resnet50-imagenet").optim
+    assert simclr.schedule_steps(313) == (313_000, 3130)
+    assert load_config("quickstart", ["optim.epochs=0.5", "optim.warmup_epochs=0.25"]).optim.schedule_steps(7) == (4, 1)
+    # back to epochs: both updates keys cleared, the epoch defaults again (10, 1 warm-up)
+    again = load_config("wav2vec2-base", ["optim.updates=null", "optim.warmup_updates=null"]).optim
+    assert again.schedule_steps(10) == (100, 10)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["optim.epochs=2"], "optim.epochs and optim.updates both give the schedule"),
+    (["optim.warmup_epochs=1"], "optim.warmup_epochs and optim.updates both give the schedule"),
+    (["optim.warmup_updates=500000"], "longer than optim.updates 400000"),
+    (["optim.updates=null"], "optim.warmup_updates needs optim.updates"),
+])
+def test_a_schedule_in_updates_refuses_a_second_unit(overrides, words):
+    from selfsup.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        load_config("wav2vec2-base", overrides)
 
 
 def test_linear_decay_is_fairseqs_polynomial_decay_with_power_1():
