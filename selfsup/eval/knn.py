@@ -36,7 +36,6 @@ _TILE_ELEMENTS = 2**25  # similarities held at once by the torch / numpy engines
 _RESCORE_ELEMENTS = 2**20  # gathered feature values held at once while re-scoring
 _TOL = 1e-5  # bound on |engine float32 similarity - re-scored similarity| for unit vectors
 BACKENDS = ("faiss", "torch", "numpy")
-INDEXES = ("flat", "ivf", "hnsw")
 
 
 @dataclass
@@ -46,7 +45,6 @@ class KNNResult:
     ``top1`` / ``top5``: fraction of queries correct. ``predictions``: (M,) int64 labels.
     ``neighbours``: (M, k_max) int64 bank indices, best first; ``similarities``: (M, k_max) float32.
     ``unseen_classes``: labels present in the queries but not the bank (always errors).
-    ``recall_vs_exact``: recall@k_max of an approximate index against exact search, on a sample.
     """
 
     top1: dict[str, float]
@@ -55,7 +53,6 @@ class KNNResult:
     neighbours: np.ndarray
     similarities: np.ndarray
     unseen_classes: list[int] = field(default_factory=list)
-    recall_vs_exact: float | None = None
 
 
 def weighted_knn(
@@ -67,16 +64,13 @@ def weighted_knn(
     num_classes: int | None = None,
     backend: str = "auto",
     chunk_size: int = 8192,
-    index: str = "flat",
-    recall_sample: int = 1000,
 ) -> KNNResult:
     """Classify ``queries`` (M, D) by weighted vote of their nearest rows of ``bank`` (N, D).
 
     ``bank_labels`` (N,) / ``query_labels`` (M,) are integer classes. ``settings``: (k, T) pairs with
     distinct k; a k above N is lowered to N, said in a note. ``backend``: "faiss", "torch", "numpy"
-    or "auto" (faiss if importable, else torch). ``chunk_size``: queries per search call.
-    ``index``: "flat" (exact) or "ivf" / "hnsw" (approximate faiss index for very large banks; its
-    recall against exact search on ``recall_sample`` queries is logged and returned).
+    or "auto" (faiss if importable, else torch): every engine gives the exact neighbours. ``chunk_size``:
+    queries per search call.
     """
     bank, bank_labels, queries, query_labels = check_split_pair(bank, bank_labels, queries, query_labels)
     if num_classes is None:
@@ -86,24 +80,12 @@ def weighted_knn(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     backend = _resolve_backend(backend)
-    if index not in INDEXES:
-        raise ValueError(f"index must be one of {INDEXES}, got {index!r}")
-    if index != "flat" and backend != "faiss":
-        raise ValueError(f"index={index!r} needs backend='faiss', got {backend!r}")
     settings = _check_settings(settings, len(bank))
 
     k_max = max(k for _, k, _ in settings)
     inv_bank = inverse_norms(bank)
     q = queries.astype(np.float32) * inverse_norms(queries)[:, None]
-    recall = None
-    if index == "flat":
-        nb, sims = _exact_neighbours(bank, inv_bank, q, k_max, backend, chunk_size)
-    else:
-        nb, sims = _approximate_neighbours(bank, inv_bank, q, k_max, index)
-        sample = np.random.default_rng(0).choice(len(q), min(recall_sample, len(q)), replace=False)
-        exact, _ = _exact_neighbours(bank, inv_bank, q[sample], k_max, backend, chunk_size)
-        recall = float(np.mean([len(np.intersect1d(a, b)) / k_max for a, b in zip(nb[sample], exact)]))
-        log.info("%s index: recall@%d vs exact search = %.4f on %d queries", index, k_max, recall, len(sample))
+    nb, sims = _exact_neighbours(bank, inv_bank, q, k_max, backend, chunk_size)
 
     nb_labels = bank_labels[nb]
     top1, top5, predictions = {}, {}, {}
@@ -111,7 +93,7 @@ def weighted_knn(
         pred, ok1, ok5 = _vote(nb_labels[:, :k], sims[:, :k], t, num_classes, query_labels, chunk_size)
         top1[key], top5[key], predictions[key] = float(ok1.mean()), float(ok5.mean()), pred
     unseen = sorted(set(np.unique(query_labels).tolist()) - set(np.unique(bank_labels).tolist()))
-    return KNNResult(top1, top5, predictions, nb, sims, unseen, recall)
+    return KNNResult(top1, top5, predictions, nb, sims, unseen)
 
 
 FAISS_WHEELS = ("faiss-cpu", "faiss-gpu-cu12")  # the extras `cpu` and `gpu`: one `faiss` module, two wheels
@@ -349,28 +331,6 @@ def _exact_neighbours(bank, inv, q, k: int, backend: str, chunk_size: int) -> tu
         todo = todo[~(sims[todo, k - 1] > approx.min(axis=1) + _TOL)]
         kc = min(n, 2 * kc)
     return nb, sims
-
-
-def _approximate_neighbours(bank, inv, q, k: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` from a faiss IVF or HNSW index over the normalised bank, re-scored and ordered."""
-    faiss, (n, d) = _faiss(), bank.shape
-    if kind == "ivf":
-        nlist = max(1, min(n // 39, int(4 * np.sqrt(n))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(np.random.default_rng(0).choice(n, min(n, 256 * nlist), replace=False))
-        index.train(bank[sample].astype(np.float32) * inv[sample, None])
-        index.nprobe = min(nlist, 32)
-    else:
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = max(128, 2 * k)
-    rows = max(1, _BLOCK_BYTES // (4 * d))
-    for start in range(0, n, rows):
-        index.add(_bank_block(bank, inv, start, min(n, start + rows)))
-    _, idx = index.search(q, k)
-    missing = idx < 0  # an IVF probe can return fewer than k rows: they get weight exp(-inf) = 0
-    sims = _rescore(bank, inv, q, np.where(missing, 0, idx))
-    sims[missing] = -np.inf
-    return _order(sims, idx, k)
 
 
 def _vote(nb_labels, sims, t: float, c: int, y: np.ndarray, chunk_size: int):

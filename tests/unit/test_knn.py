@@ -136,18 +136,6 @@ def test_k_above_bank_size_is_lowered_with_a_note(capsys):
         "selfsup: note: kNN: k=50 is larger than the bank (12 rows); using k=12 under the key 'knn@50'"]
 
 
-@pytest.mark.parametrize("index", ["ivf", "hnsw"])
-def test_approximate_index_reports_recall(index):
-    rng = np.random.default_rng(5)
-    bank, yb, centres = clustered(rng, 3000, classes=10, dim=16, noise=0.6)
-    queries, yq, _ = clustered(rng, 200, classes=10, dim=16, noise=0.6, centres=centres)
-    exact = weighted_knn(bank, yb, queries, yq, ((20, 0.07),))
-    approx = weighted_knn(bank, yb, queries, yq, ((20, 0.07),), index=index, recall_sample=100)
-    assert exact.recall_vs_exact is None
-    assert 0.8 <= approx.recall_vs_exact <= 1.0
-    assert abs(approx.top1["knn@20"] - exact.top1["knn@20"]) <= 0.05
-
-
 def test_validation_errors():
     rng = np.random.default_rng(6)
     bank, yb, _ = clustered(rng, 20)
