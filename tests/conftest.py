@@ -1,12 +1,44 @@
-"""Shared fixtures (helpers that tests call live in ``tests/helpers.py``)."""
+"""Shared fixtures (helpers that tests call live in ``tests/helpers.py``), and the ``run`` mark.
+
+A test that trains a run end to end (``Trainer.fit``, the driver, ``selfsup pretrain`` or ``demo``), in
+its body or in a helper of its module that it calls, is marked ``run`` at collection: ``pytest tests/unit
+-m "not run"`` is the unit tests proper, none of which trains.
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import write_tiny_shards
+
+TRAINS = re.compile(r"(?<![\w.])fit\(|\.fit\(\)|pretrain\w*\(|(?<![\w.])train\(|run_training\(|drive\("
+                    r"|main\(\[\s*\"(pretrain|demo)\"|main\(argv")
+REFUSED = re.compile(r"\) == 2\b|pytest\.raises")  # a run refused before it starts trains nothing
+
+
+def _trains(function, module, depth: int = 2) -> bool:
+    """Whether ``function`` trains a run, itself or through a function of ``module`` it calls."""
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    if any(TRAINS.search(line) and not REFUSED.search(line) for line in source.splitlines()[1:]):
+        return True
+    called = set(re.findall(r"\b(\w+)\(", source)) - {function.__name__}
+    return depth > 0 and any(inspect.isfunction(helper := getattr(module, name, None)) and
+                             helper.__module__ == module.__name__ and _trains(helper, module, depth - 1)
+                             for name in called)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and _trains(function, item.module):
+            item.add_marker(pytest.mark.run)
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,7 @@ import torch
 
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint
-from selfsup.core.reporter import FileReporter, Reporters
-from selfsup.train.trainer import Trainer
-from tests.helpers import tiny_config, write_tiny_shards
+from tests.helpers import fit, tiny_config, write_tiny_shards
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +30,7 @@ class CrashAfterCheckpoint:
 
 def train(cfg, *sinks):
     """Train ``cfg`` from its latest checkpoint, reporting to its files and ``sinks``."""
-    reporter = Reporters(FileReporter(cfg.run_dir), *sinks)
-    return Trainer(cfg, reporter, resume_from=latest_checkpoint(cfg.run_dir)).fit()
+    return fit(cfg, latest_checkpoint(cfg.run_dir), *sinks)
 
 
 def _weights(run_dir):

@@ -11,10 +11,9 @@ import pytest
 from selfsup.audio.decode import encode_flac
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.data.shards import write_shards
 from selfsup.eval.run import evaluate
-from selfsup.train.trainer import Trainer
+from tests.helpers import fit
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +51,7 @@ def test_tiny_pretrain_writes_a_checkpoint_with_finite_loss_and_evaluates(tmp_pa
         "train": {"log_every_steps": 2, "threads": 1},
         "eval": {"knn": [[5, 0.07]]},
     })
-    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+    summary = fit(cfg)
 
     assert summary["steps"] == summary["total_steps"] == 12
     assert math.isfinite(summary["last"]["loss"]) and summary["bad_steps"] == 0

@@ -15,11 +15,11 @@ from selfsup.audio.decode import encode_flac
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from selfsup.core.objective import Progress
-from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.core.reporter import Reporters
 from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
 from selfsup.train.trainer import TooManyBadSteps, Trainer
-from tests.helpers import write_tiny_shards
+from tests.helpers import fit, write_tiny_shards
 
 
 def tiny_config(tmp_path, *overrides):
@@ -33,7 +33,7 @@ def tiny_config(tmp_path, *overrides):
 
 
 def train(cfg):
-    return Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+    return fit(cfg)
 
 
 def test_a_diverging_run_stops_after_max_bad_steps(tmp_path):

@@ -18,6 +18,7 @@ from selfsup.config import ViewRecipe, parse_config
 from selfsup.core.objective import Progress
 from selfsup.train.optim import build_optimizer
 from selfsup.vision.augment import BatchViews
+from tests.helpers import fit
 from tests.unit.test_augment import SIZE, N, striped_ramps, view_stats
 
 pytestmark = [pytest.mark.cuda,
@@ -172,12 +173,10 @@ def _tiny_byol_run(tmp_path):
 
 def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
     from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-    from selfsup.core.reporter import FileReporter, Reporters
     from selfsup.tasks.vision import VisionTask
-    from selfsup.train.trainer import Trainer
 
     cfg = _tiny_byol_run(tmp_path)
-    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+    summary = fit(cfg)
     assert summary["steps"] == summary["total_steps"] == 16 and summary["bad_steps"] == 0
     saved, state, _ = load_checkpoint(latest_checkpoint(cfg.run_dir))
     model = VisionTask().build_objective(saved)
@@ -190,9 +189,7 @@ def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path
 def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, monkeypatch):
     """Reading the batch, augmenting, the step, the NaN check (counted on the device) and the
     momentum update: no sync in any step that neither logs nor checkpoints."""
-    from selfsup.core.reporter import FileReporter, Reporters
     from selfsup.methods.byol import BYOL
-    from selfsup.train.trainer import Trainer
 
     cfg = _tiny_byol_run(tmp_path)
     marks: list[tuple[int, int]] = []  # (step, warnings caught when its forward began)
@@ -207,7 +204,7 @@ def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, mo
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+            fit(cfg)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     is_sync = [("synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)) for w in caught]

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from selfsup.config import load_config
-from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.data import views as views_module
 from selfsup.data.views import DeviceCrops, DeviceDecodeError, collate_views, nvjpeg_problem
 from selfsup.tasks import vision as vision_module
 from selfsup.tasks.vision import decode_on_device
-from selfsup.train.trainer import Trainer
+from tests.helpers import fit
 from tests.unit.test_jpeg_views import both_paths, jpeg_folder, jpeg_shards, raw_samples  # noqa: F401 - fixtures
 
 OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
@@ -104,7 +103,7 @@ def test_decode_fallbacks_reach_the_records_and_the_summary(jpeg_shards, tmp_pat
         "method.proj_dim=8", "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every_steps=1",
         "train.precision=fp32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
     with caplog.at_level(logging.INFO, logger="selfsup.data"):
-        summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+        summary = fit(cfg)
     assert "JPEGs decoded on the GPU by nvJPEG, other images in the loader workers (data.decode=auto)" in [
         r.getMessage() for r in caplog.records]
     jpegs = rejected[0]  # every JPEG the device path met, one decode_jpeg call each

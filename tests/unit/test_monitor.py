@@ -9,13 +9,11 @@ import torch
 
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.eval.features import encoder_from_checkpoint
 from selfsup.eval.knn import weighted_knn
 from selfsup.eval.online import OnlineMonitor
 from selfsup.tasks.vision import VisionTask, extract_features, views_for
-from selfsup.train.trainer import Trainer
-from tests.helpers import write_tiny_shards
+from tests.helpers import fit, write_tiny_shards
 
 
 def config(tmp_path, *overrides):
@@ -32,7 +30,7 @@ def config(tmp_path, *overrides):
 
 def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
     cfg = config(tmp_path)
-    Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+    fit(cfg)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     monitored = [r for r in records if "monitor/knn@20" in r]
     assert [r["step"] for r in monitored] == [5, 10]  # 80 samples / batch 16 = 5 steps per epoch

@@ -20,7 +20,7 @@ from selfsup.data.reader import ManifestError, read_manifest, read_split
 from selfsup.data.shards import index_shards, sha256_file
 from selfsup.data.sources import encode_png
 from selfsup.data.stream import ShardStream
-from tests.helpers import make_images
+from tests.helpers import fit, make_images
 
 N_WRITER, N_TAR = 14, 10  # samples in the TarWriter shard and in the `tar`-style shard
 
@@ -84,8 +84,6 @@ def test_index_records_counts_checksums_and_sizes_and_leaves_the_tars_alone(plai
 
 def test_the_trainer_trains_on_indexed_tars(plain_tars, tmp_path):
     from selfsup.config import parse_config
-    from selfsup.core.reporter import FileReporter, Reporters
-    from selfsup.train.trainer import Trainer
 
     root, _ = plain_tars
     index_shards(root)
@@ -97,7 +95,7 @@ def test_the_trainer_trains_on_indexed_tars(plain_tars, tmp_path):
         "train": {"threads": 1, "log_every_steps": 1, "checkpoint_every_steps": 1000},
         "tracking": {"mode": "disabled"},
     })
-    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+    summary = fit(cfg)
     assert summary["steps"] == (N_WRITER + N_TAR) // 8 == 3
     assert summary["data"]["skipped"] == 0
 

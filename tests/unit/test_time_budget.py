@@ -4,9 +4,8 @@ import pytest
 
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
-from selfsup.core.reporter import FileReporter, Reporters
 from selfsup.train.budget import SIZING_STEPS, TimeBudget
-from selfsup.train.trainer import Trainer
+from tests.helpers import fit
 
 
 def config(tmp_path, shards, minutes):
@@ -63,12 +62,12 @@ def test_steps_left_out_of_the_pace_still_spend_their_time():
 @pytest.mark.parametrize("minutes, expected", [(1e-5, SIZING_STEPS + 2), (600, 62)])
 def test_a_time_budget_cuts_the_run_and_is_kept_on_resume(tmp_path, tiny_shards, minutes, expected):
     cfg = config(tmp_path, tiny_shards, minutes)  # 250 samples / 8 = 31 steps an epoch, 62 planned
-    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()
+    summary = fit(cfg)
     assert summary["steps"] == summary["total_steps"] == expected
     _, _, state = load_checkpoint(latest_checkpoint(cfg.run_dir), with_state=True)
     assert state.sized_total_steps == expected
     # resuming a finished run trains no further
-    again = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=latest_checkpoint(cfg.run_dir)).fit()
+    again = fit(cfg, latest_checkpoint(cfg.run_dir))
     assert again["steps"] == expected
     logged = [json.loads(l)["step"] for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == expected
