@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from selfsup.errors import OneLineError
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, le=1)]  # of an image's area, a probability's range
@@ -691,7 +692,7 @@ class ExperimentConfig(Strict):
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(OneLineError, ValueError):
     """A config that cannot be used; the message names the key."""
 
 

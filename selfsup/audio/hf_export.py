@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from selfsup.audio.decode import SAMPLE_RATE
 from selfsup.config import Wav2Vec2Config
+from selfsup.errors import OneLineError
 
 HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
@@ -43,7 +44,7 @@ _RENAMES = (
 )
 
 
-class ExportError(ValueError):
+class ExportError(OneLineError, ValueError):
     """An export that cannot be written where it was asked."""
 
 

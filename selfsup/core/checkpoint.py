@@ -38,6 +38,7 @@ import xxhash
 from selfsup.config import ConfigError, ExperimentConfig, dump_config, load_config
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.fence import fenced
+from selfsup.errors import OneLineError
 
 log = logging.getLogger("selfsup.checkpoint")
 CHECKPOINTS = "checkpoints"
@@ -47,7 +48,7 @@ DIGEST = "xxh3_128"  # progress.json's key of the files' digests
 SPACE_MARGIN = 1.25  # free space wanted before a write, times the size of the last checkpoint
 
 
-class CheckpointError(ValueError):
+class CheckpointError(OneLineError, ValueError):
     """A path that is not a readable selfsup checkpoint."""
 
 
@@ -55,7 +56,7 @@ class CheckpointCorrupt(CheckpointError):
     """A complete checkpoint whose file does not match the digest ``progress.json`` lists."""
 
 
-class CheckpointSpaceError(OSError):
+class CheckpointSpaceError(OneLineError, OSError):
     """Not enough free space for the run's next write: a checkpoint or a record (retrying cannot help)."""
 
 

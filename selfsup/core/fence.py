@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 
+from selfsup.errors import OneLineError
 
-class RunLeaseError(RuntimeError):
+
+class RunLeaseError(OneLineError, RuntimeError):
     """Another live driver holds the run's lease."""
 
 

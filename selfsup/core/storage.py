@@ -20,12 +20,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from selfsup.errors import OneLineError
+
 PROGRESS = "progress.json"  # the checkpoint file written last (selfsup.core.checkpoint)
 RUN_FILES = ("wandb_id", "metrics.jsonl", "summary.json")
 SCHEMES = ("s3://", "gs://")
 
 
-class FolderNotWritable(RuntimeError):
+class FolderNotWritable(OneLineError, RuntimeError):
     """A folder a command must write in cannot be written; the message names it and what to do."""
 
 

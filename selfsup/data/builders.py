@@ -21,6 +21,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from selfsup.errors import OneLineError
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029",
                  "en-us-nyc"]
@@ -32,11 +34,11 @@ SPEECH_PACKAGES = ["flight-of-the-amazon-queen", "fillets-ng-data-cs", "asterisk
 _ASTERISK = (("en", "en_US_f_Allison"), ("es", "es_MX_f_Allison"))
 
 
-class MissingTool(RuntimeError):
+class MissingTool(OneLineError, RuntimeError):
     """A program a builder runs is not installed; the message names the Debian package to install."""
 
 
-class BuildError(RuntimeError):
+class BuildError(OneLineError, RuntimeError):
     """A builder's program failed; the message names the step and its last line of output."""
 
 

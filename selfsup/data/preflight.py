@@ -15,11 +15,12 @@ from pathlib import Path
 from selfsup.config import ExperimentConfig
 from selfsup.core.storage import is_remote
 from selfsup.data.reader import ManifestError, read_manifest, read_shard
+from selfsup.errors import OneLineError
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-class DataProblem(ValueError):
+class DataProblem(OneLineError, ValueError):
     """The run's data cannot train this config; the message names the key and what to change."""
 
 

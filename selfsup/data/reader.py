@@ -22,6 +22,7 @@ import webdataset as wds
 
 from selfsup.core.progress import progress
 from selfsup.core.storage import is_remote, open_read
+from selfsup.errors import OneLineError
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
@@ -31,7 +32,7 @@ SHORT, CHECKSUM, EXTRA, UNKNOWN = "short", "checksum", "extra", "unknown"
 DUPLICATE = "__duplicate__"  # stands in for a sample whose key an earlier sample of its tar has: its reason
 
 
-class ManifestError(ValueError):
+class ManifestError(OneLineError, ValueError):
     """A shard folder without a usable manifest."""
 
 

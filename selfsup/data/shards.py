@@ -46,11 +46,12 @@ from selfsup.data.reader import (
     read_shard,
 )
 from selfsup.data.sources import BadInput, DatasetNotFound
+from selfsup.errors import OneLineError
 
 SOURCE_FILES = "source-files.json"  # {sample key: the file it was written from}, beside the manifest
 
 
-class ShardWriteError(Exception):
+class ShardWriteError(OneLineError):
     """`shards write` could not finish (out of space): the folder is left marked partial."""
 
 

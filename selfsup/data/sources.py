@@ -23,6 +23,7 @@ from PIL import Image
 from selfsup.config import MAX_IMAGE_PIXELS
 from selfsup.core.messages import decoder_reason
 from selfsup.core.progress import progress
+from selfsup.errors import OneLineError
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -39,11 +40,11 @@ log = logging.getLogger("selfsup.data")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(OneLineError, FileNotFoundError):
     """A dataset is in none of the places searched; the message says where and how to get it."""
 
 
-class BadInput(ValueError):
+class BadInput(OneLineError, ValueError):
     """A source or output path that ``shards write`` cannot use; the message names it and what to do."""
 
 

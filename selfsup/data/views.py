@@ -46,6 +46,7 @@ from selfsup.config import MAX_IMAGE_PIXELS
 from selfsup.core.messages import decoder_reason
 from selfsup.data.decode import image_payload, open_image
 from selfsup.data.stream import DataHealth
+from selfsup.errors import OneLineError
 from selfsup.vision.augment import crop_boxes
 
 log = logging.getLogger("selfsup.data")
@@ -171,7 +172,7 @@ def collate_views(items: list[ViewItem]) -> dict:
     }
 
 
-class DeviceDecodeError(RuntimeError):
+class DeviceDecodeError(OneLineError, RuntimeError):
     """The device, not a JPEG, failed to decode or cut a batch (out of memory, a CUDA error, no nvJPEG)."""
 
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from selfsup.config import ExperimentConfig, load_config
 from selfsup.core.storage import require_writable
+from selfsup.errors import OneLineError
 
 log = logging.getLogger("selfsup.tracking")
 
 SECRET_MARKERS = ("key", "token", "secret", "password")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(OneLineError, RuntimeError):
     """W&B cannot be used as the config asks (online without credentials); the message says what to do."""
 
 
