@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -357,6 +358,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     verbose = log.isEnabledFor(logging.DEBUG)  # -v: Ray forwards every worker's and actor's output to the console
+    if not sys.stderr.isatty():  # ... without the colour codes of its prefixes in a log file
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address:
         log.info("joining the Ray cluster at %s", address)
         context = ray.init(address=address, log_to_driver=verbose, configure_logging=False)
