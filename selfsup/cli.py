@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from selfsup import __version__
+from selfsup.errors import OneLineError
 
 DESCRIPTION = (
     "Self-supervised pretraining on WebDataset shards: SimCLR, MoCo v2/v3, BYOL and SimSiam for images,\n"
@@ -47,25 +48,6 @@ AUDIO_DEMO = {"config": "wav2vec2-tiny", "data": "data/audio-demo"}  # ... with 
 AUDIO_DEMO_PER_CLASS = 100  # spoken digits a class: 80 train, 20 test
 AUDIO_DEMO_MINUTES = 15  # the whole audio demo on 2 cores; pretraining gets what the data leaves ...
 AUDIO_EVAL_RESERVE_S = 180  # ... less this for the evaluation
-
-# The errors that end a command with one line instead of a traceback, by the module that defines each.
-ONE_LINE_ERRORS = {
-    "selfsup.config": ("ConfigError",),
-    "selfsup.audio.hf_export": ("ExportError",),
-    "selfsup.core.checkpoint": ("CheckpointError", "CheckpointSpaceError"),
-    "selfsup.core.storage": ("FolderNotWritable",),
-    "selfsup.data.reader": ("ManifestError",),
-    "selfsup.data.shards": ("ShardWriteError",),
-    "selfsup.data.views": ("DeviceDecodeError",),
-    "selfsup.data.builders": ("MissingTool", "BuildError"),
-    "selfsup.data.sources": ("DatasetNotFound", "BadInput"),
-    "selfsup.data.preflight": ("DataProblem",),
-    "selfsup.cluster.submit": ("SubmitError",),
-    "selfsup.cluster.trainer": ("RunFailed",),
-    "selfsup.train.lease": ("RunLeaseError",),
-    "selfsup.tracking.wandb_run": ("TrackingError",),
-}
-
 
 def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) -> None:
     """Fashion-MNIST's train and test splits as shards in ``out/train`` and ``out/test``."""
@@ -616,13 +598,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _one_line_errors() -> tuple[type[Exception], ...]:
-    """The ``ONE_LINE_ERRORS`` of the modules loaded by now: an error can only come from a loaded
-    module, and catching it this way imports nothing heavy (torch) for a command that did not."""
-    return tuple(getattr(sys.modules[m], name) for m, names in ONE_LINE_ERRORS.items() if m in sys.modules
-                 for name in names)
-
-
 class _ConsoleFormatter(logging.Formatter):
     """Progress as plain lines, warnings and errors marked as such, notes (``selfsup.note``) as
     ``selfsup: note:`` lines."""
@@ -657,11 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         print(("\n" if sys.stderr.isatty() else "") + f"selfsup: error: {interrupted_line(err, argv)}",
               file=sys.stderr)
         return 130
-    except Exception as err:
-        if isinstance(err, _one_line_errors()):
-            print(f"selfsup: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except OneLineError as err:
+        print(f"selfsup: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

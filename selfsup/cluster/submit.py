@@ -21,12 +21,13 @@ from pathlib import Path
 
 from selfsup.cluster.secrets import SECRET_PREFIX
 from selfsup.config import dump_config, load_config
+from selfsup.errors import OneLineError
 
 SECRET_ENV = ("WANDB_API_KEY",)
 EXIT_CODES = {"SUCCEEDED": 0, "STOPPED": 3}  # anything else (FAILED) is 1
 
 
-class SubmitError(RuntimeError):
+class SubmitError(OneLineError, RuntimeError):
     """The job could not be submitted or queried; the message says what to do."""
 
 

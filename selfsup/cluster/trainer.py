@@ -45,6 +45,7 @@ from selfsup.core.fence import LeaseLost, RunLeaseError, fenced
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
 from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
+from selfsup.errors import OneLineError
 from selfsup.tracking.wandb_run import TrackingError, WandbReporter
 from selfsup.tasks import task_for
 from selfsup.train.console import (POLL_SECONDS, ProgressConsole, follow_records, follow_worker_log,
@@ -61,7 +62,7 @@ LOGS = "logs"  # in the run folder: driver.log, rank 0's selfsup lines and a lin
 WORKER_LOG = f"{LOGS}/worker.jsonl"
 
 
-class RunFailed(RuntimeError):
+class RunFailed(OneLineError, RuntimeError):
     """The run stopped on an error that retrying cannot heal; the message says what to do."""
 
 
