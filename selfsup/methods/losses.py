@@ -3,6 +3,8 @@ profiler region "loss" (the training step's breakdown)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
@@ -10,12 +12,24 @@ from torch.profiler import record_function
 from selfsup.core.distributed import gather_no_grad, gather_with_grad, rank, sum_with_grad, world_size
 
 
+def loss_region(fn):
+    """``fn`` in the profiler region "loss", except while torch.compile traces it: dynamo cannot enter
+    ``record_function``, and each loss would break the compiled step's graph in two."""
+    @functools.wraps(fn)
+    def in_region(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        with record_function("loss"):
+            return fn(*args, **kwargs)
+    return in_region
+
+
 def fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or unchanged if it is float64: at least single precision, never less than given."""
     return x if x.dtype == torch.float64 else x.float()
 
 
-@record_function("loss")
+@loss_region
 def nt_xent(zs: list[torch.Tensor], temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent loss over V >= 2 views, with negatives from every rank.
 
@@ -43,7 +57,7 @@ def nt_xent(zs: list[torch.Tensor], temperature: float) -> torch.Tensor:
         return (everything - positives).mean()
 
 
-@record_function("loss")
+@loss_region
 def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo v2's InfoNCE: each query against its key and a queue of negatives.
 
@@ -61,7 +75,7 @@ def info_nce_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
         return F.cross_entropy(logits, labels)
 
 
-@record_function("loss")
+@loss_region
 def info_nce_cross_rank(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo v3's contrastive loss: queries against the keys of every rank, scaled by 2·temperature.
 
@@ -77,21 +91,21 @@ def info_nce_cross_rank(q: torch.Tensor, k: torch.Tensor, temperature: float) ->
         return 2 * temperature * F.cross_entropy(logits, labels)
 
 
-@record_function("loss")
+@loss_region
 def normalized_mse(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL's regression loss ``‖p̂ − ẑ‖² = 2 − 2·cos(p, z)``, mean over the batch; p, z: (B, D), fp32."""
     with torch.autocast(p.device.type, enabled=False):
         return (2 - 2 * F.cosine_similarity(fp32(p), fp32(z), dim=1)).mean()
 
 
-@record_function("loss")
+@loss_region
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """SimSiam's ``D(p, z) = −cos(p, z)``, mean over the batch; p, z: (B, D), fp32. Stop-gradient is the caller's."""
     with torch.autocast(p.device.type, enabled=False):
         return -F.cosine_similarity(fp32(p), fp32(z), dim=1).mean()
 
 
-@record_function("loss")
+@loss_region
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float,
                 cov_coeff: float) -> dict[str, torch.Tensor]:
     """VICReg's loss (Bardes et al. 2022, as the official ``main_vicreg.py``): ``sim_coeff`` x the
@@ -112,7 +126,7 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff:
             "covariance": covariance.detach()}
 
 
-@record_function("loss")
+@loss_region
 def barlow_twins_loss(n1: torch.Tensor, n2: torch.Tensor, lambd: float, scale: float = 1.0) -> dict[str, torch.Tensor]:
     """Barlow Twins' loss (Zbontar et al. 2021, Algorithm 1): ``scale·(Σ_i (1 − C_ii)² + lambd·Σ_{i≠j} C_ij²)``.
 
@@ -143,7 +157,7 @@ def _off_diagonal_sq(m: torch.Tensor) -> torch.Tensor:
 
 
 
-@record_function("loss")
+@loss_region
 def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
               teacher_temp: float, student_temp: float) -> torch.Tensor:
     """DINO's loss (Caron et al. 2021, the official ``DINOLoss``): the cross-entropy between the
