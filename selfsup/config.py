@@ -15,6 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
@@ -144,7 +145,7 @@ class MoCoV2Config(ImageMethodConfig):
     sync_bn: bool = False  # SyncBN instead: BatchNorm over the batch of every rank
 
     @model_validator(mode="after")
-    def _one_bn_mode(self):
+    def _one_bn_mode(self) -> MoCoV2Config:
         if self.shuffle_bn and self.sync_bn:
             raise ValueError("method.shuffle_bn and method.sync_bn are both true: choose one "
                              "(set the other to false)")
@@ -397,7 +398,7 @@ class Wav2Vec2MethodConfig(Wav2Vec2Config):
 
     @model_validator(mode="before")
     @classmethod
-    def _preset_defaults(cls, data):
+    def _preset_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") in ("tiny", "base", "large"):
             return {**getattr(Wav2Vec2Config, data["preset"])().model_dump(), **data}
         return data
@@ -455,7 +456,7 @@ class DataConfig(Strict):
                                   "height, from its header) is skipped and counted, never decoded")
 
     @model_validator(mode="after")
-    def _stats_match_channels(self):
+    def _stats_match_channels(self) -> DataConfig:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"data.mean and data.std need {self.channels} values (data.channels)")
         return self
@@ -469,7 +470,7 @@ class AugmentConfig(Strict):
 
     @field_validator("preset")
     @classmethod
-    def _known_preset(cls, v):
+    def _known_preset(cls, v: str) -> str:
         if v not in PRESETS:
             raise ValueError(f"unknown preset {v!r}; choose one of {sorted(PRESETS)}")
         return v
@@ -572,7 +573,7 @@ class ScalingConfig(Strict):
 
     @field_validator("num_workers")
     @classmethod
-    def _workers_range(cls, v):
+    def _workers_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         low, high = v if isinstance(v, tuple) else (v, v)
         if low < 1 or high < low:
             raise ValueError("needs a count >= 1, or [min, max] with 1 <= min <= max")
@@ -628,14 +629,14 @@ class ExperimentConfig(Strict):
         return v
 
     @model_validator(mode="after")
-    def _data_kind_matches_method(self):
+    def _data_kind_matches_method(self) -> ExperimentConfig:
         wanted = self.method.data_kind
         if self.data.kind != wanted:
             raise ValueError(f"data.kind must be {wanted!r} for method {self.method.name!r}, not {self.data.kind!r}")
         return self
 
     @model_validator(mode="after")
-    def _monitor_has_held_out_data(self):
+    def _monitor_has_held_out_data(self) -> ExperimentConfig:
         if self.train.monitor_every_epochs and self.data.test is None:
             raise ValueError("train.monitor_every_epochs needs labelled held-out shards: set data.test, "
                              "or train.monitor_every_epochs=0")
@@ -664,8 +665,8 @@ class ExperimentConfig(Strict):
         return [r.size or self.data.image_size for r in self.view_recipes()]
 
     @model_validator(mode="after")
-    def _views_fit_the_method(self):
-        if self.method.data_kind != "image":
+    def _views_fit_the_method(self) -> ExperimentConfig:
+        if not isinstance(self.method, ImageMethodConfig):
             return self
         key = "augment.views" if self.augment.views else f"augment.preset={self.augment.preset}"
         sizes, size = self.view_sizes(), self.data.image_size
@@ -749,7 +750,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {key}: value {raw!r} is not plain YAML data ({err.problem})") from None
 
 
-def parse_config(tree: dict, overrides: list[str] = (), source: str = "<dict>") -> ExperimentConfig:
+def parse_config(tree: dict, overrides: Sequence[str] = (), source: str = "<dict>") -> ExperimentConfig:
     """Validate a config tree after applying ``key.sub=value`` overrides.
 
     ``method.name=OTHER`` switches the method: the old method's keys are dropped, so the new one
@@ -796,7 +797,7 @@ def find_config(path_or_name: str | Path) -> Path:
                       "`selfsup configs` lists")
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read and validate a YAML experiment file, given by path or by a shipped config's name."""
     path = find_config(path)
     try:

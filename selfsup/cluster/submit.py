@@ -17,6 +17,7 @@ import asyncio
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from selfsup.cluster.secrets import SECRET_PREFIX
@@ -61,7 +62,7 @@ def redact(text: str, secrets: dict[str, str]) -> str:
     return text
 
 
-def job_spec(config: str, overrides: list[str], staging: Path, env_names: list[str] = ()) -> dict:
+def job_spec(config: str, overrides: list[str], staging: Path, env_names: Sequence[str] = ()) -> dict:
     """The keyword arguments of ``submit_job``: entrypoint, runtime_env (working_dir, py_modules, env_vars),
     metadata (the run, and the secrets under ``secret:NAME``)."""
     from selfsup.cluster.trainer import absolute_paths
@@ -91,7 +92,7 @@ def wait_for(client, job_id: str, secrets: dict[str, str] | None = None) -> str:
 
 
 def submit(config: str, overrides: list[str], address: str | None, wait: bool = True,
-           env_names: list[str] = ()) -> int:
+           env_names: Sequence[str] = ()) -> int:
     """Submit ``selfsup pretrain config overrides``; 0 when it succeeded (or was only submitted)."""
     with tempfile.TemporaryDirectory(prefix="selfsup-job-") as staging:
         spec = job_spec(config, overrides, Path(staging), env_names)

@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from typing import cast
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,7 +38,7 @@ import xxhash
 
 from selfsup.config import ConfigError, ExperimentConfig, dump_config, load_config
 from selfsup.core.distributed import rank, world_size
-from selfsup.core.fence import fenced
+from selfsup.core.fence import Fence, fenced
 from selfsup.errors import OneLineError
 
 log = logging.getLogger("selfsup.checkpoint")
@@ -143,7 +144,7 @@ def _digest_and_sync(path: Path) -> str:
 
 def rng_state() -> dict:
     """Every RNG the loop uses, in a form ``weights_only`` loading accepts."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state())  # legacy=True: ("MT19937", keys, pos, ...)
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
     if torch.cuda.is_available():
@@ -267,7 +268,7 @@ class CheckpointWriter:
     run_dir: Path
     keep: int
     run_url: str | None = None
-    fence: object = None
+    fence: Fence | None = None
     staging: Path | None = None
 
     @classmethod
@@ -389,11 +390,13 @@ def decide_resume(run_dir: Path, remote: str | None = None, fence=None) -> Resum
         import torch.distributed as dist
 
         dist.broadcast_object_list(decision)
-        if remote and rank() != 0 and decision[0].checkpoint is not None:
-            from selfsup.core.storage import pull_checkpoint
+    resume = decision[0]
+    assert resume is not None  # rank 0's, broadcast
+    if world_size() > 1 and remote and rank() != 0 and resume.checkpoint is not None:
+        from selfsup.core.storage import pull_checkpoint
 
-            pull_checkpoint(remote, decision[0].checkpoint.name, run_dir)
-    return decision[0]
+        pull_checkpoint(remote, resume.checkpoint.name, run_dir)
+    return resume
 
 
 def _decide_here(run_dir: Path, remote: str | None, fence) -> Resume:
@@ -458,8 +461,8 @@ def load_checkpoint(path: str | Path, with_state: bool = False
         verify_checkpoint(path, ("config.yaml", "model.pt", *(("state.pt",) if with_state else ())))
         cfg = load_config(path / "config.yaml")
         model = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True) if with_state else None
-        state = TrainState.from_dict(state, path / "state.pt") if with_state else None
+        state = TrainState.from_dict(torch.load(path / "state.pt", map_location="cpu", weights_only=True),
+                                     path / "state.pt") if with_state else None
     except CheckpointCorrupt as err:
         names = [p.name for p in list_checkpoints(path.parent.parent)]
         earlier = [path.parent / n for n in names[:names.index(path.name) if path.name in names else None]][-1:]

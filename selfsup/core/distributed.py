@@ -99,6 +99,8 @@ class GlobalBatchNorm(_BatchNorm):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: torch.Tensor) -> None:
+        assert self.num_batches_tracked is not None and self.running_mean is not None  # tracking: see forward
+        assert self.running_var is not None
         self.num_batches_tracked.add_(1)
         factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
         unbiased = var * n / (n - 1).clamp(min=1)

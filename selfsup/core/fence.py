@@ -9,6 +9,7 @@ or a test) and every write goes ahead. The errors live here so that the sinks in
 from __future__ import annotations
 
 import contextlib
+from typing import ContextManager, Protocol
 
 from selfsup.errors import OneLineError
 
@@ -21,6 +22,14 @@ class LeaseLost(RunLeaseError):
     """This driver's lease was taken over: it stops and writes nothing more."""
 
 
-def fenced(fence):
+class Fence(Protocol):
+    """What ``selfsup.train.lease.Fence`` offers the layers below it."""
+
+    def hold(self) -> ContextManager[object]: ...
+
+    def check(self) -> None: ...
+
+
+def fenced(fence: Fence | None) -> ContextManager[object]:
     """``fence.hold()``, or a no-op without a fence."""
     return fence.hold() if fence is not None else contextlib.nullcontext()

@@ -123,15 +123,16 @@ def plan_token_epoch(lengths: list[list[int]], ranks: int, workers: int, spec: T
     flat: list[Batch] = []
     for s in order:
         for b, span in enumerate(buckets(len(lengths[s]), spec.bucket_size)):
-            batches = bucket_batches(lengths[s], s, b, span, spec, rng)
+            bucket = bucket_batches(lengths[s], s, b, span, spec, rng)
             if shuffle:
-                rng.shuffle(batches)
-            flat += batches
+                rng.shuffle(bucket)
+            flat += bucket
     steps = len(flat) // ranks
     quotas = [[steps // workers + (1 if w < steps % workers else 0) for w in range(workers)] for _ in range(ranks)]
-    batches, pos = [], 0
+    batches: list[list[list[Batch]]] = []
+    pos = 0
     for r in range(ranks):
-        row = []
+        row: list[list[Batch]] = []
         for q in quotas[r]:
             row.append(flat[pos:pos + q])
             pos += q

@@ -75,6 +75,7 @@ class OnlineMonitor:
     def _read(self) -> None:
         """The subset, and the levels of random init and the task's baselines on it."""
         cfg = self.cfg
+        assert cfg.data.test is not None  # the config refuses monitoring without held-out data
         self.data = (self.task.read_labelled(cfg.data.train, cfg, limit=self.bank_size),
                      self.task.read_labelled(cfg.data.test, cfg, limit=self.query_size))
         with torch.random.fork_rng():  # the loop's RNG stream is left as it was
@@ -85,6 +86,7 @@ class OnlineMonitor:
             self.levels[f"monitor/{name}_knn@{self.k}"] = self._knn(self._scaled(EncoderFeatures(bank, None, queries)))
 
     def _features(self, encoder: nn.Module, desc: str) -> EncoderFeatures:
+        assert self.data is not None  # read by _read first
         bank_split, query_split = self.data
         bank = split_features(self.task, encoder, bank_split, self.cfg, f"{desc} (bank)", progress=False)[-1]
         queries = split_features(self.task, encoder, query_split, self.cfg, f"{desc} (queries)", progress=False)[-1]
@@ -95,6 +97,7 @@ class OnlineMonitor:
 
     def _knn(self, features: EncoderFeatures) -> float:
         """Weighted kNN top-1 of the queries (M, D) against the bank (N, D)."""
+        assert self.data is not None
         bank_y, query_y = self.data[0].labels, self.data[1].labels
         knn = weighted_knn(features.bank, bank_y, features.queries, query_y, settings=[(self.k, self.temperature)],
                            num_classes=int(max(bank_y.max(), query_y.max())) + 1)

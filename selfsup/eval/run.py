@@ -58,13 +58,13 @@ def fastest_threads(task, cfg: ExperimentConfig, train: LabelledSplit) -> int:
         return most
     sample = replace(train, inputs=train.inputs[:THREAD_TRIAL], labels=train.labels[:THREAD_TRIAL],
                      groups=train.groups[:THREAD_TRIAL], thumbnails=None)
-    encoder, seconds = encoder_from_checkpoint(cfg, None).eval(), {}
+    encoder, seconds = encoder_from_checkpoint(cfg, None).eval(), dict[int, float]()
     for count in (most, 1, most, 1):
         torch.set_num_threads(count)
         started = time.perf_counter()
         split_features(task, encoder, sample, cfg, "thread trial", progress=False)
         seconds[count] = min(seconds.get(count, float("inf")), time.perf_counter() - started)
-    best = min(seconds, key=seconds.get)
+    best = min(seconds, key=lambda count: seconds[count])
     if best != most:
         log.warning("evaluating with %d of %d CPU threads: %s (another program is using the CPU)", best, most,
                     ", ".join(f"{count} took {s:.2f} s for {len(sample.labels)} samples" for count, s in seconds.items()))

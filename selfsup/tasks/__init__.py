@@ -102,4 +102,5 @@ def task_for(cfg: ExperimentConfig) -> Task:
     from selfsup.tasks.audio import AudioTask
     from selfsup.tasks.vision import VisionTask
 
-    return {"image": VisionTask, "audio": AudioTask}[cfg.data.kind]()
+    tasks: dict[str, type[Task]] = {"image": VisionTask, "audio": AudioTask}
+    return tasks[cfg.data.kind]()

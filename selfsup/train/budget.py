@@ -42,7 +42,7 @@ class TimeBudget:
         done, previous, self.last = step - self.start_step, self.last, now
         if done == 1:
             self.paced_from, self.untimed = (step, now), (0, 0.0)
-        elif not timed and self.paced_from is not None:  # set at the first step, so ``previous`` is too
+        elif not timed and self.paced_from is not None and previous is not None:  # both set at the first step
             self.untimed = (self.untimed[0] + 1, self.untimed[1] + now - previous)
         if done < self.next_sizing or self.paced_from is None:
             return None

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from typing import Any
 from pathlib import Path
 
 from selfsup.core import storage
@@ -112,7 +113,7 @@ class Fence:
                     fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
                     break
                 except BlockingIOError:
-                    if time.monotonic() > deadline:
+                    if deadline is not None and time.monotonic() > deadline:
                         raise RunLeaseError(f"the lease of {self.location} stays locked by a driver that is "
                                             "writing (or paused mid-write); wait for it, or stop it") from None
                     time.sleep(0.05)
@@ -146,7 +147,7 @@ class Fence:
             raise LeaseLost(self.lost)
         if storage.is_remote(self.url):
             now = time.monotonic()
-            if self._seen is not _UNSEEN and now - self._seen < self.check_every:
+            if isinstance(self._seen, float) and now - self._seen < self.check_every:  # a bucket's: a time
                 return
             self._verify()
             self._seen = now
@@ -171,7 +172,7 @@ class RunLease:
         self.location = str(location).rstrip("/")
         self.url = f"{self.location}/{LEASE}"
         self.stale_after, self.heartbeat_every = stale_after, heartbeat_every
-        self.record = {"host": host or socket.gethostname(), "pid": os.getpid(), "process": _process(os.getpid()),
+        self.record: dict[str, Any] = {"host": host or socket.gethostname(), "pid": os.getpid(), "process": _process(os.getpid()),
                        "started": wall_clock(), "token": uuid.uuid4().hex}
         self.beat = 0
         self.fence = Fence(self.location, self.record["token"])

@@ -25,7 +25,8 @@ class ThreadTuner:
 
     def __init__(self, most: int, trial_steps: int = TRIAL_STEPS, retry_every: int = RETRY_EVERY):
         self.most, self.trial_steps, self.retry_every = most, trial_steps, retry_every
-        self.chosen, self.steps, self.last = most, 0, None
+        self.chosen, self.steps = most, 0
+        self.last: float | None = None
         self.trial_step = False  # the last step was timed for a trial (its pace is not the chosen count's)
         self.trial: list[int] = []  # the counts still to time, the one being timed first
         self.times: dict[int, list[float]] = {}
@@ -55,7 +56,7 @@ class ThreadTuner:
 
     def _choose(self) -> None:
         pace = {count: statistics.median(times) for count, times in self.times.items()}
-        best = min(pace, key=pace.get)
+        best = min(pace, key=lambda count: pace[count])
         if best != self.chosen or best != self.most:
             log.warning("training with %d of %d CPU threads: %s (the data loader or another program is using a core)", best, self.most,
                         ", ".join(f"{count} ran {seconds:.2f} s a step" for count, seconds in sorted(pace.items())))
