@@ -6,7 +6,7 @@ Vision methods (``selfsup.methods``) and wav2vec 2.0 (``selfsup.audio``) impleme
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,9 +74,15 @@ class Objective(Protocol):
     - ``health_monitors()``: fresh monitors of this objective's logged records (see :class:`HealthMonitor`).
     """
 
-    encoder: nn.Module
-    sync_batchnorm: bool
-    find_unused_parameters: bool
+    # read-only to the loop: an objective's own encoder type (a subclass of nn.Module) satisfies it
+    @property
+    def encoder(self) -> nn.Module: ...
+
+    @property
+    def sync_batchnorm(self) -> bool: ...
+
+    @property
+    def find_unused_parameters(self) -> bool: ...
 
     def forward(self, batch: Any, progress: Progress) -> dict[str, torch.Tensor]: ...
 
@@ -86,4 +92,4 @@ class Objective(Protocol):
 
     def param_groups(self) -> list[dict[str, Any]]: ...
 
-    def health_monitors(self) -> list[HealthMonitor]: ...
+    def health_monitors(self) -> Sequence[HealthMonitor]: ...

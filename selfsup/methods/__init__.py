@@ -6,9 +6,13 @@ its feature dimension and its config (``selfsup.config.METHOD_CONFIGS[name]``, w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 from selfsup.methods.barlow_twins import BarlowTwins
+from selfsup.methods.base import Method
 from selfsup.methods.byol import BYOL
 from selfsup.methods.dino import DINO
 from selfsup.methods.moco import MoCoV2, MoCoV3
@@ -16,7 +20,8 @@ from selfsup.methods.simclr import SimCLR
 from selfsup.methods.simsiam import SimSiam
 from selfsup.methods.vicreg import VICReg
 
-METHODS: dict[str, type[nn.Module]] = {
+# each class takes (backbone, feature_dim, its config)
+METHODS: dict[str, Callable[[nn.Module, int, Any], Method]] = {
     "simclr": SimCLR,
     "moco_v2": MoCoV2,
     "moco_v3": MoCoV3,
@@ -28,6 +33,6 @@ METHODS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_method(cfg, backbone: nn.Module, feature_dim: int) -> nn.Module:
+def build_method(cfg, backbone: nn.Module, feature_dim: int) -> Method:
     """The method named by ``cfg.name``, wrapped around ``backbone`` (B, C, H, W) -> (B, feature_dim)."""
     return METHODS[cfg.name](backbone, feature_dim, cfg)

@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from selfsup.core.collapse import CollapseMonitor
 from selfsup.core.objective import Progress
+from selfsup.methods.heads import MLPHead
 from selfsup.methods.momentum import momentum_copy, update_momentum
 
 
@@ -29,7 +30,8 @@ class RunningStats:
         for m in module.modules():
             if isinstance(m, _BatchNorm) and m.track_running_stats:
                 for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                    groups.setdefault(buf.dtype, []).append(buf)
+                    if buf is not None:  # all three, with track_running_stats
+                        groups.setdefault(buf.dtype, []).append(buf)
         self.saved = [(bufs, torch.cat([b.reshape(-1) for b in bufs])) for bufs in groups.values()]
 
     @torch.no_grad()
@@ -62,7 +64,10 @@ class Method(nn.Module):
     ``on_after_step`` applies every side effect of the step only if the step was accepted.
     """
 
-    find_unused_parameters = False
+    encoder: nn.Module
+    projector: MLPHead
+    sync_batchnorm: bool
+    find_unused_parameters: bool = False
     momentum_pairs: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, cfg, sync_batchnorm: bool):

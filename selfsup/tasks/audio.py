@@ -13,7 +13,7 @@ from selfsup.audio.decode import SAMPLE_RATE
 from selfsup.audio.feature_encoder import receptive_field
 from selfsup.audio.hf_export import HF_FILES, write_hf_folder
 from selfsup.audio.wav2vec2 import Wav2Vec2Pretraining
-from selfsup.config import ExperimentConfig
+from selfsup.config import ExperimentConfig, Wav2Vec2MethodConfig
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.objective import Objective
 from selfsup.core.progress import progress
@@ -24,11 +24,19 @@ from selfsup.data.stream import DataHealth, ShardStream
 from selfsup.tasks import EvalSpec, LabelledSplit
 
 
+def model_config(cfg: ExperimentConfig) -> Wav2Vec2MethodConfig:
+    """``cfg.method``, wav2vec 2.0's: the config refuses another method with audio data."""
+    if not isinstance(cfg.method, Wav2Vec2MethodConfig):
+        raise TypeError(f"the audio task trains wav2vec2, not method {cfg.method.name!r}")
+    return cfg.method
+
+
 def clip_limits(cfg: ExperimentConfig) -> tuple[int, int]:
     """(shortest, longest) clip in samples: at least one mask span of frames beyond the receptive field,
     so masking and distractors work; ``data.max_tokens`` must hold the shortest."""
-    field, hop = receptive_field(cfg.method.conv_kernels, cfg.method.conv_strides)
-    min_samples = max(int(cfg.data.min_seconds * SAMPLE_RATE), field + cfg.method.mask_length * hop)
+    method = model_config(cfg)
+    field, hop = receptive_field(method.conv_kernels, method.conv_strides)
+    min_samples = max(int(cfg.data.min_seconds * SAMPLE_RATE), field + method.mask_length * hop)
     max_samples = int(cfg.data.max_seconds * SAMPLE_RATE)
     if max_samples < min_samples:
         raise ValueError(f"data.max_seconds {cfg.data.max_seconds} is below the shortest usable clip "
@@ -83,7 +91,7 @@ class AudioTask:
     unit = "clip"
 
     def build_objective(self, cfg: ExperimentConfig) -> Objective:
-        return Wav2Vec2Pretraining(cfg.method)
+        return Wav2Vec2Pretraining(model_config(cfg))
 
     def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
         """Batches of {"waves": (B, S), "lengths": (B,), "labels": (B,)} clips for this rank, cropped to the
@@ -120,7 +128,8 @@ class AudioTask:
     def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
                       probe_views: int = 1) -> list[np.ndarray]:
         """[(N, D)] per layer (0: the projected conv features), mean over frames; no augmented views."""
-        min_samples, _ = receptive_field(cfg.method.conv_kernels, cfg.method.conv_strides)
+        method = model_config(cfg)
+        min_samples, _ = receptive_field(method.conv_kernels, method.conv_strides)
         return audio_layer_features(encoder, split.inputs, min_samples, desc)
 
     def baselines(self, train: LabelledSplit, test: LabelledSplit) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -128,8 +137,9 @@ class AudioTask:
         return {"log_mel": (log_mel_features(train.inputs), log_mel_features(test.inputs))}
 
     def eval_spec(self, cfg: ExperimentConfig) -> EvalSpec:
-        return EvalSpec(title=f"selfsup evaluation: {cfg.name} ({cfg.method.name}, {cfg.method.num_layers} layers "
-                              f"of {cfg.method.embed_dim})", unit="clips", zscore=True,
+        method = model_config(cfg)
+        return EvalSpec(title=f"selfsup evaluation: {cfg.name} ({method.name}, {method.num_layers} layers "
+                              f"of {method.embed_dim})", unit="clips", zscore=True,
                         notes=("features: mean over frames of one encoder layer (0 = projected conv features), "
                                "z-scored with train statistics; log-mel: 80 bands, mean + std over time",))
 
@@ -139,7 +149,8 @@ class AudioTask:
 
     def export(self, objective: Objective, cfg: ExperimentConfig, out: Path) -> str:
         """The encoder and the mask embedding as a Hugging Face ``transformers`` Wav2Vec2Model folder."""
-        write_hf_folder(out, objective.encoder, objective.mask_embedding, cfg.method)
+        assert isinstance(objective, Wav2Vec2Pretraining)  # build_objective's
+        write_hf_folder(out, objective.encoder, objective.mask_embedding, model_config(cfg))
         return (f"wrote the wav2vec2 encoder as a Hugging Face folder {out} ({', '.join(HF_FILES)}): "
                 f"transformers.Wav2Vec2Model.from_pretrained({str(out)!r}), its feature extractor with "
                 "AutoFeatureExtractor.from_pretrained")
