@@ -46,7 +46,7 @@ from selfsup.config import ExperimentConfig, load_config
 from selfsup.core.device import describe_machine
 from selfsup.core.reporter import Reporters
 from selfsup.data.shards import write_shards
-from selfsup.data.sources import find_fashion_mnist, read_idx, encode_png
+from selfsup.data.sources import encode_png, find_fashion_mnist, read_idx
 from selfsup.train.trainer import Trainer
 from selfsup.vision.backbones import build_backbone
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = machine()
     print(f"{info['cpu']}; ResNet-18 width {args.width}, 3x3 stem stride {args.stem_stride}, batch {args.batch}, "
           f"{args.workers} loader process(es), selfsup precision {args.precision}", flush=True)
-    for name, step in contenders.items():
+    for step in contenders.values():
         run_block(step, args.warmup)
     images_done = dict.fromkeys(contenders, 0)
     seconds = dict.fromkeys(contenders, 0.0)

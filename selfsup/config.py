@@ -14,8 +14,8 @@ import difflib
 import math
 import os
 import re
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml

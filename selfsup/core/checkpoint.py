@@ -27,10 +27,10 @@ import os
 import random
 import shutil
 import time
-from typing import cast
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch

@@ -9,7 +9,8 @@ or a test) and every write goes ahead. The errors live here so that the sinks in
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Protocol
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 from selfsup.errors import OneLineError
 
@@ -25,11 +26,11 @@ class LeaseLost(RunLeaseError):
 class Fence(Protocol):
     """What ``selfsup.train.lease.Fence`` offers the layers below it."""
 
-    def hold(self) -> ContextManager[object]: ...
+    def hold(self) -> AbstractContextManager[object]: ...
 
     def check(self) -> None: ...
 
 
-def fenced(fence: Fence | None) -> ContextManager[object]:
+def fenced(fence: Fence | None) -> AbstractContextManager[object]:
     """``fence.hold()``, or a no-op without a fence."""
     return fence.hold() if fence is not None else contextlib.nullcontext()

@@ -14,6 +14,7 @@ checkpoints instead; this mirror serves ``--no-ray`` runs on a bucket.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -91,10 +92,8 @@ def delete(url: str) -> None:
         Path(url).unlink(missing_ok=True)
         return
     fs, path = _fs(url)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         fs.delete_file(path)
-    except FileNotFoundError:
-        pass
 
 
 def _upload(local: Path, url: str) -> None:

@@ -114,7 +114,7 @@ class _Hashing:
 
     def hexdigest_of_all(self) -> str:
         """The sha256 of the whole file: what was read so far, then the rest."""
-        while chunk := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
         return self.hash.hexdigest()
 

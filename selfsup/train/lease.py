@@ -27,8 +27,8 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from selfsup.core import storage
 from selfsup.core.fence import LeaseLost, RunLeaseError

@@ -105,7 +105,7 @@ def fast_autoscaling_coordinator() -> None:
     try:  # Ray's internals: without them the test still runs, each resize waiting up to 20 s longer
         from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
 
-        coordinator._AutoscalingCoordinatorActor.TICK_INTERVAL_S
+        _ = coordinator._AutoscalingCoordinatorActor.TICK_INTERVAL_S
     except (ImportError, AttributeError) as err:
         print(f"Ray's autoscaling coordinator keeps its own pace: {err}")
         return

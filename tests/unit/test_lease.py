@@ -95,9 +95,8 @@ def test_a_taken_lease_fences_every_later_write_of_its_old_holder(tmp_path):
     old._stop.set()  # its process pauses: no more beats
     old._thread.join()
     with RunLease(tmp_path, host="host-b", stale_after=0.2, heartbeat_every=0.05) as new:
-        with pytest.raises(LeaseLost, match="taken over by pid .* on host-b; this driver stopped"):
-            with old.fence.hold():
-                wrote.append("after")  # never runs
+        with pytest.raises(LeaseLost, match="taken over by pid .* on host-b; this driver stopped"), old.fence.hold():
+            wrote.append("after")  # never runs
         with pytest.raises(LeaseLost):
             old.fence.check()
         stale = Fence(tmp_path, old.record["token"])  # a Ray worker of the old driver: the same token

@@ -60,7 +60,7 @@ def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path, monkey
 
 def test_fashion_mnist_found_in_selfsup_data(tmp_path, monkeypatch):
     images, labels = make_images(12)
-    for split, (img, lab) in sources.FASHION_MNIST_FILES.items():
+    for img, lab in sources.FASHION_MNIST_FILES.values():
         write_idx(tmp_path / img, images, gz=True)
         write_idx(tmp_path / lab, labels, gz=True)
     monkeypatch.setenv("SELFSUP_DATA", str(tmp_path))

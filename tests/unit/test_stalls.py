@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfsup.config import load_config
 from selfsup.core.reporter import Reporters
+from selfsup.data.views import DeviceCrops
 from selfsup.train.trainer import Trainer
 from tests.stalls import Exemption, HostStalls, at_code, in_torch_function
-from selfsup.config import load_config
-from selfsup.data.views import DeviceCrops
 from tests.unit.test_bad_steps import HEADS, audio_config, small_backbone, tiny_config
 from tests.unit.test_jpeg_views import jpeg_folder, jpeg_shards  # noqa: F401 - fixtures
 

@@ -69,5 +69,5 @@ def test_a_time_budget_cuts_the_run_and_is_kept_on_resume(tmp_path, tiny_shards,
     # resuming a finished run trains no further
     again = fit(cfg, latest_checkpoint(cfg.run_dir))
     assert again["steps"] == expected
-    logged = [json.loads(l)["step"] for l in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)["step"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(logged) == expected
