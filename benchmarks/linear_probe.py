@@ -9,8 +9,8 @@ Prints both test top-1, their difference (target: fast within 0.5 points of pape
 ratio (target: fast >= 20x faster). The fast probe's time includes extracting the features; with
 ``--views V`` it trains on the un-augmented features plus V - 1 passes of the paper probe's crops
 and flips (``probe_features``; the default of ``eval.probe_views`` is 4), for 20 / V epochs (the
-same number of steps). With ``--paper-epochs`` below 100 the paper probe's 100-epoch time is also extrapolated (its cost per
-epoch is constant), but its accuracy is that of the shortened schedule.
+same number of steps). With ``--paper-epochs`` below 100 the paper probe's 100-epoch time is also
+extrapolated (its cost per epoch is constant), but its accuracy is that of the shortened schedule.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ def main() -> None:
         print(f"fast probe, {n_views} view(s) per train image (grid chose lr={result.lr:g} wd={result.weight_decay:g}, "
               f"20/{n_views} epochs on cached features): top-1 {100 * result.top1:.2f}%  in {seconds:.1f} s "
               f"(feature extraction included)")
+        shortened = "" if args.paper_epochs >= 100 else f"; paper ran {args.paper_epochs} of 100 epochs"
         print(f"    difference fast - paper: {diff:+.2f} points (target |diff| <= 0.5: "
-              f"{'met' if abs(diff) <= 0.5 else 'NOT met'}{'' if args.paper_epochs >= 100 else f'; paper ran {args.paper_epochs} of 100 epochs'}); "
+              f"{'met' if abs(diff) <= 0.5 else 'NOT met'}{shortened}); "
               f"speed ratio {paper_s / seconds:.1f}x measured, {paper_100_s / seconds:.1f}x against 100 paper epochs "
               f"(target >= 20x: {'met' if paper_100_s / seconds >= 20 else 'NOT met'})")
 

@@ -55,7 +55,8 @@ def settings(args) -> dict:
 
 
 def baseline_key(args) -> str:
-    """Where results.json files the baselines: the recipe and the overrides that change the random-init network or the data."""
+    """Where results.json files the baselines: the recipe and the overrides that change the random-init network
+    or the data."""
     return " ".join([args.recipe, *sorted(o for o in args.set if o.startswith(("model.", "data.")))])
 
 

@@ -54,12 +54,14 @@ def main() -> None:
     result = evaluate(cfg.run_dir, str(digits / "train"), str(digits / "test"), cfg.run_dir / "report")
 
     last = summary["last"]
-    print(f"\nwav2vec2-tiny, {summary['steps']} steps in {train_minutes:.1f} min on {torch.get_num_threads()} CPU threads; "
+    print(f"\nwav2vec2-tiny, {summary['steps']} steps in {train_minutes:.1f} min on "
+          f"{torch.get_num_threads()} CPU threads; "
           f"final loss {last['loss']:.3f}, accuracy {last['accuracy']:.3f}, perplexity {last['perplexity_hard']:.0f}")
     print(f"spoken digits: {digits} (train/test voices disjoint)\n")
     print(f"| {'encoder':<22} | layer | kNN@20 | linear |")
     print(f"|{'-' * 24}|-------|--------|--------|")
-    names = {"checkpoint": "wav2vec2-tiny pretrained", "random_init": "wav2vec2-tiny random", "log_mel": "log-mel mean+std"}
+    names = {"checkpoint": "wav2vec2-tiny pretrained", "random_init": "wav2vec2-tiny random",
+             "log_mel": "log-mel mean+std"}
     for key, scores in result["encoders"].items():
         layer = result["details"][key].get("layer", "-")
         print(f"| {names.get(key, key):<22} | {layer!s:>5} | {scores['knn@20']:6.3f} | {scores['linear']:6.3f} |")

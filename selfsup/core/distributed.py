@@ -1,5 +1,6 @@
-"""Cross-rank helpers: all-gathers with and without gradient, a sum with gradient, the world size, and BatchNorm over the
-batch of every rank (``convert_sync_batchnorm``) that also works on CPU process groups (gloo)."""
+"""Cross-rank helpers: all-gathers with and without gradient, a sum with gradient, the world size, and
+BatchNorm over the batch of every rank (``convert_sync_batchnorm``) that also works on CPU process groups
+(gloo)."""
 
 from __future__ import annotations
 

@@ -390,7 +390,8 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
     the CSV's ``path`` column (relative to ``root``), ``label`` becomes an integer class index and the
     other columns are kept in each sample's ``.json``; ``split`` keeps only rows of that split.
     Each file is decoded to 16 kHz mono (``decode_audio``) and stored as FLAC; a bad file (undecodable,
-    silent, NaN, missing, under ``MIN_CLIP_SAMPLES``) yields ``{"__key__", "__error__"}`` so ``write_shards`` lists it as skipped.
+    silent, NaN, missing, under ``MIN_CLIP_SAMPLES``) yields ``{"__key__", "__error__"}`` so
+    ``write_shards`` lists it as skipped.
     Decoding runs in a pool of ``processes`` (1: in this process).
     """
     root = Path(root)

@@ -137,7 +137,8 @@ def _write_plots(out_dir: Path, label, details: dict, notes: list[str], confusio
         files["roc"] = _plot_roc(out_dir / "roc.png", roc, label, subject)
         details["roc_auc"] = {"macro": roc["macro"], "per_class": {label(c): a for c, a in roc["per_class"].items()}}
         if roc.get("skipped"):
-            notes.append(f"ROC AUC skipped classes without positives or negatives: {[label(c) for c in roc['skipped']]}")
+            skipped = [label(c) for c in roc["skipped"]]
+            notes.append(f"ROC AUC skipped classes without positives or negatives: {skipped}")
     if embedding_2d is not None:
         maps = embedding_2d if isinstance(embedding_2d, dict) else {"embedding": embedding_2d}
         for stem, (points, labels) in maps.items():
@@ -283,7 +284,8 @@ def _write_per_class(path: Path, per_class) -> str:
             lines += [f"## {encoder}", ""]
         lines += ["| class | precision (%) | recall (%) | f1 (%) | support |", "|---|---:|---:|---:|---:|"]
         lines += [
-            f"| {r['class']} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | {100 * r['f1']:.2f} | {r['support']} |"
+            f"| {r['class']} | {100 * r['precision']:.2f} | {100 * r['recall']:.2f} | {100 * r['f1']:.2f} "
+            f"| {r['support']} |"
             for r in rows
         ]
         lines.append("")

@@ -17,9 +17,10 @@ class SimCLR(Method):
 
     ``views``: the 2 views, or with multi-crop the 2 global views then local views by size (every view
     of a sample a positive of the others: ``nt_xent``). Each size runs through the backbone as one batch
-    (the two global views share BatchNorm statistics), the projector once over all. ``sync_bn`` (the paper's "Global BN", the default) normalises over the global batch when
-    there are several ranks: with per-rank statistics both views of an image share a device and its
-    statistics, which leak which samples are positives.
+    (the two global views share BatchNorm statistics), the projector once over all. ``sync_bn`` (the
+    paper's "Global BN", the default) normalises over the global batch when there are several ranks:
+    with per-rank statistics both views of an image share a device and its statistics, which leak which
+    samples are positives.
     """
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: SimCLRConfig):

@@ -33,7 +33,8 @@ DECODED_CACHE_BYTES = 2**30  # the largest decoded split (uint8 images) the eval
 
 
 def views_for(cfg: ExperimentConfig) -> BatchViews:
-    """The method's training views of ``cfg``: its recipes at ``data.image_size``, normalised by ``data.mean``/``std``."""
+    """The method's training views of ``cfg``: its recipes at ``data.image_size``, normalised by
+    ``data.mean``/``std``."""
     return BatchViews(cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
 
 
@@ -213,7 +214,8 @@ class VisionTask:
                                    "(top-1 {top1:.2f}%); per-class scores, ROC and confusion are its predictions")
 
     def input_spec(self, cfg: ExperimentConfig) -> dict:
-        """float (B, ``channels``, ``image_size``, ``image_size``) in [0, 1], then (x - ``mean``) / ``std`` per channel."""
+        """float (B, ``channels``, ``image_size``, ``image_size``) in [0, 1], then (x - ``mean``) / ``std`` per
+        channel."""
         d = cfg.data
         return {"mean": list(d.mean), "std": list(d.std), "image_size": d.image_size, "channels": d.channels}
 

@@ -48,7 +48,8 @@ def waves(lengths: list[int]) -> list[np.ndarray]:
 
 
 def padded(clips: list[np.ndarray], normalize: bool = False) -> torch.Tensor:
-    """(B, S) zero-padded clips; with ``normalize`` each first normalised as selfsup's encoder does (variance eps 1e-5)."""
+    """(B, S) zero-padded clips; with ``normalize`` each first normalised as selfsup's encoder does (variance
+    eps 1e-5)."""
     if normalize:
         clips = [(c - c.mean()) / np.sqrt(c.var() + 1e-5) for c in clips]
     longest = max(len(c) for c in clips)
