@@ -11,7 +11,9 @@ one instance per contender, identically initialised), batch, torch threads, load
   ``NegativeCosineSimilarity``, its LARS, ``MultiViewTransform`` over torchvision's PIL transforms in a
   DataLoader, one forward per view, ``update_momentum`` on a ``cosine_schedule`` (BYOL);
 - **selfsup**: ``Trainer.step`` on the Trainer's own shard loader (the shards written from the same images);
-- **ceiling**: the bare backbone, forward and backward of two views of a fixed batch, plain SGD: the model's speed.
+- **ceiling**: the bare backbone, forward and backward of two views of a fixed batch, plain SGD: the model's speed;
+  with BYOL also **ceiling + target**, which adds a second backbone's forward of both views without gradients
+  (BYOL's target network: four backbone forwards a step, which the bare ceiling does not count).
 The three alternate in blocks of ``--steps`` steps (``--blocks`` rounds, the order rotated each round), so a
 change of load on the machine reaches all of them alike. img/s counts images (a batch of B is B images,
 both views included) over the timed steps, waiting for the loader included.
@@ -204,11 +206,14 @@ class SelfsupLoop:
 
 
 class Ceiling:
-    """The bare backbone's forward and backward of two (B, C, S, S) views, one pass each, plain SGD."""
+    """The bare backbone's forward and backward of two (B, C, S, S) views, one pass each, plain SGD. With
+    ``target`` (a copy of the backbone) also its forward of both views without gradients: the least that
+    a method with a momentum target (BYOL) computes."""
 
-    def __init__(self, cfg: ExperimentConfig, encoder: nn.Module):
+    def __init__(self, cfg: ExperimentConfig, encoder: nn.Module, target: nn.Module | None = None):
         d = cfg.data
-        self.encoder, self.optimizer = encoder, torch.optim.SGD(encoder.parameters(), lr=1e-3)
+        self.encoder, self.target = encoder, target
+        self.optimizer = torch.optim.SGD(encoder.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
         self.views = [torch.randn(d.batch_size, d.channels, d.image_size, d.image_size, generator=g) for _ in range(2)]
 
@@ -216,6 +221,9 @@ class Ceiling:
         self.optimizer.zero_grad(set_to_none=True)
         with record_function("forward"):
             features = [self.encoder(v) for v in self.views]
+            if self.target is not None:
+                with torch.no_grad():
+                    features += [0 * self.target(v) for v in self.views]
         with record_function("backward"):
             sum(f.square().mean() for f in features).backward()
         with record_function("optimiser"):
@@ -292,6 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         contenders[f"lightly {method}"] = LightlyLoop(method, cfg, encoder, dim, images, total).step
         contenders[f"selfsup {method}"] = SelfsupLoop(cfg, backbone(cfg)[0]).step
     contenders["ceiling"] = Ceiling(cfg, backbone(cfg)[0]).step
+    if "byol" in args.methods:
+        contenders["ceiling + target"] = Ceiling(cfg, backbone(cfg)[0], backbone(cfg)[0]).step
     info = machine()
     print(f"{info['cpu']}; ResNet-18 width {args.width}, 3x3 stem stride {args.stem_stride}, batch {args.batch}, "
           f"{args.workers} loader process(es), selfsup precision {args.precision}", flush=True)
@@ -313,13 +323,20 @@ def main(argv: list[str] | None = None) -> dict:
               "img_per_s": rate, "seconds": seconds, "images": images_done, "breakdown_s_per_step": phases,
               "methods": {}}
     print(f"\n{'method':<8} {'lightly img/s':>13} {'selfsup img/s':>13} {'ratio':>6} {'ceiling img/s':>13} "
-          f"{'lightly/ceil':>12} {'selfsup/ceil':>12}")
+          f"{'lightly/ceil':>12} {'selfsup/ceil':>12} {'+target img/s':>13} {'lightly/+t':>10} {'selfsup/+t':>10}")
     for method in args.methods:
         lightly, ours, ceiling = rate[f"lightly {method}"], rate[f"selfsup {method}"], rate["ceiling"]
-        result["methods"][method] = {"lightly": lightly, "selfsup": ours, "ratio": ours / lightly, "ceiling": ceiling,
-                                     "lightly_of_ceiling": lightly / ceiling, "selfsup_of_ceiling": ours / ceiling}
-        print(f"{method:<8} {lightly:>13.1f} {ours:>13.1f} {ours / lightly:>5.2f}x {ceiling:>13.1f} "
-              f"{lightly / ceiling:>12.1%} {ours / ceiling:>12.1%}")
+        row = {"lightly": lightly, "selfsup": ours, "ratio": ours / lightly, "ceiling": ceiling,
+               "lightly_of_ceiling": lightly / ceiling, "selfsup_of_ceiling": ours / ceiling}
+        line = (f"{method:<8} {lightly:>13.1f} {ours:>13.1f} {ours / lightly:>5.2f}x {ceiling:>13.1f} "
+                f"{lightly / ceiling:>12.1%} {ours / ceiling:>12.1%}")
+        if method == "byol":  # against the backbone's own work in BYOL: the target's forwards included
+            with_target = rate["ceiling + target"]
+            row.update(ceiling_with_target=with_target, lightly_of_ceiling_with_target=lightly / with_target,
+                       selfsup_of_ceiling_with_target=ours / with_target)
+            line += f" {with_target:>13.1f} {lightly / with_target:>10.1%} {ours / with_target:>10.1%}"
+        result["methods"][method] = row
+        print(line)
     print(f"\nstep breakdown, s per step ({args.profile_steps} profiled steps each; forward without the loss):")
     print(f"{'':<16}" + "".join(f"{r:>14}" for r in [*REGIONS, "step"]))
     for name, p in phases.items():

@@ -34,7 +34,7 @@ from selfsup.core.checkpoint import (
     tidy_checkpoints,
 )
 from selfsup.core.collapse import embedding_stats
-from selfsup.core.device import autocast_dtype, describe_machine, memory_format, pick_device
+from selfsup.core.device import autocast_dtype, describe_machine, memory_format, pick_device, reuse_freed_memory
 from selfsup.core.distributed import convert_sync_batchnorm, rank, world_size
 from selfsup.core.fence import LeaseLost, fenced
 from selfsup.core.objective import Objective, Progress
@@ -116,6 +116,8 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.scaling.use_gpu)
+        if self.device.type == "cpu":  # until fit() ends
+            reuse_freed_memory(True)
         task = task_for(cfg)
         self.objective = self._place(task.build_objective(cfg))
         self.health = DataHealth()
@@ -229,9 +231,13 @@ class Trainer:
             TimeBudget(minutes, self.total_steps, self.steps_done, time.perf_counter(), self.cfg.optim.reserve_steps)
         self.throughput, self.fit_started = Throughput(), time.perf_counter()
         epoch = self.start_epoch
-        while epoch * self.steps_per_epoch < self.total_steps:
-            self._run_epoch(epoch)
-            epoch += 1
+        try:
+            while epoch * self.steps_per_epoch < self.total_steps:
+                self._run_epoch(epoch)
+                epoch += 1
+        finally:  # evaluation after training (the demo's) gets glibc's own malloc back
+            if self.device.type == "cpu":
+                reuse_freed_memory(False)
         return self._finish()
 
     def _epoch_steps(self, epoch: int) -> int:

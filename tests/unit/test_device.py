@@ -55,3 +55,55 @@ def test_native_bf16_reads_the_compute_capability(monkeypatch):
     assert not native_bf16(gpu) and autocast_dtype("auto", gpu) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     assert native_bf16(gpu) and autocast_dtype("auto", gpu) is torch.bfloat16
+
+
+
+
+STEPS = """
+import json, resource, sys, torch
+from selfsup.core.device import reuse_freed_memory
+torch.manual_seed(0)
+torch.set_num_threads(1)
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 8, 3, padding=1))
+x = torch.randn(1024, 1, 32, 32)  # activations of 32 MiB each: above glibc's largest mmap threshold
+
+def step():  # (page faults, resident MB after it)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x).square().mean().backward()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, rss_mb()
+
+applied = reuse_freed_memory(True) if sys.argv[1] == "reuse" else None
+out = {"applied": applied, "steps": [step() for _ in range(10)]}
+if applied:
+    out["released"] = reuse_freed_memory(False)
+    out["after"] = step()
+print(json.dumps(out))
+"""
+
+
+def test_freed_memory_is_reused_until_released():
+    """A training step's 32 MiB activations: by default glibc maps each afresh, and every step faults their
+    pages in again; told to keep freed memory, the heap settles within a few steps and later steps fault no
+    page in and keep the same resident size; released, the memory goes back to the kernel (own processes:
+    the setting is process-wide)."""
+    import json
+    import subprocess
+    import sys
+
+    def run(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    reused, default = run("reuse"), run("default")
+    assert reused["applied"] is True and reused["released"] is True
+    settled = reused["steps"][6:]
+    assert max(f for f, _ in settled) < 1000  # no page faulted in
+    assert len({rss for _, rss in settled}) == 1  # and no growth
+    assert min(f for f, _ in default["steps"][1:]) > 100 * max(max(f for f, _ in settled), 1)
+    assert reused["after"][0] > 100 * max(max(f for f, _ in settled), 1)  # released: mapped afresh again
+    assert reused["after"][1] < settled[-1][1]  # and the kept heap given back

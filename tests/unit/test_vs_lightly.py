@@ -52,7 +52,7 @@ def test_report_counts_every_step_and_adds_up(tmp_path, capsys):
     out = tmp_path / "result.json"
     result = bench.main([*TINY, "--blocks", "2", "--steps", "1", "--profile-steps", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
-    names = ["lightly simclr", "selfsup simclr", "lightly byol", "selfsup byol", "ceiling"]
+    names = ["lightly simclr", "selfsup simclr", "lightly byol", "selfsup byol", "ceiling", "ceiling + target"]
     assert sorted(result["images"]) == sorted(names)
     assert all(result["images"][n] == 2 * 1 * 8 for n in names)  # 2 blocks of 1 step of 8 images
     for n in names:
@@ -62,6 +62,9 @@ def test_report_counts_every_step_and_adds_up(tmp_path, capsys):
         row = result["methods"][method]
         assert row["ratio"] == pytest.approx(row["selfsup"] / row["lightly"])
         assert row["selfsup_of_ceiling"] == pytest.approx(row["selfsup"] / result["img_per_s"]["ceiling"])
+    target = result["methods"]["byol"]["selfsup_of_ceiling_with_target"]
+    assert target == pytest.approx(result["img_per_s"]["selfsup byol"] / result["img_per_s"]["ceiling + target"])
+    assert "ceiling_with_target" not in result["methods"]["simclr"]
     ours = result["breakdown_s_per_step"]["selfsup byol"]
     assert ours["views"] > 0 and ours["loss"] > 0 and ours["on_after_step"] > 0  # the Trainer's regions were seen
     assert result["breakdown_s_per_step"]["ceiling"]["loss"] == 0  # the ceiling has no loss region
