@@ -142,7 +142,8 @@ class LightlyLoop:
             self.criterion = NegativeCosineSimilarity()
             modules = [self.encoder, self.projector, self.predictor]
         self.modules = nn.ModuleList(modules)
-        self.optimizer = LARS(self.modules.parameters(), lr=cfg.optim.lr * cfg.data.batch_size / cfg.optim.reference_batch,
+        lr = cfg.optim.lr * cfg.data.batch_size / cfg.optim.reference_batch  # selfsup's linear scaling
+        self.optimizer = LARS(self.modules.parameters(), lr=lr,
                               momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                               trust_coefficient=cfg.optim.lars_eta)
         d = cfg.data
@@ -190,7 +191,8 @@ class SelfsupLoop:
         self.trainer = Trainer(cfg, Reporters(), resume_from=None)
         self.trainer.objective.encoder.load_state_dict(encoder.state_dict())
         for target, online in self.trainer.objective.momentum_pairs:  # the target starts as the online network
-            getattr(self.trainer.objective, target).load_state_dict(getattr(self.trainer.objective, online).state_dict())
+            objective = self.trainer.objective
+            getattr(objective, target).load_state_dict(getattr(objective, online).state_dict())
         self.trainer.objective.train()
 
         def epoch(e: int) -> Iterator:
@@ -282,7 +284,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=4096, help="Fashion-MNIST training images used")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="more config overrides for selfsup (key=value)")
-    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/vs-lightly-<isa>-w<width>s<stride>.json)")
+    p.add_argument("--out", type=Path,
+                   help="JSON file (default: benchmarks/results/vs-lightly-<isa>-w<width>s<stride>.json)")
     return p.parse_args(argv)
 
 
@@ -341,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'':<16}" + "".join(f"{r:>14}" for r in [*REGIONS, "step"]))
     for name, p in phases.items():
         print(f"{name:<16}" + "".join(f"{p[r]:>14.3f}" for r in [*REGIONS, "step"]))
-    out = args.out or ROOT / "benchmarks" / "results" / f"vs-lightly-{info['isa'].lower()}-w{args.width}s{args.stem_stride}.json"
+    name = f"vs-lightly-{info['isa'].lower()}-w{args.width}s{args.stem_stride}.json"
+    out = args.out or ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")

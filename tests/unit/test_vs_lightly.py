@@ -18,7 +18,8 @@ TINY = ["--width", "2", "--batch", "8", "--images", "16", "--threads", "1", "--w
 @pytest.fixture(autouse=True)
 def _images_and_threads(monkeypatch):
     """Random 28x28 images in place of Fashion-MNIST's (CI may not have it); torch's threads put back."""
-    monkeypatch.setattr(bench, "fmnist_images", lambda n: np.random.default_rng(0).integers(0, 256, (n, 28, 28), np.uint8))
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(bench, "fmnist_images", lambda n: rng.integers(0, 256, (n, 28, 28), np.uint8))
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
