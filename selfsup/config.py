@@ -112,6 +112,7 @@ class ImageMethodConfig(Strict):
     data_kind: ClassVar[str] = "image"
     global_views: ClassVar[int] = 2
     local_views: ClassVar[bool] = False
+    name: str  # each method's own Literal, the key of METHOD_CONFIGS
 
 
 class SimCLRConfig(ImageMethodConfig):

@@ -81,7 +81,7 @@ def hf_state_dict(encoder: nn.Module, mask_embedding: Tensor) -> dict[str, Tenso
     out = {"masked_spec_embed": mask_embedding.detach().clone().contiguous()}
     for key, value in encoder.state_dict().items():
         prefix, name = next(((p, n) for p, n in _RENAMES if key.startswith(p)), (None, None))
-        if prefix is None:
+        if prefix is None or name is None:
             raise ExportError(f"encoder weight {key} has no Wav2Vec2Model name")
         out[name + key[len(prefix):]] = value.detach().clone().contiguous()
     return out

@@ -143,7 +143,8 @@ class Wav2Vec2Pretraining(nn.Module):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Weights with decay; biases, norms, the mask embedding (all 1-D) without."""
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)

@@ -248,7 +248,7 @@ def move_aside(path: Path) -> Path:
     return dest
 
 
-def prune_checkpoints(run_dir: Path, keep: int, fence=None) -> list[str]:
+def prune_checkpoints(run_dir: Path, keep: int, fence: Fence | None = None) -> list[str]:
     """Delete all but the ``keep`` complete checkpoints written last (under ``fence``); returns their names."""
     old = list_checkpoints(run_dir)[:-keep]
     with fenced(fence):
@@ -272,7 +272,7 @@ class CheckpointWriter:
     staging: Path | None = None
 
     @classmethod
-    def for_run(cls, cfg: ExperimentConfig, fence=None, staging: Path | None = None) -> CheckpointWriter:
+    def for_run(cls, cfg: ExperimentConfig, fence: Fence | None = None, staging: Path | None = None) -> CheckpointWriter:
         return cls(Path(cfg.run_dir), cfg.train.keep_checkpoints, cfg.run_url, fence, staging)
 
     def write(self, model_state: dict, state: TrainState, cfg: ExperimentConfig, metrics: dict,
@@ -379,7 +379,7 @@ class Resume:
     reason: str
 
 
-def decide_resume(run_dir: Path, remote: str | None = None, fence=None) -> Resume:
+def decide_resume(run_dir: Path, remote: str | None = None, fence: Fence | None = None) -> Resume:
     """The one rule for where a run resumes: the complete checkpoint written last whose digests hold
     (with ``remote``, the run's URL, the bucket's, pulled into ``run_dir``), whatever Ray's bookkeeping
     says. Rank 0 decides; with several ranks the others take its decision (and pull the checkpoint
@@ -399,7 +399,7 @@ def decide_resume(run_dir: Path, remote: str | None = None, fence=None) -> Resum
     return resume
 
 
-def _decide_here(run_dir: Path, remote: str | None, fence) -> Resume:
+def _decide_here(run_dir: Path, remote: str | None, fence: Fence | None) -> Resume:
     from selfsup.core import storage
 
     names = storage.remote_checkpoints(remote) if remote else [p.name for p in list_checkpoints(run_dir)]
@@ -432,7 +432,7 @@ def _decide_here(run_dir: Path, remote: str | None, fence) -> Resume:
     return Resume(None, 0, why)
 
 
-def resume_point(run_dir: Path, remote: str | None = None, fence=None) -> Path | None:
+def resume_point(run_dir: Path, remote: str | None = None, fence: Fence | None = None) -> Path | None:
     """Rank 0's part of :func:`decide_resume` (kept until the Ray driver calls that)."""
     return _decide_here(Path(run_dir), remote, fence).checkpoint
 

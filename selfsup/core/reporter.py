@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from selfsup.core.distributed import rank, world_size
-from selfsup.core.fence import LeaseLost, fenced
+from selfsup.core.fence import Fence, LeaseLost, fenced
 
 log = logging.getLogger("selfsup.reporter")
 
@@ -45,7 +45,7 @@ class Reporters:
     def __init__(self, *sinks: object):
         self.sinks = sinks
 
-    def _call(self, name: str, *args) -> None:
+    def _call(self, name: str, *args: object) -> None:
         for sink in self.sinks:
             if (method := getattr(sink, name, None)) is not None:
                 method(*args)
@@ -70,7 +70,7 @@ class FileReporter:
     A record refused for a lost lease stops a one-rank run; with several ranks, their next lease check
     does."""
 
-    def __init__(self, run_dir: Path, fence=None):
+    def __init__(self, run_dir: Path, fence: Fence | None = None):
         self.path, self.fence = Path(run_dir) / "metrics.jsonl", fence
 
     def log(self, step: int, metrics: dict) -> None:
@@ -141,7 +141,7 @@ def read_records(path: Path) -> list[dict]:
     return [record for _, record in _parse(path)]
 
 
-def truncate_records(path: Path, samples_seen: int, fence=None) -> None:
+def truncate_records(path: Path, samples_seen: int, fence: Fence | None = None) -> None:
     """Drop the records of ``metrics.jsonl`` past ``samples_seen`` (those of steps a resume redoes) and
     any torn line, so the file reads as one run in the order of training progress (under ``fence``)."""
     path = Path(path)

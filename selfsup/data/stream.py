@@ -166,6 +166,9 @@ class _Tally:
     """A worker's counts since its previous batch, as the batch dict carries them."""
 
     def __init__(self):
+        self._reset()
+
+    def _reset(self) -> None:
         self.skipped = self.repeated = self.mismatched = self.duplicates = self.unknown = 0
         self.bad: list[str] = []
 
@@ -184,7 +187,7 @@ class _Tally:
 
     def take(self) -> dict:
         out = {name: getattr(self, name) for name in DataHealth.COUNTS} | {"bad": self.bad}
-        self.__init__()
+        self._reset()
         return out
 
 
@@ -291,6 +294,7 @@ class ShardStream(IterableDataset):
         """This worker's quota of batches, the batches to skip (resuming), its pieces, the top-up pieces
         (everything after its range, once round) and the worker it plays."""
         plan = self.plan()
+        assert isinstance(plan, EpochPlan)  # without data.max_tokens
         worker, skip, slots = self._position(plan, info)
         end = slots * self.batch_size  # ranges are laid out back to back, quota x batch each
         spare = _pieces(self.counts, plan.order, end, sum(self.counts)) + _pieces(self.counts, plan.order, 0, end)
@@ -302,10 +306,10 @@ class ShardStream(IterableDataset):
             raise RuntimeError(f"ShardStream planned for {self.workers} workers, DataLoader has {info.num_workers}")
         if self.tokens:
             plan = self.plan()
+            assert isinstance(plan, TokenPlan)
             worker, skip, slots = self._position(plan, info)
-            mine = plan.batches[self.rank][worker]
-            spare = plan.flat[slots:] + plan.flat[:slots]  # everything after its range, once round
-            yield from self._planned(mine[skip:], spare)
+            batches = plan.batches[self.rank][worker]
+            yield from self._planned(batches[skip:], plan.flat[slots:] + plan.flat[:slots])  # then the rest, once round
             return
         quota, skip, mine, spare, worker = self._share(info)
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)))

@@ -41,7 +41,7 @@ def imagenet_like_size(rng: np.random.Generator) -> tuple[int, int]:
     return round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
 
 
-def _resized(plane: np.ndarray, width: int, height: int, resample=Image.BICUBIC) -> np.ndarray:
+def _resized(plane: np.ndarray, width: int, height: int, resample=Image.Resampling.BICUBIC) -> np.ndarray:
     """A float32 (h, w) plane resized to (height, width) (PIL, so that no thread pool is forked)."""
     return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), resample))
 
@@ -57,7 +57,7 @@ def _field(rng: np.random.Generator, width: int, height: int, channels: int, oct
         gh, gw = (max(2, round(cells * side / max(width, height))) + 1 for side in (height, width))
         noise = rng.standard_normal((channels, gh, gw))
         total += decay ** k * np.stack([_resized(n, sw, sh) for n in noise])
-    full = np.stack([_resized(t, width, height, Image.BILINEAR) for t in total])
+    full = np.stack([_resized(t, width, height, Image.Resampling.BILINEAR) for t in total])
     return full / math.sqrt(sum(decay ** (2 * k) for k in range(octaves)))
 
 
@@ -94,7 +94,7 @@ def natural_image(rng: np.random.Generator, width: int, height: int, cls: int, c
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
     x = x * (1 + 0.25 * _field(rng, width, height, 1, octaves=3))  # shading across shapes and background
     fine = rng.standard_normal((max(2, height // 2), max(2, width // 2)))
-    x = x + 16 * _resized(fine, width, height, Image.BILINEAR)  # texture
+    x = x + 16 * _resized(fine, width, height, Image.Resampling.BILINEAR)  # texture
     x = x + rng.normal(0, 6, (1, height, width)).astype(np.float32)  # sensor grain
     return x.clip(0, 255).round().astype(np.uint8).transpose(1, 2, 0)
 

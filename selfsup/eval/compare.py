@@ -24,7 +24,7 @@ from selfsup.core.checkpoint import CheckpointError, checkpoint_step, list_check
 from selfsup.eval.features import model_features, num_classes  # noqa: E402
 from selfsup.eval.report import format_table  # noqa: E402
 from selfsup.eval.run import score  # noqa: E402
-from selfsup.tasks import task_for  # noqa: E402
+from selfsup.tasks import LabelledSplit, task_for  # noqa: E402
 
 log = logging.getLogger("selfsup.compare")
 
@@ -79,7 +79,7 @@ def _cache_key(ckpt: Path, locations: str) -> str:
     return hashlib.sha256(f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{locations}".encode()).hexdigest()
 
 
-def _features(ckpt: Path, cfg, state: dict, splits: tuple, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _features(ckpt: Path, cfg, state: dict, splits: tuple[LabelledSplit, LabelledSplit], cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
     """(train (N, D), test (M, D)) un-augmented features of a checkpoint (``model_features``), from
     ``cache`` when its ``key`` (:func:`_cache_key`) still matches."""
     path = cache / f"{ckpt.name}.npz"

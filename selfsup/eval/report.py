@@ -220,7 +220,7 @@ def _plot_confusion(path: Path, cm: np.ndarray, label, title: str) -> str:
     if c <= 15:
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
     return _save(fig, path)
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from selfsup.config import ImageMethodConfig
+
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.base import Method
 from selfsup.methods.byol import BYOL
@@ -33,6 +35,6 @@ METHODS: dict[str, Callable[[nn.Module, int, Any], Method]] = {
 }
 
 
-def build_method(cfg, backbone: nn.Module, feature_dim: int) -> Method:
+def build_method(cfg: ImageMethodConfig, backbone: nn.Module, feature_dim: int) -> Method:
     """The method named by ``cfg.name``, wrapped around ``backbone`` (B, C, H, W) -> (B, feature_dim)."""
     return METHODS[cfg.name](backbone, feature_dim, cfg)

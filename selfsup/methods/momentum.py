@@ -27,8 +27,8 @@ def update_momentum(target: nn.Module, online: nn.Module, m: float, accepted: to
     BatchNorm statistics come from its own forward passes, as in MoCo and BYOL. ``target`` must be a
     copy of ``online`` (same parameters, same order).
     """
-    target_params = list(target.parameters())
-    online_params = list(online.parameters())
+    target_params: list[torch.Tensor] = list(target.parameters())
+    online_params: list[torch.Tensor] = list(online.parameters())
     if len(target_params) != len(online_params):
         raise ValueError(f"target has {len(target_params)} parameters, online has {len(online_params)}")
     step = torch._foreach_sub(online_params, target_params)

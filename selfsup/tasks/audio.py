@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,8 @@ class AudioTask:
                            seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, tokens=tokens,
                            verify_checksums=cfg.data.verify_checksums)
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None):
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
+                 ) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
         """batch -> (waves (B, S), lengths (B,)) on ``device`` (the clips were decoded by the workers:
         nothing here for ``health``)."""
         def to_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

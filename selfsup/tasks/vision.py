@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from selfsup.config import ExperimentConfig, ViewRecipe
+from selfsup.config import ExperimentConfig, ImageMethodConfig, ViewRecipe
 from selfsup.core.cache import digest, load_cached, store_cached
 from selfsup.core.device import memory_format, module_memory_format
 from selfsup.core.distributed import rank, world_size
@@ -101,7 +103,7 @@ def decode_on_device(cfg: ExperimentConfig) -> bool:
     return False
 
 
-def image_decoding(cfg: ExperimentConfig, manifest: dict):
+def image_decoding(cfg: ExperimentConfig, manifest: dict) -> tuple[Callable[[dict], Any], Callable[[list], dict]]:
     """(decode, collate) for the training shards of ``manifest``: images of one size are batched at that
     size and their views cut on the training device (``BatchViews``); images of many sizes have each
     view cut from the whole image per sample (``selfsup.data.views``), in the loader workers or, with
@@ -141,6 +143,8 @@ class VisionTask:
         m = cfg.model
         backbone, dim = build_backbone(m.backbone, m.width, cfg.data.channels, m.small_stem, cfg.data.image_size,
                                        m.stem_stride, m.freeze_patch_embed)
+        if not isinstance(cfg.method, ImageMethodConfig):  # the config refuses another method with images
+            raise TypeError(f"the image task trains an image method, not {cfg.method.name!r}")
         return build_method(cfg.method, backbone, dim)
 
     def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
@@ -152,7 +156,8 @@ class VisionTask:
                            shuffle_buffer=cfg.data.shuffle_buffer,
                            verify_checksums=cfg.data.verify_checksums)
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None):
+    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
+                 ) -> Callable[[dict], list[torch.Tensor]]:
         """batch -> the views [(B, C, S, S)] on ``device``, in the configured memory format: cut from a
         batch of one image size here, or from crops cut per image (in the workers, or here from JPEGs,
         counting those the device cannot decode in ``health``). The global views (S = ``data.image_size``)

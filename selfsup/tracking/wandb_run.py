@@ -14,6 +14,7 @@ import os
 import shlex
 import uuid
 from pathlib import Path
+from typing import Any
 
 from selfsup.config import ExperimentConfig, load_config
 from selfsup.core.storage import require_writable
@@ -159,7 +160,8 @@ class WandbReporter:
     the end the summary, then the run is closed."""
 
     def __init__(self, cfg: ExperimentConfig):
-        self.cfg, self.run = cfg, None
+        self.cfg = cfg
+        self.run: Any = None  # a wandb Run once started
 
     def start(self) -> None:
         self.run = start_run(self.cfg, "pretrain", self.cfg.run_dir, resume_id=run_id(self.cfg.run_dir))
