@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | sha1sum 
 DEV_STAMP := $(STAMP)-dev
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo demo-audio test venv dataset espeak constraints clean device-carry
+.PHONY: demo demo-audio test lint venv dataset espeak constraints clean device-carry
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ espeak:
 # Real speech (Debian packages) + spoken digits (espeak-ng) -> wav2vec2-tiny -> probe vs log-mel and random init.
 demo-audio: $(STAMP) espeak
 	$(BIN)/selfsup demo --audio
+
+# ruff (its rules: pyproject.toml [tool.ruff]) and mypy ([tool.mypy]), at the versions the dev extra pins
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check selfsup benchmarks tests
+	$(BIN)/mypy
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q

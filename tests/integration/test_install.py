@@ -44,7 +44,8 @@ def test_the_tested_versions_are_pinned_and_within_the_ranges():
     for spec in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
         req = Requirement(spec)
         name = canonicalize_name(req.name)
-        assert not str(req.specifier).startswith("==") or name == "import-linter", f"{spec}: a range, not one version"
+        exact = ("import-linter", "ruff", "mypy")  # checkers: a new release changes what they report
+        assert not str(req.specifier).startswith("==") or name in exact, f"{spec}: a range, not one version"
         assert pins[name] in req.specifier, f"constraints.txt pins {name}=={pins[name]}, outside {spec}"
         assert importlib.metadata.version(name) == pins[name], f"{name}: the venv is not what constraints.txt says"
 
