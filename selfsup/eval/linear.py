@@ -261,9 +261,10 @@ def linear_probe_paper(
     encoder.eval()
     with torch.no_grad():
         dim = encoder(views.plain(test_images[:2].to(device))).shape[1]
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes)).to(device)
-    nn.init.zeros_(head[1].weight)
-    nn.init.zeros_(head[1].bias)
+    linear = nn.Linear(dim, num_classes)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=_MOMENTUM, weight_decay=weight_decay)
     _train_head(head, optimizer, lambda rows: encoder(views(train_images[rows].to(device))[0]).float(),
                 train_y, epochs, batch_size, gen)

@@ -26,6 +26,8 @@ class BYOL(Method):
     """
 
     momentum_pairs = (("target_encoder", "encoder"), ("target_projector", "projector"))
+    target_encoder: nn.Module
+    target_projector: nn.Module
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: BYOLConfig):
         super().__init__(cfg, sync_batchnorm=cfg.sync_bn)

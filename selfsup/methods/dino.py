@@ -36,6 +36,9 @@ class DINO(Method):
     """
 
     momentum_pairs = (("teacher_encoder", "encoder"), ("teacher_head", "head"))
+    teacher_encoder: nn.Module
+    teacher_head: nn.Module
+    center: torch.Tensor  # a buffer
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: DINOConfig):
         super().__init__(cfg, sync_batchnorm=cfg.sync_bn)

@@ -119,8 +119,9 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff:
         z1, z2 = fp32(z1), fp32(z2)
         invariance = F.mse_loss(z1, z2)
         everyone = [gather_with_grad(z) for z in (z1, z2)]  # (W·B, D) each
-        variance = sum(F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean() for z in everyone) / 2
-        covariance = sum(_off_diagonal_sq(_covariance(z)) / z.shape[1] for z in everyone)
+        std1, std2 = (F.relu(1 - torch.sqrt(z.var(dim=0) + 1e-4)).mean() for z in everyone)
+        cov1, cov2 = (_off_diagonal_sq(_covariance(z)) / z.shape[1] for z in everyone)
+        variance, covariance = (std1 + std2) / 2, cov1 + cov2
         loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
             "covariance": covariance.detach()}

@@ -43,6 +43,10 @@ class MoCoV2(Method):
     """
 
     momentum_pairs = (("key_encoder", "encoder"), ("key_projector", "projector"))
+    key_encoder: nn.Module
+    key_projector: nn.Module
+    queue: torch.Tensor  # buffers
+    queue_ptr: torch.Tensor
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MoCoV2Config):
         super().__init__(cfg, sync_batchnorm=cfg.sync_bn)
@@ -128,6 +132,8 @@ class MoCoV3(Method):
     """
 
     momentum_pairs = (("key_encoder", "encoder"), ("key_projector", "projector"))
+    key_encoder: nn.Module
+    key_projector: nn.Module
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MoCoV3Config):
         super().__init__(cfg, sync_batchnorm=cfg.sync_bn)
