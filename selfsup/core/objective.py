@@ -6,7 +6,7 @@ Vision methods (``selfsup.methods``) and wav2vec 2.0 (``selfsup.audio``) impleme
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -93,3 +93,13 @@ class Objective(Protocol):
     def param_groups(self) -> list[dict[str, Any]]: ...
 
     def health_monitors(self) -> Sequence[HealthMonitor]: ...
+
+    # an nn.Module's, which the loop, the checkpoints and the evaluation use
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+

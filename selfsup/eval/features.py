@@ -43,7 +43,8 @@ def encoder_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None,
     """The objective's encoder on ``device``, in the memory format training used there, with the
     checkpoint's weights (None: at random initialisation)."""
     encoder = objective_from_checkpoint(cfg, model_state).encoder.to(device)
-    return encoder.to(memory_format=memory_format(torch.device(device), cfg.train.channels_last))
+    layout = memory_format(torch.device(device), cfg.train.channels_last)
+    return encoder.to(memory_format=layout)  # type: ignore[call-overload]  # accepted, though torch's stubs lack it
 
 
 def load_encoder(run_or_checkpoint: str | Path, device: torch.device | str = "cpu") -> nn.Module:
@@ -88,8 +89,9 @@ class EncoderFeatures:
         """Every row z-scored with the bank's mean and std (features of different encoders and layers
         differ wildly in offset and scale, which cosine kNN would otherwise see)."""
         mean, std = self.bank.mean(axis=0), self.bank.std(axis=0) + 1e-6
-        z = lambda x: None if x is None else (x - mean) / std  # noqa: E731
-        return replace(self, bank=z(self.bank), probe_train=z(self.probe_train), queries=z(self.queries))
+        probe_train = None if self.probe_train is None else (self.probe_train - mean) / std
+        return replace(self, bank=(self.bank - mean) / std, probe_train=probe_train,
+                       queries=(self.queries - mean) / std)
 
 
 def split_features(task: Task, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,

@@ -80,16 +80,16 @@ def weighted_knn(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     backend = _resolve_backend(backend)
-    settings = _check_settings(settings, len(bank))
+    checked = _check_settings(settings, len(bank))
 
-    k_max = max(k for _, k, _ in settings)
+    k_max = max(k for _, k, _ in checked)
     inv_bank = inverse_norms(bank)
     q = queries.astype(np.float32) * inverse_norms(queries)[:, None]
     nb, sims = _exact_neighbours(bank, inv_bank, q, k_max, backend, chunk_size)
 
     nb_labels = bank_labels[nb]
     top1, top5, predictions = {}, {}, {}
-    for key, k, t in settings:
+    for key, k, t in checked:
         pred, ok1, ok5 = _vote(nb_labels[:, :k], sims[:, :k], t, num_classes, query_labels, chunk_size)
         top1[key], top5[key], predictions[key] = float(ok1.mean()), float(ok5.mean()), pred
     unseen = sorted(set(np.unique(query_labels).tolist()) - set(np.unique(bank_labels).tolist()))
@@ -262,13 +262,15 @@ def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple
                 idx.append(i.cpu().numpy())
         return np.concatenate(sims), np.concatenate(idx)
     step = max(1, _TILE_ELEMENTS // len(block))
-    sims, idx = [], []
+    np_sims: list[np.ndarray] = []
+    np_idx: list[np.ndarray] = []
     for s in range(0, len(q), step):
         full = q[s : s + step] @ block.T
-        i = np.argpartition(-full, k - 1, axis=1)[:, :k] if k < len(block) else np.broadcast_to(np.arange(k), full.shape)
-        sims.append(np.take_along_axis(full, i, axis=1))
-        idx.append(i)
-    return np.concatenate(sims), np.concatenate(idx).astype(np.int64)
+        top = np.argpartition(-full, k - 1, axis=1)[:, :k] if k < len(block) else \
+            np.broadcast_to(np.arange(k), full.shape)
+        np_sims.append(np.take_along_axis(full, top, axis=1))
+        np_idx.append(top)
+    return np.concatenate(np_sims), np.concatenate(np_idx).astype(np.int64)
 
 
 def _candidates(bank, inv, q, kc: int, backend: str, chunk_size: int) -> tuple[np.ndarray, np.ndarray]:

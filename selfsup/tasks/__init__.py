@@ -75,7 +75,7 @@ class Task(Protocol):
     def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
         """Every decodable labelled sample of a shard folder (``limit``: at most that many, spread over the shards)."""
 
-    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
+    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None,
                       probe_views: int = 1) -> list[np.ndarray]:
         """Candidate feature sets of ``split`` on the encoder's device (one, or one per layer), each
         (V·N, D): the un-augmented rows, then up to ``probe_views`` - 1 augmented blocks for the probe;

@@ -59,7 +59,7 @@ def labelled_clip(sample: dict) -> tuple[np.ndarray, int, str]:
 
 @torch.no_grad()
 def audio_layer_features(encoder: nn.Module, waves: list[np.ndarray], min_samples: int,
-                         desc: str = "features") -> list[np.ndarray]:
+                         desc: str | None = "features") -> list[np.ndarray]:
     """Mean over frames of every encoder layer's output, one clip at a time (no padding effects) on
     the encoder's device: [(N, D)] for the projected features and each transformer layer. Clips
     under ``min_samples`` (the receptive field) are zero-padded to it."""
@@ -127,7 +127,7 @@ class AudioTask:
         return LabelledSplit(location, list(waves), np.asarray(labels), manifest.get("classes", []), problems,
                              list(groups), split_identity(location, listing))
 
-    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
+    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None,
                       probe_views: int = 1) -> list[np.ndarray]:
         """[(N, D)] per layer (0: the projected conv features), mean over frames; no augmented views."""
         method = model_config(cfg)

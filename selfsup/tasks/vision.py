@@ -199,7 +199,7 @@ class VisionTask:
         return LabelledSplit(location, images, labels.numpy(), classes, problems, [""] * len(labels), identity,
                              thumbnails=images)
 
-    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
+    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None,
                       probe_views: int = 1) -> list[np.ndarray]:
         """[(V·N, D)]: the un-augmented features, then V - 1 passes of the paper probe's crops and flips."""
         return [probe_features(encoder, split.inputs, views_for(cfg), probe_views, desc=desc)]
