@@ -52,3 +52,25 @@ def own_cache(tmp_path_factory, monkeypatch) -> Path:
 @pytest.fixture
 def tiny_shards(tmp_path) -> Path:
     return write_tiny_shards(tmp_path / "shards", [30, 50, 10, 40, 25, 35, 60])
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """A class folder of 12 ImageNet-like JPEGs of several sizes (``selfsup.data.synthetic``)."""
+    from selfsup.data.synthetic import write_imagenet_like
+
+    root = tmp_path_factory.mktemp("jpegs")
+    write_imagenet_like(root, 12, classes=3, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def jpeg_shards(jpeg_folder, tmp_path_factory):
+    """``jpeg_folder`` as shards of 5 samples, the JPEG bytes kept."""
+    from selfsup.data.shards import write_shards
+    from selfsup.data.sources import image_folder_samples
+
+    out = tmp_path_factory.mktemp("shards")
+    samples, n, classes = image_folder_samples(jpeg_folder)
+    write_shards(samples, out, classes=classes, total=n, samples_per_shard=5)
+    return out

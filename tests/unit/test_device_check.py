@@ -8,8 +8,10 @@ import json
 import sys
 
 import numpy as np
+import pytest
 
 from benchmarks.device_check import METHODS, main
+from selfsup.eval import knn
 from tests.helpers import make_images, write_idx
 
 NOT_ON_THE_DEVICE = ["ray", "wandb", "faiss", "sklearn", "matplotlib", "scipy", "pandas", "rich", "lightly",
@@ -25,7 +27,16 @@ def fashion_mnist_like(folder, train: int = 64, test: int = 32):
     return folder
 
 
-def test_the_dry_mode_runs_every_stage_and_writes_one_json(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def faiss_looked_up_afresh():
+    """kNN caches whether faiss imports: what it found with faiss unimportable must not outlive the test."""
+    knn._faiss.cache_clear()
+    yield
+    knn._faiss.cache_clear()
+
+
+def test_the_dry_mode_runs_every_stage_and_writes_one_json(tmp_path, capsys, monkeypatch,
+                                                           faiss_looked_up_afresh):
     for name in NOT_ON_THE_DEVICE:  # `import name` raises ImportError
         monkeypatch.setitem(sys.modules, name, None)
     out = tmp_path / "device-check.json"

@@ -16,7 +16,7 @@ from selfsup.data.views import DeviceCrops, DeviceDecodeError, collate_views, nv
 from selfsup.tasks import vision as vision_module
 from selfsup.tasks.vision import decode_on_device
 from tests.helpers import fit
-from tests.unit.test_jpeg_views import both_paths, jpeg_folder, jpeg_shards, raw_samples  # noqa: F401 - fixtures
+from tests.unit.test_jpeg_views import both_paths, raw_samples
 
 OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
 

@@ -22,9 +22,8 @@ from selfsup.cli import main
 from selfsup.config import ViewRecipe, load_config
 from selfsup.data import views as views_module
 from selfsup.data.reader import read_manifest, read_shard
-from selfsup.data.shards import image_sizes, write_shards
-from selfsup.data.sources import image_folder_samples
-from selfsup.data.synthetic import natural_image, write_imagenet_like
+from selfsup.data.shards import image_sizes
+from selfsup.data.synthetic import natural_image
 from selfsup.data.views import BoxSampler, DeviceCrops, ViewItem, WholeImageViews, collate_views, cut_views
 from selfsup.tasks.vision import VisionTask, image_decoding
 from selfsup.vision.augment import BatchViews
@@ -124,21 +123,6 @@ def test_one_size_images_give_the_same_views_on_the_fast_and_the_whole_image_pat
     z = (a.mean(0) - b.mean(0)) / torch.sqrt(a.var(0) / n + b.var(0) / n)
     assert z.abs().max() < 5 and (a.mean(0) - b.mean(0)).abs().mean() < 0.01
     assert abs(a.std(0).mean() - b.std(0).mean()) < 0.01
-
-
-@pytest.fixture(scope="module")
-def jpeg_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpegs")
-    write_imagenet_like(root, 12, classes=3, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def jpeg_shards(jpeg_folder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    samples, n, classes = image_folder_samples(jpeg_folder)
-    write_shards(samples, out, classes=classes, total=n, samples_per_shard=5)
-    return out
 
 
 def shard_members(folder) -> dict[str, bytes]:

@@ -13,7 +13,6 @@ from selfsup.data.views import DeviceCrops
 from selfsup.train.trainer import Trainer
 from tests.stalls import Exemption, HostStalls, at_code, in_torch_function
 from tests.unit.test_bad_steps import HEADS, audio_config, small_backbone, tiny_config
-from tests.unit.test_jpeg_views import jpeg_folder, jpeg_shards  # noqa: F401 - fixtures
 
 EXEMPT = [
     Exemption("fused AdamW's CPU step counter",
@@ -41,7 +40,8 @@ VIEWS = {"dino": "augment.views=[{jitter_p: 0.8, grayscale_p: 0.2, blur_p: 1.0},
                  "blur_p: 0.5}]"}
 
 
-def count_stalls(cfg, bad_calls: set[int], exempt: list[Exemption] = EXEMPT) -> tuple[list[list], list[list], list[int]]:
+def count_stalls(cfg, bad_calls: set[int],
+                 exempt: list[Exemption] = EXEMPT) -> tuple[list[list], list[list], list[int]]:
     """Trains ``cfg`` to its end, the loss NaN on the forward calls in ``bad_calls`` (1-based). Returns
     the stalls of each step, those of the loop's work after each quiet step, and the logging steps."""
     trainer = Trainer(cfg, Reporters(), resume_from=None)
