@@ -6,6 +6,7 @@ For audio: ``{"__key__": str, "flac": bytes (16 kHz mono), "json": {"duration", 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import logging
@@ -145,6 +146,7 @@ def fashion_mnist_samples(split: str, folder: Path) -> tuple[Iterator[dict], int
     return idx_samples(_find_idx(folder, img), _find_idx(folder, lab), prefix=f"fmnist-{split}-")
 
 
+POOL_POLL_S = 0.5  # how long a wait for a pool's next result lasts before Ctrl-C is looked at again
 MIN_SIDE = 8  # px: a smaller image (a 1x1 tracking pixel, a broken thumbnail) is skipped at write time
 MIN_MAX_SIDE = 32  # px: the smallest ``max_side`` that `shards write image-folder --max-side` accepts
 JPEG_QUALITY = 90  # of the JPEGs written when one must be re-encoded (FFCV's default)
@@ -283,10 +285,7 @@ def image_samples(files: list[tuple[int, str, int]], max_side: int | None = None
     if processes <= 1:
         yield from map(_image_sample, jobs)
         return
-    import multiprocessing
-
-    with multiprocessing.Pool(processes, initializer=_ignore_ctrl_c) as pool:
-        yield from pool.imap(_image_sample, jobs, chunksize=16)
+    yield from _pooled(_image_sample, jobs, processes, chunksize=16)
 
 
 def image_folder_samples(root: str | Path, max_side: int | None = None, processes: int = 1,
@@ -338,20 +337,58 @@ def audio_label_splits(labels_csv: str | Path | None) -> list[str]:
     return sorted({r["split"] for r in rows if r.get("split")})
 
 
-def _ignore_ctrl_c() -> None:
-    """Pool initialiser: Ctrl-C (SIGINT, sent to the whole foreground group) stops the parent, which
-    ends the pool; a worker would print a KeyboardInterrupt traceback each."""
+def _pooled(function, jobs: list, processes: int, chunksize: int, initializer=None) -> Iterator:
+    """``function`` of each job, in order, from a pool of ``processes`` whose workers leave Ctrl-C to this
+    process, which ends the pool (else a Ctrl-C, sent to the whole foreground group, prints each worker's
+    traceback, or catches a worker mid-start and leaves the pool hanging). SIGINT is blocked while the
+    workers are made: they inherit the block and ignore SIGINT before lifting it. Results are awaited
+    ``POOL_POLL_S`` at a time: a Ctrl-C taken by another thread is raised here at the next wake."""
+    import multiprocessing
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()  # the mask of this thread is the one forked
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
+    try:
+        pool = multiprocessing.Pool(processes, initializer=_quiet_worker, initargs=(initializer,))
+    except BaseException:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    with pool:
+        if main:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C that came meanwhile is raised here
+        chunks = [jobs[i:i + chunksize] for i in range(0, len(jobs), chunksize)]
+        results = pool.imap(functools.partial(_map_chunk, function), chunks)  # one chunk a task: next(timeout)
+        while True:
+            try:
+                yield from results.next(timeout=POOL_POLL_S)
+            except multiprocessing.TimeoutError:
+                continue
+            except StopIteration:
+                return
+
+
+def _map_chunk(function, chunk: list) -> list:
+    """Worker (:func:`_pooled`): ``function`` of each job of ``chunk``."""
+    return [function(job) for job in chunk]
+
+
+def _quiet_worker(initializer) -> None:
+    """Pool initialiser (:func:`_pool`): ignore SIGINT, lift the block inherited from the parent, then
+    ``initializer``."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if initializer is not None:
+        initializer()
 
 
 def _one_thread() -> None:
-    """Pool initialiser: one torch thread per decoding process (the processes are the parallelism); Ctrl-C
-    left to the parent (:func:`_ignore_ctrl_c`)."""
+    """Pool initialiser: one torch thread per decoding process (the processes are the parallelism)."""
     import torch
 
-    _ignore_ctrl_c()
     torch.set_num_threads(1)
 
 
@@ -420,9 +457,6 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
         if processes <= 1:
             yield from map(_audio_sample, jobs)
             return
-        import multiprocessing
-
-        with multiprocessing.Pool(processes, initializer=_one_thread) as pool:
-            yield from pool.imap(_audio_sample, jobs, chunksize=8)
+        yield from _pooled(_audio_sample, jobs, processes, chunksize=8, initializer=_one_thread)
 
     return gen(), len(jobs), classes
