@@ -128,8 +128,8 @@ def build_speech_corpus(out: str | Path) -> int:
     debian = f"the speech corpus is unpacked from the Debian packages {' '.join(SPEECH_PACKAGES)} (Debian or Ubuntu)"
     apt, dpkg = require_tool("apt-get", debian), require_tool("dpkg-deb", debian)
     out = Path(out)
-    with tempfile.TemporaryDirectory(prefix="speech-corpus-") as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory(prefix="speech-corpus-") as tmp:
+        work = Path(tmp)
         download = [apt, "download", *SPEECH_PACKAGES]
         try:
             _run(download, "apt-get download " + " ".join(SPEECH_PACKAGES), cwd=work)
@@ -151,8 +151,10 @@ def _put(out: Path, rel: str, data: bytes | None = None, copy_from: Path | None 
     dst.parent.mkdir(parents=True, exist_ok=True)
     if data is not None:
         dst.write_bytes(data)
-    else:
+    elif copy_from is not None:
         shutil.copyfile(copy_from, dst)
+    else:
+        raise ValueError(f"{rel}: give its data or the file to copy")
     return {"path": rel, **meta}
 
 

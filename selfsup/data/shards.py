@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import webdataset as wds
 
@@ -204,7 +205,8 @@ def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total
     skipped: list[str] = []
     converted: list[str] = []
     origins: dict[str, str] = {}
-    writer, count, path, per_sample = None, 0, None, []
+    writer, count, path = None, 0, None
+    per_sample: list[Any] = []
 
     def close():
         nonlocal writer
@@ -332,10 +334,13 @@ def _sample_facts(sample: dict, kind: str) -> tuple[list[int] | float, int | Non
     return duration, int(label) if isinstance(label, (int, float)) else None
 
 
-def _index_shard(tar: Path, kind: str | None, lines: list[str], labels: set[int]) -> tuple[dict, str]:
+def _index_shard(tar: Path, kind: str | None, lines: list[str], labels: set[int]) -> tuple[dict, str | None]:
     """The manifest entry of one plain tar (and the folder's kind, from its first sample if ``kind`` is
     None), read once; a line per sample the reader would skip goes to ``lines``, each label to ``labels``."""
-    url, problems, digests, per_sample, count = str(tar), [], [], [], 0
+    url, count = str(tar), 0
+    problems: list[ShardProblem] = []
+    digests: list[str] = []
+    per_sample: list[Any] = []  # a size or duration, None for a sample the reader would skip
     for sample in read_shard(url, problems, digests=digests):
         kind = kind or _sample_kind(sample, url)
         count += 1
@@ -373,7 +378,10 @@ def index_shards(folder: str | Path, split: str = "train", classes: list[str] | 
     tars = sorted(root.glob("*.tar"))
     if not tars:
         raise ManifestError(f"{root} has no .tar files to index; pass the folder holding the WebDataset shards")
-    shards, lines, labels, kind = [], [], set(), None
+    shards: list[dict] = []
+    lines: list[str] = []
+    labels: set[int] = set()
+    kind: str | None = None
     for tar in progress(tars, desc=f"index {root}", unit="shard"):
         entry, kind = _index_shard(tar, kind, lines, labels)
         shards.append(entry)

@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 log = logging.getLogger("selfsup.data")
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class DatasetNotFound(OneLineError, FileNotFoundError):
@@ -143,7 +143,11 @@ def idx_samples(images_path: str | Path, labels_path: str | Path, prefix: str = 
 def fashion_mnist_samples(split: str, folder: Path) -> tuple[Iterator[dict], int]:
     """Samples of one Fashion-MNIST split (``train`` or ``test``) and their count."""
     img, lab = FASHION_MNIST_FILES[split]
-    return idx_samples(_find_idx(folder, img), _find_idx(folder, lab), prefix=f"fmnist-{split}-")
+    found = [_find_idx(folder, stem) for stem in (img, lab)]
+    if found[0] is None or found[1] is None:
+        raise DatasetNotFound(f"{folder} lacks {img if found[0] is None else lab} (or its .gz): not a whole "
+                              "Fashion-MNIST folder")
+    return idx_samples(found[0], found[1], prefix=f"fmnist-{split}-")
 
 
 POOL_POLL_S = 0.5  # how long a wait for a pool's next result lasts before Ctrl-C is looked at again
@@ -188,7 +192,7 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
     try:
         with warnings.catch_warnings():  # PIL's warning of a large image: the cap below is selfsup's
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
         (width, height), fmt, mode = img.size, img.format, img.mode
         over = width * height > MAX_IMAGE_PIXELS and not max_side
         if not over:
@@ -205,9 +209,10 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
     if not too_big and ((fmt == "JPEG" and mode in ("L", "RGB")) or (fmt == "PNG" and mode in _KEPT_MODES)):
         return ("jpg" if fmt == "JPEG" else "png"), data, None
     img, note = _eight_bit(Image.open(io.BytesIO(data)))  # in full: the check may have decoded it reduced
-    if too_big:
+    if too_big and max_side:
         scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if fmt == "JPEG" and img.mode in ("L", "RGB"):
         img.save(buf, format="JPEG", quality=JPEG_QUALITY)
@@ -437,7 +442,8 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
     classes: list[str] = []
     if labels_csv is None:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-        jobs = [(i, str(p), str(p.relative_to(root)), {}) for i, p in enumerate(files)]
+        jobs: list[tuple[int, str, str, dict]] = [(i, str(p), str(p.relative_to(root)), {})
+                                                  for i, p in enumerate(files)]
     else:
         classes = audio_label_classes(labels_csv)
         index = {name: c for c, name in enumerate(classes)}

@@ -19,7 +19,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 EXPORT_FORMAT = "selfsup.backbone.v1"  # the "format" of export_state_dict's dict
 
-RESNET_SPECS: dict[str, tuple[type[nn.Module], list[int]]] = {
+RESNET_SPECS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
@@ -87,6 +87,8 @@ class ViTBackbone(nn.Module):
     MoCo v3 paper (Chen, Xie, He 2021, sec. 4.2) uses against the training instability of ViTs.
     """
 
+    vit: VisionTransformer
+
     def __init__(self, arch: str = "vit_b_16", image_size: int = 224, in_channels: int = 3,
                  freeze_patch_embed: bool = False):
         super().__init__()
@@ -131,14 +133,15 @@ def export_state_dict(backbone: nn.Module, arch: str, *, width: int, channels: i
     ``std`` for images in [0, 1]), ``feature_dim`` and ``torchvision``: the name of the torchvision
     builder whose model (classifier replaced by ``nn.Identity()``) loads ``state_dict`` strictly, or
     None for another geometry (:func:`torchvision_model` builds any). Tensors and plain data only."""
-    vit = isinstance(backbone, ViTBackbone)
-    if vit:
-        weights = {k: v for k, v in backbone.vit.state_dict().items() if not k.startswith("heads")}
+    vit = backbone.vit if isinstance(backbone, ViTBackbone) else None
+    if vit is not None:
+        weights = {k: v for k, v in vit.state_dict().items() if not k.startswith("heads")}
     else:
         weights = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     # torchvision builds vit_b_16 (not ViT-S/16) at 224 px
-    standard = channels == 3 and (arch == "vit_b_16" and image_size == 224 if vit else width == 64 and not small_stem)
-    feature_dim = backbone.vit.hidden_dim if vit else width * 8 * RESNET_SPECS[arch][0].expansion
+    standard = channels == 3 and (arch == "vit_b_16" and image_size == 224 if vit is not None
+                                  else width == 64 and not small_stem)
+    feature_dim = vit.hidden_dim if vit is not None else width * 8 * RESNET_SPECS[arch][0].expansion
     return {"format": EXPORT_FORMAT, "arch": arch, "width": width, "channels": channels, "small_stem": small_stem,
             "stem_stride": stem_stride, "image_size": image_size, "mean": [float(m) for m in mean],
             "std": [float(s) for s in std], "feature_dim": feature_dim, "torchvision": arch if standard else None,
@@ -150,7 +153,7 @@ def torchvision_model(export: dict | str | Path) -> nn.Module:
     wrote): a ``ResNet`` with ``fc = nn.Identity()`` or a ``VisionTransformer`` with ``heads =
     nn.Identity()``, the export's weights loaded strictly, in eval mode: normalised (B, C, H, W) -> (B, D)."""
     if not isinstance(export, dict):
-        export = torch.load(export, map_location="cpu", weights_only=True)
+        return torchvision_model(torch.load(export, map_location="cpu", weights_only=True))
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError(f"not a selfsup backbone export (format {export.get('format')!r}, expected {EXPORT_FORMAT!r})")
     backbone, _ = build_backbone(export["arch"], export["width"], export["channels"], export["small_stem"],
