@@ -357,11 +357,11 @@ def _pooled(function, jobs: list, processes: int, chunksize: int, initializer=No
     try:
         pool = multiprocessing.Pool(processes, initializer=_quiet_worker, initargs=(initializer,))
     except BaseException:
-        if main:
+        if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         raise
     with pool:
-        if main:
+        if mask is not None:  # this is the main thread
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C that came meanwhile is raised here
         chunks = [jobs[i:i + chunksize] for i in range(0, len(jobs), chunksize)]
         results = pool.imap(functools.partial(_map_chunk, function), chunks)  # one chunk a task: next(timeout)
