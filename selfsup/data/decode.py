@@ -143,13 +143,13 @@ def collate_audio(items: list[tuple[torch.Tensor, int]], max_samples: int, min_s
     ``max_samples``). ``rng`` picks the crop offsets (default: Python's ``random``, which torch seeds
     per DataLoader worker).
     """
-    rng = rng or random
+    randrange = rng.randrange if rng is not None else random.randrange
     size = min(min(len(w) for w, _ in items), max_samples)
     if size < min_samples:
         raise ValueError(f"a clip of {size} samples reached collate_audio; decode must drop clips under {min_samples}")
     crops = []
     for wave, _ in items:
-        start = rng.randrange(len(wave) - size + 1)
+        start = randrange(len(wave) - size + 1)
         crops.append(wave[start:start + size])
     return {"waves": torch.stack(crops), "lengths": torch.full((len(items),), size, dtype=torch.int64),
             "labels": torch.tensor([label for _, label in items], dtype=torch.int64)}

@@ -75,6 +75,7 @@ def build_optimizer(groups: list[dict], cfg, lr: float) -> Optimizer:
         g.setdefault("weight_decay", cfg.weight_decay)
         g["base_lr"], g["base_weight_decay"] = lr, g["weight_decay"]
     clean = [{k: v for k, v in g.items() if k != "lars_exclude"} for g in groups]
+    optimizer: torch.optim.Optimizer
     if cfg.name == "sgd":
         optimizer = torch.optim.SGD(clean, lr=lr, momentum=cfg.momentum, fused=True)
     elif cfg.name == "adamw":
