@@ -71,7 +71,7 @@ def fake_checkpoint(cfg, samples: int, step: int) -> Path:
     (path / "config.yaml").write_text(dump_config(cfg))
     (path / "model.pt").write_bytes(b"weights" * 100)
     sizes = {f.name: f.stat().st_size for f in path.iterdir()}
-    (path / "progress.json").write_text(json.dumps({"step": step, "samples_seen": samples, "files": sizes}))
+    (path / "progress.json").write_text(json.dumps({"seq": step, "step": step, "samples_seen": samples, "files": sizes}))
     return path
 
 
