@@ -38,18 +38,23 @@ from pathlib import Path
 import yaml
 
 from selfsup.config import ConfigError, ExperimentConfig, ScalingConfig, config_differences, load_config, parse_config
-from selfsup.core.checkpoint import (CheckpointError, CheckpointSpaceError, list_checkpoints, prune_checkpoints,
-                                     read_progress, resume_point)
+from selfsup.core.checkpoint import (
+    CheckpointError,
+    CheckpointSpaceError,
+    list_checkpoints,
+    prune_checkpoints,
+    read_progress,
+    resume_point,
+)
 from selfsup.core.distributed import rank, world_size
 from selfsup.core.fence import LeaseLost, RunLeaseError, fenced
 from selfsup.core.reporter import FileReporter, Reporters, truncate_records
 from selfsup.data.preflight import check_data
 from selfsup.data.reader import ManifestError
 from selfsup.errors import OneLineError
-from selfsup.tracking.wandb_run import TrackingError, WandbReporter
 from selfsup.tasks import task_for
-from selfsup.train.console import (POLL_SECONDS, ProgressConsole, follow_records, follow_worker_log,
-                                   worker_log_handler)
+from selfsup.tracking.wandb_run import TrackingError, WandbReporter
+from selfsup.train.console import POLL_SECONDS, ProgressConsole, follow_records, follow_worker_log, worker_log_handler
 from selfsup.train.lease import LEASE, Fence, run_lease
 from selfsup.train.trainer import Trainer
 

@@ -21,7 +21,6 @@ from selfsup.config import MAX_IMAGE_PIXELS
 from selfsup.core.messages import decoder_reason
 from selfsup.data.reader import DUPLICATE
 
-
 IMAGE_KEYS = ("jpg", "jpeg", "png")
 
 

@@ -12,7 +12,6 @@ from typing import Any
 from torch import nn
 
 from selfsup.config import ImageMethodConfig
-
 from selfsup.methods.barlow_twins import BarlowTwins
 from selfsup.methods.base import Method
 from selfsup.methods.byol import BYOL
