@@ -35,15 +35,19 @@ def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
     return pair
 
 
-class ViewRecipe(BaseModel):
+class Strict(BaseModel):
+    """Every config section: an unknown key is an error, and so is a bad value set after validation."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ViewRecipe(Strict):
     """Augmentations for one view; every probability is per sample.
 
     ``size`` is the crop's side in pixels: None (a global crop) is ``data.image_size``, a smaller one a
     local crop (multi-crop, DINO's 96 px beside 224); ``copies`` repeats the recipe as that many views,
     each drawn independently (DINO's 8 local crops).
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     size: int | None = Field(None, gt=0, le=4096)
     copies: int = Field(1, ge=1, le=64)
@@ -97,10 +101,6 @@ def preset_views(name: str) -> list[ViewRecipe]:
 def expand_copies(recipes: list[ViewRecipe]) -> list[ViewRecipe]:
     """One recipe per view: each recipe ``copies`` times (as ``copies=1``), in order."""
     return [r.model_copy(update={"copies": 1}) for r in recipes for _ in range(r.copies)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ImageMethodConfig(Strict):
