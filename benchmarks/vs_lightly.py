@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -257,14 +258,23 @@ def breakdown(step: Callable[[], int], steps: int) -> dict[str, float]:
 
 
 def machine() -> dict:
-    """The CPU, its vector ISA as torch's kernels see it, torch's threads and the commit benchmarked."""
+    """The CPU, its vector ISA as torch's kernels see it (and the variables that cap it), the load on the machine
+    (1-minute average), torch's threads and the commit benchmarked."""
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        flags = []
     return {"cpu": describe_machine(torch.device("cpu")), "isa": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "commit": commit}
+            "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+            "isa_caps": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+            "load_average": os.getloadavg()[0], "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "commit": commit}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -307,7 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         contenders["ceiling + target"] = Ceiling(cfg, backbone(cfg)[0], backbone(cfg)[0]).step
     info = machine()
     print(f"{info['cpu']}; ResNet-18 width {args.width}, 3x3 stem stride {args.stem_stride}, batch {args.batch}, "
-          f"{args.workers} loader process(es), selfsup precision {args.precision}", flush=True)
+          f"{args.workers} loader process(es), selfsup precision {args.precision}; "
+          f"load average {info['load_average']:.1f}", flush=True)
     for step in contenders.values():
         run_block(step, args.warmup)
     images_done = dict.fromkeys(contenders, 0)
@@ -322,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{name} {images_done[name] / seconds[name]:.1f}" for name in names) + " img/s", flush=True)
     rate = {name: images_done[name] / seconds[name] for name in names}
     phases = {name: breakdown(step, args.profile_steps) for name, step in contenders.items()}
+    info["load_average_end"] = os.getloadavg()[0]
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": info,
               "img_per_s": rate, "seconds": seconds, "images": images_done, "breakdown_s_per_step": phases,
               "methods": {}}
