@@ -11,7 +11,8 @@ one instance per contender, identically initialised), batch, torch threads, load
   ``NegativeCosineSimilarity``, its LARS, ``MultiViewTransform`` over torchvision's PIL transforms in a
   DataLoader, one forward per view, ``update_momentum`` on a ``cosine_schedule`` (BYOL);
 - **selfsup**: ``Trainer.step`` on the Trainer's own shard loader (the shards written from the same images);
-- **ceiling**: the bare backbone, forward and backward of two views of a fixed batch, plain SGD: the model's speed;
+- **ceiling**: the bare backbone, forward and backward of two views of a fixed batch, plain SGD, in selfsup's
+  memory format for this CPU (lightly's loop keeps torch's default, as its users do): the model's speed;
   with BYOL also **ceiling + target**, which adds a second backbone's forward of both views without gradients
   (BYOL's target network: four backbone forwards a step, which the bare ceiling does not count).
 The three alternate in blocks of ``--steps`` steps (``--blocks`` rounds, the order rotated each round), so a
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.throughput import view_pipelines
 from selfsup.config import ExperimentConfig, load_config
-from selfsup.core.device import describe_machine
+from selfsup.core.device import describe_machine, memory_format
 from selfsup.core.reporter import Reporters
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png, find_fashion_mnist, read_idx
@@ -209,16 +210,21 @@ class SelfsupLoop:
 
 
 class Ceiling:
-    """The bare backbone's forward and backward of two (B, C, S, S) views, one pass each, plain SGD. With
+    """The bare backbone's forward and backward of two (B, C, S, S) views, one pass each, plain SGD, in the
+    memory format selfsup trains in on this CPU (channels_last on AVX-512, contiguous on AVX2). With
     ``target`` (a copy of the backbone) also its forward of both views without gradients: the least that
     a method with a momentum target (BYOL) computes."""
 
     def __init__(self, cfg: ExperimentConfig, encoder: nn.Module, target: nn.Module | None = None):
         d = cfg.data
-        self.encoder, self.target = encoder, target
+        layout = memory_format(torch.device("cpu"), cfg.train.channels_last)  # selfsup's, where it is safe
+        self.encoder, self.target = encoder.to(memory_format=layout), target
+        if target is not None:
+            target.to(memory_format=layout)
         self.optimizer = torch.optim.SGD(encoder.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
-        self.views = [torch.randn(d.batch_size, d.channels, d.image_size, d.image_size, generator=g) for _ in range(2)]
+        self.views = [torch.randn(d.batch_size, d.channels, d.image_size, d.image_size, generator=g)
+                      .contiguous(memory_format=layout) for _ in range(2)]
 
     def step(self) -> int:
         self.optimizer.zero_grad(set_to_none=True)
