@@ -44,14 +44,13 @@ import torch
 from benchmarks.jpeg_views import config as jpeg_config
 from benchmarks.jpeg_views import loader_batches, make_data, timed_steps
 from benchmarks.throughput import step_flops
+from selfsup.cluster.in_process import build_trainer
 from selfsup.config import Wav2Vec2Config, load_config
 from selfsup.core.device import describe_machine
 from selfsup.core.objective import Progress
-from selfsup.core.reporter import Reporters
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import FASHION_MNIST_CLASSES, fashion_mnist_samples
 from selfsup.eval.online import OnlineMonitor
-from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 PEAK = 989e12  # FLOP/s: dense bf16 of an H100 SXM (an H200's is the same)
@@ -115,7 +114,7 @@ def throughput(args, scratch: Path) -> dict:
            "decode": cfg.data.decode, "gflop_per_pair": flops / 1e9, "peak_tflops": PEAK / 1e12, "runs": {}}
     for compiled in (False, True):
         with compile_backend(args.dry):
-            trainer = Trainer(jpeg_config(shards, scratch, [*base, f"train.compile={compiled}"]), Reporters(), None)
+            trainer = build_trainer(jpeg_config(shards, scratch, [*base, f"train.compile={compiled}"]))
             pairs, wait = timed_steps(trainer, loader_batches(trainer), s["steps"], s["warmup"] + 3 * compiled)
         out["runs"]["compile on" if compiled else "compile off"] = {
             "pairs_per_s": pairs, "data_wait": wait, "mfu": flops * pairs / PEAK,
@@ -142,7 +141,7 @@ def fmnist(args, scratch: Path) -> dict:
             f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"run_root={scratch / 'runs'}",
             f"name=device-{method}", f"scaling.use_gpu={cuda}", "tracking.mode=disabled",
             "train.monitor_every_epochs=0", *s["fmnist_overrides"]])
-        trainer = Trainer(cfg, Reporters(), resume_from=None)
+        trainer = build_trainer(cfg)
         images, wait = timed_steps(trainer, loader_batches(trainer), s["fmnist_steps"], s["warmup"])
         bank, queries = s["monitor"]
         monitor = OnlineMonitor(cfg, bank_size=bank, query_size=queries)(trainer.objective.encoder)

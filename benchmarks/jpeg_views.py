@@ -45,8 +45,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from benchmarks.throughput import step_flops
+from selfsup.cluster.in_process import build_trainer
 from selfsup.config import ExperimentConfig, ViewRecipe, load_config
-from selfsup.core.reporter import Reporters
 from selfsup.data.decode import decode_image
 from selfsup.data.reader import read_manifest, read_shard
 from selfsup.data.shards import write_shards
@@ -189,7 +189,7 @@ def cpu_step(args: argparse.Namespace, shards: str, scratch: Path) -> None:
     cfg = config(shards, scratch, ["model.backbone=resnet18", "data.image_size=96", f"data.batch_size={args.step_batch}",
                                    "data.loader_workers=2", "data.decode=cpu", "scaling.use_gpu=false",
                                    "train.channels_last=false", f"train.threads={threads}"])
-    trainer = Trainer(cfg, Reporters(), resume_from=None)
+    trainer = build_trainer(cfg)
     steps = min(args.steps, args.images // args.step_batch - 1)
     images_s, wait = timed_steps(trainer, loader_batches(trainer), steps, 1)
     memory, _ = timed_steps(trainer, itertools.repeat(memory_batch(shards, cfg)), steps, 1)
@@ -234,7 +234,7 @@ def gpu_suite(args: argparse.Namespace, shards: str, scratch: Path) -> None:
     rows = []
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         cfg = config(shards, scratch, [*base, f"train.compile={compiled}"])
-        trainer = Trainer(cfg, Reporters(), resume_from=None)
+        trainer = build_trainer(cfg)
         warmup = args.warmup + (3 if compiled else 0)
         jpeg, wait = timed_steps(trainer, loader_batches(trainer), args.steps, warmup)
         memory, _ = timed_steps(trainer, itertools.repeat(memory_batch(shards, cfg)), args.steps, warmup)

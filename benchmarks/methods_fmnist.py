@@ -24,27 +24,26 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from selfsup.cluster.driver import pretrain
 from selfsup.config import ConfigError, ExperimentConfig, load_config
-from selfsup.core.checkpoint import checkpoint_step, latest_checkpoint, read_progress
+from selfsup.core.checkpoint import checkpoint_step, latest_checkpoint
 from selfsup.core.device import describe_machine
-from selfsup.core.reporter import FileReporter, Reporters, read_records, truncate_records
+from selfsup.core.reporter import read_records
 from selfsup.data.reader import ManifestError, read_manifest
 from selfsup.eval.run import evaluate
-from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins", "dino"]
 METRICS = ["knn@20", "knn@200", "linear"]
 BASELINES = {"pixels": "pixels", "random_init": "random init"}  # name -> as printed
 MONITOR_LEVEL = re.compile(r"monitor/(.+)_knn@20")  # a baseline's level on the monitor subset
-RUN_SETTINGS = "benchmark.json"  # in a run folder: the settings it was started with
+RUN_SETTINGS = "benchmark.json"  # beside a run folder, <run>.benchmark.json: the settings it was started with
 CURVES = "curves.png"  # beside the results file
 
 
@@ -108,7 +107,7 @@ def plan(entry: dict | None, wanted: dict, run_dir: Path, restart: bool) -> tupl
         return "fresh", None
     if entry is not None and entry.get("settings") == wanted:
         return "reuse", None
-    started = Path(run_dir) / RUN_SETTINGS
+    started = settings_file(run_dir)
     checkpoint = latest_checkpoint(Path(run_dir))
     if checkpoint is not None and started.is_file() and json.loads(started.read_text()) == wanted:
         return "resume", checkpoint
@@ -120,15 +119,19 @@ def this_machine() -> str:
     return describe_machine(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def run_method(cfg: ExperimentConfig, args, resume_from: Path | None, with_baselines: bool) -> tuple[dict, dict]:
-    """Pretrain ``cfg`` (afresh, or from ``resume_from``) and evaluate it -> (its entry, full-test baselines)."""
-    if resume_from is None:
-        shutil.rmtree(cfg.run_dir, ignore_errors=True)
-        cfg.run_dir.mkdir(parents=True)
-        (cfg.run_dir / RUN_SETTINGS).write_text(json.dumps(settings(args), indent=1))
-    else:  # the records of steps the resume trains again
-        truncate_records(cfg.run_dir / "metrics.jsonl", read_progress(resume_from)["samples_seen"])
-    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=resume_from).fit()
+def settings_file(run_dir: Path) -> Path:
+    """Where the settings a run folder was started with are kept: beside it, so that a restart (which
+    sets the run folder's contents aside) leaves them."""
+    return Path(run_dir).with_name(f"{Path(run_dir).name}.{RUN_SETTINGS}")
+
+
+def run_method(cfg: ExperimentConfig, args, fresh: bool, with_baselines: bool) -> tuple[dict, dict]:
+    """Pretrain ``cfg`` through the one driver (``fresh``: the old run set aside, else resumed where the
+    driver decides) and evaluate it -> (its entry, full-test baselines)."""
+    if fresh:
+        settings_file(cfg.run_dir).parent.mkdir(parents=True, exist_ok=True)
+        settings_file(cfg.run_dir).write_text(json.dumps(settings(args), indent=1))
+    summary = pretrain(cfg, use_ray=False, restart=fresh)
     machine = this_machine()  # now: with the threads it trained with
     data = Path(args.data)
     report = evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report",
@@ -298,7 +301,7 @@ def run_in_turn(args, out: Path) -> list[str]:
             print(f"resuming {key} from {checkpoint} (step {checkpoint_step(checkpoint)})")
         elif latest_checkpoint(cfg.run_dir) is not None:
             print(f"{key}: starting over ({'--restart' if args.restart else 'its run folder has other settings'})")
-        entry, baselines = run_method(cfg, args, checkpoint, with_baselines=not args.no_baselines)  # evaluate caches them
+        entry, baselines = run_method(cfg, args, action == "fresh", with_baselines=not args.no_baselines)  # evaluate caches them
         entry.update(settings=wanted, beats=beats(entry["encoders"]["checkpoint"], baselines))
         draw(save_result(out, key, entry, baseline_key(args), baselines), args, entry["device"], out.with_name(CURVES))
     return []

@@ -36,17 +36,16 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
+from selfsup.cluster.in_process import build_trainer
 from selfsup.config import ExperimentConfig, ViewRecipe, load_config
 from selfsup.core.device import autocast_dtype
 from selfsup.core.objective import Progress
-from selfsup.core.reporter import Reporters
 from selfsup.data.decode import decode_image
 from selfsup.data.reader import read_manifest, read_shard
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png
 from selfsup.tasks.vision import VisionTask
 from selfsup.train.optim import build_optimizer, scaled_lr
-from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam"]
@@ -176,7 +175,7 @@ def images_per_s(step: Callable[[object], int], batches: Iterable, steps: int, w
 def real_rate(cfg: ExperimentConfig, steps: int, warmup: int, synthetic: torch.Tensor | None) -> float:
     """Images/s of the training loop's own ``Trainer.step()`` on uint8 batches: from the Trainer's
     shard loader, or the pinned ``synthetic`` (B, C, S, S) batch every step."""
-    trainer = Trainer(cfg, Reporters(), resume_from=None)
+    trainer = build_trainer(cfg)
     if synthetic is not None:
         batches = itertools.repeat({"images": synthetic})
     else:

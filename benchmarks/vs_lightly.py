@@ -46,12 +46,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.throughput import view_pipelines
+from selfsup.cluster.in_process import build_trainer
 from selfsup.config import ExperimentConfig, load_config
 from selfsup.core.device import describe_machine, memory_format
-from selfsup.core.reporter import Reporters
 from selfsup.data.shards import write_shards
 from selfsup.data.sources import encode_png, find_fashion_mnist, read_idx
-from selfsup.train.trainer import Trainer
 from selfsup.vision.backbones import build_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +189,7 @@ class SelfsupLoop:
     """``Trainer.step`` on the Trainer's own loader, with ``encoder`` as its backbone's weights."""
 
     def __init__(self, cfg: ExperimentConfig, encoder: nn.Module):
-        self.trainer = Trainer(cfg, Reporters(), resume_from=None)
+        self.trainer = build_trainer(cfg)
         self.trainer.objective.encoder.load_state_dict(encoder.state_dict())
         for target, online in self.trainer.objective.momentum_pairs:  # the target starts as the online network
             objective = self.trainer.objective

@@ -14,17 +14,15 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from selfsup.cli import build_audio_probe_clips, write_audio_probe_shards
+from selfsup.cluster.driver import pretrain
 from selfsup.config import load_config
-from selfsup.core.reporter import FileReporter, Reporters
+from selfsup.demo import build_audio_probe_clips, write_audio_probe_shards
 from selfsup.eval.run import evaluate
-from selfsup.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "wav2vec2-tiny.yaml"
@@ -45,11 +43,10 @@ def main() -> None:
     overrides = [f"data.train={speech}", *([f"train.threads={args.threads}"] if args.threads else []), *args.overrides]
     print("config: configs/wav2vec2-tiny.yaml", " ".join(overrides))
     cfg = load_config(CONFIG, overrides + [f"run_root={args.run_root}", f"optim.minutes={args.minutes}"])
-    shutil.rmtree(cfg.run_dir, ignore_errors=True)
     print(f"pretraining wav2vec2-tiny: {cfg.optim.epochs:g} epochs of {cfg.data.batch_size} clips "
           f"(<= {cfg.data.max_seconds:g} s), or fewer if they do not fit {args.minutes:g} min")
     train_start = time.time()
-    summary = Trainer(cfg, Reporters(FileReporter(cfg.run_dir)), resume_from=None).fit()  # a fresh run
+    summary = pretrain(cfg, use_ray=False, restart=True)  # a fresh run: an earlier one is set aside
     train_minutes = (time.time() - train_start) / 60
     result = evaluate(cfg.run_dir, str(digits / "train"), str(digits / "test"), cfg.run_dir / "report")
 

@@ -2,8 +2,9 @@
 
 Each ``_<command>(args)`` imports what it needs inside itself, so ``selfsup --help`` loads no torch
 (``tests/unit/test_startup.py``). Work two commands share is a plain function that takes plain
-values (``write_fashion_mnist_shards``, ``run_pretraining``). This is the only module that parses
-arguments.
+values in the module that owns it (training: ``selfsup.cluster.driver.pretrain``; the demo:
+``selfsup.demo``). An error meant for one line is a ``selfsup.errors.OneLineError``, printed as
+``selfsup: error: ...`` (exit 2). This is the only module that parses arguments.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
 from pathlib import Path
 
 from selfsup import __version__
+from selfsup.demo import AUDIO_DEMO, AUDIO_DEMO_MINUTES, DEMO
 from selfsup.errors import OneLineError
 
 DESCRIPTION = (
@@ -34,123 +34,24 @@ CONFIG_HELP = "a YAML file, or the name of a shipped config (`selfsup configs` l
 ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265 (default: RAY_ADDRESS)"
 VERBOSE_HELP = "show every log line: selfsup's debug lines, Ray's own and its workers' (default: progress and warnings)"
 SHOWN_SKIPPED = 20  # `shards write` prints this many skipped files, then a count
-DEMO = {"config": "quickstart", "data": "data/fashion-mnist"}  # `selfsup demo`'s defaults
-DEMO_MINUTES = 10.0  # the whole image demo on 2 cores, pip aside (a fresh `make demo` installs for 3.6-4.5 min): pretraining gets what the shards leave ...
-DEMO_RESERVE_STEPS = 340  # ... less the time of this many steps at the measured pace, for Ray's start and the evaluation
-DEMO_CONTEXT = [  # what longer runs and GPUs give, as the benchmarks measured them (README, "The five methods")
-    "Longer runs, as the benchmarks measured them (README, \"The five methods on Fashion-MNIST\"): SimCLR "
-    "with a width-16 ResNet-18 for 45 minutes on a quiet 2-core CPU (13.6 epochs, fp32) reached 85.25% "
-    "kNN@20 and 86.06% linear, above raw pixels on both (`python -m benchmarks.methods_fmnist --minutes 45 "
-    "--max-epochs 100 --methods simclr --set model.width=16`); on an H100, a full-width ResNet-18 for 2 "
-    "minutes (12 epochs, before the grey images' colour jitter) 79.49% and 85.63%.",
-]
-AUDIO_DEMO = {"config": "wav2vec2-tiny", "data": "data/audio-demo"}  # ... with --audio
-AUDIO_DEMO_PER_CLASS = 100  # spoken digits a class: 80 train, 20 test
-AUDIO_DEMO_MINUTES = 15  # the whole audio demo on 2 cores; pretraining gets what the data leaves ...
-AUDIO_EVAL_RESERVE_S = 180  # ... less this for the evaluation
-
-def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) -> None:
-    """Fashion-MNIST's train and test splits as shards in ``out/train`` and ``out/test``."""
-    from selfsup.data import shards, sources
-
-    folder = sources.find_fashion_mnist(Path(out) / "download" if download else None)
-    for split in ("train", "test"):
-        samples, n = sources.fashion_mnist_samples(split, folder)
-        shards.write_shards(samples, Path(out) / split, split=split, classes=sources.FASHION_MNIST_CLASSES,
-                            total=n, samples_per_shard=per_shard, source=f"fashion-mnist {folder}")
-    print(f"wrote {out}/train and {out}/test")
-
-
-def build_audio_probe_clips(data: str | Path, per_class: int) -> tuple[Path, Path]:
-    """The audio demo's clips under ``data``, each set built unless there (and said so): ``per_class``
-    spoken digits a class from espeak-ng, then the speech corpus from Debian packages. (corpus, digits)."""
-    from selfsup.data import builders
-
-    corpus, digits = Path(data) / "speech-corpus", Path(data) / f"spoken-digits-{per_class}"
-    for done, build, what in ((digits / builders.DIGITS_CSV, lambda: builders.build_spoken_digits(digits, per_class),
-                               "spoken digits"),
-                              (corpus / builders.SPEECH_CSV, lambda: builders.build_speech_corpus(corpus), "speech")):
-        print(f"  {what}: already in {done.parent}" if done.exists() else f"  {what}: {build()} clips in {done.parent}")
-    return corpus, digits
-
-
-def write_audio_probe_shards(corpus: Path, digits: Path) -> tuple[Path, Path]:
-    """16 kHz FLAC shards of ``build_audio_probe_clips``' folders beside them, each written unless there:
-    (speech shards, digit shards with train/ and test/)."""
-    from selfsup.data.builders import DIGITS_CSV, SPEECH_CSV
-    from selfsup.data.reader import MANIFEST
-
-    speech, digit = corpus.with_name(f"{corpus.name}-shards"), digits.with_name(f"{digits.name}-shards")
-    for folder, labels, out, done, per_shard in ((corpus, SPEECH_CSV, speech, speech / MANIFEST, 1000),
-                                                 (digits, DIGITS_CSV, digit, digit / "test" / MANIFEST, 5000)):
-        if done.exists():
-            print(f"  shards of {folder.name}: already in {out}")
-            continue
-        args = argparse.Namespace(paths=[str(folder), str(out)], labels=str(folder / labels), per_shard=per_shard)
-        _shards_write_audio_folder(args, "train")
-    return speech, digit
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during the pretraining of the run ``cfg``."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg.name)
-        self.cfg = cfg
-
 
 def interrupted_line(err: KeyboardInterrupt, argv: list[str]) -> str:
     """What Ctrl-C says: for a run, its last checkpoint and the command (``argv`` without --restart) that
     resumes it."""
     import shlex
 
+    from selfsup.cluster.driver import Interrupted
+
     if not isinstance(err, Interrupted):
         return "interrupted"
-    from selfsup.core.checkpoint import list_checkpoints, read_progress
+    from selfsup.core.checkpoint import CheckpointProgress, list_checkpoints
 
     command = shlex.join(["selfsup", *(a for a in argv if a != "--restart")])
     found = list_checkpoints(err.cfg.run_dir)
     if not found:
         return f"interrupted before the first checkpoint of {err.cfg.run_dir}; `{command}` starts it again"
-    return (f"interrupted; the last checkpoint is {found[-1]} (step {read_progress(found[-1]).get('step')}); "
+    return (f"interrupted; the last checkpoint is {found[-1]} (step {CheckpointProgress.read(found[-1]).step}); "
             f"resume with: {command}")
-
-
-def check_pretrain_folders(cfg, no_ray: bool, address: str | None) -> None:
-    """Refuse, before any work, a run whose folders cannot be written: the run folder, W&B's, and
-    ``~/.ray`` for a Ray of its own (its token and settings). One line naming the folder and the fix."""
-    from selfsup.core.storage import require_writable
-    from selfsup.tracking.wandb_run import check_folders
-
-    require_writable(cfg.run_dir, "pretrain writes the run there (its lease, checkpoints, metrics): make it "
-                                  "writable, or set run_root to another folder")
-    check_folders(cfg.tracking.mode, cfg.run_dir)
-    if not no_ray and not (address or os.environ.get("RAY_ADDRESS")):
-        require_writable(Path.home() / ".ray", "a Ray of its own writes its token and settings there: set HOME "
-                                               "to a writable folder, or pass --no-ray")
-
-
-def run_pretraining(cfg, no_ray: bool, address: str | None, restart: bool = False) -> dict:
-    """Pretrain the ``ExperimentConfig`` ``cfg`` under Ray Train (a Ray of its own, or the cluster at
-    ``address`` / RAY_ADDRESS), or in this process when ``no_ray``; print the summary. ``restart``
-    sets the old run aside (``<run>.old-<time>``) and starts afresh, where resuming one trained with
-    another config is refused."""
-    from selfsup.tracking.wandb_run import check_credentials
-    from selfsup.train.lease import run_lease
-
-    check_credentials(cfg.tracking.mode)  # W&B online without credentials: refused before anything starts
-    check_pretrain_folders(cfg, no_ray, address)
-    try:
-        with run_lease(cfg) as lease:  # taken before torch loads, so that a second driver is refused at once
-            from selfsup.cluster.trainer import drive
-
-            summary = drive(cfg, use_ray=not no_ray, address=address, restart=restart, fence=lease.fence)
-    except KeyboardInterrupt:
-        raise Interrupted(cfg) from None
-    print(f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
-          f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
-          f"{summary['train_seconds'] / 60:.1f} min)")
-    return summary
 
 
 def _shards_write(args) -> None:
@@ -159,8 +60,11 @@ def _shards_write(args) -> None:
     if args.test_fraction is not None and args.split is not None:
         raise SystemExit("--test-fraction writes OUT/train and OUT/test; leave out --split")
     if args.source == "fashion-mnist":
+        from selfsup.data.builders import write_fashion_mnist_shards
+
         (out,) = args.paths
         write_fashion_mnist_shards(out, args.download, args.per_shard)
+        print(f"wrote {out}/train and {out}/test")
     else:
         {"idx": _shards_write_idx, "image-folder": _shards_write_image_folder,
          "audio-folder": _shards_write_audio_folder}[args.source](args, args.split or "train")
@@ -206,15 +110,10 @@ def _shards_write_image_folder(args, split: str) -> None:
 
 def _shards_write_audio_folder(args, split: str) -> None:
     """One split to OUT, or one folder OUT/<split> per value of the ``--labels`` CSV's split column."""
-    from selfsup.data import shards, sources
+    from selfsup.data.builders import write_audio_folder_shards
 
     root, out = _shards_two_paths(args, "audio-folder DIR OUT")
-    splits = sources.audio_label_splits(args.labels)
-    for name in splits or [split]:
-        samples, n, classes = sources.audio_folder_samples(root, args.labels, name if splits else None)
-        dest = Path(out) / name if splits else Path(out)
-        m = shards.write_shards(samples, dest, split=name, kind="audio", classes=classes, total=n,
-                                samples_per_shard=args.per_shard, source=f"audio folder {root}")
+    for dest, m in write_audio_folder_shards(root, out, args.labels, args.per_shard, split):
         print(f"wrote {m['num_samples']} clips ({len(m['skipped'])} bad skipped) to {dest}")
         _print_skipped(m, dest)
 
@@ -290,9 +189,11 @@ def _shards_build(args) -> None:
 
 
 def _pretrain(args) -> None:
+    from selfsup.cluster.driver import done_line, pretrain
     from selfsup.config import load_config
 
-    run_pretraining(load_config(args.config, args.overrides), args.no_ray, args.address, restart=args.restart)
+    cfg = load_config(args.config, args.overrides)
+    print(done_line(pretrain(cfg, use_ray=not args.no_ray, address=args.address, restart=args.restart)))
 
 
 def _configs(args) -> None:
@@ -353,67 +254,15 @@ def _export(args) -> None:
 
 
 def _demo(args) -> None:
+    from selfsup import demo
+
     if args.audio:
-        return _demo_audio(args)
-    from selfsup.config import load_config
-    from selfsup.data.reader import MANIFEST
-    from selfsup.eval.run import evaluate
-    from selfsup.tracking.wandb_run import log_eval_report
-
-    started = time.time()
-    data = Path(args.data)
-    if not (data / "train" / MANIFEST).exists() or not (data / "test" / MANIFEST).exists():
-        print(f"[1/3] shards: writing Fashion-MNIST to {data}")
-        write_fashion_mnist_shards(data, args.download, per_shard=5000)
+        config = AUDIO_DEMO["config"] if args.config == DEMO["config"] else args.config
+        demo.audio_demo(config, AUDIO_DEMO["data"] if args.data == DEMO["data"] else args.data, args.overrides,
+                        use_ray=not args.no_ray)
     else:
-        print(f"[1/3] shards: reusing {data} (delete it to write them again)")
-    minutes = (60 * DEMO_MINUTES - (time.time() - started)) / 60
-    cfg = load_config(args.config, [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
-                                    f"optim.minutes={minutes:.2f}", f"optim.reserve_steps={DEMO_RESERVE_STEPS}",
-                                    *args.overrides])
-    print(f"[2/3] pretraining {cfg.method.name} ({cfg.model.backbone}, width {cfg.model.width}) for "
-          f"{cfg.optim.epochs:g} epochs or what fits in {cfg.optim.minutes:.1f} min with the evaluation's time kept, "
-          + ("in this process" if args.no_ray else "under Ray Train"))
-    trained = time.time()
-    run_pretraining(cfg, args.no_ray, address=None, restart=args.restart)
-    trained = time.time() - trained
-    print("[3/3] evaluating the final checkpoint against raw pixels and the same network at random initialisation")
-    out = cfg.run_dir / "report"
-    log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), out, context=DEMO_CONTEXT), out)
-    total = time.time() - started
-    print(f"demo finished in {total / 60:.1f} min, {trained / 60:.1f} of them pretraining ({trained / total:.0%}); "
-          f"open {out / 'report.html'}")
-
-
-def _demo_audio(args) -> None:
-    """``selfsup demo --audio``: the speech corpus and spoken digits built from system packages -> shards
-    -> wav2vec2-tiny pretrained within what is left of ``AUDIO_DEMO_MINUTES`` -> kNN and the linear probe
-    on the unseen test voices, against log-mel and random init."""
-    from selfsup.config import load_config
-    from selfsup.eval.run import evaluate
-    from selfsup.tracking.wandb_run import log_eval_report
-
-    started, phases = time.time(), {}
-    data = Path(AUDIO_DEMO["data"] if args.data == DEMO["data"] else args.data)
-    print(f"[1/4] clips: spoken digits (espeak-ng) and real speech (Debian packages) in {data}")
-    corpus, digits = build_audio_probe_clips(data, AUDIO_DEMO_PER_CLASS)
-    phases["clips"] = time.time() - started
-    print("[2/4] 16 kHz FLAC shards")
-    speech, digit = write_audio_probe_shards(corpus, digits)
-    phases["shards"] = time.time() - started - sum(phases.values())
-    minutes = max(1.0, (60 * AUDIO_DEMO_MINUTES - AUDIO_EVAL_RESERVE_S - (time.time() - started)) / 60)
-    cfg = load_config(AUDIO_DEMO["config"] if args.config == DEMO["config"] else args.config,
-                      ["name=audio-demo", f"data.train={speech}", f"optim.minutes={minutes:.1f}", *args.overrides])
-    print(f"[3/4] pretraining {cfg.name} ({cfg.method.name}, {cfg.method.num_layers} layers) on {speech} for "
-          f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first")
-    run_pretraining(cfg, args.no_ray, address=None)
-    phases["pretraining"] = time.time() - started - sum(phases.values())
-    print(f"[4/4] evaluating on spoken digits, test voices unseen in train ({digit})")
-    out = cfg.run_dir / "report"  # one thread: the tiny model's clip-by-clip forwards ran 4x slower on two busy cores
-    log_eval_report(evaluate(cfg.run_dir, str(digit / "train"), str(digit / "test"), out, threads=1), out)
-    phases["evaluation"] = time.time() - started - sum(phases.values())
-    print(", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in phases.items())
-          + f"; demo finished in {(time.time() - started) / 60:.1f} min")
+        demo.image_demo(args.config, args.data, args.overrides, use_ray=not args.no_ray, download=args.download,
+                        restart=args.restart)
 
 
 def _command(sub, name: str, help: str, examples: list[str], func, rest: str | None = None):

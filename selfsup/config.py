@@ -11,6 +11,7 @@ nothing from selfsup and no torch, so a config validates anywhere (``selfsup sub
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import os
 import re
@@ -868,3 +869,8 @@ def config_differences(old: dict, new: dict, allowed: tuple[str, ...] = RESUMABL
             *(k for k in before if k not in after)]
     return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)
             and not any(k == a or k.startswith(f"{a}.") for a in allowed)}
+
+
+def override_text(value: Any) -> str:
+    """A config value as an override writes it (``16``, ``true``, ``[1, 4]``, ``simclr``)."""
+    return value if isinstance(value, str) else json.dumps(value)

@@ -8,3 +8,8 @@ ends the run rather than spend a retry: no retry can heal what the message asks 
 
 class OneLineError(Exception):
     """An error whose message is a whole answer: what is wrong, where, and what to do."""
+
+
+class RunFailed(OneLineError, RuntimeError):
+    """A run refused before it starts (a changed config, a GPU that is not there, workers no cluster can
+    place) or stopped on an error a retry cannot heal."""

@@ -65,7 +65,7 @@ def redact(text: str, secrets: dict[str, str]) -> str:
 def job_spec(config: str, overrides: list[str], staging: Path, env_names: Sequence[str] = ()) -> dict:
     """The keyword arguments of ``submit_job``: entrypoint, runtime_env (working_dir, py_modules, env_vars),
     metadata (the run, and the secrets under ``secret:NAME``)."""
-    from selfsup.cluster.trainer import absolute_paths
+    from selfsup.cluster.ray_driver import absolute_paths
 
     cfg = absolute_paths(load_config(config, overrides))
     (staging / "config.yaml").write_text(dump_config(cfg))

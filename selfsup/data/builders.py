@@ -208,3 +208,30 @@ def _asterisk_clips(src: Path, out: Path) -> list[dict]:
                     rows.append(_put(out, f"clips/asterisk-{lang}/{rel}", copy_from=Path(dirpath) / name,
                                      source=f"asterisk-{lang}", speaker="allison", language=lang))
     return rows
+
+
+def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) -> None:
+    """Fashion-MNIST's train and test splits as shards in ``out/train`` and ``out/test``."""
+    from selfsup.data import shards, sources
+
+    folder = sources.find_fashion_mnist(Path(out) / "download" if download else None)
+    for split in ("train", "test"):
+        samples, n = sources.fashion_mnist_samples(split, folder)
+        shards.write_shards(samples, Path(out) / split, split=split, classes=sources.FASHION_MNIST_CLASSES,
+                            total=n, samples_per_shard=per_shard, source=f"fashion-mnist {folder}")
+
+
+def write_audio_folder_shards(root: str | Path, out: str | Path, labels: str | None, per_shard: int,
+                              split: str = "train") -> list[tuple[Path, dict]]:
+    """A folder of audio clips as 16 kHz FLAC shards: one split in ``out``, or one folder ``out/<split>``
+    per value of the ``labels`` CSV's split column. (folder, manifest) of each written."""
+    from selfsup.data import shards, sources
+
+    splits = sources.audio_label_splits(labels)
+    written = []
+    for name in splits or [split]:
+        samples, n, classes = sources.audio_folder_samples(root, labels, name if splits else None)
+        dest = Path(out) / name if splits else Path(out)
+        written.append((dest, shards.write_shards(samples, dest, split=name, kind="audio", classes=classes, total=n,
+                                                  samples_per_shard=per_shard, source=f"audio folder {root}")))
+    return written

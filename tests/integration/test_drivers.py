@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selfsup.cluster.trainer import pretrain_here
+from selfsup.cluster.driver import pretrain
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import checkpoint_bytes, latest_checkpoint, list_checkpoints, load_checkpoint
 from tests.clusterkit import ray_head
@@ -125,7 +125,7 @@ def tmpfs(tmp_path):
 def _checkpoint_size(tmp_path: Path, shards: Path) -> int:
     """The bytes of one checkpoint of the tiny config (1 step, in this process)."""
     cfg = parse_config(_tiny("measure", shards, tmp_path / "measure", optim={"epochs": 1}))
-    pretrain_here(cfg)
+    pretrain(cfg, use_ray=False)
     return checkpoint_bytes(latest_checkpoint(cfg.run_dir))
 
 
@@ -217,7 +217,7 @@ def test_metrics_stay_monotonic_across_a_resume(tmp_path, crash_at):
     # logged up to the crash: the records past the checkpoint are of steps the resume redoes
     assert [r["step"] for r in _records(cfg.run_dir)] == list(range(1, crash_at + 1))
     assert latest_checkpoint(cfg.run_dir).name == f"samples-{8 * (crash_at // 4 * 4):012d}"
-    summary = pretrain_here(cfg)  # what `selfsup pretrain` runs again
+    summary = pretrain(cfg, use_ray=False)  # what `selfsup pretrain` runs again
     assert summary["steps"] == 16
     records = _records(cfg.run_dir)
     samples = [r["samples"] for r in records]

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from benchmarks import faults
-from selfsup.cluster.trainer import pretrain_here
+from selfsup.cluster.driver import pretrain
 from selfsup.config import parse_config
 from tests.helpers import tiny_config, write_tiny_shards
 
@@ -68,10 +68,10 @@ def test_wandb_resumes_the_same_run_id(tmp_path, monkeypatch):
     shards = write_tiny_shards(tmp_path / "shards", [32, 32])
     tree = tiny_config("wb", shards, tmp_path / "runs", tracking={"mode": "offline"})
     first = parse_config(tree)
-    pretrain_here(first)
+    pretrain(first, use_ray=False)
     run_id = (first.run_dir / "wandb_id").read_text()
     second = parse_config(tree, ["optim.epochs=2"])
-    assert pretrain_here(second)["steps"] == 16
+    assert pretrain(second, use_ray=False)["steps"] == 16
     runs = sorted((second.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
     assert not [p for p in (second.run_dir / "wandb").rglob("*") if p.is_file()

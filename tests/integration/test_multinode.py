@@ -129,7 +129,7 @@ def multinode(tmp_path_factory):
         upload_dir(write_tiny_shards(root / "shards", [40, 56, 32]), BUCKET, "data/train")
         nodes = MultiNode(root)
         try:
-            from selfsup.cluster.trainer import init_ray
+            from selfsup.cluster.ray_driver import init_ray
 
             init_ray(nodes.cluster.address)
             fast_autoscaling_coordinator()
@@ -172,7 +172,7 @@ class Run:
     appends to its node's ``metrics.jsonl`` (whichever node that is), in the order they appear."""
 
     def __init__(self, nodes: MultiNode, cfg):
-        from selfsup.cluster.trainer import run_training
+        from selfsup.cluster.driver import pretrain
 
         self.nodes, self.name, self.out = nodes, cfg.name, {}
         self.workers_before = len(train_workers(alive=False))
@@ -182,7 +182,7 @@ class Run:
 
         def go():
             try:
-                self.out["summary"] = run_training(cfg, use_ray=True)
+                self.out["summary"] = pretrain(cfg, use_ray=True)
             except BaseException as err:  # noqa: BLE001 - re-raised by finish()
                 self.out["error"] = err
 

@@ -8,7 +8,7 @@ import boto3
 import pytest
 import torch
 
-from selfsup.cluster.trainer import pretrain_here
+from selfsup.cluster.driver import pretrain
 from selfsup.config import parse_config
 from selfsup.core import storage
 from selfsup.core.checkpoint import load_checkpoint
@@ -40,7 +40,7 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
                            optim={"epochs": 1}, train={"keep_checkpoints": 2})
         monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "node-a"))
         cfg = parse_config(tree)
-        first = pretrain_here(cfg)
+        first = pretrain(cfg, use_ray=False)
         assert first["steps"] == 8  # 64 samples // 8
         assert cfg.run_dir.is_relative_to(tmp_path / "node-a")
         keys = _keys("runs/s3run/")
@@ -71,7 +71,7 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         # another node (empty cache) continues the same run for a second epoch from the bucket
         monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "node-b"))
         cfg2 = parse_config(tree, ["optim.epochs=2"])
-        second = pretrain_here(cfg2)
+        second = pretrain(cfg2, use_ray=False)
         assert second["steps"] == 16
         records = [json.loads(x) for x in (cfg2.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == list(range(1, 17))  # pulled metrics, then steps 9..16 only

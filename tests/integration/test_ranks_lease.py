@@ -21,7 +21,7 @@ WORLD = 2
 
 
 def worker(rank: int, port: int, tree: dict, token: str, out: str) -> None:
-    from selfsup.cluster.trainer import pretrain_here
+    from selfsup.cluster.in_process import train_here
     from selfsup.train.trainer import Trainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
@@ -39,7 +39,7 @@ def worker(rank: int, port: int, tree: dict, token: str, out: str) -> None:
     Trainer._after_step = taken_after_step_3
     result = {"rank": rank}
     try:
-        pretrain_here(cfg, fence=Fence(cfg.run_dir, token))
+        train_here(cfg, fence=Fence(cfg.run_dir, token))
     except LeaseLost as err:
         result["error"], result["last_step"] = str(err), steps[-1]
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

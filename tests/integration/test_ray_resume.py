@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from selfsup.cluster.trainer import RAY_SNAPSHOT, pretrain_here, run_pretraining
+from selfsup.cluster.driver import pretrain
+from selfsup.cluster.ray_driver import RAY_SNAPSHOT
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import list_checkpoints
 from tests.helpers import tiny_config, write_tiny_shards
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.integration
 def ray_local():
     import ray
 
-    from selfsup.cluster.trainer import init_ray
+    from selfsup.cluster.ray_driver import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -42,15 +43,15 @@ def test_ray_resumes_at_the_runs_newest_checkpoint_not_its_snapshot(tmp_path, ra
                                         scaling={"num_workers": 1, "cpus_per_worker": 1}))
 
     run = cfg(1, 2).run_dir
-    assert run_pretraining(cfg(1, 2))["steps"] == 8  # Ray: its snapshot lists samples-32 and samples-64
+    assert pretrain(cfg(1, 2))["steps"] == 8  # Ray: its snapshot lists samples-32 and samples-64
     assert (run / RAY_SNAPSHOT).is_file()
-    assert pretrain_here(cfg(2, 2))["steps"] == 16  # --no-ray: 96 and 128 written, Ray's two pruned
+    assert pretrain(cfg(2, 2), use_ray=False)["steps"] == 16  # --no-ray: 96 and 128 written, Ray's two pruned
     newer = [c.name for c in list_checkpoints(run)]
     assert newer == ["samples-000000000096", "samples-000000000128"]
     stamps = {name: _stamps(run / "checkpoints" / name) for name in newer}
     before = (run / "metrics.jsonl").read_text().splitlines()
 
-    summary = run_pretraining(cfg(3, 10))  # Ray again: resumes at 128 (step 16), not at its snapshot's 64
+    summary = pretrain(cfg(3, 10))  # Ray again: resumes at 128 (step 16), not at its snapshot's 64
     assert summary["steps"] == 24 and summary["checkpoint"] == str(run / "checkpoints" / "samples-000000000192")
     assert [c.name for c in list_checkpoints(run)] == [*newer, "samples-000000000160", "samples-000000000192"]
     assert {name: _stamps(run / "checkpoints" / name) for name in newer} == stamps  # untouched, none rewritten

@@ -28,7 +28,7 @@ def tiny_config(tmp_path, train, test, epochs):
 def ray_local():
     import ray
 
-    from selfsup.cluster.trainer import init_ray
+    from selfsup.cluster.ray_driver import init_ray
 
     init_ray(num_cpus=2)
     yield
@@ -36,13 +36,13 @@ def ray_local():
 
 
 def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_local):
-    from selfsup.cluster.trainer import run_pretraining
+    from selfsup.cluster.driver import pretrain
     from selfsup.eval.run import evaluate
 
     train = write_tiny_shards(tmp_path / "train", [48, 40, 40])  # 128 samples: 4 steps/epoch per rank
     test = write_tiny_shards(tmp_path / "test", [40], seed=1, split="test")
     cfg = tiny_config(tmp_path, train, test, epochs=1)
-    summary = run_pretraining(cfg)
+    summary = pretrain(cfg)
     assert summary["steps"] == summary["total_steps"] == 4
     ckpt = latest_checkpoint(cfg.run_dir)
     assert ckpt.name == "samples-000000000128" and summary["checkpoint"] == str(ckpt)  # 4 steps x 2 ranks x 16
@@ -64,7 +64,7 @@ def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_l
 
     # re-running the same name with a longer plan resumes at step 4 instead of starting over
     longer = tiny_config(tmp_path, train, test, epochs=2)
-    summary = run_pretraining(longer)
+    summary = pretrain(longer)
     assert summary["steps"] == 8
     logged = [json.loads(line)["step"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged[: logged.index(4) + 1] == [2, 4] and min(logged[logged.index(4) + 1:]) > 4

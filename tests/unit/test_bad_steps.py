@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from selfsup.audio.decode import encode_flac
+from selfsup.cluster.in_process import build_trainer
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from selfsup.core.objective import Progress
-from selfsup.core.reporter import Reporters
 from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
 from selfsup.train.trainer import TooManyBadSteps, Trainer
@@ -142,7 +142,7 @@ def run_steps(cfg, inputs: list) -> tuple[Trainer, torch.Tensor, list[dict]]:
     """Trainer.step on each input, None standing for a step the loop counts but never takes (what the loop
     does on a skipped step, without the batch). Returns the trainer, the last loss and the objective's
     state after each step."""
-    trainer = Trainer(cfg, Reporters(), resume_from=None)
+    trainer = build_trainer(cfg)
     trainer.to_input = lambda batch: batch  # the inputs are already the objective's
     states = []
     for i, batch in enumerate(inputs):

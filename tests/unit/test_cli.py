@@ -26,9 +26,15 @@ def commands(parser: argparse.ArgumentParser, prefix: str = "selfsup"):
 @pytest.fixture
 def pretrain_calls(monkeypatch):
     """Replaces the training itself: each `selfsup pretrain` records (cfg, no_ray, address)."""
+    from selfsup.cluster import driver
+
     calls = []
-    monkeypatch.setattr(cli, "run_pretraining",
-                        lambda cfg, no_ray, address, restart=False: calls.append((cfg, no_ray, address)))
+
+    def pretrain(cfg, use_ray=True, address=None, restart=False):
+        calls.append((cfg, not use_ray, address))
+        return {"steps": 0, "checkpoint": None, "data": {"skipped": 0}, "epochs": 0.0, "train_seconds": 0.0}
+
+    monkeypatch.setattr(driver, "pretrain", pretrain)
     return calls
 
 

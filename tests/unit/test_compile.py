@@ -26,8 +26,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from selfsup.core.reporter import Reporters
-from selfsup.train.trainer import Trainer
+from selfsup.cluster.in_process import build_trainer
 from tests.unit.test_bad_steps import HEADS, audio_config, small_backbone, tiny_config
 
 BREAKS: dict[str, dict[str, int]] = {}  # objective -> the graph breaks it is known to have, by reason (none)
@@ -53,7 +52,7 @@ def run(cfg, batches: list, backend: str | None, monkeypatch) -> tuple[list, lis
     with monkeypatch.context() as patch:
         patch.setattr(torch, "compile", compile_with)
         train = cfg.train.model_copy(update={"compile": backend is not None})
-        trainer = Trainer(cfg.model_copy(update={"train": train}), Reporters(), resume_from=None)
+        trainer = build_trainer(cfg.model_copy(update={"train": train}))
     trainer.to_input = lambda batch: batch
     losses, states, graphs = [], [], []
     for i, batch in enumerate(batches):

@@ -98,11 +98,11 @@ def test_load_encoder_is_the_training_encoder(tmp_path):
 
 
 def test_library_api_is_the_pipeline():
-    from selfsup.cluster.trainer import run_training
+    from selfsup.cluster.driver import pretrain
     from selfsup.eval.features import load_encoder
     from selfsup.eval.run import evaluate
 
-    assert (selfsup.pretrain, selfsup.evaluate, selfsup.load_encoder) == (run_training, evaluate, load_encoder)
+    assert (selfsup.pretrain, selfsup.evaluate, selfsup.load_encoder) == (pretrain, evaluate, load_encoder)
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         selfsup.nothing  # noqa: B018
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from selfsup.cluster.trainer import pretrain_here
+from selfsup.cluster.in_process import train_here
 from selfsup.config import parse_config
 from selfsup.core import checkpoint as ck
 from selfsup.core.checkpoint import file_digest, list_checkpoints
@@ -48,7 +48,7 @@ def test_a_paused_driver_whose_lease_was_taken_stops_and_writes_nothing(tmp_path
         seen["b"] = None
         monkeypatch.setattr(lease_mod, "wall_clock", lambda: time.time() + skew)
         b.acquire()
-        seen["b"] = pretrain_here(cfg, fence=b.fence)
+        seen["b"] = train_here(cfg, fence=b.fence)
         seen["after_b"] = _snapshot(cfg.run_dir)
 
     after_step, write = Trainer._after_step, ck.write_checkpoint
@@ -70,7 +70,7 @@ def test_a_paused_driver_whose_lease_was_taken_stops_and_writes_nothing(tmp_path
     monkeypatch.setattr(ck, "write_checkpoint", paused_write)
     try:
         with pytest.raises(LeaseLost) as lost:
-            pretrain_here(cfg, fence=a.fence)
+            train_here(cfg, fence=a.fence)
     finally:
         a.release()
         b.release()
@@ -101,7 +101,7 @@ def test_a_second_driver_on_the_same_host_never_takes_over_a_live_one(tmp_path, 
 
     monkeypatch.setattr(Trainer, "_after_step", paused_after_step)
     with RunLease(cfg.run_dir, heartbeat_every=3600) as a:
-        summary = pretrain_here(cfg, fence=a.fence)
+        summary = train_here(cfg, fence=a.fence)
     assert len(refused) == 1 and summary["steps"] == 16
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 17))

@@ -34,10 +34,10 @@ def one_error(capsys, argv: list[str], said: str) -> str:
 @pytest.fixture
 def no_training(monkeypatch):
     """Neither Ray nor the loop may start: a test fails if either is reached."""
-    from selfsup.cluster import trainer
+    from selfsup.cluster import in_process, ray_driver
 
-    monkeypatch.setattr(trainer, "init_ray", lambda *a, **k: pytest.fail("Ray started before the data was checked"))
-    monkeypatch.setattr(trainer, "pretrain_here", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(ray_driver, "init_ray", lambda *a, **k: pytest.fail("Ray started before the data was checked"))
+    monkeypatch.setattr(in_process, "train_here", lambda *a, **k: pytest.fail("training started"))
 
 
 @pytest.mark.parametrize("ray", [False, True])
@@ -84,10 +84,10 @@ def rgb_jpeg_shards(tmp_path: Path, n: int = 16, size: int = 40) -> Path:
 
 
 def test_conversions_the_config_allows_are_each_one_note(tmp_path, capsys, monkeypatch):
-    from selfsup.cluster import trainer
+    from selfsup.cluster import in_process
 
     shards = rgb_jpeg_shards(tmp_path)
-    monkeypatch.setattr(trainer, "pretrain_here", lambda cfg, **_: {"steps": 2, "checkpoint": "c", "data": {"skipped": 0},
+    monkeypatch.setattr(in_process, "train_here", lambda cfg, *_, **__: {"steps": 2, "checkpoint": "c", "data": {"skipped": 0},
                                                                "epochs": 1.0, "train_seconds": 6.0})
     capsys.readouterr()
     config = write_config(tmp_path / "x.yaml", tiny_config("x", shards, tmp_path / "runs"))  # grey, 28 px
@@ -134,12 +134,12 @@ def test_ctrl_c_names_the_last_checkpoint_and_the_command_that_resumes_it(tmp_pa
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path, capsys, monkeypatch):
-    from selfsup.cluster import trainer
+    from selfsup.cluster import in_process
 
-    def ctrl_c(cfg, **_):
+    def ctrl_c(cfg, *_, **__):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "pretrain_here", ctrl_c)
+    monkeypatch.setattr(in_process, "train_here", ctrl_c)
     config = write_config(tmp_path / "x.yaml", tiny_config("x", write_tiny_shards(tmp_path / "s", [16]), tmp_path / "runs"))
     capsys.readouterr()
     assert cli.main(["pretrain", str(config), "--no-ray"]) == 130
@@ -163,7 +163,7 @@ def test_restart_with_an_unsafe_name_is_refused_and_moves_nothing(tmp_path, caps
 
 def test_set_aside_never_moves_what_is_outside_the_run_folder(tmp_path):
     """Even a config built without validation (``model_construct``) cannot make --restart move run_root's parent."""
-    from selfsup.cluster.trainer import RunFailed, set_aside
+    from selfsup.cluster.driver import RunFailed, set_aside
     from selfsup.config import parse_config
 
     (tmp_path / "runs" / "x").mkdir(parents=True)
@@ -247,7 +247,7 @@ def test_rays_loggers_write_to_the_driver_log_not_the_console(tmp_path, capsys):
     Their lines go to <run>/logs/driver.log, without terminal escape codes; selfsup's go to both."""
     import logging
 
-    from selfsup.cluster.trainer import driver_log
+    from selfsup.cluster.ray_driver import driver_log
 
     ray_logger = logging.getLogger("ray.test-driver-log")
     ray_logger.propagate = False
@@ -270,7 +270,7 @@ def test_rays_loggers_write_to_the_driver_log_not_the_console(tmp_path, capsys):
 
 
 def test_a_workers_error_is_one_line_and_its_traceback_goes_to_the_driver_log(tmp_path):
-    from selfsup.cluster.trainer import worker_failure
+    from selfsup.cluster.ray_driver import worker_failure
 
     class Wrapped(Exception):  # as Ray Train wraps a worker's exception: its str is the traceback
         def __init__(self, base):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from selfsup import cli
-from selfsup.cluster.trainer import pretrain_here
+from selfsup.cluster.driver import pretrain
 from selfsup.config import parse_config
 from selfsup.core.checkpoint import (
     CheckpointCorrupt,
@@ -29,7 +29,7 @@ def _trained(tmp_path):
     cfg = parse_config(tiny_config("sound", shards, tmp_path / "runs", model={"width": 2},
                                    method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
                                    train={"checkpoint_every_steps": 2}))
-    pretrain_here(cfg)
+    pretrain(cfg, use_ray=False)
     return cfg
 
 
@@ -75,7 +75,7 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
                                                                                   damaged.name).read_bytes()
         assert [c.name for c in list_checkpoints(cfg.run_dir)] == [previous]
     assert silent == 0
-    summary = pretrain_here(cfg)  # the last trial's run resumes from the checkpoint before and trains on
+    summary = pretrain(cfg, use_ray=False)  # the last trial's run resumes from the checkpoint before and trains on
     assert summary["steps"] == 4 and CheckpointProgress.read(list_checkpoints(cfg.run_dir)[-1]).step == 4
 
 

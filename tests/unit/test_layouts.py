@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfsup.cluster.in_process import build_trainer
 from selfsup.core.checkpoint import latest_checkpoint
 from selfsup.core.device import module_memory_format
 from selfsup.core.reporter import Reporters
@@ -45,7 +46,7 @@ def force_layout(monkeypatch):
 def test_a_resume_in_another_layout_gives_the_optimiser_state_the_params_strides(tmp_path, monkeypatch, optimiser):
     force_layout(monkeypatch)
     cfg = tiny_config(tmp_path, "model.width=8", f"optim.name={optimiser}", "train.channels_last=false")
-    Trainer(cfg, Reporters(), resume_from=None).fit()
+    build_trainer(cfg).fit()
     resumed_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"channels_last": True})})
     trainer = Trainer(resumed_cfg, Reporters(), resume_from=latest_checkpoint(cfg.run_dir))
     convs = [p for p in trainer.objective.parameters() if p.dim() == 4]

@@ -79,12 +79,12 @@ def test_plan_reuses_a_finished_result_resumes_an_interrupted_run_and_else_start
     assert bench.plan({"settings": wanted}, wanted, run, restart=False) == ("reuse", None)
     assert bench.plan({"settings": wanted}, wanted, run, restart=True) == ("fresh", None)
     ckpt = fake_checkpoint(run, 12)
-    (run / bench.RUN_SETTINGS).write_text(json.dumps(wanted))
+    bench.settings_file(run).write_text(json.dumps(wanted))
     assert bench.plan(None, wanted, run, restart=False) == ("resume", ckpt)
     assert bench.plan({"settings": other}, wanted, run, restart=False) == ("resume", ckpt)  # a result of 20 min
     assert bench.plan(None, wanted, run, restart=True) == ("fresh", None)
     assert bench.plan(None, other, run, restart=False) == ("fresh", None)  # the run folder holds the 45-min run
-    (run / bench.RUN_SETTINGS).unlink()
+    bench.settings_file(run).unlink()
     assert bench.plan(None, wanted, run, restart=False) == ("fresh", None)  # a run of unknown settings
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from selfsup import cli
-from selfsup.cluster.trainer import unmet_resources
+from selfsup.cluster.ray_driver import unmet_resources
 from selfsup.config import ScalingConfig
 from tests.helpers import tiny_config, write_config, write_tiny_shards
 
@@ -61,7 +61,7 @@ def test_no_ray_with_use_gpu_and_no_gpu_is_refused_in_one_line(run_config, tmp_p
 def ray_of_two_cpus():
     import ray
 
-    from selfsup.cluster.trainer import init_ray
+    from selfsup.cluster.ray_driver import init_ray
 
     started = time.perf_counter()
     init_ray(num_cpus=2)

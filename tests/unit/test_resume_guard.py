@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from selfsup import cli
-from selfsup.cluster import trainer
-from selfsup.cluster.trainer import RunFailed, set_aside
+from selfsup.cluster import driver, ray_driver
+from selfsup.cluster.driver import RunFailed, set_aside
 from selfsup.config import RESUMABLE_KEYS, _leaves, config_differences, load_config, parse_config
 from selfsup.core.checkpoint import latest_checkpoint, list_checkpoints
 from tests.helpers import tiny_config, write_config, write_tiny_shards
@@ -67,9 +67,9 @@ def test_a_changed_config_is_refused_a_longer_plan_resumes_and_restart_starts_af
     assert f"{run} has checkpoints trained with model.width=8; this config says 16." in err
     assert f"pass --restart to start afresh (the old run is kept as {run}.old-<time>)" in err
     assert list_checkpoints(run) == [ckpt] and _files(ckpt) == before  # untouched
-    monkeypatch.setattr(trainer, "init_ray", lambda *a, **k: pytest.fail("started Ray before refusing"))
+    monkeypatch.setattr(ray_driver, "init_ray", lambda *a, **k: pytest.fail("started Ray before refusing"))
     with pytest.raises(RunFailed, match="model.width=8; this config says 16"):  # under Ray: before Ray starts
-        trainer.run_pretraining(load_config(path, ["model.width=16"]))
+        driver.pretrain(load_config(path, ["model.width=16"]))
 
     assert cli.main(["pretrain", str(path), "--no-ray", "optim.epochs=2", "train.log_every_steps=2"]) == 0
     assert "done: 4 steps" in capsys.readouterr().out  # resumed at step 2: a longer plan is no other config

@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from selfsup.cluster.in_process import build_trainer
 from selfsup.config import load_config
-from selfsup.core.reporter import Reporters
 from selfsup.data.views import DeviceCrops
-from selfsup.train.trainer import Trainer
 from tests.stalls import Exemption, HostStalls, at_code, in_torch_function
 from tests.unit.test_bad_steps import HEADS, audio_config, small_backbone, tiny_config
 
@@ -44,7 +43,7 @@ def count_stalls(cfg, bad_calls: set[int],
                  exempt: list[Exemption] = EXEMPT) -> tuple[list[list], list[list], list[int]]:
     """Trains ``cfg`` to its end, the loss NaN on the forward calls in ``bad_calls`` (1-based). Returns
     the stalls of each step, those of the loop's work after each quiet step, and the logging steps."""
-    trainer = Trainer(cfg, Reporters(), resume_from=None)
+    trainer = build_trainer(cfg)
     forward, calls = trainer.objective.forward, [0]
 
     def sometimes_nan(*args, **kwargs):

@@ -60,7 +60,7 @@ class Context:
 def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch, caplog):
     import ray
 
-    from selfsup.cluster.trainer import init_ray
+    from selfsup.cluster.ray_driver import init_ray
 
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -77,7 +77,7 @@ def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch, caplog):
 def test_an_address_or_ray_address_joins_that_cluster(monkeypatch, given, env, joined):
     import ray
 
-    from selfsup.cluster.trainer import init_ray
+    from selfsup.cluster.ray_driver import init_ray
 
     seen = {}
     if env is None:
