@@ -100,8 +100,8 @@ class CheckpointProgress:
     name), step, epoch and world size; ``files`` and ``digests`` (file name -> size, xxh3-128) are
     filled in by the writer."""
 
-    seq: int
     samples_seen: int
+    seq: int = 0  # 0: a stand-in written by hand (list_checkpoints orders only those with a seq)
     step: int = 0
     epoch: int = 0
     step_in_epoch: int = 0
@@ -117,7 +117,7 @@ class CheckpointProgress:
     def read(cls, path: Path) -> CheckpointProgress | None:
         """The ``progress.json`` of the checkpoint at ``path``; None when missing or unreadable."""
         tree = read_progress(path)
-        if "seq" not in tree or "samples_seen" not in tree:
+        if "samples_seen" not in tree:
             return None
         known = {f.name for f in fields(cls)} - {"digests"}
         return cls(**{k: v for k, v in tree.items() if k in known}, digests=tree.get(DIGEST))
