@@ -50,7 +50,7 @@ def interrupted_line(err: KeyboardInterrupt, argv: list[str]) -> str:
     found = list_checkpoints(err.cfg.run_dir)
     if not found:
         return f"interrupted before the first checkpoint of {err.cfg.run_dir}; `{command}` starts it again"
-    return (f"interrupted; the last checkpoint is {found[-1]} (step {CheckpointProgress.read(found[-1]).step}); "
+    return (f"interrupted; the last checkpoint is {found[-1]} (step {getattr(CheckpointProgress.read(found[-1]), 'step', '?')}); "
             f"resume with: {command}")
 
 

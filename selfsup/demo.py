@@ -77,7 +77,8 @@ def audio_demo(config: str, data: str | Path, overrides: list[str], use_ray: boo
     phases["shards"] = time.time() - started - sum(phases.values())
     minutes = max(1.0, (60 * AUDIO_DEMO_MINUTES - AUDIO_EVAL_RESERVE_S - (time.time() - started)) / 60)
     cfg = load_config(config, ["name=audio-demo", f"data.train={speech}", f"optim.minutes={minutes:.1f}", *overrides])
-    print(f"[3/4] pretraining {cfg.name} ({cfg.method.name}, {cfg.method.num_layers} layers) on {speech} for "
+    layers = getattr(cfg.method, "num_layers", None)  # wav2vec 2.0's; another config given with --config has none
+    print(f"[3/4] pretraining {cfg.name} ({cfg.method.name}{f', {layers} layers' if layers else ''}) on {speech} for "
           f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first")
     print(done_line(pretrain(cfg, use_ray=use_ray)))
     phases["pretraining"] = time.time() - started - sum(phases.values())

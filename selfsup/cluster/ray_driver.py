@@ -239,6 +239,7 @@ def _worker(config: dict) -> str | None:
         return f"{err}"  # (not a metrics-only report: Ray's Result keeps only the metrics of checkpoints)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return None
 
 
 def train_under_ray(cfg: ExperimentConfig, address: str | None = None, fence: Fence | None = None) -> dict:

@@ -73,15 +73,15 @@ class RunSyncReporter:
     """Sink (rank 0): pushes the run's metrics and summary to its bucket (``run_root: s3://…``) when
     the run finishes (each checkpoint pushes them too: the checkpoint writer, or :class:`RayReporter`)."""
 
-    def __init__(self, cfg: ExperimentConfig, fence: Fence | None):
-        self.cfg, self.fence = cfg, fence
+    def __init__(self, run_dir: Path, run_url: str, fence: Fence | None):
+        self.run_dir, self.run_url, self.fence = run_dir, run_url, fence
 
     def finish(self, summary: dict) -> None:
         from selfsup.core.storage import push_run_files
 
         if rank() == 0:
             with fenced(self.fence):
-                push_run_files(self.cfg.run_dir, self.cfg.run_url)
+                push_run_files(self.run_dir, self.run_url)
 
 
 def run_sinks(cfg: ExperimentConfig, fence: Fence | None = None) -> list[object]:
@@ -93,7 +93,7 @@ def run_sinks(cfg: ExperimentConfig, fence: Fence | None = None) -> list[object]
 
         if rank() == 0:
             pull_run_files(cfg.run_url, cfg.run_dir)
-        sinks.append(RunSyncReporter(cfg, fence))
+        sinks.append(RunSyncReporter(cfg.run_dir, cfg.run_url, fence))
     if rank() == 0 and cfg.tracking.mode != "disabled":
         sinks.append(WandbReporter(cfg))
     return sinks
