@@ -19,17 +19,15 @@ from selfsup.core.objective import Progress
 from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
 from selfsup.train.trainer import TooManyBadSteps, Trainer
-from tests.helpers import fit, write_tiny_shards
+from tests.helpers import fit, tiny_experiment, write_tiny_shards
 
 
 def tiny_config(tmp_path, *overrides):
     shards = write_tiny_shards(tmp_path / "shards", [64, 64])
-    tree = {"name": "bad", "run_root": str(tmp_path / "runs"),
-            "data": {"train": str(shards), "batch_size": 16, "loader_workers": 0, "shuffle_buffer": 0},
-            "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
-            "optim": {"warmup_epochs": 0, "epochs": 1, "max_bad_steps": 3},
-            "train": {"precision": "fp32", "log_every_steps": 2, "checkpoint_every_steps": 1000}}
-    return parse_config(tree, list(overrides))
+    return tiny_experiment("bad", shards, tmp_path / "runs", *overrides, data={"batch_size": 16, "shuffle_buffer": 0},
+                           method={"proj_hidden_dim": 16, "proj_dim": 8},
+                           optim={"warmup_epochs": 0, "max_bad_steps": 3},
+                           train={"precision": "fp32", "log_every_steps": 2, "checkpoint_every_steps": 1000})
 
 
 def train(cfg):

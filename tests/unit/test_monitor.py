@@ -7,25 +7,22 @@ import json
 import pytest
 import torch
 
-from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from selfsup.eval.features import encoder_from_checkpoint
 from selfsup.eval.knn import weighted_knn
 from selfsup.eval.online import OnlineMonitor
 from selfsup.tasks.vision import VisionTask, extract_features, views_for
-from tests.helpers import fit, write_tiny_shards
+from tests.helpers import fit, tiny_experiment, write_tiny_shards
 
 
 def config(tmp_path, *overrides):
     train = write_tiny_shards(tmp_path / "train", [40, 40])
     test = write_tiny_shards(tmp_path / "test", [30], seed=1, split="test")
-    tree = {"name": "mon", "run_root": str(tmp_path / "runs"),
-            "data": {"train": str(train), "test": str(test), "batch_size": 16, "loader_workers": 0, "shuffle_buffer": 0},
-            "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
-            "optim": {"warmup_epochs": 0, "epochs": 2},
-            "train": {"precision": "fp32", "threads": 1, "log_every_steps": 100, "checkpoint_every_steps": 1000,
-                      "monitor_every_epochs": 1}}
-    return parse_config(tree, list(overrides))
+    return tiny_experiment("mon", train, tmp_path / "runs", *overrides,
+                           data={"test": str(test), "batch_size": 16, "shuffle_buffer": 0},
+                           method={"proj_hidden_dim": 16, "proj_dim": 8}, optim={"warmup_epochs": 0, "epochs": 2},
+                           train={"precision": "fp32", "log_every_steps": 100, "checkpoint_every_steps": 1000,
+                                  "monitor_every_epochs": 1})
 
 
 def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):

@@ -2,21 +2,16 @@ import json
 
 import pytest
 
-from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from selfsup.train.budget import SIZING_STEPS, TimeBudget
-from tests.helpers import fit
+from tests.helpers import fit, tiny_experiment
 
 
 def config(tmp_path, shards, minutes):
-    return parse_config({
-        "name": "budget", "run_root": str(tmp_path / "runs"),
-        "data": {"train": str(shards), "batch_size": 8, "loader_workers": 0},
-        "model": {"width": 2}, "method": {"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
-        "optim": {"epochs": 2, "minutes": minutes, "warmup_epochs": 0.1},
-        "train": {"threads": 1, "log_every_steps": 5, "checkpoint_every_steps": 1000},
-        "tracking": {"mode": "disabled"},
-    })
+    return tiny_experiment("budget", shards, tmp_path / "runs", model={"width": 2},
+                           method={"proj_hidden_dim": 8, "proj_dim": 4},
+                           optim={"epochs": 2, "minutes": minutes, "warmup_epochs": 0.1},
+                           train={"log_every_steps": 5, "checkpoint_every_steps": 1000})
 
 
 def test_the_budget_fits_the_remaining_time_and_never_exceeds_the_plan():
