@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import write_tiny_shards
 
-TRAINS = re.compile(r"(?<![\w.])fit\(|\.fit\(\)|pretrain\w*\(|(?<![\w.])train\(|train_here\(|drive\("
+TRAINS = re.compile(r"(?<![\w.])fit\(|\.fit\(\)|pretrain\w*\(|(?<![\w.])train\(|train_here\("
                     r"|main\(\[\s*\"(pretrain|demo)\"|main\(argv")
 REFUSED = re.compile(r"\) == 2\b|pytest\.raises")  # a run refused before it starts trains nothing
 

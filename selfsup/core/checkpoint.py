@@ -432,11 +432,6 @@ def _decide_here(run_dir: Path, remote: str | None, fence: Fence | None) -> Resu
     return Resume(None, 0, why)
 
 
-def resume_point(run_dir: Path, remote: str | None = None, fence: Fence | None = None) -> Path | None:
-    """Rank 0's part of :func:`decide_resume` (kept until the Ray driver calls that)."""
-    return _decide_here(Path(run_dir), remote, fence).checkpoint
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from its own path or from a run directory (its latest checkpoint)."""
     path = Path(path)

@@ -8,7 +8,7 @@ A run whose ``run_root`` is a URL works in a local mirror (``selfsup.config.mirr
 ``progress.json`` (which lists the others with their sizes and digests) last, so a reader never takes
 a half-written checkpoint; the run's small files
 (``metrics.jsonl``, ``summary.json``, ``wandb_id``) after them. A restarted run, on any node,
-pulls the complete checkpoint written last back (``selfsup.core.checkpoint.resume_point``). (Under Ray,
+pulls the complete checkpoint written last back (``selfsup.core.checkpoint.decide_resume``). (Under Ray,
 Ray's checkpoint storage uploads the checkpoints instead; this mirror serves ``--no-ray`` runs on a bucket.)
 """
 
