@@ -139,22 +139,27 @@ def test_a_pretrain_refused_for_a_bad_data_path_starts_no_wandb_run(tmp_path, ca
     assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_id").exists()
 
 
-@pytest.mark.parametrize("command", ["pretrain", "eval"])
+@pytest.mark.parametrize("command", ["pretrain", "eval", "selfsup.pretrain"])
 def test_online_without_credentials_ends_in_one_line_before_anything_runs(tmp_path, command):
     tree = tiny_config("wb", tmp_path / "shards", tmp_path / "runs", tracking={"mode": "online"})
     if command == "pretrain":
         args = ["pretrain", str(write_config(tmp_path / "wb.yaml", tree)), "--no-ray"]
+    elif command == "selfsup.pretrain":  # the library's door is the command line's: the same check, in it
+        args = ["-c", "import sys, selfsup; from selfsup.config import load_config; from selfsup.errors import "
+                "OneLineError\ntry: selfsup.pretrain(load_config(sys.argv[1]), use_ray=False)\nexcept OneLineError "
+                "as err: sys.exit(f'selfsup: error: {err}')", str(write_config(tmp_path / "wb.yaml", tree))]
     else:
         args = ["eval", str(fake_checkpoint(parse_config(tree), 8, 1)), "--train", "x", "--test", "y"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(NETRC=str(tmp_path / "netrc"), WANDB_CONFIG_DIR=str(tmp_path / "cfg"))  # no netrc, no settings
-    done = subprocess.run([sys.executable, "-m", "selfsup.cli", *args], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    cli = [] if command == "selfsup.pretrain" else ["-m", "selfsup.cli"]
+    done = subprocess.run([sys.executable, *cli, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert done.returncode == (1 if command == "selfsup.pretrain" else 2) and len(lines) == 1, done.stderr
     assert lines[0].startswith("selfsup: error: tracking.mode=online") and "WANDB_API_KEY" in lines[0] \
         and "`wandb login`" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "runs" / "wb").glob("*")) == ([] if command == "pretrain" else
+    assert sorted(p.name for p in (tmp_path / "runs" / "wb").glob("*")) == ([] if command != "eval" else
                                                                            ["checkpoints"])
 
 
