@@ -20,7 +20,7 @@ from selfsup.data.reader import ManifestError, read_manifest, read_split
 from selfsup.data.shards import index_shards, sha256_file
 from selfsup.data.sources import encode_png
 from selfsup.data.stream import ShardStream
-from tests.helpers import fit, make_images
+from tests.helpers import fit, make_images, tiny_experiment
 
 N_WRITER, N_TAR = 14, 10  # samples in the TarWriter shard and in the `tar`-style shard
 
@@ -83,18 +83,12 @@ def test_index_records_counts_checksums_and_sizes_and_leaves_the_tars_alone(plai
 
 
 def test_the_trainer_trains_on_indexed_tars(plain_tars, tmp_path):
-    from selfsup.config import parse_config
 
     root, _ = plain_tars
     index_shards(root)
-    cfg = parse_config({
-        "name": "indexed", "run_root": str(tmp_path / "runs"),
-        "data": {"train": str(root), "batch_size": 8, "loader_workers": 0},
-        "model": {"width": 2}, "method": {"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
-        "optim": {"epochs": 1, "warmup_epochs": 0.1},
-        "train": {"threads": 1, "log_every_steps": 1, "checkpoint_every_steps": 1000},
-        "tracking": {"mode": "disabled"},
-    })
+    cfg = tiny_experiment("indexed", root, tmp_path / "runs", model={"width": 2},
+                          method={"proj_hidden_dim": 8, "proj_dim": 4}, optim={"warmup_epochs": 0.1},
+                          train={"checkpoint_every_steps": 1000})
     summary = fit(cfg)
     assert summary["steps"] == (N_WRITER + N_TAR) // 8 == 3
     assert summary["data"]["skipped"] == 0
