@@ -15,6 +15,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -129,7 +130,9 @@ class Trainer:
         self.steps_per_epoch = self.stream.steps_per_epoch()
         self.total_steps, self.warmup_steps = cfg.optim.schedule_steps(self.steps_per_epoch)
         self.steps_done, self.start_epoch, self.start_in_epoch = 0, 0, 0
-        self.samples_seen, self.checkpoints_written, self.checkpoint, self.last = 0, 0, None, {}
+        self.samples_seen, self.checkpoints_written = 0, 0
+        self.checkpoint: str | None = None  # the name of the checkpoint written (or resumed from) last
+        self.last: dict[str, float] = {}  # the record logged last
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
         self.seconds_before, self.fit_started = 0.0, time.perf_counter()  # wall time of earlier attempts; this one's start
         if rank() == 0:
@@ -147,26 +150,29 @@ class Trainer:
 
     def _place(self, objective: Objective) -> Objective:
         """``objective`` on this rank's device; SyncBN if it asks for it and there are several ranks."""
+        module = cast(nn.Module, objective)  # every objective is an nn.Module
         if world_size() > 1 and objective.sync_batchnorm:
-            objective = convert_sync_batchnorm(objective, self.device)
-        objective.to(self.device)
-        objective.to(memory_format=memory_format(self.device, self.cfg.train.channels_last))
-        return objective
+            module = convert_sync_batchnorm(module, self.device)
+        module.to(self.device)
+        layout = memory_format(self.device, self.cfg.train.channels_last)
+        module.to(memory_format=layout)  # type: ignore[call-overload]  # accepted, though torch's stubs lack it
+        return cast(Objective, module)
 
     def _wrap(self, objective: Objective) -> nn.Module:
         """DDP across ranks (searching for parameters without gradients if the objective says some may
         have none), then ``torch.compile`` if configured."""
-        model = objective
+        model = cast(nn.Module, objective)
         if world_size() > 1:
             model = nn.parallel.DistributedDataParallel(
-                objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=objective.find_unused_parameters, broadcast_buffers=False)
-        return torch.compile(model) if self.cfg.train.compile else model
+        return cast(nn.Module, torch.compile(model)) if self.cfg.train.compile else model
 
     def _resume(self, path: Path) -> None:
         """Weights, optimiser, position and RNG from the checkpoint at ``path``. One written by another
         number of ranks resumes at the same sample of its epoch, with this world size's steps and LR."""
         _, model_state, state = load_checkpoint(path, with_state=True)
+        assert state is not None  # with_state
         self.objective.load_state_dict(model_state)
         self.optimizer.load_state_dict(state.optimizer)
         prime_state(self.optimizer)  # this run's memory format, as the fused kernels need
@@ -216,7 +222,8 @@ class Trainer:
             if self.cfg.optim.grad_clip:
                 nn.utils.clip_grad_norm_(self.objective.parameters(), self.cfg.optim.grad_clip)
             self.objective.on_gradients(Progress(self.steps_done, self.total_steps, self.steps_per_epoch))
-            self.optimizer.found_inf = bad.float()  # the optimiser skips a bad step on the device: no host sync
+            # the fused optimiser skips a bad step on the device, no host sync (an attribute torch's stubs lack)
+            self.optimizer.found_inf = bad.float()  # type: ignore[attr-defined]
             self.optimizer.step()
         self.bad.add(bad)
         self.steps_done += 1
@@ -334,23 +341,25 @@ class Trainer:
         if (health := self.health.summary()) and rank() == 0:
             log.warning("epoch %d, so far: %s", epoch + 1, health)
         if self.online is not None and (self.online.due(epoch + 1) or self.steps_done >= self.total_steps):
-            record = [{"samples": self.samples_seen, "epoch": epoch + in_epoch / self.steps_per_epoch,
+            record: list[dict | None] = [{"samples": self.samples_seen, "epoch": epoch + in_epoch / self.steps_per_epoch,
                        "train_seconds": self.train_seconds(), **self.online(self.objective.encoder)}
                       if rank() == 0 else None]
             if world_size() > 1:  # every rank reports the same record
                 dist.broadcast_object_list(record)
+            assert record[0] is not None  # rank 0's, broadcast
             self.reporter.log(self.steps_done, record[0])
         self._checkpoint(epoch + 1, 0)
 
     def _checkpoint(self, epoch: int, in_epoch: int) -> None:
         """Rank 0 writes the checkpoint of this position, with every rank's RNG; every rank reports it
         (the other ranks with path None). Not enough space, or a lost lease, stops every rank with one line."""
-        rngs = [None] * world_size()
+        rngs: list[Any] = [None] * world_size()
         if world_size() > 1:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        path, error = None, [None]
+        path = None
+        error: list[BaseException | None] = [None]
         if rank() == 0:
             try:
                 if self.fence is not None:
@@ -394,7 +403,7 @@ class Trainer:
         """The run's summary, with the bad samples of every rank; sent to the reporter's ``finish``."""
         health = self.health
         if world_size() > 1:
-            ranks_health = [None] * world_size()
+            ranks_health: list[Any] = [None] * world_size()
             dist.all_gather_object(ranks_health, health)
             health = DataHealth.merge(ranks_health)
         summary = {"steps": self.steps_done, "total_steps": self.total_steps,
