@@ -68,9 +68,11 @@ class BoxSampler:
         self.pending: OrderedDict[tuple[int, int], tuple[torch.Tensor, int]] = OrderedDict()
 
     def __call__(self, width: int, height: int) -> torch.Tensor:
-        boxes, used = self.pending.pop((width, height), (None, self.block))
-        if used >= self.block:
+        pending = self.pending.pop((width, height), None)
+        if pending is None or pending[1] >= self.block:
             boxes, used = torch.stack([crop_boxes(self.block, height, width, s, r) for s, r in self.crops], 1), 0
+        else:
+            boxes, used = pending
         self.pending[(width, height)] = (boxes, used + 1)
         if len(self.pending) > self.sizes:
             self.pending.popitem(last=False)
@@ -109,7 +111,7 @@ def cut_views(img: Image.Image, boxes: torch.Tensor, sizes: list[int], mode: str
     img.load()
     img = img if img.mode == mode else img.convert(mode)
     sx, sy = img.width / width, img.height / height
-    crops = [torch.from_numpy(np.array(img.resize((size, size), Image.BILINEAR, box=(a * sx, b * sy, c * sx, d * sy))))
+    crops = [torch.from_numpy(np.array(img.resize((size, size), Image.Resampling.BILINEAR, box=(a * sx, b * sy, c * sx, d * sy))))
              for (a, b, c, d), size in zip(boxes.tolist(), sizes)]
     crops = [c.unsqueeze(0) if c.ndim == 2 else c.permute(2, 0, 1) for c in crops]
     return [torch.stack(crops[views]) for _, views in size_groups(sizes)]
@@ -159,14 +161,19 @@ def collate_views(items: list[ViewItem]) -> dict:
     """[ViewItem] * B -> the batch dict of the module docstring."""
     cut = [i for i, it in enumerate(items) if it.crops is not None]
     enc = [i for i, it in enumerate(items) if it.crops is None]
-    lengths = torch.tensor([0] + [len(items[i].jpeg) for i in enc], dtype=torch.int64)
+    crops = [it.crops for it in items if it.crops is not None]
+    jpegs = [it.jpeg for it in items if it.crops is None and it.jpeg is not None]
+    boxes = [it.boxes for it in items if it.crops is None and it.boxes is not None]
+    if len(jpegs) != len(enc) or len(boxes) != len(enc):
+        raise ValueError("a ViewItem without crops needs its jpeg and boxes")
+    lengths = torch.tensor([0] + [len(jpeg) for jpeg in jpegs], dtype=torch.int64)
     return {
         "labels": torch.tensor([it.label for it in items], dtype=torch.int64),
-        "crops": [torch.stack(group, 1) for group in zip(*(items[i].crops for i in cut))],
+        "crops": [torch.stack(group, 1) for group in zip(*crops)],
         "crop_index": torch.tensor(cut, dtype=torch.int64),
-        "jpeg": torch.cat([items[i].jpeg for i in enc]) if enc else torch.empty(0, dtype=torch.uint8),
+        "jpeg": torch.cat(jpegs) if enc else torch.empty(0, dtype=torch.uint8),
         "jpeg_offsets": lengths.cumsum(0),
-        "boxes": torch.stack([items[i].boxes for i in enc]) if enc else torch.empty(0, 0, 4),
+        "boxes": torch.stack(boxes) if enc else torch.empty(0, 0, 4),
         "jpeg_index": torch.tensor(enc, dtype=torch.int64),
         "keys": [items[i].key for i in enc],
     }
@@ -213,7 +220,7 @@ def cut_boxes(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> tor
     out = torch.empty((v, n, c, size, size), device=boxes.device)
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, image in enumerate(images):
-        groups[tuple(image.shape[1:])].append(i)
+        groups[(image.shape[1], image.shape[2])].append(i)
     for members in groups.values():
         index = _on(boxes.device, torch.tensor(members))
         stack = torch.stack([images[i] for i in members]).float().div_(255)
@@ -241,17 +248,18 @@ class DeviceCrops:
         self.groups, self.device = size_groups(sizes), torch.device(device)
         self.read_mode, self.pil_mode = (ImageReadMode.GRAY, "L") if channels == 1 else (ImageReadMode.RGB, "RGB")
         self.health = DataHealth() if health is None else health
-        self.stream = None
+        self.stream: torch.cuda.Stream | None = None
 
     def __call__(self, batch: dict) -> list[torch.Tensor]:
         try:
             if self.device.type != "cuda":
                 return self.crops(batch)
-            self.stream = self.stream or torch.cuda.Stream(self.device)
-            main = torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self.stream):
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(self.device)
+            side, main = self.stream, torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(side):
                 out = self.crops(batch)
-            main.wait_stream(self.stream)
+            main.wait_stream(side)
             for group in out:
                 group.record_stream(main)  # made on the side stream, read and freed on the training stream
             return out
