@@ -17,7 +17,8 @@ one instance per contender, identically initialised), batch, torch threads, load
   (BYOL's target network: four backbone forwards a step, which the bare ceiling does not count).
 The three alternate in blocks of ``--steps`` steps (``--blocks`` rounds, the order rotated each round), so a
 change of load on the machine reaches all of them alike. img/s counts images (a batch of B is B images,
-both views included) over the timed steps, waiting for the loader included.
+both views included) over a block's steps, waiting for the loader included; each loop's figure is the
+median of its blocks' (a load spike on a shared machine moves one block, not the figure).
 
 Then a step breakdown (``torch.profiler`` regions over ``--profile-steps`` more steps of each loop):
 waiting for the loader, views, forward (the loss's own time apart), loss, backward, optimiser and the
@@ -32,6 +33,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
@@ -327,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
     for step in contenders.values():
         run_block(step, args.warmup)
     images_done = dict.fromkeys(contenders, 0)
+    block_rates: dict[str, list[float]] = {name: [] for name in contenders}
     seconds = dict.fromkeys(contenders, 0.0)
     names = list(contenders)
     for block in range(args.blocks):
@@ -334,14 +337,15 @@ def main(argv: list[str] | None = None) -> dict:
             n, s = run_block(contenders[name], args.steps)
             images_done[name] += n
             seconds[name] += s
+            block_rates[name].append(n / s)
         print(f"block {block + 1}/{args.blocks}: " + ", ".join(
             f"{name} {images_done[name] / seconds[name]:.1f}" for name in names) + " img/s", flush=True)
-    rate = {name: images_done[name] / seconds[name] for name in names}
+    rate = {name: statistics.median(block_rates[name]) for name in names}  # a load spike moves one block only
     phases = {name: breakdown(step, args.profile_steps) for name, step in contenders.items()}
     info["load_average_end"] = os.getloadavg()[0]
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": info,
-              "img_per_s": rate, "seconds": seconds, "images": images_done, "breakdown_s_per_step": phases,
-              "methods": {}}
+              "img_per_s": rate, "block_img_per_s": block_rates, "seconds": seconds, "images": images_done,
+              "breakdown_s_per_step": phases, "methods": {}}
     print(f"\n{'method':<8} {'lightly img/s':>13} {'selfsup img/s':>13} {'ratio':>6} {'ceiling img/s':>13} "
           f"{'lightly/ceil':>12} {'selfsup/ceil':>12} {'+target img/s':>13} {'lightly/+t':>10} {'selfsup/+t':>10}")
     for method in args.methods:
