@@ -121,9 +121,12 @@ def train_state(step: int, seq: int | None = None, samples: int | None = None, r
                       checkpoints_written=step if seq is None else seq, rng=[rng_state()] * ranks)
 
 
-def save_at(run_dir: Path, cfg, step: int, model_state: dict | None = None, keep: int = 5, **state):
+def save_at(run_dir: Path, cfg, step: int, model_state: dict | None = None, keep: int = 5, fence=None,
+            **state):
     """A checkpoint of ``run_dir`` at ``step`` (``train_state``'s keywords in ``state``) written by the
-    one writer, with ``model_state`` (default empty); its path."""
+    one writer under ``fence``, with ``model_state`` (default empty), pushed to ``cfg``'s bucket when it
+    has one; its path."""
     from selfsup.core.checkpoint import CheckpointWriter
 
-    return CheckpointWriter(Path(run_dir), keep).write(model_state or {}, train_state(step, **state), cfg, {})
+    writer = CheckpointWriter(Path(run_dir), keep, cfg.run_url, fence)
+    return writer.write(model_state or {}, train_state(step, **state), cfg, {})
