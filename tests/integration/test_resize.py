@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from selfsup.config import parse_config
-from selfsup.core.checkpoint import latest_checkpoint
+from selfsup.core.checkpoint import DIGEST, file_digest, latest_checkpoint
 from selfsup.train.optim import lr_at, scaled_lr
 from tests.helpers import tiny_config, write_tiny_shards
 from tests.integration.test_determinism import Crash, CrashAfterCheckpoint, train
@@ -30,8 +30,9 @@ def test_resume_after_resize_keeps_the_schedule_and_rescales_the_lr(tmp_path):
         group["base_lr"] *= 2
     torch.save(state, ckpt / "state.pt")
     progress = json.loads((ckpt / "progress.json").read_text())
-    progress.update(step=2, step_in_epoch=2, world_size=2,
-                    files={**progress["files"], "state.pt": (ckpt / "state.pt").stat().st_size})
+    progress.update(step=2, step_in_epoch=2, world_size=2,  # and the new state.pt's record, as its writer's
+                    files={**progress["files"], "state.pt": (ckpt / "state.pt").stat().st_size},
+                    **{DIGEST: {**progress[DIGEST], "state.pt": file_digest(ckpt / "state.pt")}})
     (ckpt / "progress.json").write_text(json.dumps(progress))
     assert latest_checkpoint(cfg.run_dir) == ckpt
     (cfg.run_dir / "metrics.jsonl").unlink()
