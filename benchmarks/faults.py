@@ -131,6 +131,18 @@ def resumed_steps(output: str) -> list[int]:
     return [int(m) for m in re.findall(r"resumed \S+ from \S+ \(step (\d+)\)", output)]
 
 
+def resumed_by_rank(run_dir: Path) -> dict[int, list[int]]:
+    """Each Ray Train worker's ``resumed`` steps by its rank, from Ray's worker logs (the console shows
+    rank 0's selfsup lines only; Ray's JSON log of every worker, linked under ``<run>/logs/ray``, has all)."""
+    steps: dict[int, list[int]] = {}
+    for path in sorted((run_dir / "logs" / "ray" / "train").glob("ray-train-app-worker-*.log")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            for step in resumed_steps(record.get("message", "")):
+                steps.setdefault(record["world_rank"], []).append(step)
+    return dict(sorted(steps.items()))
+
+
 def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     """2 workers; SIGKILL one Ray Train worker at a random step; Ray restarts the group, the loop resumes.
     ``restarts``: (the highest step logged before a restart, the step it resumed from)."""
@@ -158,11 +170,12 @@ def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    resumed = resumed_steps(out)  # each of the 2 ranks logs its resume
-    restarts = list(zip(watch.peaks, resumed[::2]))
+    resumed = resumed_steps(out)  # rank 0's, the one the console shows
+    restarts = list(zip(watch.peaks, resumed))
     samples = _samples(run_dir)
     return {"rc": proc.returncode, "killed_at_step": killed and killed[0], "planned": total,
-            "final_steps": summary.get("steps"), "restarts": restarts, "resumes_logged": resumed,
+            "final_steps": summary.get("steps"), "restarts": restarts,
+            "resumes_by_rank": resumed_by_rank(run_dir),
             "lost_steps": [a - b for a, b in restarts], "interval": 3, "steps_logged": _steps(run_dir),
             "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
             "final_checkpoint": summary.get("checkpoint"), "checkpoints": _checkpoints(run_dir),
