@@ -52,8 +52,11 @@ def write_folder(out: Path, n: int, size: int, per_shard: int) -> str:
 
     def gen():
         for i in range(n):
-            yield {"__key__": f"synth-{i:07d}", "png": encode_png(rng.integers(0, 256, shape, dtype=np.uint8)),
-                   "cls": int(rng.integers(10))}
+            yield {
+                "__key__": f"synth-{i:07d}",
+                "png": encode_png(rng.integers(0, 256, shape, dtype=np.uint8)),
+                "cls": int(rng.integers(10)),
+            }
 
     write_shards(gen(), out, total=n, samples_per_shard=per_shard)
     return f"synthetic {'x'.join(map(str, shape))} random images ({n})"
@@ -115,8 +118,10 @@ def checkpoint_cost(repeats: int) -> dict:
     from selfsup.core import checkpoint as ck
 
     model = torchvision.models.resnet50()
-    optimizer = {"state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(model.parameters())},
-                 "param_groups": []}
+    optimizer = {
+        "state": {i: {"momentum_buffer": torch.randn_like(p)} for i, p in enumerate(model.parameters())},
+        "param_groups": [],
+    }
     cfg = parse_config({"name": "bench", "data": {"train": "x"}, "method": {"name": "simclr"}})
     best = {"with": float("inf"), "without": float("inf"), "digest": float("inf"), "sha256": float("inf")}
     digest = ck.file_digest
@@ -126,8 +131,15 @@ def checkpoint_cost(repeats: int) -> dict:
                 ck.file_digest = digest if mode == "with" else (lambda path: "")
                 dest = Path(tmp) / f"samples-{i}-{mode}"
                 start = time.perf_counter()
-                state = ck.TrainState(optimizer, step=i, epoch=0, step_in_epoch=i, samples_seen=i,
-                                      checkpoints_written=i, rng=[ck.rng_state()])
+                state = ck.TrainState(
+                    optimizer,
+                    step=i,
+                    epoch=0,
+                    step_in_epoch=i,
+                    samples_seen=i,
+                    checkpoints_written=i,
+                    rng=[ck.rng_state()],
+                )
                 ck.write_checkpoint(dest, model.state_dict(), state, cfg, {})
                 best[mode] = min(best[mode], time.perf_counter() - start)
             ck.file_digest = digest
@@ -153,28 +165,38 @@ def main() -> None:
     if args.checkpoint:
         r = checkpoint_cost(args.repeats)
         mb = r["bytes"] / 1e6
-        print(f"ResNet-50 checkpoint, {mb:.0f} MB (weights + SGD momentum), best of {args.repeats}: written with "
-              f"digests in {r['with']:.3f} s, without in {r['without']:.3f} s (with/without = "
-              f"{r['with'] / r['without']:.2f}); its files hashed alone: xxh3-128 {r['digest']:.3f} s "
-              f"({mb / r['digest']:,.0f} MB/s, {r['digest'] / r['without']:.3f} of the write), sha256 "
-              f"{r['sha256']:.3f} s ({mb / r['sha256']:,.0f} MB/s, {r['sha256'] / r['without']:.2f} of the write)")
+        print(
+            f"ResNet-50 checkpoint, {mb:.0f} MB (weights + SGD momentum), best of {args.repeats}: written with "
+            f"digests in {r['with']:.3f} s, without in {r['without']:.3f} s (with/without = "
+            f"{r['with'] / r['without']:.2f}); its files hashed alone: xxh3-128 {r['digest']:.3f} s "
+            f"({mb / r['digest']:,.0f} MB/s, {r['digest'] / r['without']:.3f} of the write), sha256 "
+            f"{r['sha256']:.3f} s ({mb / r['sha256']:,.0f} MB/s, {r['sha256'] / r['without']:.2f} of the write)"
+        )
         return
     with tempfile.TemporaryDirectory() as tmp:
         source = write_folder(Path(tmp) / "shards", args.samples, args.size, args.per_shard)
         location = str(Path(tmp) / "shards")
         mb = sum(f.stat().st_size for f in Path(location).glob("*.tar")) / 1e6
-        print(f"{source}: {mb:.1f} MB in {len(list(Path(location).glob('*.tar')))} shards, "
-              f"{mb * 1e6 / args.samples:.0f} bytes/sample; best of {args.repeats}; "
-              f"sha256 alone: {sha256_rate(location):,.0f} MB/s")
+        print(
+            f"{source}: {mb:.1f} MB in {len(list(Path(location).glob('*.tar')))} shards, "
+            f"{mb * 1e6 / args.samples:.0f} bytes/sample; best of {args.repeats}; "
+            f"sha256 alone: {sha256_rate(location):,.0f} MB/s"
+        )
         channels = 1 if args.size == 28 else 3
-        decoders = {"training decode (PNG -> tensor)": (functools.partial(decode_image, channels=channels,
-                                                                           size=args.size), collate_images),
-                    "key only (read + tar parse)": (_key, _keys)}
+        decoders = {
+            "training decode (PNG -> tensor)": (
+                functools.partial(decode_image, channels=channels, size=args.size),
+                collate_images,
+            ),
+            "key only (read + tar parse)": (_key, _keys),
+        }
         for name, (decode, collate) in decoders.items():
             r = compare(location, decode, collate, args.repeats, args.batch)
-            print(f"{name}: without checksums {r['off']:,.0f} samples/s, with {r['on']:,.0f} samples/s "
-                  f"({r['on'] * mb * 1e6 / args.samples / 1e6:,.0f} MB/s hashed); "
-                  f"with/without = {r['on'] / r['off']:.3f}")
+            print(
+                f"{name}: without checksums {r['off']:,.0f} samples/s, with {r['on']:,.0f} samples/s "
+                f"({r['on'] * mb * 1e6 / args.samples / 1e6:,.0f} MB/s hashed); "
+                f"with/without = {r['on'] / r['off']:.3f}"
+            )
 
 
 if __name__ == "__main__":

@@ -61,14 +61,32 @@ CARRIED_FMNIST = ROOT / ".device" / "fashion-mnist"
 def sizes(dry: bool) -> dict:
     """What each stage runs at: the device's sizes, or the dry mode's toy ones."""
     if dry:
-        return dict(jpegs=24, jpeg_overrides=["model.backbone=resnet18", "model.width=8", "data.image_size=32",
-                                             "data.batch_size=4", "data.loader_workers=0"],
-                    steps=2, warmup=1, fmnist_steps=2, fmnist_overrides=["model.width=8", "data.batch_size=16",
-                                                                         "data.loader_workers=0"],
-                    monitor=(32, 16), wav2vec2=dict(preset=Wav2Vec2Config.tiny(), batch=2, seconds=1.0, steps=2))
-    return dict(jpegs=3000, jpeg_overrides=["data.image_size=224", "data.batch_size=128", "data.loader_workers=12"],
-                steps=30, warmup=5, fmnist_steps=300, fmnist_overrides=["data.loader_workers=4"],
-                monitor=(5000, 1000), wav2vec2=dict(preset=Wav2Vec2Config.base(), batch=8, seconds=15.0, steps=10))
+        return dict(
+            jpegs=24,
+            jpeg_overrides=[
+                "model.backbone=resnet18",
+                "model.width=8",
+                "data.image_size=32",
+                "data.batch_size=4",
+                "data.loader_workers=0",
+            ],
+            steps=2,
+            warmup=1,
+            fmnist_steps=2,
+            fmnist_overrides=["model.width=8", "data.batch_size=16", "data.loader_workers=0"],
+            monitor=(32, 16),
+            wav2vec2=dict(preset=Wav2Vec2Config.tiny(), batch=2, seconds=1.0, steps=2),
+        )
+    return dict(
+        jpegs=3000,
+        jpeg_overrides=["data.image_size=224", "data.batch_size=128", "data.loader_workers=12"],
+        steps=30,
+        warmup=5,
+        fmnist_steps=300,
+        fmnist_overrides=["data.loader_workers=4"],
+        monitor=(5000, 1000),
+        wav2vec2=dict(preset=Wav2Vec2Config.base(), batch=8, seconds=15.0, steps=10),
+    )
 
 
 @contextlib.contextmanager
@@ -85,40 +103,75 @@ def compile_backend(dry: bool):
 
 def cuda_tests(args, scratch: Path) -> dict:
     """``pytest -m cuda`` over the test files that carry the mark."""
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
-                   if "mark.cuda" in p.read_text())
+    files = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py") if "mark.cuda" in p.read_text()
+    )
     report = scratch / "cuda-tests.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={report}", *files]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+        *files,
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('classname')}.{case.get('name')}" for case in suite.iter("testcase")
-              if case.find("failure") is not None or case.find("error") is not None]
-    return {"files": files, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failed": counts["failures"] + counts["errors"], "skipped": counts["skipped"], "failures": failed,
-            "exit_code": done.returncode, "tail": done.stdout.strip().splitlines()[-1:]}
+    failed = [
+        f"{case.get('classname')}.{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return {
+        "files": files,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": counts["failures"] + counts["errors"],
+        "skipped": counts["skipped"],
+        "failures": failed,
+        "exit_code": done.returncode,
+        "tail": done.stdout.strip().splitlines()[-1:],
+    }
 
 
 def throughput(args, scratch: Path) -> dict:
     """SimCLR from JPEG shards, decoded on the GPU, compile off and on."""
     s, cuda = sizes(args.dry), torch.cuda.is_available() and not args.dry
     _, shards = make_data(scratch, s["jpegs"], processes=16 if cuda else 1)
-    base = [*s["jpeg_overrides"], f"data.decode={'gpu' if cuda else 'cpu'}", f"scaling.use_gpu={cuda}",
-            f"train.channels_last={cuda}", f"train.precision={'bf16' if cuda else 'fp32'}"]
+    base = [
+        *s["jpeg_overrides"],
+        f"data.decode={'gpu' if cuda else 'cpu'}",
+        f"scaling.use_gpu={cuda}",
+        f"train.channels_last={cuda}",
+        f"train.precision={'bf16' if cuda else 'fp32'}",
+    ]
     device = torch.device("cuda" if cuda else "cpu")
     cfg = jpeg_config(shards, scratch, base)
     flops = step_flops(cfg, device) / cfg.data.batch_size
-    out = {"model": f"{cfg.model.backbone} @ {cfg.data.image_size} px", "batch": cfg.data.batch_size,
-           "decode": cfg.data.decode, "gflop_per_pair": flops / 1e9, "peak_tflops": PEAK / 1e12, "runs": {}}
+    out = {
+        "model": f"{cfg.model.backbone} @ {cfg.data.image_size} px",
+        "batch": cfg.data.batch_size,
+        "decode": cfg.data.decode,
+        "gflop_per_pair": flops / 1e9,
+        "peak_tflops": PEAK / 1e12,
+        "runs": {},
+    }
     for compiled in (False, True):
         with compile_backend(args.dry):
             trainer = build_trainer(jpeg_config(shards, scratch, [*base, f"train.compile={compiled}"]))
             pairs, wait = timed_steps(trainer, loader_batches(trainer), s["steps"], s["warmup"] + 3 * compiled)
         out["runs"]["compile on" if compiled else "compile off"] = {
-            "pairs_per_s": pairs, "data_wait": wait, "mfu": flops * pairs / PEAK,
-            "decode_fallbacks": trainer.health.decode_fallbacks, "bad_steps": int(trainer.bad.total)}
+            "pairs_per_s": pairs,
+            "data_wait": wait,
+            "mfu": flops * pairs / PEAK,
+            "decode_fallbacks": trainer.health.decode_fallbacks,
+            "bad_steps": int(trainer.bad.total),
+        }
     return out
 
 
@@ -126,8 +179,15 @@ def fmnist_shards(folder: Path, scratch: Path) -> Path:
     out = scratch / "fmnist"
     for split in ("train", "test"):
         samples, n = fashion_mnist_samples(split, folder)
-        write_shards(samples, out / split, split=split, classes=FASHION_MNIST_CLASSES, total=n,
-                     samples_per_shard=10000, source=f"fashion-mnist {folder}")
+        write_shards(
+            samples,
+            out / split,
+            split=split,
+            classes=FASHION_MNIST_CLASSES,
+            total=n,
+            samples_per_shard=10000,
+            source=f"fashion-mnist {folder}",
+        )
     return out
 
 
@@ -137,17 +197,30 @@ def fmnist(args, scratch: Path) -> dict:
     data = fmnist_shards(Path(args.fmnist), scratch)
     out = {}
     for method in METHODS:
-        cfg = load_config(f"{method}-resnet18-fmnist", [
-            f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"run_root={scratch / 'runs'}",
-            f"name=device-{method}", f"scaling.use_gpu={cuda}", "tracking.mode=disabled",
-            "train.monitor_every_epochs=0", *s["fmnist_overrides"]])
+        cfg = load_config(
+            f"{method}-resnet18-fmnist",
+            [
+                f"data.train={data / 'train'}",
+                f"data.test={data / 'test'}",
+                f"run_root={scratch / 'runs'}",
+                f"name=device-{method}",
+                f"scaling.use_gpu={cuda}",
+                "tracking.mode=disabled",
+                "train.monitor_every_epochs=0",
+                *s["fmnist_overrides"],
+            ],
+        )
         trainer = build_trainer(cfg)
         images, wait = timed_steps(trainer, loader_batches(trainer), s["fmnist_steps"], s["warmup"])
         bank, queries = s["monitor"]
         monitor = OnlineMonitor(cfg, bank_size=bank, query_size=queries)(trainer.objective.encoder)
-        out[method] = {"steps": trainer.steps_done, "images_per_s": images, "data_wait": wait,
-                       "bad_steps": int(trainer.bad.total), **{k.removeprefix("monitor/"): v for k, v in
-                                                                monitor.items() if "knn" in k}}
+        out[method] = {
+            "steps": trainer.steps_done,
+            "images_per_s": images,
+            "data_wait": wait,
+            "bad_steps": int(trainer.bad.total),
+            **{k.removeprefix("monitor/"): v for k, v in monitor.items() if "knn" in k},
+        }
     return {"methods": out}
 
 
@@ -178,8 +251,13 @@ def wav2vec2(args, scratch: Path) -> dict:
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"preset": "tiny" if args.dry else "base", "batch": s["batch"], "clip_seconds": s["seconds"],
-            "steps_per_s": s["steps"] / seconds, "losses": [float(x) for x in losses]}
+    return {
+        "preset": "tiny" if args.dry else "base",
+        "batch": s["batch"],
+        "clip_seconds": s["seconds"],
+        "steps_per_s": s["steps"] / seconds,
+        "losses": [float(x) for x in losses],
+    }
 
 
 STAGES = {"cuda_tests": cuda_tests, "throughput": throughput, "fmnist": fmnist, "wav2vec2": wav2vec2}
@@ -204,8 +282,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.dry and not torch.cuda.is_available():
         raise SystemExit("device_check: no CUDA device here; run it on the GPU machine, or with --dry on a CPU")
     device = torch.device("cuda" if not args.dry else "cpu")
-    result = {"commit": commit(), "dry": args.dry, "machine": describe_machine(device), "torch": torch.__version__,
-              "stages": {}}
+    result = {
+        "commit": commit(),
+        "dry": args.dry,
+        "machine": describe_machine(device),
+        "torch": torch.__version__,
+        "stages": {},
+    }
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="selfsup-device-check-") as tmp:
         for name in args.stages:
@@ -214,16 +297,23 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 entry = {"ok": True, **STAGES[name](args, scratch)}
             except Exception as err:  # noqa: BLE001 - one stage's failure is recorded; the others still run
-                entry = {"ok": False, "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                         "where": traceback.format_exc().strip().splitlines()[-3:]}
+                entry = {
+                    "ok": False,
+                    "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                    "where": traceback.format_exc().strip().splitlines()[-3:],
+                }
             entry["seconds"] = time.perf_counter() - stage_start
             result["stages"][name] = entry
             result["seconds"] = time.perf_counter() - started
             Path(args.out).write_text(json.dumps(result, indent=2))
-            print(f"{name}: {'ok' if entry['ok'] else entry['error']} ({entry['seconds']:.0f} s)"
-                  f"{' [dry: what the device run measures]' if args.dry else ''}", flush=True)
-            print("  " + json.dumps({k: v for k, v in entry.items() if k not in ("ok", "seconds", "where")}),
-                  flush=True)
+            print(
+                f"{name}: {'ok' if entry['ok'] else entry['error']} ({entry['seconds']:.0f} s)"
+                f"{' [dry: what the device run measures]' if args.dry else ''}",
+                flush=True,
+            )
+            print(
+                "  " + json.dumps({k: v for k, v in entry.items() if k not in ("ok", "seconds", "where")}), flush=True
+            )
     print(f"wrote {args.out} ({result['seconds']:.0f} s)")
     return result
 

@@ -33,12 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_run(tmp: Path, name: str, shards: Path, **sections) -> Path:
     """A config file for a 2-worker CPU SimCLR run small enough for two cores."""
-    tree = {"name": name, "run_root": str(tmp / "runs"), "seed": 5,
-            "data": {"train": str(shards), "batch_size": 8, "loader_workers": 0, "shuffle_buffer": 16},
-            "model": {"width": 4}, "method": {"name": "simclr"},
-            "optim": {"lr": 0.1, "epochs": 2, "warmup_epochs": 0.2},
-            "train": {"log_every_steps": 1, "checkpoint_every_steps": 3, "threads": 1},
-            "scaling": {"num_workers": 2, "max_failures": 2}, "tracking": {"mode": "disabled"}}
+    tree = {
+        "name": name,
+        "run_root": str(tmp / "runs"),
+        "seed": 5,
+        "data": {"train": str(shards), "batch_size": 8, "loader_workers": 0, "shuffle_buffer": 16},
+        "model": {"width": 4},
+        "method": {"name": "simclr"},
+        "optim": {"lr": 0.1, "epochs": 2, "warmup_epochs": 0.2},
+        "train": {"log_every_steps": 1, "checkpoint_every_steps": 3, "threads": 1},
+        "scaling": {"num_workers": 2, "max_failures": 2},
+        "tracking": {"mode": "disabled"},
+    }
     for section, values in sections.items():
         tree[section] = {**tree.get(section, {}), **values} if isinstance(values, dict) else values
     path = tmp / f"{name}.yaml"
@@ -151,8 +157,15 @@ def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     run_dir = tmp / "runs" / "worker-kill"
     total = 2 * ((40 + 56 + 32) // 8 // 2)
     kill_at = rng.randint(2, total - 2)
-    proc = subprocess.Popen([*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*SELFSUP, "pretrain", str(cfg)],
+        cwd=tmp,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     killed, deadline, watch = None, time.monotonic() + timeout, StepWatch(run_dir)
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -173,13 +186,21 @@ def worker_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     resumed = resumed_steps(out)  # rank 0's, the one the console shows
     restarts = list(zip(watch.peaks, resumed))
     samples = _samples(run_dir)
-    return {"rc": proc.returncode, "killed_at_step": killed and killed[0], "planned": total,
-            "final_steps": summary.get("steps"), "restarts": restarts,
-            "resumes_by_rank": resumed_by_rank(run_dir),
-            "lost_steps": [a - b for a, b in restarts], "interval": 3, "steps_logged": _steps(run_dir),
-            "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
-            "final_checkpoint": summary.get("checkpoint"), "checkpoints": _checkpoints(run_dir),
-            "tail": out[-2000:] if proc.returncode else ""}
+    return {
+        "rc": proc.returncode,
+        "killed_at_step": killed and killed[0],
+        "planned": total,
+        "final_steps": summary.get("steps"),
+        "restarts": restarts,
+        "resumes_by_rank": resumed_by_rank(run_dir),
+        "lost_steps": [a - b for a, b in restarts],
+        "interval": 3,
+        "steps_logged": _steps(run_dir),
+        "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
+        "final_checkpoint": summary.get("checkpoint"),
+        "checkpoints": _checkpoints(run_dir),
+        "tail": out[-2000:] if proc.returncode else "",
+    }
 
 
 def driver_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
@@ -189,8 +210,14 @@ def driver_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     run_dir = tmp / "runs" / "driver-kill"
     total = 2 * ((40 + 56 + 32) // 8 // 2)
     kill_at = rng.randint(4, total - 2)
-    proc = subprocess.Popen([*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [*SELFSUP, "pretrain", str(cfg)],
+        cwd=tmp,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if (_steps(run_dir) or [0])[-1] >= kill_at:
@@ -201,17 +228,31 @@ def driver_failure(tmp: Path, rng: random.Random, timeout: float = 400) -> dict:
     proc.wait()
     before = _checkpoints(run_dir)
     before_steps = [checkpoint_step(run_dir / "checkpoints" / name) for name in before]
-    again = subprocess.run([*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), capture_output=True, text=True,
-                           timeout=max(1.0, deadline - time.monotonic()))
+    again = subprocess.run(
+        [*SELFSUP, "pretrain", str(cfg)],
+        cwd=tmp,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=max(1.0, deadline - time.monotonic()),
+    )
     summary = json.loads((run_dir / "summary.json").read_text()) if again.returncode == 0 else {}
     resumed = [line for line in (again.stdout + again.stderr).splitlines() if "resumed" in line]
     samples = _samples(run_dir)
-    return {"rc": again.returncode, "killed_at_step": killed_at, "checkpoints_at_kill": before,
-            "checkpoint_steps_at_kill": before_steps, "resumed": resumed[:1], "final_steps": summary.get("steps"),
-            "lease_taken_over": "taking over the stale lease" in again.stderr,
-            "planned": total, "final_checkpoint": summary.get("checkpoint"), "checkpoints": _checkpoints(run_dir),
-            "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
-            "tail": (again.stdout + again.stderr)[-2000:] if again.returncode else ""}
+    return {
+        "rc": again.returncode,
+        "killed_at_step": killed_at,
+        "checkpoints_at_kill": before,
+        "checkpoint_steps_at_kill": before_steps,
+        "resumed": resumed[:1],
+        "final_steps": summary.get("steps"),
+        "lease_taken_over": "taking over the stale lease" in again.stderr,
+        "planned": total,
+        "final_checkpoint": summary.get("checkpoint"),
+        "checkpoints": _checkpoints(run_dir),
+        "samples_increasing": all(a < b for a, b in zip(samples, samples[1:])),
+        "tail": (again.stdout + again.stderr)[-2000:] if again.returncode else "",
+    }
 
 
 def uneven(tmp: Path, timeout: float = 300) -> dict:
@@ -220,13 +261,20 @@ def uneven(tmp: Path, timeout: float = 300) -> dict:
     (shards / "train1-000000.tar").write_bytes(b"")
     cfg = tiny_run(tmp, "uneven", shards, optim={"epochs": 1}, scaling={"max_failures": 0})
     try:
-        done = subprocess.run([*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            [*SELFSUP, "pretrain", str(cfg)], cwd=tmp, env=_env(), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"rc": None, "hung": True}
     summary = json.loads((tmp / "runs" / "uneven" / "summary.json").read_text()) if done.returncode == 0 else {}
-    return {"rc": done.returncode, "hung": False, "final_steps": summary.get("steps"), "planned": 5,
-            "skipped": summary.get("data", {}).get("skipped"), "tail": done.stdout[-1500:] if done.returncode else ""}
+    return {
+        "rc": done.returncode,
+        "hung": False,
+        "final_steps": summary.get("steps"),
+        "planned": 5,
+        "skipped": summary.get("data", {}).get("skipped"),
+        "tail": done.stdout[-1500:] if done.returncode else "",
+    }
 
 
 def write_corrupt_shards(out: Path) -> tuple[Path, dict]:
@@ -239,8 +287,14 @@ def write_corrupt_shards(out: Path) -> tuple[Path, dict]:
     sizes = [40, 40, 40, 40, 36, 4]
     images, labels = make_images(sum(sizes), seed=1)
     bad_png = {5, 47, 101}
-    samples = [{"__key__": f"s{i:05d}", "png": b"\x89PNG\r\n\x1a\nnot really" if i in bad_png else encode_png(images[i]),
-                "cls": int(labels[i])} for i in range(sum(sizes))]
+    samples = [
+        {
+            "__key__": f"s{i:05d}",
+            "png": b"\x89PNG\r\n\x1a\nnot really" if i in bad_png else encode_png(images[i]),
+            "cls": int(labels[i]),
+        }
+        for i in range(sum(sizes))
+    ]
     manifest = write_shards(iter(samples), out, split="train", classes=list("abcd"), samples_per_shard=40)
     # split the 40-sample tail shard written last into 36 + 4 by re-writing the last two by hand
     assert [s["count"] for s in manifest["shards"]] == [40, 40, 40, 40, 40]
@@ -267,14 +321,27 @@ def corrupt(tmp: Path, timeout: float = 300) -> dict:
     """1 rank, no Ray: 5% corrupt samples; every good sample trains once, the bad ones are counted."""
     shards, bad = write_corrupt_shards(tmp / "shards")
     cfg = tiny_run(tmp, "corrupt", shards, optim={"epochs": 1}, scaling={"num_workers": 1, "max_failures": 0})
-    done = subprocess.run([*SELFSUP, "pretrain", "--no-ray", str(cfg)], cwd=tmp, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    done = subprocess.run(
+        [*SELFSUP, "pretrain", "--no-ray", str(cfg)],
+        cwd=tmp,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     summary = json.loads((tmp / "runs" / "corrupt" / "summary.json").read_text()) if done.returncode == 0 else {}
     data = summary.get("data", {})
-    return {"rc": done.returncode, "final_steps": summary.get("steps"), "planned": 200 // 8, "corrupted": bad,
-            "skipped": data.get("skipped"), "repeated": data.get("repeated"), "where": data.get("where"),
-            "printed": [line for line in done.stdout.splitlines() if line.startswith("done:")],
-            "tail": done.stderr[-1500:] if done.returncode else ""}
+    return {
+        "rc": done.returncode,
+        "final_steps": summary.get("steps"),
+        "planned": 200 // 8,
+        "corrupted": bad,
+        "skipped": data.get("skipped"),
+        "repeated": data.get("repeated"),
+        "where": data.get("where"),
+        "printed": [line for line in done.stdout.splitlines() if line.startswith("done:")],
+        "tail": done.stderr[-1500:] if done.returncode else "",
+    }
 
 
 def main() -> None:
@@ -289,31 +356,42 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 r = worker_failure(Path(tmp), rng)
             ok = r["rc"] == 0 and r["final_steps"] == r["planned"] and all(x <= r["interval"] for x in r["lost_steps"])
-            print(f"worker kill {i + 1}/{args.repeats}: killed at step {r['killed_at_step']}, restarts (last logged, "
-                  f"resumed from) {r['restarts']}, lost {r['lost_steps']} steps (interval {r['interval']}), final "
-                  f"{r['final_steps']}/{r['planned']} steps, rc {r['rc']} -> {'OK' if ok else 'FAIL'}{r['tail']}",
-                  flush=True)
+            print(
+                f"worker kill {i + 1}/{args.repeats}: killed at step {r['killed_at_step']}, restarts (last logged, "
+                f"resumed from) {r['restarts']}, lost {r['lost_steps']} steps (interval {r['interval']}), final "
+                f"{r['final_steps']}/{r['planned']} steps, rc {r['rc']} -> {'OK' if ok else 'FAIL'}{r['tail']}",
+                flush=True,
+            )
     if args.scenario in ("all", "driver"):
         with tempfile.TemporaryDirectory() as tmp:
             r = driver_failure(Path(tmp), rng)
         ok = r["rc"] == 0 and r["final_steps"] == r["planned"] and r["resumed"]
-        print(f"driver kill: killed at step {r['killed_at_step']} with {r['checkpoints_at_kill']}; re-run: "
-              f"{r['resumed']}, final {r['final_steps']}/{r['planned']} steps, rc {r['rc']} -> "
-              f"{'OK' if ok else 'FAIL'}{r['tail']}", flush=True)
+        print(
+            f"driver kill: killed at step {r['killed_at_step']} with {r['checkpoints_at_kill']}; re-run: "
+            f"{r['resumed']}, final {r['final_steps']}/{r['planned']} steps, rc {r['rc']} -> "
+            f"{'OK' if ok else 'FAIL'}{r['tail']}",
+            flush=True,
+        )
     if args.scenario in ("all", "uneven"):
         with tempfile.TemporaryDirectory() as tmp:
             r = uneven(Path(tmp))
         ok = r["rc"] == 0 and r["final_steps"] == r["planned"]
-        print(f"uneven shards, one rank's share a zero-byte shard: hung={r['hung']}, final "
-              f"{r.get('final_steps')}/{r.get('planned')} steps, {r.get('skipped')} skipped, rc {r['rc']} -> "
-              f"{'OK' if ok else 'FAIL'}{r.get('tail', '')}", flush=True)
+        print(
+            f"uneven shards, one rank's share a zero-byte shard: hung={r['hung']}, final "
+            f"{r.get('final_steps')}/{r.get('planned')} steps, {r.get('skipped')} skipped, rc {r['rc']} -> "
+            f"{'OK' if ok else 'FAIL'}{r.get('tail', '')}",
+            flush=True,
+        )
     if args.scenario in ("all", "corrupt"):
         with tempfile.TemporaryDirectory() as tmp:
             r = corrupt(Path(tmp))
         ok = r["rc"] == 0 and r["final_steps"] == r["planned"] and r["skipped"] == r["corrupted"]["total"]
-        print(f"corrupt data ({r['corrupted']}): final {r['final_steps']}/{r['planned']} steps, skipped "
-              f"{r['skipped']}, topped up {r['repeated']}, printed {r['printed']} -> {'OK' if ok else 'FAIL'}"
-              f"{r['tail']}", flush=True)
+        print(
+            f"corrupt data ({r['corrupted']}): final {r['final_steps']}/{r['planned']} steps, skipped "
+            f"{r['skipped']}, topped up {r['repeated']}, printed {r['printed']} -> {'OK' if ok else 'FAIL'}"
+            f"{r['tail']}",
+            flush=True,
+        )
         for w in r["where"] or []:
             print(f"  skipped: {w}")
 

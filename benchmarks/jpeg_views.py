@@ -66,32 +66,50 @@ def make_data(scratch: Path, n: int, processes: int) -> tuple[Path, str]:
     start = time.perf_counter()
     write_imagenet_like(folder, n, classes=10, seed=0, processes=processes)
     samples, total, classes = image_folder_samples(folder, processes=processes)
-    manifest = write_shards(samples, shards, classes=classes, total=total, samples_per_shard=1000,
-                            source="benchmarks.jpeg_views")
+    manifest = write_shards(
+        samples, shards, classes=classes, total=total, samples_per_shard=1000, source="benchmarks.jpeg_views"
+    )
     mb = sum(s["bytes"] for s in manifest["shards"]) / 1e6
-    print(f"data: {manifest['num_samples']} JPEGs, {mb:.0f} MB in {len(manifest['shards'])} shards, "
-          f"{len({tuple(s) for sh in manifest['shards'] for s in sh['sizes']})} sizes, "
-          f"written in {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"data: {manifest['num_samples']} JPEGs, {mb:.0f} MB in {len(manifest['shards'])} shards, "
+        f"{len({tuple(s) for sh in manifest['shards'] for s in sh['sizes']})} sizes, "
+        f"written in {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     return folder, str(shards)
 
 
 def config(shards: str, scratch: Path, overrides: list[str]) -> ExperimentConfig:
     """The SimCLR ImageNet recipe on ``shards``, untracked, without the online monitor."""
-    return load_config(RECIPE, [f"data.train={shards}", "tracking.mode=disabled", "train.monitor_every_epochs=0",
-                                "scaling.num_workers=1", f"run_root={scratch / 'runs'}", *overrides])
+    return load_config(
+        RECIPE,
+        [
+            f"data.train={shards}",
+            "tracking.mode=disabled",
+            "train.monitor_every_epochs=0",
+            "scaling.num_workers=1",
+            f"run_root={scratch / 'runs'}",
+            *overrides,
+        ],
+    )
 
 
 def torchvision_pipeline(recipe: ViewRecipe, size: int, mean: list[float], std: list[float]) -> T.Compose:
     """One view of ``recipe`` as the papers' per-image torchvision transforms."""
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio),
-        T.RandomHorizontalFlip(recipe.flip_p),
-        T.RandomApply([T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)],
-                      p=recipe.jitter_p),
-        T.RandomGrayscale(recipe.grayscale_p),
-        T.RandomApply([T.GaussianBlur(kernel, recipe.blur_sigma)], p=recipe.blur_p),
-        T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio),
+            T.RandomHorizontalFlip(recipe.flip_p),
+            T.RandomApply(
+                [T.ColorJitter(recipe.brightness, recipe.contrast, recipe.saturation, recipe.hue)], p=recipe.jitter_p
+            ),
+            T.RandomGrayscale(recipe.grayscale_p),
+            T.RandomApply([T.GaussianBlur(kernel, recipe.blur_sigma)], p=recipe.blur_p),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 class TwoViews:
@@ -128,8 +146,14 @@ def torchvision_views_rate(folder: Path, cfg: ExperimentConfig, workers: int, wa
     """Views/s of ImageFolder + per-image transforms + DataLoader on the same JPEGs."""
     d = cfg.data
     views = TwoViews([torchvision_pipeline(r, d.image_size, d.mean, d.std) for r in cfg.view_recipes()])
-    loader = DataLoader(datasets.ImageFolder(str(folder), transform=views), batch_size=d.batch_size, shuffle=True,
-                        drop_last=True, num_workers=workers, persistent_workers=False)
+    loader = DataLoader(
+        datasets.ImageFolder(str(folder), transform=views),
+        batch_size=d.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=False,
+    )
     return rate(iter(loader), lambda b: len(b[0][0]), warmup, timed)
 
 
@@ -167,18 +191,32 @@ def cpu_views(args: argparse.Namespace, folder: Path, shards: str, scratch: Path
     the SimCLR recipe's colour distortion and blur too."""
     torch.set_num_threads(1)
     per = "per core" if args.view_workers == 0 else f"with {args.view_workers} loader processes"
-    runs = [(size, label, extra) for size in args.view_sizes
-            for label, extra in (("RandomResizedCrop + flip", [CROP_AND_FLIP]), ("SimCLR recipe", []))]
+    runs = [
+        (size, label, extra)
+        for size in args.view_sizes
+        for label, extra in (("RandomResizedCrop + flip", [CROP_AND_FLIP]), ("SimCLR recipe", []))
+    ]
     for size, label, extra in runs:
-        cfg = config(shards, scratch, [f"data.image_size={size}", f"data.batch_size={args.batch}",
-                                       f"data.loader_workers={args.view_workers}", "data.decode=cpu",
-                                       "scaling.use_gpu=false", *extra])
+        cfg = config(
+            shards,
+            scratch,
+            [
+                f"data.image_size={size}",
+                f"data.batch_size={args.batch}",
+                f"data.loader_workers={args.view_workers}",
+                "data.decode=cpu",
+                "scaling.use_gpu=false",
+                *extra,
+            ],
+        )
         timed = args.images // args.batch - 1
         ours = selfsup_views_rate(cfg, 1, timed)
         theirs = torchvision_views_rate(folder, cfg, args.view_workers, 1, timed)
-        print(f"views @ {size} px, 2 per image, {label}, {per}: selfsup {ours:.1f} img/s, torchvision "
-              f"ImageFolder + per-image transforms + DataLoader {theirs:.1f} img/s, ratio {ours / theirs:.2f}x",
-              flush=True)
+        print(
+            f"views @ {size} px, 2 per image, {label}, {per}: selfsup {ours:.1f} img/s, torchvision "
+            f"ImageFolder + per-image transforms + DataLoader {theirs:.1f} img/s, ratio {ours / theirs:.2f}x",
+            flush=True,
+        )
 
 
 def cpu_step(args: argparse.Namespace, shards: str, scratch: Path) -> None:
@@ -186,16 +224,29 @@ def cpu_step(args: argparse.Namespace, shards: str, scratch: Path) -> None:
     one in-memory uint8 batch."""
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
-    cfg = config(shards, scratch, ["model.backbone=resnet18", "data.image_size=96", f"data.batch_size={args.step_batch}",
-                                   "data.loader_workers=2", "data.decode=cpu", "scaling.use_gpu=false",
-                                   "train.channels_last=false", f"train.threads={threads}"])
+    cfg = config(
+        shards,
+        scratch,
+        [
+            "model.backbone=resnet18",
+            "data.image_size=96",
+            f"data.batch_size={args.step_batch}",
+            "data.loader_workers=2",
+            "data.decode=cpu",
+            "scaling.use_gpu=false",
+            "train.channels_last=false",
+            f"train.threads={threads}",
+        ],
+    )
     trainer = build_trainer(cfg)
     steps = min(args.steps, args.images // args.step_batch - 1)
     images_s, wait = timed_steps(trainer, loader_batches(trainer), steps, 1)
     memory, _ = timed_steps(trainer, itertools.repeat(memory_batch(shards, cfg)), steps, 1)
-    print(f"whole step (Trainer.step), SimCLR ResNet-18 @ 96 px, batch {args.step_batch}, {threads} threads + 2 "
-          f"loader processes: from JPEG shards {images_s:.1f} img/s (waiting for data {wait:.0%} of the time), "
-          f"from in-memory uint8 {memory:.1f} img/s")
+    print(
+        f"whole step (Trainer.step), SimCLR ResNet-18 @ 96 px, batch {args.step_batch}, {threads} threads + 2 "
+        f"loader processes: from JPEG shards {images_s:.1f} img/s (waiting for data {wait:.0%} of the time), "
+        f"from in-memory uint8 {memory:.1f} img/s"
+    )
 
 
 def memory_batch(shards: str, cfg: ExperimentConfig) -> dict:
@@ -205,8 +256,11 @@ def memory_batch(shards: str, cfg: ExperimentConfig) -> dict:
     samples = itertools.islice((s for url in urls for s in read_shard(url, [])), cfg.data.batch_size)
     images = torch.stack([decode_image(s, 3, cfg.data.image_size)[0] for s in samples])
     labels = torch.zeros(len(images), dtype=torch.int64)
-    return {"images": images.pin_memory(), "labels": labels} if torch.cuda.is_available() else \
-        {"images": images, "labels": labels}
+    return (
+        {"images": images.pin_memory(), "labels": labels}
+        if torch.cuda.is_available()
+        else {"images": images, "labels": labels}
+    )
 
 
 def views_only_rate(trainer: Trainer, steps: int, warmup: int) -> float:
@@ -224,13 +278,22 @@ def views_only_rate(trainer: Trainer, steps: int, warmup: int) -> float:
 
 def gpu_suite(args: argparse.Namespace, shards: str, scratch: Path) -> None:
     cuda = args.device == "cuda"
-    base = [f"data.image_size={args.size}", f"data.batch_size={args.batch}", f"data.loader_workers={args.workers}",
-            f"data.decode={'gpu' if cuda else 'cpu'}", f"scaling.use_gpu={cuda}", f"train.channels_last={cuda}",
-            f"train.precision={'bf16' if cuda else 'fp32'}"]
+    base = [
+        f"data.image_size={args.size}",
+        f"data.batch_size={args.batch}",
+        f"data.loader_workers={args.workers}",
+        f"data.decode={'gpu' if cuda else 'cpu'}",
+        f"scaling.use_gpu={cuda}",
+        f"train.channels_last={cuda}",
+        f"train.precision={'bf16' if cuda else 'fp32'}",
+    ]
     device = torch.device(args.device)
     flops = step_flops(config(shards, scratch, base), device) / args.batch
-    print(f"ResNet-50 @ {args.size} px, SimCLR, batch {args.batch} pairs, {flops / 1e9:.1f} GFLOP per pair "
-          f"(forward + backward), {args.workers} loader workers, data.decode={'gpu' if cuda else 'cpu'}", flush=True)
+    print(
+        f"ResNet-50 @ {args.size} px, SimCLR, batch {args.batch} pairs, {flops / 1e9:.1f} GFLOP per pair "
+        f"(forward + backward), {args.workers} loader workers, data.decode={'gpu' if cuda else 'cpu'}",
+        flush=True,
+    )
     rows = []
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         cfg = config(shards, scratch, [*base, f"train.compile={compiled}"])
@@ -240,22 +303,35 @@ def gpu_suite(args: argparse.Namespace, shards: str, scratch: Path) -> None:
         memory, _ = timed_steps(trainer, itertools.repeat(memory_batch(shards, cfg)), args.steps, warmup)
         views = views_only_rate(trainer, args.steps, args.warmup)
         rows.append((compiled, jpeg, memory, wait, views))
-        print(f"  compile {'on' if compiled else 'off'}: JPEG shards {jpeg:.0f} pairs/s, in-memory uint8 {memory:.0f} "
-              f"pairs/s, views alone {views:.0f} img/s", flush=True)
-    print(f"\n{'compile':<8} {'JPEG pairs/s':>12} {'memory pairs/s':>14} {'JPEG/memory':>11} {'data wait':>9} "
-          f"{'MFU JPEG':>8} {'MFU memory':>10}")
+        print(
+            f"  compile {'on' if compiled else 'off'}: JPEG shards {jpeg:.0f} pairs/s, in-memory uint8 {memory:.0f} "
+            f"pairs/s, views alone {views:.0f} img/s",
+            flush=True,
+        )
+    print(
+        f"\n{'compile':<8} {'JPEG pairs/s':>12} {'memory pairs/s':>14} {'JPEG/memory':>11} {'data wait':>9} "
+        f"{'MFU JPEG':>8} {'MFU memory':>10}"
+    )
     for compiled, jpeg, memory, wait, _ in rows:
-        print(f"{'on' if compiled else 'off':<8} {jpeg:>12.0f} {memory:>14.0f} {jpeg / memory:>11.2f} {wait:>9.1%} "
-              f"{flops * jpeg / H200_BF16_DENSE:>8.1%} {flops * memory / H200_BF16_DENSE:>10.1%}")
-    print(f"MFU: achieved FLOP/s / the H200's dense bf16 peak ({H200_BF16_DENSE / 1e12:.0f} TFLOP/s); aims: JPEG "
-          "within 5% of memory, >= 2,500 pairs/s, >= 12% MFU")
+        print(
+            f"{'on' if compiled else 'off':<8} {jpeg:>12.0f} {memory:>14.0f} {jpeg / memory:>11.2f} {wait:>9.1%} "
+            f"{flops * jpeg / H200_BF16_DENSE:>8.1%} {flops * memory / H200_BF16_DENSE:>10.1%}"
+        )
+    print(
+        f"MFU: achieved FLOP/s / the H200's dense bf16 peak ({H200_BF16_DENSE / 1e12:.0f} TFLOP/s); aims: JPEG "
+        "within 5% of memory, >= 2,500 pairs/s, >= 12% MFU"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu: the CPU suite; cuda: the GPU suite")
-    p.add_argument("--suite", choices=["auto", "cpu", "gpu"], default="auto",
-                   help="auto: the device's suite (gpu on a CPU device: a smoke run of the GPU suite's code)")
+    p.add_argument(
+        "--suite",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="auto: the device's suite (gpu on a CPU device: a smoke run of the GPU suite's code)",
+    )
     p.add_argument("--images", type=int, help="JPEGs to make (default: 512 CPU, 12000 GPU)")
     p.add_argument("--size", type=int, default=224, help="GPU: view size (default: 224)")
     p.add_argument("--view-sizes", type=int, nargs="+", default=[96, 224], help="CPU views: sizes (default: 96 224)")

@@ -70,7 +70,9 @@ def speed(args) -> None:
     bank, yb = clustered(rng, args.bank, centres)
     queries, yq = clustered(rng, args.queries, centres)
     m, n, d, k = args.queries, args.bank, args.dim, args.k
-    print(f"bank {n} x {d}, {m} queries, k={k}, {args.classes} classes, threads={args.threads}, faiss {faiss.__version__}")
+    print(
+        f"bank {n} x {d}, {m} queries, k={k}, {args.classes} classes, threads={args.threads}, faiss {faiss.__version__}"
+    )
 
     peak = gemm_peak()
     print(f"fp32 GEMM peak (4096^3, best of 3): {peak / 1e9:.1f} GFLOP/s")
@@ -96,8 +98,10 @@ def speed(args) -> None:
     print(f"speed-up faiss vs sklearn : {r_sk:6.2f}x  (need >= 3x)  {'PASS' if r_sk >= 3 else 'FAIL'}")
     print(f"speed-up faiss vs torch   : {r_torch:6.2f}x  (need > 1x)   {'PASS' if r_torch > 1 else 'FAIL'}")
     flops = 2 * m * n * d
-    print(f"faiss weighted_knn: {flops / t_faiss / 1e9:.1f} GFLOP/s = {flops / t_faiss / peak:.1%} of the GEMM peak "
-          f"(2*M*N*D / whole weighted_knn time)")
+    print(
+        f"faiss weighted_knn: {flops / t_faiss / 1e9:.1f} GFLOP/s = {flops / t_faiss / peak:.1%} of the GEMM peak "
+        f"(2*M*N*D / whole weighted_knn time)"
+    )
 
 
 def current_rss() -> int:
@@ -124,8 +128,10 @@ def memory(args) -> None:
     print(f"baseline peak RSS before the bank : {base / mib:8.0f} MiB")
     print(f"peak RSS after building the bank  : {after_bank / mib:8.0f} MiB (+{(after_bank - base) / mib:.0f})")
     print(f"peak RSS after weighted_knn       : {peak / mib:8.0f} MiB (+{(peak - base) / mib:.0f} over baseline)")
-    print(f"weighted_knn working memory       : {(peak - before_knn) / mib:8.0f} MiB above the RSS it started at "
-          f"({before_knn / mib:.0f} MiB) = {(peak - before_knn) / bank.nbytes:.2f}x the bank")
+    print(
+        f"weighted_knn working memory       : {(peak - before_knn) / mib:8.0f} MiB above the RSS it started at "
+        f"({before_knn / mib:.0f} MiB) = {(peak - before_knn) / bank.nbytes:.2f}x the bank"
+    )
     ratio = (peak - base) / bank.nbytes
     print(f"peak above baseline / bank size   : {ratio:.2f}x  (need < 2x)  {'PASS' if ratio < 2 else 'FAIL'}")
     print(f"weighted_knn time {seconds:.1f} s; top-1 " + ", ".join(f"{k} {100 * v:.2f}%" for k, v in res.top1.items()))

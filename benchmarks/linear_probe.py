@@ -45,9 +45,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not Path(args.checkpoint).exists():
         print(f"no checkpoint at {args.checkpoint}: pretraining the demo's recipe, configs/quickstart.yaml (~10 min)")
-        subprocess.run([sys.executable, "-m", "selfsup.cli", "pretrain", "configs/quickstart.yaml",
-                        f"name={Path(args.checkpoint).name}", f"train.threads={args.threads}",
-                        f"data.train={args.train}", "tracking.mode=disabled", "--no-ray"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "selfsup.cli",
+                "pretrain",
+                "configs/quickstart.yaml",
+                f"name={Path(args.checkpoint).name}",
+                f"train.threads={args.threads}",
+                f"data.train={args.train}",
+                "tracking.mode=disabled",
+                "--no-ray",
+            ],
+            check=True,
+        )
     ckpt = resolve_checkpoint(args.checkpoint)
     cfg, state, _ = load_checkpoint(ckpt)
     d = cfg.data
@@ -66,26 +78,46 @@ def main() -> None:
         fast[n_views] = (result, time.perf_counter() - start)
 
     start = time.perf_counter()
-    paper = linear_probe_paper(encoder, train_x, train_y, test_x, test_y, num_classes, d.image_size, d.mean, d.std,
-                               epochs=args.paper_epochs, batch_size=args.paper_batch, lr=args.paper_lr)
+    paper = linear_probe_paper(
+        encoder,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes,
+        d.image_size,
+        d.mean,
+        d.std,
+        epochs=args.paper_epochs,
+        batch_size=args.paper_batch,
+        lr=args.paper_lr,
+    )
     paper_s = time.perf_counter() - start
     paper_100_s = paper_s * 100 / args.paper_epochs
 
-    print(f"checkpoint {ckpt} ({cfg.method.name}, {cfg.model.backbone} w{cfg.model.width}); "
-          f"{len(train_y)} train / {len(test_y)} test images; {args.device}, {args.threads} torch thread(s)")
-    print(f"paper probe ({args.paper_epochs} epochs, batch {args.paper_batch}, lr={paper.lr:g} at 256, crops of scale "
-          f"{paper_crop_scale(d.image_size)} + flips): top-1 {100 * paper.top1:.2f}%  "
-          f"in {paper_s:.1f} s ({paper_s / args.paper_epochs:.1f} s/epoch; 100 epochs ~ {paper_100_s:.0f} s)")
+    print(
+        f"checkpoint {ckpt} ({cfg.method.name}, {cfg.model.backbone} w{cfg.model.width}); "
+        f"{len(train_y)} train / {len(test_y)} test images; {args.device}, {args.threads} torch thread(s)"
+    )
+    print(
+        f"paper probe ({args.paper_epochs} epochs, batch {args.paper_batch}, lr={paper.lr:g} at 256, crops of scale "
+        f"{paper_crop_scale(d.image_size)} + flips): top-1 {100 * paper.top1:.2f}%  "
+        f"in {paper_s:.1f} s ({paper_s / args.paper_epochs:.1f} s/epoch; 100 epochs ~ {paper_100_s:.0f} s)"
+    )
     for n_views, (result, seconds) in fast.items():
         diff = 100 * (result.top1 - paper.top1)
-        print(f"fast probe, {n_views} view(s) per train image (grid chose lr={result.lr:g} wd={result.weight_decay:g}, "
-              f"20/{n_views} epochs on cached features): top-1 {100 * result.top1:.2f}%  in {seconds:.1f} s "
-              f"(feature extraction included)")
+        print(
+            f"fast probe, {n_views} view(s) per train image (grid chose lr={result.lr:g} wd={result.weight_decay:g}, "
+            f"20/{n_views} epochs on cached features): top-1 {100 * result.top1:.2f}%  in {seconds:.1f} s "
+            f"(feature extraction included)"
+        )
         shortened = "" if args.paper_epochs >= 100 else f"; paper ran {args.paper_epochs} of 100 epochs"
-        print(f"    difference fast - paper: {diff:+.2f} points (target |diff| <= 0.5: "
-              f"{'met' if abs(diff) <= 0.5 else 'NOT met'}{shortened}); "
-              f"speed ratio {paper_s / seconds:.1f}x measured, {paper_100_s / seconds:.1f}x against 100 paper epochs "
-              f"(target >= 20x: {'met' if paper_100_s / seconds >= 20 else 'NOT met'})")
+        print(
+            f"    difference fast - paper: {diff:+.2f} points (target |diff| <= 0.5: "
+            f"{'met' if abs(diff) <= 0.5 else 'NOT met'}{shortened}); "
+            f"speed ratio {paper_s / seconds:.1f}x measured, {paper_100_s / seconds:.1f}x against 100 paper epochs "
+            f"(target >= 20x: {'met' if paper_100_s / seconds >= 20 else 'NOT met'})"
+        )
 
 
 if __name__ == "__main__":

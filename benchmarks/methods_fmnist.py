@@ -49,8 +49,15 @@ CURVES = "curves.png"  # beside the results file
 
 def settings(args) -> dict:
     """What a result depends on: a stored result or run folder is reused only for the same settings."""
-    return {"minutes": args.minutes, "recipe": args.recipe, "overrides": list(args.set), "variant": args.variant,
-            "max_epochs": args.max_epochs, "seed": args.seed, "monitor_every": args.monitor_every}
+    return {
+        "minutes": args.minutes,
+        "recipe": args.recipe,
+        "overrides": list(args.set),
+        "variant": args.variant,
+        "max_epochs": args.max_epochs,
+        "seed": args.seed,
+        "monitor_every": args.monitor_every,
+    }
 
 
 def baseline_key(args) -> str:
@@ -67,10 +74,19 @@ def method_config(method: str, args) -> ExperimentConfig:
     """The recipe of ``method`` with the benchmark's data, budget, monitor and ``--set`` overrides."""
     path = ROOT / "configs" / f"{method}-resnet18-fmnist{'-cpu' if args.recipe == 'cpu' else ''}.yaml"
     data = Path(args.data)
-    overrides = [f"data.train={data / 'train'}", f"data.test={data / 'test'}", f"run_root={args.out}",
-                 f"name={result_key(method, args.variant)}", "train.checkpoint_every_steps=1000000",
-                 f"seed={args.seed}", f"optim.minutes={args.minutes or 'null'}", f"optim.epochs={args.max_epochs}",
-                 "tracking.mode=disabled", f"train.monitor_every_epochs={args.monitor_every}", *args.set]
+    overrides = [
+        f"data.train={data / 'train'}",
+        f"data.test={data / 'test'}",
+        f"run_root={args.out}",
+        f"name={result_key(method, args.variant)}",
+        "train.checkpoint_every_steps=1000000",
+        f"seed={args.seed}",
+        f"optim.minutes={args.minutes or 'null'}",
+        f"optim.epochs={args.max_epochs}",
+        "tracking.mode=disabled",
+        f"train.monitor_every_epochs={args.monitor_every}",
+        *args.set,
+    ]
     return load_config(path, overrides)
 
 
@@ -79,8 +95,15 @@ def read_curve(path: Path) -> tuple[list[dict], dict[str, float]]:
     (the last record of a step a resume logged twice), and the baselines' levels on the monitor subset."""
     by_step = {r["step"]: r for r in read_records(path) if "monitor/knn@20" in r}
     monitored = [r for _, r in sorted(by_step.items())]
-    points = [{"epoch": r["epoch"], "minutes": r["train_seconds"] / 60, "knn@20": r["monitor/knn@20"],
-               "rankme": r["monitor/rankme"]} for r in monitored]
+    points = [
+        {
+            "epoch": r["epoch"],
+            "minutes": r["train_seconds"] / 60,
+            "knn@20": r["monitor/knn@20"],
+            "rankme": r["monitor/rankme"],
+        }
+        for r in monitored
+    ]
     levels = {}
     for record in monitored:
         for key, value in record.items():
@@ -91,8 +114,10 @@ def read_curve(path: Path) -> tuple[list[dict], dict[str, float]]:
 
 def crossings(points: list[dict], levels: dict[str, float]) -> dict[str, dict | None]:
     """Per baseline: the first point {minute, epoch} whose kNN@20 is above its level, None if none is."""
-    return {name: next(({"minute": p["minutes"], "epoch": p["epoch"]} for p in points if p["knn@20"] > level), None)
-            for name, level in levels.items()}
+    return {
+        name: next(({"minute": p["minutes"], "epoch": p["epoch"]} for p in points if p["knn@20"] > level), None)
+        for name, level in levels.items()
+    }
 
 
 def beats(scores: dict, baselines: dict) -> dict[str, dict[str, bool]]:
@@ -134,17 +159,29 @@ def run_method(cfg: ExperimentConfig, args, fresh: bool, with_baselines: bool) -
     summary = pretrain(cfg, use_ray=False, restart=fresh)
     machine = this_machine()  # now: with the threads it trained with
     data = Path(args.data)
-    report = evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report",
-                      baselines=with_baselines)
+    report = evaluate(
+        cfg.run_dir, str(data / "train"), str(data / "test"), cfg.run_dir / "report", baselines=with_baselines
+    )
     metrics = cfg.run_dir / "metrics.jsonl"
     last = next((r for r in reversed(read_records(metrics)) if "loss" in r), {})  # the last training record
     curve, levels = read_curve(metrics)
-    entry = {"train": {"minutes": round(summary["train_seconds"] / 60, 2), "epochs": round(summary["epochs"], 3),
-                       "steps": summary["steps"], "samples_per_s": last.get("samples_per_s"),
-                       "final_loss": last.get("loss"), "embed_std": last.get("embed_std"),
-                       "rankme": last.get("rankme"), "bad_steps": summary["bad_steps"]},
-             "curve": curve, "monitor_levels": levels, "crossings": crossings(curve, levels),
-             "encoders": {"checkpoint": report["encoders"]["checkpoint"]}, "device": machine}
+    entry = {
+        "train": {
+            "minutes": round(summary["train_seconds"] / 60, 2),
+            "epochs": round(summary["epochs"], 3),
+            "steps": summary["steps"],
+            "samples_per_s": last.get("samples_per_s"),
+            "final_loss": last.get("loss"),
+            "embed_std": last.get("embed_std"),
+            "rankme": last.get("rankme"),
+            "bad_steps": summary["bad_steps"],
+        },
+        "curve": curve,
+        "monitor_levels": levels,
+        "crossings": crossings(curve, levels),
+        "encoders": {"checkpoint": report["encoders"]["checkpoint"]},
+        "device": machine,
+    }
     return entry, {k: v for k, v in report["encoders"].items() if k != "checkpoint"}
 
 
@@ -200,11 +237,17 @@ def table(entries: dict, baselines: dict) -> str:
     lines = [head, "-" * len(head)]
     for name, r in entries.items():
         s, t = r["encoders"]["checkpoint"], r["train"]
-        lines.append(f"{name:<18} " + " ".join(f"{100 * s[m]:>{w}.2f}" for m, w in zip(METRICS, (7, 8, 7)))
-                     + f" {t['epochs']:>7.3f} {t['steps']:>6d} {t['minutes']:>9.1f}")
+        lines.append(
+            f"{name:<18} "
+            + " ".join(f"{100 * s[m]:>{w}.2f}" for m, w in zip(METRICS, (7, 8, 7)))
+            + f" {t['epochs']:>7.3f} {t['steps']:>6d} {t['minutes']:>9.1f}"
+        )
     for name, s in baselines.items():
-        lines.append(f"{name:<18} " + " ".join(f"{100 * s[m]:>{w}.2f}" for m, w in zip(METRICS, (7, 8, 7)))
-                     + f" {'–':>7} {'–':>6} {'–':>9}")
+        lines.append(
+            f"{name:<18} "
+            + " ".join(f"{100 * s[m]:>{w}.2f}" for m, w in zip(METRICS, (7, 8, 7)))
+            + f" {'–':>7} {'–':>6} {'–':>9}"
+        )
     return "\n".join(lines)
 
 
@@ -215,9 +258,12 @@ def crossings_table(entries: dict) -> str:
         if not r["curve"]:
             lines.append(f"{name:<18} no monitor records")
             continue
-        parts = [f"crossed {BASELINES.get(base, base)} at minute {c['minute']:.1f} / epoch {c['epoch']:.2f}" if c
-                 else f"never crossed {BASELINES.get(base, base)} ({100 * r['monitor_levels'][base]:.2f}%)"
-                 for base, c in r["crossings"].items()]
+        parts = [
+            f"crossed {BASELINES.get(base, base)} at minute {c['minute']:.1f} / epoch {c['epoch']:.2f}"
+            if c
+            else f"never crossed {BASELINES.get(base, base)} ({100 * r['monitor_levels'][base]:.2f}%)"
+            for base, c in r["crossings"].items()
+        ]
         best = max(p["knn@20"] for p in r["curve"])
         lines.append(f"{name:<18} {', '.join(parts)}; best online kNN@20 {100 * best:.2f}%")
     return "\n".join(lines)
@@ -245,16 +291,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="results file (default: OUT/results.json)")
     p.add_argument("--max-epochs", type=float, default=12.0, help="the schedule's length when --minutes is not reached")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recipe", choices=["cpu", "gpu"], default="cpu",
-                   help="configs/<method>-resnet18-fmnist-cpu.yaml (cpu) or configs/<method>-resnet18-fmnist.yaml (gpu)")
+    p.add_argument(
+        "--recipe",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="configs/<method>-resnet18-fmnist-cpu.yaml (cpu) or configs/<method>-resnet18-fmnist.yaml (gpu)",
+    )
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every method")
     p.add_argument("--variant", default="", help="a name for these overrides: runs and results as <method>-<variant>")
     p.add_argument("--monitor-every", type=int, default=1, help="online kNN@20 every N epochs (0: no curve)")
     p.add_argument("--restart", action="store_true", help="delete these methods' runs and train afresh")
     p.add_argument("--no-baselines", action="store_true", help="skip the raw-pixel and random-init rows")
-    p.add_argument("--concurrent", action="store_true",
-                   help="train the methods at once, each in its own process of this benchmark (all on one GPU); "
-                        "their output goes to OUT/<method>.log")
+    p.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="train the methods at once, each in its own process of this benchmark (all on one GPU); "
+        "their output goes to OUT/<method>.log",
+    )
     args = p.parse_args(argv)
     check_inputs(args)
     out = Path(args.json or Path(args.out) / "results.json")
@@ -268,8 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     draw(results, args, device, out.with_name(CURVES))
     print(f"wrote {out} and {out.with_name(CURVES)}")
     if failed:
-        raise SystemExit(f"{', '.join(failed)} did not finish; see {Path(args.out)}/<method>.log, and run the same "
-                         "command again to resume")
+        raise SystemExit(
+            f"{', '.join(failed)} did not finish; see {Path(args.out)}/<method>.log, and run the same "
+            "command again to resume"
+        )
 
 
 def check_inputs(args) -> None:
@@ -301,7 +356,9 @@ def run_in_turn(args, out: Path) -> list[str]:
             print(f"resuming {key} from {checkpoint} (step {checkpoint_step(checkpoint)})")
         elif latest_checkpoint(cfg.run_dir) is not None:
             print(f"{key}: starting over ({'--restart' if args.restart else 'its run folder has other settings'})")
-        entry, baselines = run_method(cfg, args, action == "fresh", with_baselines=not args.no_baselines)  # evaluate caches them
+        entry, baselines = run_method(
+            cfg, args, action == "fresh", with_baselines=not args.no_baselines
+        )  # evaluate caches them
         entry.update(settings=wanted, beats=beats(entry["encoders"]["checkpoint"], baselines))
         draw(save_result(out, key, entry, baseline_key(args), baselines), args, entry["device"], out.with_name(CURVES))
     return []
@@ -317,8 +374,12 @@ def run_concurrently(argv: list[str], args) -> list[str]:
     running = {}
     for method, log in logs.items():
         with open(log, "w") as f:
-            running[method] = subprocess.Popen([sys.executable, "-m", "benchmarks.methods_fmnist", *own, "--methods",
-                                                method], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+            running[method] = subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.methods_fmnist", *own, "--methods", method],
+                cwd=ROOT,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
     print(f"training {', '.join(running)} at once; their output: {Path(args.out)}/<method>.log")
     failed = []
     for method, process in running.items():
@@ -333,8 +394,11 @@ def run_concurrently(argv: list[str], args) -> list[str]:
 
 def comparable(results: dict, args) -> dict:
     """The entries of the results at this invocation's budget and recipe, whatever their method or variant."""
-    return {k: e for k, e in results["methods"].items()
-            if e["settings"]["minutes"] == args.minutes and e["settings"]["recipe"] == args.recipe}
+    return {
+        k: e
+        for k, e in results["methods"].items()
+        if e["settings"]["minutes"] == args.minutes and e["settings"]["recipe"] == args.recipe
+    }
 
 
 def title(args, device: str) -> str:

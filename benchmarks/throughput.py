@@ -69,29 +69,47 @@ class Setting:
 
 def method_config(method: str, device: str, setting: Setting, extra: list[str] = ()) -> ExperimentConfig:
     """The method's own recipe (heads, loss, optimiser) with the setting's backbone, data and batch."""
-    recipe = "resnet50-imagenet" if "resnet50" in setting.label else "resnet18-fmnist" + ("-cpu" if device == "cpu" else "")
+    recipe = (
+        "resnet50-imagenet" if "resnet50" in setting.label else "resnet18-fmnist" + ("-cpu" if device == "cpu" else "")
+    )
     # the same augmentations as the baseline's (crop, flip, blur), whatever the recipe's preset
-    return load_config(ROOT / "configs" / f"{method}-{recipe}.yaml", ["augment.preset=grey", "augment.views=null",
-                                                                        *setting.overrides, *extra])
+    return load_config(
+        ROOT / "configs" / f"{method}-{recipe}.yaml",
+        ["augment.preset=grey", "augment.views=null", *setting.overrides, *extra],
+    )
 
 
 def trainer_overrides(device: str, workers: int, threads: int | None, compile: bool, run_root: str) -> list[str]:
     """The real path's training settings: this device and its memory format, these loader processes
     and threads, no online monitor, nothing tracked."""
-    return [f"scaling.use_gpu={device == 'cuda'}", f"train.channels_last={device == 'cuda'}",
-            f"train.compile={compile}", f"data.loader_workers={workers}", f"train.threads={threads or 'null'}",
-            "train.monitor_every_epochs=0", "tracking.mode=disabled", f"run_root={run_root}"]
+    return [
+        f"scaling.use_gpu={device == 'cuda'}",
+        f"train.channels_last={device == 'cuda'}",
+        f"train.compile={compile}",
+        f"data.loader_workers={workers}",
+        f"train.threads={threads or 'null'}",
+        "train.monitor_every_epochs=0",
+        "tracking.mode=disabled",
+        f"run_root={run_root}",
+    ]
 
 
 def settings_for(device: str, batch: int | None, data: str) -> list[Setting]:
     """CPU: the Fashion-MNIST recipe's backbone on the shards at ``data``; CUDA: ResNet-18 @ 32 px and
     ResNet-50 @ 224 px on synthetic RGB images."""
     if device == "cpu":
-        return [Setting("fmnist-cpu recipe @ 28 px grey", [f"data.train={data}", f"data.batch_size={batch or 256}"], False)]
+        return [
+            Setting("fmnist-cpu recipe @ 28 px grey", [f"data.train={data}", f"data.batch_size={batch or 256}"], False)
+        ]
     rgb = ["data.channels=3", "data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]"]
-    return [Setting("resnet18 @ 32 px", [*rgb, "model.width=64", "model.small_stem=true", "data.image_size=32",
-                                         f"data.batch_size={batch or 256}"], True),
-            Setting("resnet50 @ 224 px", [*rgb, "data.image_size=224", f"data.batch_size={batch or 128}"], True)]
+    return [
+        Setting(
+            "resnet18 @ 32 px",
+            [*rgb, "model.width=64", "model.small_stem=true", "data.image_size=32", f"data.batch_size={batch or 256}"],
+            True,
+        ),
+        Setting("resnet50 @ 224 px", [*rgb, "data.image_size=224", f"data.batch_size={batch or 128}"], True),
+    ]
 
 
 def build(cfg: ExperimentConfig, device: torch.device):
@@ -105,8 +123,10 @@ def build(cfg: ExperimentConfig, device: torch.device):
 
 def write_synthetic_shards(images: torch.Tensor, out: Path) -> str:
     """``images`` uint8 (N, C, S, S) as a shard folder ``out`` (what the Trainer plans its epoch on)."""
-    samples = ({"__key__": f"s{i:06d}", "png": encode_png(img.permute(1, 2, 0).squeeze(-1).numpy()), "cls": 0}
-               for i, img in enumerate(images))
+    samples = (
+        {"__key__": f"s{i:06d}", "png": encode_png(img.permute(1, 2, 0).squeeze(-1).numpy()), "cls": 0}
+        for i, img in enumerate(images)
+    )
     write_shards(samples, out, split="train", classes=["synthetic"])
     return str(out)
 
@@ -121,10 +141,18 @@ def first_images(location: str, n: int, channels: int, size: int) -> torch.Tenso
 def view_pipelines(recipes: list[ViewRecipe], size: int, mean, std) -> list[T.Compose]:
     """torchvision's per-image PIL transforms of each view recipe (crop, flip, blur): PIL -> float (C, size, size)."""
     kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
-    return [T.Compose([T.RandomResizedCrop(size, scale=r.crop_scale, ratio=r.crop_ratio),
-                       T.RandomHorizontalFlip(r.flip_p),
-                       T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=r.blur_p),
-                       T.ToTensor(), T.Normalize(mean, std)]) for r in recipes]
+    return [
+        T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=r.crop_scale, ratio=r.crop_ratio),
+                T.RandomHorizontalFlip(r.flip_p),
+                T.RandomApply([T.GaussianBlur(kernel, r.blur_sigma)], p=r.blur_p),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
+        for r in recipes
+    ]
 
 
 class TorchvisionViews(Dataset):
@@ -134,8 +162,11 @@ class TorchvisionViews(Dataset):
     """
 
     def __init__(self, images: torch.Tensor, recipes: list[ViewRecipe], size: int, mean, std):
-        self.images = images.permute(0, 2, 3, 1).squeeze(-1).numpy() if images.shape[1] == 1 else \
-            images.permute(0, 2, 3, 1).numpy()
+        self.images = (
+            images.permute(0, 2, 3, 1).squeeze(-1).numpy()
+            if images.shape[1] == 1
+            else images.permute(0, 2, 3, 1).numpy()
+        )
         self.pipelines = view_pipelines(recipes, size, mean, std)
 
     def __len__(self) -> int:
@@ -149,16 +180,18 @@ class TorchvisionViews(Dataset):
 def step_flops(cfg: ExperimentConfig, device: torch.device, batch: int = 16) -> float:
     """Matmul/conv FLOPs of one training step at ``cfg.data.batch_size``, counted at ``batch`` and scaled."""
     model, _ = build(cfg, device)
-    views = [torch.randn(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device)
-             for _ in range(2)]
+    views = [
+        torch.randn(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=device) for _ in range(2)
+    ]
     counter = FlopCounterMode(display=False)
     with counter:
         model(views, Progress(0, 1))["loss"].backward()
     return counter.get_total_flops() * cfg.data.batch_size / batch
 
 
-def images_per_s(step: Callable[[object], int], batches: Iterable, steps: int, warmup: int,
-                 device: torch.device) -> float:
+def images_per_s(
+    step: Callable[[object], int], batches: Iterable, steps: int, warmup: int, device: torch.device
+) -> float:
     """Images/s of ``steps`` calls of ``step(batch) -> images in it`` after ``warmup`` untimed ones."""
     seen = 0
     for i, batch in enumerate(itertools.islice(batches, steps + warmup)):
@@ -189,8 +222,9 @@ def real_rate(cfg: ExperimentConfig, steps: int, warmup: int, synthetic: torch.T
     return images_per_s(step, batches, steps, warmup, trainer.device)
 
 
-def baseline_rate(cfg: ExperimentConfig, images: torch.Tensor, device: torch.device, workers: int, steps: int,
-                  warmup: int) -> float:
+def baseline_rate(
+    cfg: ExperimentConfig, images: torch.Tensor, device: torch.device, workers: int, steps: int, warmup: int
+) -> float:
     """Images/s of a plain fp32 loop (forward, backward, optimiser and momentum updates) on torchvision's views."""
     model, optimizer = build(cfg, device)
     progress = Progress(0, steps + warmup)
@@ -209,8 +243,15 @@ def baseline_rate(cfg: ExperimentConfig, images: torch.Tensor, device: torch.dev
 def baseline_batches(cfg: ExperimentConfig, images: torch.Tensor, device: torch.device, workers: int):
     """The baseline's views: per-image torchvision transforms in ``workers`` DataLoader processes."""
     data = TorchvisionViews(images, cfg.view_recipes(), cfg.data.image_size, cfg.data.mean, cfg.data.std)
-    loader = DataLoader(data, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    loader = DataLoader(
+        data,
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     return ([v.to(device, non_blocking=True) for v in views] for views in itertools.cycle(loader))
 
 
@@ -240,7 +281,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=str(ROOT / "data/fashion-mnist/train"), help="CPU: shard folder")
     p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     p.add_argument("--backbones", nargs="+", choices=["resnet18", "resnet50"], help="CUDA: only these settings")
-    p.add_argument("--compile", action="store_true", help="torch.compile the real path (the first warm-up step compiles)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the real path (the first warm-up step compiles)"
+    )
     return p.parse_args(argv)
 
 
@@ -249,20 +292,27 @@ def peaks(device: torch.device) -> tuple[dict[str, float], str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
         bf16_peak, variant = h100_peak(name)
-        return {"bf16": bf16_peak, "fp32": bf16_peak}, f"{name}: H100 {variant} dense bf16 peak {bf16_peak / 1e12:.0f} TFLOP/s"
+        return {
+            "bf16": bf16_peak,
+            "fp32": bf16_peak,
+        }, f"{name}: H100 {variant} dense bf16 peak {bf16_peak / 1e12:.0f} TFLOP/s"
     peak = {"bf16": gemm_rate(device, torch.bfloat16, 2048), "fp32": gemm_rate(device, torch.float32, 2048)}
     return peak, f"measured 2048^3 GEMM: bf16 {peak['bf16'] / 1e9:.0f}, fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s"
 
 
-def measure(cfg: ExperimentConfig, device: torch.device, args: argparse.Namespace, workers: int,
-            synthetic: bool, scratch: Path) -> tuple[float, float, float]:
+def measure(
+    cfg: ExperimentConfig, device: torch.device, args: argparse.Namespace, workers: int, synthetic: bool, scratch: Path
+) -> tuple[float, float, float]:
     """(matmul/conv FLOPs per image, baseline img/s, real img/s) of one method in one setting."""
     b, c, s = cfg.data.batch_size, cfg.data.channels, cfg.data.image_size
     pool = b * (args.steps + args.warmup)
     if synthetic:
         images = torch.randint(0, 256, (pool, c, s, s), dtype=torch.uint8)
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"train": write_synthetic_shards(images, scratch / f"shards-{s}px")})})
+        cfg = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(update={"train": write_synthetic_shards(images, scratch / f"shards-{s}px")})
+            }
+        )
         pinned = images[:b].pin_memory()
     else:
         images, pinned = first_images(cfg.data.train, pool, c, s), None
@@ -274,14 +324,24 @@ def measure(cfg: ExperimentConfig, device: torch.device, args: argparse.Namespac
 
 def print_table(rows: list[tuple], device: torch.device) -> None:
     unit_name = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
-    head = (f"{'backbone':<26} {'method':<8} {'GFLOP/img':>9} {'baseline img/s':>14} {'selfsup img/s':>13} {'ratio':>6} "
-            f"{unit_name:>8} {'of peak':>8} {'baseline of peak':>16}")
+    head = (
+        f"{'backbone':<26} {'method':<8} {'GFLOP/img':>9} {'baseline img/s':>14} {'selfsup img/s':>13} {'ratio':>6} "
+        f"{unit_name:>8} {'of peak':>8} {'baseline of peak':>16}"
+    )
     print("\n" + head + "\n" + "-" * len(head))
     for label, method, gflop, base, real, ratio, achieved, frac, base_frac in rows:
-        print(f"{label:<26} {method:<8} {gflop:>9.2f} {base:>14.1f} {real:>13.1f} {ratio:>5.2f}x {achieved:>8.1f} "
-              f"{frac:>8.1%} {base_frac:>16.1%}")
-    print("\nFLOPs: matmul/conv of forward + backward (+ target/key forwards); 'of peak': achieved / "
-          + ("the H100's dense bf16 peak (MFU)" if device.type == "cuda" else "the measured GEMM peak of the path's dtype"))
+        print(
+            f"{label:<26} {method:<8} {gflop:>9.2f} {base:>14.1f} {real:>13.1f} {ratio:>5.2f}x {achieved:>8.1f} "
+            f"{frac:>8.1%} {base_frac:>16.1%}"
+        )
+    print(
+        "\nFLOPs: matmul/conv of forward + backward (+ target/key forwards); 'of peak': achieved / "
+        + (
+            "the H100's dense bf16 peak (MFU)"
+            if device.type == "cuda"
+            else "the measured GEMM peak of the path's dtype"
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,25 +349,41 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    settings = [s for s in settings_for(device.type, args.batch, args.data)
-                if not args.backbones or s.label.split()[0] in args.backbones]
+    settings = [
+        s
+        for s in settings_for(device.type, args.batch, args.data)
+        if not args.backbones or s.label.split()[0] in args.backbones
+    ]
     workers = args.workers if args.workers is not None else 8 if device.type == "cuda" else 1
     peak, peak_note = peaks(device)
     scratch = Path(tempfile.mkdtemp(prefix="selfsup-throughput-"))
     extra = trainer_overrides(device.type, workers, args.threads, args.compile, str(scratch / "runs"))
     amp = autocast_dtype(method_config(args.methods[0], device.type, settings[0], extra).train.precision, device)
     real_kind = "bf16" if amp is not None else "fp32"
-    print(f"device {device}, torch threads {torch.get_num_threads()}, loader processes {workers}, "
-          f"real path Trainer.step {real_kind}{' + channels_last' if device.type == 'cuda' else ''}"
-          f"{' + torch.compile' if args.compile else ''}, baseline fp32; {peak_note}")
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, loader processes {workers}, "
+        f"real path Trainer.step {real_kind}{' + channels_last' if device.type == 'cuda' else ''}"
+        f"{' + torch.compile' if args.compile else ''}, baseline fp32; {peak_note}"
+    )
     unit = 1e12 if device.type == "cuda" else 1e9
     rows = []
     for setting in settings:
         for method in args.methods:
             cfg = method_config(method, device.type, setting, extra)
             flops, base, real = measure(cfg, device, args, workers, setting.synthetic, scratch)
-            rows.append((setting.label, method, flops / 1e9, base, real, real / base, flops * real / unit,
-                         flops * real / peak[real_kind], flops * base / peak["fp32"]))
+            rows.append(
+                (
+                    setting.label,
+                    method,
+                    flops / 1e9,
+                    base,
+                    real,
+                    real / base,
+                    flops * real / unit,
+                    flops * real / peak[real_kind],
+                    flops * base / peak["fp32"],
+                )
+            )
             print(f"  {setting.label} {method}: baseline {base:.1f} img/s, real {real:.1f} img/s", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
     print_table(rows, device)

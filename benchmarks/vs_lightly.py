@@ -63,12 +63,26 @@ REGIONS = ["loader", "views", "forward", "loss", "backward", "optimiser", "on_af
 def config(method: str, args: argparse.Namespace, shards: str, run_root: str) -> ExperimentConfig:
     """The method's CPU recipe (heads, loss, LARS) with this run's backbone, batch, data and threads; the
     grey preset's views (crop, flip, blur), which lightly's loop gets too."""
-    return load_config(ROOT / "configs" / f"{method}-resnet18-fmnist-cpu.yaml", [
-        f"data.train={shards}", f"data.batch_size={args.batch}", f"data.loader_workers={args.workers}",
-        f"model.width={args.width}", f"model.stem_stride={args.stem_stride}", "augment.preset=grey",
-        "augment.views=null", f"train.precision={args.precision}", f"train.threads={args.threads}",
-        "train.adapt_threads=false", "train.monitor_every_epochs=0", "tracking.mode=disabled",
-        f"run_root={run_root}", f"seed={args.seed}", *args.set])
+    return load_config(
+        ROOT / "configs" / f"{method}-resnet18-fmnist-cpu.yaml",
+        [
+            f"data.train={shards}",
+            f"data.batch_size={args.batch}",
+            f"data.loader_workers={args.workers}",
+            f"model.width={args.width}",
+            f"model.stem_stride={args.stem_stride}",
+            "augment.preset=grey",
+            "augment.views=null",
+            f"train.precision={args.precision}",
+            f"train.threads={args.threads}",
+            "train.adapt_threads=false",
+            "train.monitor_every_epochs=0",
+            "tracking.mode=disabled",
+            f"run_root={run_root}",
+            f"seed={args.seed}",
+            *args.set,
+        ],
+    )
 
 
 def backbone(cfg: ExperimentConfig) -> tuple[nn.Module, int]:
@@ -119,8 +133,9 @@ def timed_next(batches: Iterator):
 class LightlyLoop:
     """lightly's own SimCLR or BYOL training loop over ``images`` (uint8 (N, H, W)) on ``encoder``."""
 
-    def __init__(self, method: str, cfg: ExperimentConfig, encoder: nn.Module, dim: int, images: np.ndarray,
-                 total_steps: int):
+    def __init__(
+        self, method: str, cfg: ExperimentConfig, encoder: nn.Module, dim: int, images: np.ndarray, total_steps: int
+    ):
         from lightly.loss import NegativeCosineSimilarity, NTXentLoss
         from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead, SimCLRProjectionHead
         from lightly.models.utils import deactivate_requires_grad
@@ -146,13 +161,23 @@ class LightlyLoop:
             modules = [self.encoder, self.projector, self.predictor]
         self.modules = nn.ModuleList(modules)
         lr = cfg.optim.lr * cfg.data.batch_size / cfg.optim.reference_batch  # selfsup's linear scaling
-        self.optimizer = LARS(self.modules.parameters(), lr=lr,
-                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                              trust_coefficient=cfg.optim.lars_eta)
+        self.optimizer = LARS(
+            self.modules.parameters(),
+            lr=lr,
+            momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+            trust_coefficient=cfg.optim.lars_eta,
+        )
         d = cfg.data
         transform = MultiViewTransform(view_pipelines(cfg.view_recipes()[:2], d.image_size, d.mean, d.std))
-        loader = DataLoader(PILImages(images, transform), batch_size=d.batch_size, shuffle=True, drop_last=True,
-                            num_workers=d.loader_workers, persistent_workers=d.loader_workers > 0)
+        loader = DataLoader(
+            PILImages(images, transform),
+            batch_size=d.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=d.loader_workers,
+            persistent_workers=d.loader_workers > 0,
+        )
         self.batches = cycle_loader(lambda epoch: iter(loader))
 
     def step(self) -> int:
@@ -224,8 +249,12 @@ class Ceiling:
             target.to(memory_format=layout)
         self.optimizer = torch.optim.SGD(encoder.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
-        self.views = [torch.randn(d.batch_size, d.channels, d.image_size, d.image_size, generator=g)
-                      .contiguous(memory_format=layout) for _ in range(2)]
+        self.views = [
+            torch.randn(d.batch_size, d.channels, d.image_size, d.image_size, generator=g).contiguous(
+                memory_format=layout
+            )
+            for _ in range(2)
+        ]
 
     def step(self) -> int:
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,8 +297,9 @@ def machine() -> dict:
     """The CPU, its vector ISA as torch's kernels see it (and the variables that cap it), the load on the machine
     (1-minute average), torch's threads and the commit benchmarked."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     try:
@@ -277,11 +307,16 @@ def machine() -> dict:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:  # not Linux
         flags = []
-    return {"cpu": describe_machine(torch.device("cpu")), "isa": torch.backends.cpu.get_cpu_capability(),
-            "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
-            "isa_caps": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
-            "load_average": os.getloadavg()[0], "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "commit": commit}
+    return {
+        "cpu": describe_machine(torch.device("cpu")),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+        "isa_caps": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
+        "load_average": os.getloadavg()[0],
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -292,8 +327,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="torch threads of every contender")
     p.add_argument("--workers", type=int, default=1, help="loader processes of lightly's and selfsup's loops")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "auto", "bf16"],
-                   help="selfsup's train.precision (lightly's loop and the ceiling run fp32)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "auto", "bf16"],
+        help="selfsup's train.precision (lightly's loop and the ceiling run fp32)",
+    )
     p.add_argument("--blocks", type=int, default=3, help="rounds of blocks")
     p.add_argument("--steps", type=int, default=2, help="timed steps per block")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of each loop first")
@@ -301,8 +340,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=4096, help="Fashion-MNIST training images used")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[], help="more config overrides for selfsup (key=value)")
-    p.add_argument("--out", type=Path,
-                   help="JSON file (default: benchmarks/results/vs-lightly-<isa>-w<width>s<stride>.json)")
+    p.add_argument(
+        "--out", type=Path, help="JSON file (default: benchmarks/results/vs-lightly-<isa>-w<width>s<stride>.json)"
+    )
     return p.parse_args(argv)
 
 
@@ -323,9 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "byol" in args.methods:
         contenders["ceiling + target"] = Ceiling(cfg, backbone(cfg)[0], backbone(cfg)[0]).step
     info = machine()
-    print(f"{info['cpu']}; ResNet-18 width {args.width}, 3x3 stem stride {args.stem_stride}, batch {args.batch}, "
-          f"{args.workers} loader process(es), selfsup precision {args.precision}; "
-          f"load average {info['load_average']:.1f}", flush=True)
+    print(
+        f"{info['cpu']}; ResNet-18 width {args.width}, 3x3 stem stride {args.stem_stride}, batch {args.batch}, "
+        f"{args.workers} loader process(es), selfsup precision {args.precision}; "
+        f"load average {info['load_average']:.1f}",
+        flush=True,
+    )
     for step in contenders.values():
         run_block(step, args.warmup)
     images_done = dict.fromkeys(contenders, 0)
@@ -333,31 +376,55 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = dict.fromkeys(contenders, 0.0)
     names = list(contenders)
     for block in range(args.blocks):
-        for name in names[block % len(names):] + names[:block % len(names)]:
+        for name in names[block % len(names) :] + names[: block % len(names)]:
             n, s = run_block(contenders[name], args.steps)
             images_done[name] += n
             seconds[name] += s
             block_rates[name].append(n / s)
-        print(f"block {block + 1}/{args.blocks}: " + ", ".join(
-            f"{name} {images_done[name] / seconds[name]:.1f}" for name in names) + " img/s", flush=True)
+        print(
+            f"block {block + 1}/{args.blocks}: "
+            + ", ".join(f"{name} {images_done[name] / seconds[name]:.1f}" for name in names)
+            + " img/s",
+            flush=True,
+        )
     rate = {name: statistics.median(block_rates[name]) for name in names}  # a load spike moves one block only
     phases = {name: breakdown(step, args.profile_steps) for name, step in contenders.items()}
     info["load_average_end"] = os.getloadavg()[0]
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "machine": info,
-              "img_per_s": rate, "block_img_per_s": block_rates, "seconds": seconds, "images": images_done,
-              "breakdown_s_per_step": phases, "methods": {}}
-    print(f"\n{'method':<8} {'lightly img/s':>13} {'selfsup img/s':>13} {'ratio':>6} {'ceiling img/s':>13} "
-          f"{'lightly/ceil':>12} {'selfsup/ceil':>12} {'+target img/s':>13} {'lightly/+t':>10} {'selfsup/+t':>10}")
+    result = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": info,
+        "img_per_s": rate,
+        "block_img_per_s": block_rates,
+        "seconds": seconds,
+        "images": images_done,
+        "breakdown_s_per_step": phases,
+        "methods": {},
+    }
+    print(
+        f"\n{'method':<8} {'lightly img/s':>13} {'selfsup img/s':>13} {'ratio':>6} {'ceiling img/s':>13} "
+        f"{'lightly/ceil':>12} {'selfsup/ceil':>12} {'+target img/s':>13} {'lightly/+t':>10} {'selfsup/+t':>10}"
+    )
     for method in args.methods:
         lightly, ours, ceiling = rate[f"lightly {method}"], rate[f"selfsup {method}"], rate["ceiling"]
-        row = {"lightly": lightly, "selfsup": ours, "ratio": ours / lightly, "ceiling": ceiling,
-               "lightly_of_ceiling": lightly / ceiling, "selfsup_of_ceiling": ours / ceiling}
-        line = (f"{method:<8} {lightly:>13.1f} {ours:>13.1f} {ours / lightly:>5.2f}x {ceiling:>13.1f} "
-                f"{lightly / ceiling:>12.1%} {ours / ceiling:>12.1%}")
+        row = {
+            "lightly": lightly,
+            "selfsup": ours,
+            "ratio": ours / lightly,
+            "ceiling": ceiling,
+            "lightly_of_ceiling": lightly / ceiling,
+            "selfsup_of_ceiling": ours / ceiling,
+        }
+        line = (
+            f"{method:<8} {lightly:>13.1f} {ours:>13.1f} {ours / lightly:>5.2f}x {ceiling:>13.1f} "
+            f"{lightly / ceiling:>12.1%} {ours / ceiling:>12.1%}"
+        )
         if method == "byol":  # against the backbone's own work in BYOL: the target's forwards included
             with_target = rate["ceiling + target"]
-            row.update(ceiling_with_target=with_target, lightly_of_ceiling_with_target=lightly / with_target,
-                       selfsup_of_ceiling_with_target=ours / with_target)
+            row.update(
+                ceiling_with_target=with_target,
+                lightly_of_ceiling_with_target=lightly / with_target,
+                selfsup_of_ceiling_with_target=ours / with_target,
+            )
             line += f" {with_target:>13.1f} {lightly / with_target:>10.1%} {ours / with_target:>10.1%}"
         result["methods"][method] = row
         print(line)

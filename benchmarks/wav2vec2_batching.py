@@ -50,7 +50,9 @@ def stream(location: str, cfg: ExperimentConfig, rank: int, ranks: int, planned:
     """Rank ``rank``'s stream of ``cfg``'s batching (``planned``: max_tokens, else batch_size); a batch
     is ``{"clips", "samples" (crop x clips), "repeated"}``."""
     min_len, max_len = clip_limits(cfg)
-    tokens = TokenBatching(cfg.data.max_tokens, min_len, max_len, cfg.data.bucket_size, SAMPLE_RATE) if planned else None
+    tokens = (
+        TokenBatching(cfg.data.max_tokens, min_len, max_len, cfg.data.bucket_size, SAMPLE_RATE) if planned else None
+    )
     cap = tokens.cap if tokens else max_len
 
     def decode(sample: dict) -> int:
@@ -61,8 +63,17 @@ def stream(location: str, cfg: ExperimentConfig, rank: int, ranks: int, planned:
     def collate(lengths: list[int]) -> dict:
         return {"clips": len(lengths), "samples": len(lengths) * min(min(lengths), cap)}
 
-    s = ManifestOnly(location, cfg.data.batch_size, decode, collate, rank=rank, ranks=ranks, seed=cfg.seed,
-                     shuffle_buffer=cfg.data.shuffle_buffer, tokens=tokens)
+    s = ManifestOnly(
+        location,
+        cfg.data.batch_size,
+        decode,
+        collate,
+        rank=rank,
+        ranks=ranks,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        tokens=tokens,
+    )
     s.clip_lengths = manifest_lengths(s.manifest, SAMPLE_RATE)
     return s
 
@@ -78,16 +89,24 @@ def figures(location: str, cfg: ExperimentConfig, ranks: int, planned: bool, epo
     fresh = sum(b["samples"] // b["clips"] * (b["clips"] - b["repeated"]) for b in batches)
     target = cfg.data.max_tokens
     seconds = [b["samples"] / SAMPLE_RATE for b in batches]
-    return {"steps": len(batches) // ranks, "seconds": seconds, "clips": [b["clips"] for b in batches],
-            "within": sum(abs(b["samples"] - target) <= 0.1 * target for b in batches) / len(batches),
-            "used": fresh / total, "repeated": sum(b["repeated"] for b in batches), "total_h": total / SAMPLE_RATE / 3600}
+    return {
+        "steps": len(batches) // ranks,
+        "seconds": seconds,
+        "clips": [b["clips"] for b in batches],
+        "within": sum(abs(b["samples"] - target) <= 0.1 * target for b in batches) / len(batches),
+        "used": fresh / total,
+        "repeated": sum(b["repeated"] for b in batches),
+        "total_h": total / SAMPLE_RATE / 3600,
+    }
 
 
 def show(name: str, f: dict, target_s: float) -> None:
     sec = f["seconds"]
-    print(f"{name:<22} {f['steps']:>6} {statistics.mean(f['clips']):>6.1f} {statistics.mean(sec):>7.1f} "
-          f"{min(sec):>6.1f} {max(sec):>6.1f} {100 * statistics.mean(sec) / target_s:>7.1f}% "
-          f"{100 * f['within']:>7.1f}% {100 * f['used']:>7.1f}% {f['repeated']:>8}")
+    print(
+        f"{name:<22} {f['steps']:>6} {statistics.mean(f['clips']):>6.1f} {statistics.mean(sec):>7.1f} "
+        f"{min(sec):>6.1f} {max(sec):>6.1f} {100 * statistics.mean(sec) / target_s:>7.1f}% "
+        f"{100 * f['within']:>7.1f}% {100 * f['used']:>7.1f}% {f['repeated']:>8}"
+    )
 
 
 def main() -> None:
@@ -105,19 +124,27 @@ def main() -> None:
     target_s = cfg.data.max_tokens / SAMPLE_RATE
     old = figures(args.shards, cfg, args.ranks, planned=False, epoch=args.epoch)
     new = figures(args.shards, cfg, args.ranks, planned=True, epoch=args.epoch)
-    print(f"{args.shards}: {old['total_h']:.2f} h ingested; {args.config}: clips of {min_len / SAMPLE_RATE:g} s "
-          f"and more, crops of at most {max_len / SAMPLE_RATE:g} s; {args.ranks} rank(s)")
+    print(
+        f"{args.shards}: {old['total_h']:.2f} h ingested; {args.config}: clips of {min_len / SAMPLE_RATE:g} s "
+        f"and more, crops of at most {max_len / SAMPLE_RATE:g} s; {args.ranks} rank(s)"
+    )
     print(f"target: data.max_tokens {cfg.data.max_tokens} samples = {target_s:g} s per GPU per update\n")
-    print(f"{'plan':<22} {'steps':>6} {'clips':>6} {'mean s':>7} {'min s':>6} {'max s':>6} {'of tgt':>8} "
-          f"{'+-10%':>8} {'used':>8} {'repeated':>8}")
+    print(
+        f"{'plan':<22} {'steps':>6} {'clips':>6} {'mean s':>7} {'min s':>6} {'max s':>6} {'of tgt':>8} "
+        f"{'+-10%':>8} {'used':>8} {'repeated':>8}"
+    )
     show(f"batch_size {cfg.data.batch_size}", old, target_s)
     show(f"max_tokens {cfg.data.max_tokens}", new, target_s)
     ratio = statistics.mean(new["seconds"]) / statistics.mean(old["seconds"])
-    print(f"\nmax_tokens / batch_size: {ratio:.2f}x the audio per update, {new['used'] / old['used']:.2f}x the "
-          f"audio used per epoch")
-    print("steps: per rank per epoch; clips, mean/min/max s: per GPU per update; of tgt: mean against the target; "
-          "+-10%: updates within 10% of it; used: audio that reaches the model, of all ingested (repeats not "
-          "counted); repeated: clips read twice to top up a rank's planned steps")
+    print(
+        f"\nmax_tokens / batch_size: {ratio:.2f}x the audio per update, {new['used'] / old['used']:.2f}x the "
+        f"audio used per epoch"
+    )
+    print(
+        "steps: per rank per epoch; clips, mean/min/max s: per GPU per update; of tgt: mean against the target; "
+        "+-10%: updates within 10% of it; used: audio that reaches the model, of all ingested (repeats not "
+        "counted); repeated: clips read twice to top up a rank's planned steps"
+    )
 
 
 if __name__ == "__main__":

@@ -43,22 +43,29 @@ def main() -> None:
     overrides = [f"data.train={speech}", *([f"train.threads={args.threads}"] if args.threads else []), *args.overrides]
     print("config: configs/wav2vec2-tiny.yaml", " ".join(overrides))
     cfg = load_config(CONFIG, overrides + [f"run_root={args.run_root}", f"optim.minutes={args.minutes}"])
-    print(f"pretraining wav2vec2-tiny: {cfg.optim.epochs:g} epochs of {cfg.data.batch_size} clips "
-          f"(<= {cfg.data.max_seconds:g} s), or fewer if they do not fit {args.minutes:g} min")
+    print(
+        f"pretraining wav2vec2-tiny: {cfg.optim.epochs:g} epochs of {cfg.data.batch_size} clips "
+        f"(<= {cfg.data.max_seconds:g} s), or fewer if they do not fit {args.minutes:g} min"
+    )
     train_start = time.time()
     summary = pretrain(cfg, use_ray=False, restart=True)  # a fresh run: an earlier one is set aside
     train_minutes = (time.time() - train_start) / 60
     result = evaluate(cfg.run_dir, str(digits / "train"), str(digits / "test"), cfg.run_dir / "report")
 
     last = summary["last"]
-    print(f"\nwav2vec2-tiny, {summary['steps']} steps in {train_minutes:.1f} min on "
-          f"{torch.get_num_threads()} CPU threads; "
-          f"final loss {last['loss']:.3f}, accuracy {last['accuracy']:.3f}, perplexity {last['perplexity_hard']:.0f}")
+    print(
+        f"\nwav2vec2-tiny, {summary['steps']} steps in {train_minutes:.1f} min on "
+        f"{torch.get_num_threads()} CPU threads; "
+        f"final loss {last['loss']:.3f}, accuracy {last['accuracy']:.3f}, perplexity {last['perplexity_hard']:.0f}"
+    )
     print(f"spoken digits: {digits} (train/test voices disjoint)\n")
     print(f"| {'encoder':<22} | layer | kNN@20 | linear |")
     print(f"|{'-' * 24}|-------|--------|--------|")
-    names = {"checkpoint": "wav2vec2-tiny pretrained", "random_init": "wav2vec2-tiny random",
-             "log_mel": "log-mel mean+std"}
+    names = {
+        "checkpoint": "wav2vec2-tiny pretrained",
+        "random_init": "wav2vec2-tiny random",
+        "log_mel": "log-mel mean+std",
+    }
     for key, scores in result["encoders"].items():
         layer = result["details"][key].get("layer", "-")
         print(f"| {names.get(key, key):<22} | {layer!s:>5} | {scores['knn@20']:6.3f} | {scores['linear']:6.3f} |")

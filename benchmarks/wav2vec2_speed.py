@@ -116,8 +116,10 @@ def main() -> None:
 
     hf = huggingface_step(waves)
     if hf is None:
-        print("transformers Wav2Vec2ForPreTraining: skipped (transformers is not installed; "
-              "pip install transformers==5.24.0)")
+        print(
+            "transformers Wav2Vec2ForPreTraining: skipped (transformers is not installed; "
+            "pip install transformers==5.24.0)"
+        )
         return
     theirs = statistics.median(_time_steps(hf, args.warmup, args.steps))
     print(f"transformers Wav2Vec2ForPreTraining: {theirs:7.2f} s/step  {audio_seconds / theirs:6.2f} audio-s/s")

@@ -69,11 +69,20 @@ class ViewRecipe(Strict):
 
 
 _SIMCLR = dict(jitter_p=0.8, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, grayscale_p=0.2, blur_p=0.5)
-_MOCO_V2 = dict(crop_scale=(0.2, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                grayscale_p=0.2, blur_p=0.5)
+_MOCO_V2 = dict(
+    crop_scale=(0.2, 1.0),
+    jitter_p=0.8,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    hue=0.1,
+    grayscale_p=0.2,
+    blur_p=0.5,
+)
 _GREY_JITTER = dict(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0)
-_BYOL = dict(crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-             grayscale_p=0.2)
+_BYOL = dict(
+    crop_scale=(0.08, 1.0), jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2
+)
 
 _DINO = dict(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, grayscale_p=0.2)
 
@@ -88,9 +97,11 @@ PRESETS: dict[str, list[dict]] = {
     "byol": [dict(_BYOL, blur_p=1.0), dict(_BYOL, blur_p=0.1, solarize_p=0.2)],
     # DINO's multi-crop (main_dino.py DataAugmentationDINO): two global crops from (0.4, 1), BYOL's pair of
     # blur/solarize, and 8 local crops of 96 px from (0.05, 0.4), blurred at 0.5
-    "dino": [dict(_DINO, crop_scale=(0.4, 1.0), blur_p=1.0),
-             dict(_DINO, crop_scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
-             dict(_DINO, size=96, copies=8, crop_scale=(0.05, 0.4), blur_p=0.5)],
+    "dino": [
+        dict(_DINO, crop_scale=(0.4, 1.0), blur_p=1.0),
+        dict(_DINO, crop_scale=(0.4, 1.0), blur_p=0.1, solarize_p=0.2),
+        dict(_DINO, size=96, copies=8, crop_scale=(0.05, 0.4), blur_p=0.5),
+    ],
 }
 
 
@@ -149,8 +160,7 @@ class MoCoV2Config(ImageMethodConfig):
     @model_validator(mode="after")
     def _one_bn_mode(self) -> MoCoV2Config:
         if self.shuffle_bn and self.sync_bn:
-            raise ValueError("method.shuffle_bn and method.sync_bn are both true: choose one "
-                             "(set the other to false)")
+            raise ValueError("method.shuffle_bn and method.sync_bn are both true: choose one (set the other to false)")
         return self
 
 
@@ -409,12 +419,20 @@ class Wav2Vec2MethodConfig(Wav2Vec2Config):
 # Every method's config, the union that `method:` validates against (by its `name`); a new method is one
 # class more here.
 MethodConfig = Annotated[
-    SimCLRConfig | MoCoV2Config | MoCoV3Config | BYOLConfig | SimSiamConfig | VICRegConfig | BarlowTwinsConfig
-    | DINOConfig | Wav2Vec2MethodConfig,
+    SimCLRConfig
+    | MoCoV2Config
+    | MoCoV3Config
+    | BYOLConfig
+    | SimSiamConfig
+    | VICRegConfig
+    | BarlowTwinsConfig
+    | DINOConfig
+    | Wav2Vec2MethodConfig,
     Field(discriminator="name"),
 ]
 METHOD_CONFIGS: dict[str, type[BaseModel]] = {
-    cls.model_fields["name"].default: cls for cls in get_args(get_args(MethodConfig)[0])}
+    cls.model_fields["name"].default: cls for cls in get_args(get_args(MethodConfig)[0])
+}
 
 
 def cache_root() -> Path:
@@ -445,17 +463,34 @@ class DataConfig(Strict):
     channels: int = Field(1, ge=1)
     mean: list[float] = [0.2860]
     std: list[PositiveFloat] = [0.3530]
-    max_seconds: float = Field(15.625, gt=0, description="audio: random crop length; batches are cut to their shortest clip")
+    max_seconds: float = Field(
+        15.625, gt=0, description="audio: random crop length; batches are cut to their shortest clip"
+    )
     min_seconds: float = Field(2.0, ge=0, description="audio: shorter clips are skipped (and counted)")
-    max_tokens: int | None = Field(None, gt=0, description="audio: samples per rank per batch, filled from clips of "
-                                   "similar length (fairseq's max_tokens); None: data.batch_size clips per batch")
-    bucket_size: int = Field(1000, gt=1, description="audio with max_tokens: consecutive clips of a shard sorted by "
-                             "length together and cut into batches (more: closer lengths, more loader memory)")
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="audio: samples per rank per batch, filled from clips of "
+        "similar length (fairseq's max_tokens); None: data.batch_size clips per batch",
+    )
+    bucket_size: int = Field(
+        1000,
+        gt=1,
+        description="audio with max_tokens: consecutive clips of a shard sorted by "
+        "length together and cut into batches (more: closer lengths, more loader memory)",
+    )
     verify_checksums: bool = Field(False, description="check each shard's sha256 while streaming")
-    decode: Literal["auto", "cpu", "gpu"] = Field("auto", description="images of many sizes: where JPEGs are "
-                                                  "decoded and views cut (gpu: nvJPEG; auto: gpu when training on CUDA)")
-    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, gt=0, description="images: one of more pixels (width x "
-                                  "height, from its header) is skipped and counted, never decoded")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto",
+        description="images of many sizes: where JPEGs are "
+        "decoded and views cut (gpu: nvJPEG; auto: gpu when training on CUDA)",
+    )
+    max_image_pixels: int = Field(
+        MAX_IMAGE_PIXELS,
+        gt=0,
+        description="images: one of more pixels (width x "
+        "height, from its header) is skipped and counted, never decoded",
+    )
 
     @model_validator(mode="after")
     def _stats_match_channels(self) -> DataConfig:
@@ -500,23 +535,47 @@ class OptimConfig(Strict):
     betas: tuple[Unit, Unit] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
     weight_decay: float = Field(1e-4, ge=0)
-    weight_decay_end: float | None = Field(None, ge=0, le=10, description="weight decay at the end of the "
-                                           "run, on a cosine from weight_decay (DINO: 0.04 -> 0.4); None: constant")
+    weight_decay_end: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="weight decay at the end of the "
+        "run, on a cosine from weight_decay (DINO: 0.04 -> 0.4); None: constant",
+    )
     warmup_epochs: float | None = Field(1.0, ge=0, description="linear warm-up, in epochs (None with `updates`)")
-    decay: Literal["cosine", "linear"] = Field("cosine", description="after the warm-up: cosine to 0, or linear "
-                                                "to 0 (fairseq's polynomial_decay, power 1)")
+    decay: Literal["cosine", "linear"] = Field(
+        "cosine", description="after the warm-up: cosine to 0, or linear to 0 (fairseq's polynomial_decay, power 1)"
+    )
     epochs: float | None = Field(10, gt=0, description="the schedule's length in epochs (None with `updates`)")
-    updates: int | None = Field(None, gt=0, description="the schedule's length in optimiser updates, for a recipe "
-                                "stated in updates (fairseq's max_update), in place of `epochs`")
-    warmup_updates: int | None = Field(None, ge=0, description="with `updates`: the linear warm-up in updates "
-                                       "(fairseq's warmup_updates), in place of `warmup_epochs`; None: 0")
-    minutes: float | None = Field(None, gt=0, description="fit training into this wall time: after a few "
-                                  "steps the schedule is cut to the steps that fit (never beyond `epochs`)")
-    reserve_steps: int = Field(0, ge=0, description="with `minutes`: leave the time of this many more steps, at "
-                               "the measured pace, free at the end (for work that follows and slows with the "
-                               "machine, as the demo's evaluation)")
+    updates: int | None = Field(
+        None,
+        gt=0,
+        description="the schedule's length in optimiser updates, for a recipe "
+        "stated in updates (fairseq's max_update), in place of `epochs`",
+    )
+    warmup_updates: int | None = Field(
+        None,
+        ge=0,
+        description="with `updates`: the linear warm-up in updates "
+        "(fairseq's warmup_updates), in place of `warmup_epochs`; None: 0",
+    )
+    minutes: float | None = Field(
+        None,
+        gt=0,
+        description="fit training into this wall time: after a few "
+        "steps the schedule is cut to the steps that fit (never beyond `epochs`)",
+    )
+    reserve_steps: int = Field(
+        0,
+        ge=0,
+        description="with `minutes`: leave the time of this many more steps, at "
+        "the measured pace, free at the end (for work that follows and slows with the "
+        "machine, as the demo's evaluation)",
+    )
     grad_clip: float | None = Field(None, gt=0)
-    max_bad_steps: int = Field(10, ge=1, description="consecutive NaN/inf losses (each skipped) that stop the run at the next logging step")
+    max_bad_steps: int = Field(
+        10, ge=1, description="consecutive NaN/inf losses (each skipped) that stop the run at the next logging step"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -530,16 +589,22 @@ class OptimConfig(Strict):
     def _one_unit_for_the_schedule(self) -> OptimConfig:
         if self.updates is None:
             if self.epochs is None or self.warmup_epochs is None:
-                raise ValueError("optim.epochs and optim.warmup_epochs are needed without optim.updates: give the "
-                                 "schedule in epochs, or its length as optim.updates")
+                raise ValueError(
+                    "optim.epochs and optim.warmup_epochs are needed without optim.updates: give the "
+                    "schedule in epochs, or its length as optim.updates"
+                )
             if self.warmup_updates is not None:
-                raise ValueError("optim.warmup_updates needs optim.updates: give the schedule's length in updates "
-                                 "too, or the warm-up as optim.warmup_epochs")
+                raise ValueError(
+                    "optim.warmup_updates needs optim.updates: give the schedule's length in updates "
+                    "too, or the warm-up as optim.warmup_epochs"
+                )
             return self
         for key in ("epochs", "warmup_epochs"):
             if getattr(self, key) is not None:
-                raise ValueError(f"optim.{key} and optim.updates both give the schedule in a unit: keep one (with "
-                                 f"optim.updates, the warm-up is optim.warmup_updates; optim.updates=null for epochs)")
+                raise ValueError(
+                    f"optim.{key} and optim.updates both give the schedule in a unit: keep one (with "
+                    f"optim.updates, the warm-up is optim.warmup_updates; optim.updates=null for epochs)"
+                )
         if (self.warmup_updates or 0) > self.updates:
             raise ValueError(f"optim.warmup_updates {self.warmup_updates} is longer than optim.updates {self.updates}")
         return self
@@ -558,8 +623,11 @@ class TrainConfig(Strict):
     channels_last: bool = True
     compile: bool = False
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per rank (default: all cores)")
-    adapt_threads: bool = Field(False, description="on a CPU, time the steps at `threads` and at one thread and keep "
-                                "the faster, again every 250 steps (another program on the cores makes fewer faster)")
+    adapt_threads: bool = Field(
+        False,
+        description="on a CPU, time the steps at `threads` and at one thread and keep "
+        "the faster, again every 250 steps (another program on the cores makes fewer faster)",
+    )
     log_every_steps: int = Field(20, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -568,7 +636,8 @@ class TrainConfig(Strict):
 
 class ScalingConfig(Strict):
     num_workers: int | tuple[int, int] = Field(
-        1, description="training processes (one per GPU); [min, max] for elastic training (Ray picks the count)")
+        1, description="training processes (one per GPU); [min, max] for elastic training (Ray picks the count)"
+    )
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(0, ge=-1)
@@ -586,23 +655,34 @@ class TrackingConfig(Strict):
     """Weights & Biases: one run per pretraining run, one per ``selfsup eval``, both in ``group``."""
 
     mode: Literal["offline", "online", "disabled"] = Field(
-        "offline", description="offline: under <run>/wandb, uploaded later with `wandb sync`; online: needs "
-        "WANDB_API_KEY or `wandb login`")
+        "offline",
+        description="offline: under <run>/wandb, uploaded later with `wandb sync`; online: needs "
+        "WANDB_API_KEY or `wandb login`",
+    )
     project: str = "selfsup"
     entity: str | None = None
-    group: str | None = Field(None, min_length=1, description="W&B group of the run and its evals "
-                              "(default: the run's name)")
+    group: str | None = Field(
+        None, min_length=1, description="W&B group of the run and its evals (default: the run's name)"
+    )
     tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
-    log_checkpoints: bool = Field(False, description="upload each checkpoint as a W&B 'model' artifact named "
-                                  "after the run, aliases latest and samples-N")
+    log_checkpoints: bool = Field(
+        False,
+        description="upload each checkpoint as a W&B 'model' artifact named "
+        "after the run, aliases latest and samples-N",
+    )
 
 
 class EvalConfig(Strict):
-    knn: list[tuple[PositiveInt, PositiveFloat]] = Field([(20, 0.07), (200, 0.1)], description="kNN "
-                                                         "classifiers to score: (k, temperature) each")
+    knn: list[tuple[PositiveInt, PositiveFloat]] = Field(
+        [(20, 0.07), (200, 0.1)], description="kNN classifiers to score: (k, temperature) each"
+    )
     baselines: bool = True
-    probe_views: int = Field(4, ge=1, description="linear probe train rows per image: the un-augmented features "
-                             "plus probe_views - 1 passes of the paper probe's crops and flips")
+    probe_views: int = Field(
+        4,
+        ge=1,
+        description="linear probe train rows per image: the un-augmented features "
+        "plus probe_views - 1 passes of the paper probe's crops and flips",
+    )
 
 
 class ExperimentConfig(Strict):
@@ -626,8 +706,10 @@ class ExperimentConfig(Strict):
     @classmethod
     def _one_safe_folder_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or set(v) == {"."}:
-            raise ValueError(f"{v!r} is not a run name: use one folder name of letters, digits, '_', '-' and '.' "
-                             "(not '.' or '..', no '/')")
+            raise ValueError(
+                f"{v!r} is not a run name: use one folder name of letters, digits, '_', '-' and '.' "
+                "(not '.' or '..', no '/')"
+            )
         return v
 
     @model_validator(mode="after")
@@ -640,8 +722,10 @@ class ExperimentConfig(Strict):
     @model_validator(mode="after")
     def _monitor_has_held_out_data(self) -> ExperimentConfig:
         if self.train.monitor_every_epochs and self.data.test is None:
-            raise ValueError("train.monitor_every_epochs needs labelled held-out shards: set data.test, "
-                             "or train.monitor_every_epochs=0")
+            raise ValueError(
+                "train.monitor_every_epochs needs labelled held-out shards: set data.test, "
+                "or train.monitor_every_epochs=0"
+            )
         return self
 
     @property
@@ -674,24 +758,32 @@ class ExperimentConfig(Strict):
         sizes, size = self.view_sizes(), self.data.image_size
         for i, s in enumerate(sizes):
             if s > size:
-                raise ValueError(f"{key}: view {i} has size {s}, larger than data.image_size {size}: a local crop "
-                                 "must be smaller than the global crops (or leave size unset for a global crop)")
+                raise ValueError(
+                    f"{key}: view {i} has size {s}, larger than data.image_size {size}: a local crop "
+                    "must be smaller than the global crops (or leave size unset for a global crop)"
+                )
         if sizes != sorted(sizes, reverse=True):
-            raise ValueError(f"{key}: views of sizes {sizes}: list the global views first, then the local views "
-                             "from the largest size to the smallest (each size runs through the backbone as a batch)")
+            raise ValueError(
+                f"{key}: views of sizes {sizes}: list the global views first, then the local views "
+                "from the largest size to the smallest (each size runs through the backbone as a batch)"
+            )
         patch = VIT_PATCH.get(self.model.backbone)
         for s in sorted(set(sizes), reverse=True):
             if patch and s % patch:
-                raise ValueError(f"model.backbone {self.model.backbone} has {patch}-px patches, which do not divide "
-                                 f"the {s}-px views ({key}, data.image_size {size}): use view sizes that are "
-                                 f"multiples of {patch}")
+                raise ValueError(
+                    f"model.backbone {self.model.backbone} has {patch}-px patches, which do not divide "
+                    f"the {s}-px views ({key}, data.image_size {size}): use view sizes that are "
+                    f"multiples of {patch}"
+                )
         n_global, n_local = sizes.count(size), len(sizes) - sizes.count(size)
         name, wanted = self.method.name, self.method.global_views
         if n_global < wanted:
             raise ValueError(f"{key}: method {name} needs {wanted} views at data.image_size {size}, got {n_global}")
         if n_local and not self.method.local_views:
-            raise ValueError(f"{key}: method {name} does not use local crops ({n_local} views smaller than "
-                             f"data.image_size {size}); remove them, or choose a method that takes multi-crop")
+            raise ValueError(
+                f"{key}: method {name} does not use local crops ({n_local} views smaller than "
+                f"data.image_size {size}); remove them, or choose a method that takes multi-crop"
+            )
         return self
 
 
@@ -733,8 +825,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             close = _close_key(e["loc"])
-            msg = f"unknown key; did you mean {'.'.join([*path[:-1], close])}?" if close else \
-                "unknown key (check the spelling)"
+            msg = (
+                f"unknown key; did you mean {'.'.join([*path[:-1], close])}?"
+                if close
+                else "unknown key (check the spelling)"
+            )
         lines.append(f"{'.'.join(path) or '(top level)'}: {msg}")
     if len(lines) == 1:
         return f"invalid config {source}: {lines[0]}"
@@ -795,8 +890,9 @@ def find_config(path_or_name: str | Path) -> Path:
     if shipped:
         return shipped
     also = ", nor is it the name of a shipped config" if bare else ""
-    raise ConfigError(f"config file {path} does not exist{also}: give a YAML file, or one of the names "
-                      "`selfsup configs` lists")
+    raise ConfigError(
+        f"config file {path} does not exist{also}: give a YAML file, or one of the names `selfsup configs` lists"
+    )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
@@ -813,8 +909,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
 
 # Keys that mean something for one kind of data only (``data.kind``); :func:`dump_config` leaves out
 # the other kind's where they hold their defaults.
-KIND_KEYS = {"image": ("data.image_size", "data.channels", "data.mean", "data.std", "data.decode", "augment", "model"),
-             "audio": ("data.max_seconds", "data.min_seconds", "data.max_tokens", "data.bucket_size")}
+KIND_KEYS = {
+    "image": ("data.image_size", "data.channels", "data.mean", "data.std", "data.decode", "augment", "model"),
+    "audio": ("data.max_seconds", "data.min_seconds", "data.max_tokens", "data.bucket_size"),
+}
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
@@ -840,12 +938,30 @@ def dump_config(cfg: ExperimentConfig) -> str:
 # evaluates. Any other change (model, method, augmentation, optimiser, batch, seed) would train another
 # experiment under the same name, so resuming refuses it (``selfsup pretrain --restart`` starts afresh).
 RESUMABLE_KEYS = (
-    "name", "run_root", "data.train", "data.test",  # the same run and shards at another path (absolute under Ray)
-    "data.loader_workers", "data.verify_checksums", "data.decode",
-    "optim.epochs", "optim.updates", "optim.minutes", "optim.reserve_steps", "optim.max_bad_steps",
-    "train.precision", "train.channels_last", "train.compile", "train.threads", "train.adapt_threads", "train.log_every_steps",
-    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.monitor_every_epochs",
-    "scaling", "tracking", "eval",
+    "name",
+    "run_root",
+    "data.train",
+    "data.test",  # the same run and shards at another path (absolute under Ray)
+    "data.loader_workers",
+    "data.verify_checksums",
+    "data.decode",
+    "optim.epochs",
+    "optim.updates",
+    "optim.minutes",
+    "optim.reserve_steps",
+    "optim.max_bad_steps",
+    "train.precision",
+    "train.channels_last",
+    "train.compile",
+    "train.threads",
+    "train.adapt_threads",
+    "train.log_every_steps",
+    "train.checkpoint_every_steps",
+    "train.keep_checkpoints",
+    "train.monitor_every_epochs",
+    "scaling",
+    "tracking",
+    "eval",
 )
 
 
@@ -865,10 +981,16 @@ def config_differences(old: dict, new: dict, allowed: tuple[str, ...] = RESUMABL
     key -> (old value, new value): the keys both have first, in ``new``'s order, then those one side
     lacks (another method's), None there. Keys in ``allowed``, or under a section it names, are left out."""
     before, after = _leaves(old), _leaves(new)
-    keys = [*(k for k in after if k in before), *(k for k in after if k not in before),
-            *(k for k in before if k not in after)]
-    return {k: (before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)
-            and not any(k == a or k.startswith(f"{a}.") for a in allowed)}
+    keys = [
+        *(k for k in after if k in before),
+        *(k for k in after if k not in before),
+        *(k for k in before if k not in after),
+    ]
+    return {
+        k: (before.get(k), after.get(k))
+        for k in keys
+        if before.get(k) != after.get(k) and not any(k == a or k.startswith(f"{a}.") for a in allowed)
+    }
 
 
 def override_text(value: Any) -> str:

@@ -15,7 +15,7 @@ DEMO = {"config": "quickstart", "data": "data/fashion-mnist"}  # `selfsup demo`'
 DEMO_MINUTES = 10.0  # the whole image demo on 2 cores, pip aside: pretraining gets what the shards leave ...
 DEMO_RESERVE_STEPS = 340  # ... less the time of this many steps at the run's pace, for Ray's start and the evaluation
 DEMO_CONTEXT = [  # the report's pointer to the longer runs
-    "Longer runs and GPUs reach more: README, \"The five methods on Fashion-MNIST\", gives what the benchmarks "
+    'Longer runs and GPUs reach more: README, "The five methods on Fashion-MNIST", gives what the benchmarks '
     "measured and the commands that reproduce them (`python -m benchmarks.methods_fmnist`).",
 ]
 AUDIO_DEMO = {"config": "wav2vec2-tiny", "data": "data/audio-demo"}  # ... with --audio
@@ -24,8 +24,9 @@ AUDIO_DEMO_MINUTES = 15  # the whole audio demo on 2 cores; pretraining gets wha
 AUDIO_EVAL_RESERVE_S = 180  # ... less this for the evaluation
 
 
-def image_demo(config: str, data: str | Path, overrides: list[str], use_ray: bool, download: bool,
-               restart: bool) -> Path:
+def image_demo(
+    config: str, data: str | Path, overrides: list[str], use_ray: bool, download: bool, restart: bool
+) -> Path:
     """Shards -> pretraining within ``DEMO_MINUTES`` -> evaluation report; returns the report folder."""
     from selfsup.cluster.driver import done_line, pretrain
     from selfsup.config import load_config
@@ -41,12 +42,21 @@ def image_demo(config: str, data: str | Path, overrides: list[str], use_ray: boo
     else:
         print(f"[1/3] shards: reusing {data} (delete it to write them again)")
     minutes = (60 * DEMO_MINUTES - (time.time() - started)) / 60
-    cfg = load_config(config, [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
-                               f"optim.minutes={minutes:.2f}", f"optim.reserve_steps={DEMO_RESERVE_STEPS}",
-                               *overrides])
-    print(f"[2/3] pretraining {cfg.method.name} ({cfg.model.backbone}, width {cfg.model.width}) for "
-          f"{cfg.optim.epochs:g} epochs or what fits in {cfg.optim.minutes:.1f} min with the evaluation's time kept, "
-          + ("under Ray Train" if use_ray else "in this process"))
+    cfg = load_config(
+        config,
+        [
+            f"data.train={data / 'train'}",
+            f"data.test={data / 'test'}",
+            f"optim.minutes={minutes:.2f}",
+            f"optim.reserve_steps={DEMO_RESERVE_STEPS}",
+            *overrides,
+        ],
+    )
+    print(
+        f"[2/3] pretraining {cfg.method.name} ({cfg.model.backbone}, width {cfg.model.width}) for "
+        f"{cfg.optim.epochs:g} epochs or what fits in {cfg.optim.minutes:.1f} min with the evaluation's time kept, "
+        + ("under Ray Train" if use_ray else "in this process")
+    )
     trained = time.time()
     print(done_line(pretrain(cfg, use_ray=use_ray, restart=restart)))
     trained = time.time() - trained
@@ -54,8 +64,10 @@ def image_demo(config: str, data: str | Path, overrides: list[str], use_ray: boo
     out = cfg.run_dir / "report"
     log_eval_report(evaluate(cfg.run_dir, str(data / "train"), str(data / "test"), out, context=DEMO_CONTEXT), out)
     total = time.time() - started
-    print(f"demo finished in {total / 60:.1f} min, {trained / 60:.1f} of them pretraining ({trained / total:.0%}); "
-          f"open {out / 'report.html'}")
+    print(
+        f"demo finished in {total / 60:.1f} min, {trained / 60:.1f} of them pretraining ({trained / total:.0%}); "
+        f"open {out / 'report.html'}"
+    )
     return out
 
 
@@ -78,16 +90,20 @@ def audio_demo(config: str, data: str | Path, overrides: list[str], use_ray: boo
     minutes = max(1.0, (60 * AUDIO_DEMO_MINUTES - AUDIO_EVAL_RESERVE_S - (time.time() - started)) / 60)
     cfg = load_config(config, ["name=audio-demo", f"data.train={speech}", f"optim.minutes={minutes:.1f}", *overrides])
     layers = getattr(cfg.method, "num_layers", None)  # wav2vec 2.0's; another config given with --config has none
-    print(f"[3/4] pretraining {cfg.name} ({cfg.method.name}{f', {layers} layers' if layers else ''}) on {speech} for "
-          f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first")
+    print(
+        f"[3/4] pretraining {cfg.name} ({cfg.method.name}{f', {layers} layers' if layers else ''}) on {speech} for "
+        f"{cfg.optim.epochs:g} epochs or {cfg.optim.minutes:g} min, whichever ends first"
+    )
     print(done_line(pretrain(cfg, use_ray=use_ray)))
     phases["pretraining"] = time.time() - started - sum(phases.values())
     print(f"[4/4] evaluating on spoken digits, test voices unseen in train ({digit})")
     out = cfg.run_dir / "report"  # one thread: the tiny model's clip-by-clip forwards are faster on busy cores
     log_eval_report(evaluate(cfg.run_dir, str(digit / "train"), str(digit / "test"), out, threads=1), out)
     phases["evaluation"] = time.time() - started - sum(phases.values())
-    print(", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in phases.items())
-          + f"; demo finished in {(time.time() - started) / 60:.1f} min")
+    print(
+        ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in phases.items())
+        + f"; demo finished in {(time.time() - started) / 60:.1f} min"
+    )
     return out
 
 
@@ -97,9 +113,10 @@ def build_audio_probe_clips(data: str | Path, per_class: int) -> tuple[Path, Pat
     from selfsup.data import builders
 
     corpus, digits = Path(data) / "speech-corpus", Path(data) / f"spoken-digits-{per_class}"
-    for done, build, what in ((digits / builders.DIGITS_CSV, lambda: builders.build_spoken_digits(digits, per_class),
-                               "spoken digits"),
-                              (corpus / builders.SPEECH_CSV, lambda: builders.build_speech_corpus(corpus), "speech")):
+    for done, build, what in (
+        (digits / builders.DIGITS_CSV, lambda: builders.build_spoken_digits(digits, per_class), "spoken digits"),
+        (corpus / builders.SPEECH_CSV, lambda: builders.build_speech_corpus(corpus), "speech"),
+    ):
         print(f"  {what}: already in {done.parent}" if done.exists() else f"  {what}: {build()} clips in {done.parent}")
     return corpus, digits
 
@@ -111,8 +128,10 @@ def write_audio_probe_shards(corpus: Path, digits: Path) -> tuple[Path, Path]:
     from selfsup.data.reader import MANIFEST
 
     speech, digit = corpus.with_name(f"{corpus.name}-shards"), digits.with_name(f"{digits.name}-shards")
-    for folder, labels, out, done, per_shard in ((corpus, SPEECH_CSV, speech, speech / MANIFEST, 1000),
-                                                 (digits, DIGITS_CSV, digit, digit / "test" / MANIFEST, 5000)):
+    for folder, labels, out, done, per_shard in (
+        (corpus, SPEECH_CSV, speech, speech / MANIFEST, 1000),
+        (digits, DIGITS_CSV, digit, digit / "test" / MANIFEST, 5000),
+    ):
         if done.exists():
             print(f"  shards of {folder.name}: already in {out}")
             continue

@@ -28,8 +28,12 @@ def s3_server(bucket: str = "selfsup-test"):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     try:
         with mock.patch.dict(os.environ, env):
             boto3.client("s3").create_bucket(Bucket=bucket)
@@ -62,13 +66,32 @@ def ray_head(env: dict, num_cpus: int = 2, temp_dir: Path | None = None):
     # short: Ray's socket paths must stay under 107 bytes
     temp = str(temp_dir) if temp_dir is not None else tempfile.mkdtemp(prefix="ray", dir="/tmp")
     gcs, dash = free_port(), free_port()
-    ports = {f"--{name}": free_port() for name in (
-        "node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "ray-client-server-port")}
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={gcs}",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--num-cpus={num_cpus}", f"--temp-dir={temp}", "--disable-usage-stats",
-           *(f"{k}={v}" for k, v in ports.items())]
+    ports = {
+        f"--{name}": free_port()
+        for name in (
+            "node-manager-port",
+            "object-manager-port",
+            "metrics-export-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "ray-client-server-port",
+        )
+    }
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp}",
+        "--disable-usage-stats",
+        *(f"{k}={v}" for k, v in ports.items()),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:

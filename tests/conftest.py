@@ -15,8 +15,10 @@ import pytest
 
 from tests.helpers import write_tiny_shards
 
-TRAINS = re.compile(r"(?<![\w.])fit\(|\.fit\(\)|pretrain\w*\(|(?<![\w.])train\(|train_here\("
-                    r"|main\(\[\s*\"(pretrain|demo)\"|main\(argv")
+TRAINS = re.compile(
+    r"(?<![\w.])fit\(|\.fit\(\)|pretrain\w*\(|(?<![\w.])train\(|train_here\("
+    r"|main\(\[\s*\"(pretrain|demo)\"|main\(argv"
+)
 REFUSED = re.compile(r"\) == 2\b|pytest\.raises")  # a run refused before it starts trains nothing
 
 
@@ -29,9 +31,12 @@ def _trains(function, module, depth: int = 2) -> bool:
     if any(TRAINS.search(line) and not REFUSED.search(line) for line in source.splitlines()[1:]):
         return True
     called = set(re.findall(r"\b(\w+)\(", source)) - {function.__name__}
-    return depth > 0 and any(inspect.isfunction(helper := getattr(module, name, None)) and
-                             helper.__module__ == module.__name__ and _trains(helper, module, depth - 1)
-                             for name in called)
+    return depth > 0 and any(
+        inspect.isfunction(helper := getattr(module, name, None))
+        and helper.__module__ == module.__name__
+        and _trains(helper, module, depth - 1)
+        for name in called
+    )
 
 
 def pytest_collection_modifyitems(items) -> None:

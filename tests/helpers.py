@@ -39,7 +39,7 @@ def make_images(n: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.n
     h = size // 2
     for i, c in enumerate(labels):
         y, x = divmod(int(c), 2)
-        images[i, y * h:(y + 1) * h, x * h:(x + 1) * h] += 150
+        images[i, y * h : (y + 1) * h, x * h : (x + 1) * h] += 150
     return images, labels
 
 
@@ -52,8 +52,10 @@ def write_tiny_shards(out: Path, sizes: list[int], seed: int = 0, split: str = "
     out.mkdir(parents=True, exist_ok=True)
     manifests, start = [], 0
     for i, n in enumerate(sizes):
-        samples = ({"__key__": f"s{start + j:06d}", "png": encode_png(images[start + j]), "cls": int(labels[start + j])}
-                   for j in range(n))
+        samples = (
+            {"__key__": f"s{start + j:06d}", "png": encode_png(images[start + j]), "cls": int(labels[start + j])}
+            for j in range(n)
+        )
         manifests.append(write_shards(samples, out / f"part{i}", split=f"{split}{i}", classes=list("abcd")))
         start += n
     # merge the single-shard folders into one folder with one manifest
@@ -69,12 +71,13 @@ def write_tiny_shards(out: Path, sizes: list[int], seed: int = 0, split: str = "
     return out
 
 
-
 def tiny_config(name: str, shards: Path | str, run_root: Path | str, **sections) -> dict:
     """A SimCLR run small enough for two CPU cores (ResNet-18 of width 4, batch 8, no loader processes);
     each keyword replaces (a value) or updates (a dict) that section."""
     tree = {
-        "name": name, "run_root": str(run_root), "seed": 3,
+        "name": name,
+        "run_root": str(run_root),
+        "seed": 3,
         "data": {"train": str(shards), "batch_size": 8, "loader_workers": 0, "shuffle_buffer": 16},
         "model": {"width": 4},
         "method": {"name": "simclr"},
@@ -116,13 +119,18 @@ def train_state(step: int, seq: int | None = None, samples: int | None = None, r
     with an empty optimiser."""
     from selfsup.core.checkpoint import TrainState, rng_state
 
-    return TrainState(optimizer={"state": {}, "param_groups": []}, step=step, epoch=0, step_in_epoch=step,
-                      samples_seen=8 * step if samples is None else samples,
-                      checkpoints_written=step if seq is None else seq, rng=[rng_state()] * ranks)
+    return TrainState(
+        optimizer={"state": {}, "param_groups": []},
+        step=step,
+        epoch=0,
+        step_in_epoch=step,
+        samples_seen=8 * step if samples is None else samples,
+        checkpoints_written=step if seq is None else seq,
+        rng=[rng_state()] * ranks,
+    )
 
 
-def save_at(run_dir: Path, cfg, step: int, model_state: dict | None = None, keep: int = 5, fence=None,
-            **state):
+def save_at(run_dir: Path, cfg, step: int, model_state: dict | None = None, keep: int = 5, fence=None, **state):
     """A checkpoint of ``run_dir`` at ``step`` (``train_state``'s keywords in ``state``) written by the
     one writer under ``fence``, with ``model_state`` (default empty), pushed to ``cfg``'s bucket when it
     has one; its path."""

@@ -30,16 +30,26 @@ aten = torch.ops.aten
 
 SCALAR_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
 FROM_PYTHON = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
-DATA_DEPENDENT = {aten.nonzero.default, aten.nonzero_static.default, aten.masked_select.default,
-                  aten._unique.default, aten._unique2.default, aten.unique_dim.default,
-                  aten.unique_consecutive.default, aten.unique_dim_consecutive.default,
-                  aten.repeat_interleave.Tensor, aten.argwhere.default}
+DATA_DEPENDENT = {
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.unique_dim_consecutive.default,
+    aten.repeat_interleave.Tensor,
+    aten.argwhere.default,
+}
 BOOL_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
 
 TORCH_DIR = os.path.dirname(torch.__file__)
 # the frames that call a dispatch mode, which say nothing of where the operation came from
-MACHINERY = {os.path.join(TORCH_DIR, *p) for p in (("_compile.py",), ("_dynamo", "eval_frame.py"),
-                                                   ("utils", "_python_dispatch.py"))}
+MACHINERY = {
+    os.path.join(TORCH_DIR, *p)
+    for p in (("_compile.py",), ("_dynamo", "eval_frame.py"), ("utils", "_python_dispatch.py"))
+}
 
 
 @dataclasses.dataclass(frozen=True)

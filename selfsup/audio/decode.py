@@ -44,5 +44,7 @@ def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
 def encode_flac(wave16k: np.ndarray) -> bytes:
     """(T,) float waveform at 16 kHz -> FLAC bytes (16-bit PCM, clipped to [-1, 1])."""
     buffer = io.BytesIO()
-    sf.write(buffer, np.clip(np.asarray(wave16k, dtype=np.float32), -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+    sf.write(
+        buffer, np.clip(np.asarray(wave16k, dtype=np.float32), -1.0, 1.0), SAMPLE_RATE, format="FLAC", subtype="PCM_16"
+    )
     return buffer.getvalue()

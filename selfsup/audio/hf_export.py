@@ -52,27 +52,45 @@ def hf_config(cfg: Wav2Vec2Config) -> dict:
     """``cfg`` as a ``transformers.Wav2Vec2Config`` dict (its other fields keep HF's defaults)."""
     layers = len(cfg.conv_kernels)
     return {
-        "architectures": ["Wav2Vec2Model"], "model_type": "wav2vec2",
+        "architectures": ["Wav2Vec2Model"],
+        "model_type": "wav2vec2",
         "feat_extract_norm": {"group_norm": "group", "layer_norm": "layer"}[cfg.conv_norm],
-        "feat_extract_activation": "gelu", "num_feat_extract_layers": layers,
-        "conv_dim": [cfg.conv_channels] * layers, "conv_kernel": list(cfg.conv_kernels),
-        "conv_stride": list(cfg.conv_strides), "conv_bias": cfg.conv_bias,
-        "hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.ffn_dim, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
-        "num_conv_pos_embeddings": cfg.pos_conv_kernel, "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
+        "feat_extract_activation": "gelu",
+        "num_feat_extract_layers": layers,
+        "conv_dim": [cfg.conv_channels] * layers,
+        "conv_kernel": list(cfg.conv_kernels),
+        "conv_stride": list(cfg.conv_strides),
+        "conv_bias": cfg.conv_bias,
+        "hidden_size": cfg.embed_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.ffn_dim,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-5,
+        "num_conv_pos_embeddings": cfg.pos_conv_kernel,
+        "num_conv_pos_embedding_groups": cfg.pos_conv_groups,
         "do_stable_layer_norm": cfg.layer_norm_first,
-        "hidden_dropout": cfg.dropout, "attention_dropout": cfg.attention_dropout,
-        "activation_dropout": cfg.activation_dropout, "feat_proj_dropout": cfg.dropout_input,
-        "feat_quantizer_dropout": cfg.dropout_features, "layerdrop": cfg.layer_drop,
+        "hidden_dropout": cfg.dropout,
+        "attention_dropout": cfg.attention_dropout,
+        "activation_dropout": cfg.activation_dropout,
+        "feat_proj_dropout": cfg.dropout_input,
+        "feat_quantizer_dropout": cfg.dropout_features,
+        "layerdrop": cfg.layer_drop,
     }
 
 
 def hf_preprocessor_config(cfg: Wav2Vec2Config) -> dict:
     """The ``Wav2Vec2FeatureExtractor`` of ``cfg``'s input: 16 kHz mono, zero padding with an
     attention mask, normalised per utterance when the encoder normalises."""
-    return {"feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1, "sampling_rate": SAMPLE_RATE,
-            "padding_value": 0.0, "padding_side": "right", "do_normalize": cfg.normalize_waveform,
-            "return_attention_mask": True}
+    return {
+        "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "feature_size": 1,
+        "sampling_rate": SAMPLE_RATE,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "do_normalize": cfg.normalize_waveform,
+        "return_attention_mask": True,
+    }
 
 
 def hf_state_dict(encoder: nn.Module, mask_embedding: Tensor) -> dict[str, Tensor]:
@@ -83,7 +101,7 @@ def hf_state_dict(encoder: nn.Module, mask_embedding: Tensor) -> dict[str, Tenso
         prefix, name = next(((p, n) for p, n in _RENAMES if key.startswith(p)), (None, None))
         if prefix is None or name is None:
             raise ExportError(f"encoder weight {key} has no Wav2Vec2Model name")
-        out[name + key[len(prefix):]] = value.detach().clone().contiguous()
+        out[name + key[len(prefix) :]] = value.detach().clone().contiguous()
     return out
 
 
@@ -91,8 +109,9 @@ def write_hf_folder(out: str | Path, encoder: nn.Module, mask_embedding: Tensor,
     """Write :data:`HF_FILES` to the folder ``out`` (made if missing; a file path is refused) and return it."""
     out = Path(out)
     if out.is_file() or out.suffix in (".pt", ".pth", ".bin", ".safetensors"):
-        raise ExportError(f"{out}: a wav2vec2 encoder exports as a Hugging Face folder ({', '.join(HF_FILES)}); "
-                          "give a folder path")
+        raise ExportError(
+            f"{out}: a wav2vec2 encoder exports as a Hugging Face folder ({', '.join(HF_FILES)}); give a folder path"
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
     (out / "preprocessor_config.json").write_text(json.dumps(hf_preprocessor_config(cfg), indent=2) + "\n")

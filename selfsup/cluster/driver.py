@@ -31,8 +31,7 @@ log = logging.getLogger("selfsup.cluster")
 notes = logging.getLogger("selfsup.note")  # the console says these as `selfsup: note: ...`
 
 
-def pretrain(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None,
-             restart: bool = False) -> dict:
+def pretrain(cfg: ExperimentConfig, use_ray: bool = True, address: str | None = None, restart: bool = False) -> dict:
     """Train ``cfg`` under Ray Train (a Ray of its own, or the cluster at ``address`` / RAY_ADDRESS), or
     in this process when not ``use_ray``; returns the summary (also in ``<run>/summary.json``). The run
     resumes from its latest good checkpoint; ``restart`` sets the old run aside (``<run>.old-<time>``)
@@ -69,9 +68,11 @@ def _drive(cfg: ExperimentConfig, use_ray: bool, address: str | None, restart: b
 
 def done_line(summary: dict) -> str:
     """What a finished pretraining says: steps, where the final weights are, bad samples, epochs and time."""
-    return (f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
-            f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
-            f"{summary['train_seconds'] / 60:.1f} min)")
+    return (
+        f"done: {summary['steps']} steps, final weights in {summary['checkpoint']}, "
+        f"{summary['data']['skipped']} bad samples skipped ({summary['epochs']:.2f} epochs in "
+        f"{summary['train_seconds'] / 60:.1f} min)"
+    )
 
 
 class Interrupted(KeyboardInterrupt):
@@ -88,12 +89,17 @@ def check_writable(cfg: ExperimentConfig, use_ray: bool, address: str | None) ->
     from selfsup.core.storage import require_writable
     from selfsup.tracking.wandb_run import check_folders
 
-    require_writable(cfg.run_dir, "pretrain writes the run there (its lease, checkpoints, metrics): make it "
-                                  "writable, or set run_root to another folder")
+    require_writable(
+        cfg.run_dir,
+        "pretrain writes the run there (its lease, checkpoints, metrics): make it "
+        "writable, or set run_root to another folder",
+    )
     check_folders(cfg.tracking.mode, cfg.run_dir)
     if use_ray and not (address or os.environ.get("RAY_ADDRESS")):
-        require_writable(Path.home() / ".ray", "a Ray of its own writes its token and settings there: set HOME "
-                                               "to a writable folder, or pass --no-ray")
+        require_writable(
+            Path.home() / ".ray",
+            "a Ray of its own writes its token and settings there: set HOME to a writable folder, or pass --no-ray",
+        )
 
 
 def trained_config(cfg: ExperimentConfig) -> tuple[str, ExperimentConfig] | None:
@@ -130,25 +136,37 @@ def refuse_changed_config(cfg: ExperimentConfig) -> None:
     shown = list(changed.items())[:SHOWN_CHANGES]
     more = f" (and {len(changed) - len(shown)} more keys)" if len(changed) > len(shown) else ""
     old = ", ".join(f"{k}={override_text(v[0])}" for k, v in shown)
-    new = override_text(shown[0][1][1]) if len(changed) == 1 else \
-        ", ".join(f"{k}={override_text(v[1])}" for k, v in shown)
+    new = (
+        override_text(shown[0][1][1])
+        if len(changed) == 1
+        else ", ".join(f"{k}={override_text(v[1])}" for k, v in shown)
+    )
     run = cfg.run_url or str(cfg.run_dir)
-    afresh = "pick another name=... to start afresh" if cfg.run_url else \
-        f"pass --restart to start afresh (the old run is kept as {run}.old-<time>)"
-    raise RunFailed(f"{run} has checkpoints trained with {old}{more}; this config says {new}. Resume with the "
-                    f"same config, or {afresh}")
+    afresh = (
+        "pick another name=... to start afresh"
+        if cfg.run_url
+        else f"pass --restart to start afresh (the old run is kept as {run}.old-<time>)"
+    )
+    raise RunFailed(
+        f"{run} has checkpoints trained with {old}{more}; this config says {new}. Resume with the "
+        f"same config, or {afresh}"
+    )
 
 
 def set_aside(cfg: ExperimentConfig) -> Path | None:
     """``--restart``: move everything in the run folder but the lease (which this driver holds) into
     ``<run>.old-<time>`` beside it; nothing is deleted. Returns that folder, None when there was nothing."""
     if cfg.run_url:
-        raise RunFailed(f"--restart keeps the old run aside, which only works for a local run_root; for "
-                        f"{cfg.run_url} pick another name=..., or delete that prefix first")
+        raise RunFailed(
+            f"--restart keeps the old run aside, which only works for a local run_root; for "
+            f"{cfg.run_url} pick another name=..., or delete that prefix first"
+        )
     run = Path(cfg.run_dir)
     if run.name in ("", ".", "..") or run.parent.resolve() != Path(cfg.run_root).resolve():
-        raise RunFailed(f"--restart sets aside only a run folder inside run_root, and {run} is not one: "
-                        "set name=... to a plain folder name")
+        raise RunFailed(
+            f"--restart sets aside only a run folder inside run_root, and {run} is not one: "
+            "set name=... to a plain folder name"
+        )
     old = [p for p in run.iterdir() if p.name != LEASE and not p.name.startswith(f".{LEASE}.")] if run.is_dir() else []
     if not old:
         return None
@@ -170,8 +188,10 @@ def check_gpu_here(cfg: ExperimentConfig) -> None:
 
     if cfg.scaling.use_gpu and not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise RunFailed(f"scaling.use_gpu=true but torch sees no CUDA GPU here (torch {torch.__version__}, "
-                        f"{built}): set scaling.use_gpu=false, or run where a GPU is visible")
+        raise RunFailed(
+            f"scaling.use_gpu=true but torch sees no CUDA GPU here (torch {torch.__version__}, "
+            f"{built}): set scaling.use_gpu=false, or run where a GPU is visible"
+        )
 
 
 def preflight(cfg: ExperimentConfig, use_ray: bool) -> None:

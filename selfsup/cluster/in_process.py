@@ -22,14 +22,20 @@ from selfsup.train.trainer import Trainer
 log = logging.getLogger("selfsup.cluster")
 
 
-def build_trainer(cfg: ExperimentConfig, reporter: Reporter | None = None, resume_from: Path | None = None,
-                  staging: Path | None = None, fence: Fence | None = None) -> Trainer:
+def build_trainer(
+    cfg: ExperimentConfig,
+    reporter: Reporter | None = None,
+    resume_from: Path | None = None,
+    staging: Path | None = None,
+    fence: Fence | None = None,
+) -> Trainer:
     """A ``Trainer`` of ``cfg`` on this rank (no reporter: its steps report nothing)."""
     return Trainer(cfg, reporter or Reporters(), resume_from, staging, fence)
 
 
-def train_here(cfg: ExperimentConfig, sinks: Sequence[object] = (), fence: Fence | None = None,
-               staging: Path | None = None) -> dict:
+def train_here(
+    cfg: ExperimentConfig, sinks: Sequence[object] = (), fence: Fence | None = None, staging: Path | None = None
+) -> dict:
     """Train ``cfg`` on this rank from the run's latest good checkpoint if it has one, reporting to the
     run's sinks and ``sinks``, every write under ``fence`` (checkpoints into ``staging`` when given, for
     Ray to persist); returns the summary. Records past the checkpoint's position (all, starting afresh)

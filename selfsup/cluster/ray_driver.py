@@ -47,8 +47,6 @@ WORKER_LOG = f"{LOGS}/worker.jsonl"
 log = logging.getLogger("selfsup.cluster")
 
 
-
-
 def driver_follows(cfg: ExperimentConfig) -> bool:
     """Whether the driver draws the progress from the run folder's ``metrics.jsonl`` (a local or
     shared folder; a run in a bucket is shown by its rank 0 instead)."""
@@ -57,6 +55,7 @@ def driver_follows(cfg: ExperimentConfig) -> bool:
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config with local paths made absolute (Ray workers run in other directories)."""
+
     def fix(p: str | None) -> str | None:
         if p is None or "://" in p or p.startswith("pipe:"):
             return p
@@ -85,8 +84,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         log.info("starting a Ray of its own on this machine (--address auto joins one already running)")
         # one machine has no node to drain: Ray Train's preemption watcher only logs an error line at start
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                           log_to_driver=verbose, configure_logging=False)
+        context = ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=verbose,
+            configure_logging=False,
+        )
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
     return True
@@ -100,17 +105,25 @@ def unmet_resources(scaling: ScalingConfig, resources: dict[str, float]) -> str 
     asked = f"scaling.num_workers={override_text(scaling.num_workers)}"
     gpus, cpus, each = resources.get("GPU", 0), resources.get("CPU", 0), scaling.cpus_per_worker
     if scaling.use_gpu and gpus < 1:
-        return ("scaling.use_gpu=true but the Ray cluster has no GPU: set scaling.use_gpu=false or submit to a "
-                "cluster with GPUs")
+        return (
+            "scaling.use_gpu=true but the Ray cluster has no GPU: set scaling.use_gpu=false or submit to a "
+            "cluster with GPUs"
+        )
     if scaling.use_gpu and gpus < workers:
-        return (f"{asked} with scaling.use_gpu=true needs {workers} GPUs (one a worker) but the Ray cluster has "
-                f"{gpus:g}: set scaling.num_workers={int(gpus)} or submit to a cluster with more GPUs")
+        return (
+            f"{asked} with scaling.use_gpu=true needs {workers} GPUs (one a worker) but the Ray cluster has "
+            f"{gpus:g}: set scaling.num_workers={int(gpus)} or submit to a cluster with more GPUs"
+        )
     if cpus < each:
-        return (f"scaling.cpus_per_worker={each} but the Ray cluster has {cpus:g} CPUs: set "
-                f"scaling.cpus_per_worker={int(cpus)} or less")
+        return (
+            f"scaling.cpus_per_worker={each} but the Ray cluster has {cpus:g} CPUs: set "
+            f"scaling.cpus_per_worker={int(cpus)} or less"
+        )
     if cpus < workers * each:
-        return (f"{asked} x scaling.cpus_per_worker={each} needs {workers * each} CPUs but the Ray cluster has "
-                f"{cpus:g}: set scaling.num_workers={int(cpus // each)} or lower scaling.cpus_per_worker")
+        return (
+            f"{asked} x scaling.cpus_per_worker={each} needs {workers * each} CPUs but the Ray cluster has "
+            f"{cpus:g}: set scaling.num_workers={int(cpus // each)} or lower scaling.cpus_per_worker"
+        )
     return None
 
 
@@ -182,8 +195,9 @@ def worker_failure(err: Exception, driver_log_path: Path) -> str:
         f.write(f"{err}\n{first}\n")
     said = str(base).strip().splitlines()
     where = f"rank {min(failures)}" if failures else "Ray Train"
-    return (f"{where} failed: {type(base).__name__}{': ' + said[0] if said else ''} (the traceback is in "
-            f"{driver_log_path})")
+    return (
+        f"{where} failed: {type(base).__name__}{': ' + said[0] if said else ''} (the traceback is in {driver_log_path})"
+    )
 
 
 def fit_interruptibly(trainer):
@@ -271,27 +285,38 @@ def _fit_torch_trainer(cfg: ExperimentConfig, fence: Fence | None, driver_log_pa
     cfg, verbose = absolute_paths(cfg), log.isEnabledFor(logging.DEBUG)  # -v: every line of Ray and its workers
     if problem := unmet_resources(cfg.scaling, cluster_capacity()):  # else Ray waits for them forever
         raise RunFailed(problem)
-    scaling = RayScaling(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker,
-                                               **({"GPU": 1} if cfg.scaling.use_gpu else {})})
+    scaling = RayScaling(
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.use_gpu else {})},
+    )
     with fenced(fence):
         forget_ray_snapshot(cfg)
     lease = (fence.location, fence.token) if fence is not None else None
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "secrets": job_secrets(), "verbose": verbose,
-                           "lease": lease},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "secrets": job_secrets(),
+            "verbose": verbose,
+            "lease": lease,
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=scaling,
-        run_config=RunConfig(name=cfg.name, storage_path=cfg.run_root,
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),  # rank 0 prunes
-                             logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING")),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.run_root,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),  # rank 0 prunes
+            logging_config=LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+        ),
     )
     try:
         if driver_follows(cfg):
-            with follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)), \
-                    follow_worker_log(cfg.run_dir / WORKER_LOG):
+            with (
+                follow_records(cfg.run_dir / "metrics.jsonl", ProgressConsole(task_for(cfg).unit)),
+                follow_worker_log(cfg.run_dir / WORKER_LOG),
+            ):
                 result = fit_interruptibly(trainer)
         else:
             result = fit_interruptibly(trainer)
@@ -305,6 +330,9 @@ def _fit_torch_trainer(cfg: ExperimentConfig, fence: Fence | None, driver_log_pa
         pull_run_files(cfg.run_url, cfg.run_dir)
     summary = json.loads((cfg.run_dir / "summary.json").read_text())
     if result.checkpoint is not None:
-        summary["checkpoint"] = result.checkpoint.path if not cfg.run_url else f"{cfg.run_url}/checkpoints/" \
-            f"{Path(result.checkpoint.path).name}"
+        summary["checkpoint"] = (
+            result.checkpoint.path
+            if not cfg.run_url
+            else f"{cfg.run_url}/checkpoints/{Path(result.checkpoint.path).name}"
+        )
     return summary

@@ -46,8 +46,11 @@ class RayReporter:
                     push_run_files(self.cfg.run_dir, self.cfg.run_url)
             try:
                 with fenced(self.fence):
-                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(path)),
-                                     checkpoint_dir_name=f"checkpoints/{path.name}")
+                    ray.train.report(
+                        record,
+                        checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+                        checkpoint_dir_name=f"checkpoints/{path.name}",
+                    )
             except LeaseLost:
                 if world_size() == 1:
                     raise
@@ -65,7 +68,7 @@ class RayReporter:
         from selfsup.core.storage import delete_checkpoint, remote_checkpoints
 
         with fenced(self.fence):
-            for old in remote_checkpoints(self.cfg.run_url)[:-self.cfg.train.keep_checkpoints]:
+            for old in remote_checkpoints(self.cfg.run_url)[: -self.cfg.train.keep_checkpoints]:
                 delete_checkpoint(self.cfg.run_url, old)
 
 

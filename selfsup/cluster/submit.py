@@ -39,9 +39,11 @@ def _client(address: str | None):
         return JobSubmissionClient(address)
     except Exception as err:  # ConnectionError, auth failures, bad address
         where = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "(none given)"
-        raise SubmitError(f"cannot reach the Ray dashboard at {where}: {str(err).splitlines()[0]}\n"
-                          "  pass --address http://HEAD:8265 (port-forward it if needed); with token auth set "
-                          "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN") from None
+        raise SubmitError(
+            f"cannot reach the Ray dashboard at {where}: {str(err).splitlines()[0]}\n"
+            "  pass --address http://HEAD:8265 (port-forward it if needed); with token auth set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+        ) from None
 
 
 def secret_env(names: list[str]) -> dict[str, str]:
@@ -72,10 +74,16 @@ def job_spec(config: str, overrides: list[str], staging: Path, env_names: Sequen
     package = Path(__file__).resolve().parents[1]
     return {
         "entrypoint": "python -m selfsup.cli pretrain config.yaml",
-        "runtime_env": {"working_dir": str(staging), "py_modules": [str(package)],
-                        "env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
-        "metadata": {"selfsup_run": cfg.name, "run_dir": cfg.run_url or str(cfg.run_dir),
-                     **{SECRET_PREFIX + k: v for k, v in secret_env(list(env_names)).items()}},
+        "runtime_env": {
+            "working_dir": str(staging),
+            "py_modules": [str(package)],
+            "env_vars": {"RAY_TRAIN_V2_ENABLED": "1"},
+        },
+        "metadata": {
+            "selfsup_run": cfg.name,
+            "run_dir": cfg.run_url or str(cfg.run_dir),
+            **{SECRET_PREFIX + k: v for k, v in secret_env(list(env_names)).items()},
+        },
     }
 
 
@@ -91,8 +99,9 @@ def wait_for(client, job_id: str, secrets: dict[str, str] | None = None) -> str:
     return str(client.get_job_status(job_id).value)
 
 
-def submit(config: str, overrides: list[str], address: str | None, wait: bool = True,
-           env_names: Sequence[str] = ()) -> int:
+def submit(
+    config: str, overrides: list[str], address: str | None, wait: bool = True, env_names: Sequence[str] = ()
+) -> int:
     """Submit ``selfsup pretrain config overrides``; 0 when it succeeded (or was only submitted)."""
     with tempfile.TemporaryDirectory(prefix="selfsup-job-") as staging:
         spec = job_spec(config, overrides, Path(staging), env_names)

@@ -57,7 +57,11 @@ def store_cached(kind: str, key: str, value) -> None:
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as its zip writer's RuntimeError
         _unwritable.add(root)
         reason = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1]}"
-        log.warning("%s: cannot write the cache (%s); results are computed again next time; free space there "
-                    "or set SELFSUP_CACHE to a writable folder", root, reason)
+        log.warning(
+            "%s: cannot write the cache (%s); results are computed again next time; free space there "
+            "or set SELFSUP_CACHE to a writable folder",
+            root,
+            reason,
+        )
         with contextlib.suppress(OSError):  # under a path that is not a folder, unlink fails too
             tmp.unlink(missing_ok=True)

@@ -90,8 +90,14 @@ class TrainState:
 
     def progress(self) -> CheckpointProgress:
         """The ``progress.json`` of a checkpoint of this state."""
-        return CheckpointProgress(seq=self.checkpoints_written, samples_seen=self.samples_seen, step=self.step,
-                                  epoch=self.epoch, step_in_epoch=self.step_in_epoch, world_size=len(self.rng))
+        return CheckpointProgress(
+            seq=self.checkpoints_written,
+            samples_seen=self.samples_seen,
+            step=self.step,
+            epoch=self.epoch,
+            step_in_epoch=self.step_in_epoch,
+            world_size=len(self.rng),
+        )
 
 
 @dataclass(frozen=True)
@@ -145,8 +151,11 @@ def _digest_and_sync(path: Path) -> str:
 def rng_state() -> dict:
     """Every RNG the loop uses, in a form ``weights_only`` loading accepts."""
     np_state = cast(tuple, np.random.get_state())  # legacy=True: ("MT19937", keys, pos, ...)
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -165,8 +174,7 @@ def checkpoint_name(samples_seen: int) -> str:
     return f"samples-{samples_seen:012d}"
 
 
-def write_checkpoint(dest: Path, model_state: dict, state: TrainState, cfg: ExperimentConfig,
-                     metrics: dict) -> Path:
+def write_checkpoint(dest: Path, model_state: dict, state: TrainState, cfg: ExperimentConfig, metrics: dict) -> Path:
     """Write a checkpoint's files into the new directory ``dest``, ``progress.json`` (with the other
     files' sizes and digests) last; every file is fsynced. Each file is hashed (read back from
     the page cache) and synced in a thread while the next is serialised. A full disk becomes
@@ -175,23 +183,28 @@ def write_checkpoint(dest: Path, model_state: dict, state: TrainState, cfg: Expe
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             done = {}
-            for name, write in (("model.pt", lambda f: torch.save(model_state, f)),
-                                ("state.pt", lambda f: torch.save(state.to_dict(), f)),
-                                ("config.yaml", lambda f: f.write_text(dump_config(cfg))),
-                                ("metrics.json", lambda f: f.write_text(json.dumps(metrics, indent=1, default=float)))):
+            for name, write in (
+                ("model.pt", lambda f: torch.save(model_state, f)),
+                ("state.pt", lambda f: torch.save(state.to_dict(), f)),
+                ("config.yaml", lambda f: f.write_text(dump_config(cfg))),
+                ("metrics.json", lambda f: f.write_text(json.dumps(metrics, indent=1, default=float))),
+            ):
                 write(dest / name)
                 done[name] = pool.submit(_digest_and_sync, dest / name)
             digests = {name: future.result() for name, future in sorted(done.items())}
         sizes = {name: (dest / name).stat().st_size for name in digests}
-        (dest / PROGRESS).write_text(CheckpointProgress(**{**state.progress().__dict__, "files": sizes,
-                                                           "digests": digests}).to_json())
+        (dest / PROGRESS).write_text(
+            CheckpointProgress(**{**state.progress().__dict__, "files": sizes, "digests": digests}).to_json()
+        )
         _digest_and_sync(dest / PROGRESS)
     except (OSError, RuntimeError) as err:  # torch.save reports ENOSPC as "basic_ios::clear: iostream error"
         shutil.rmtree(dest, ignore_errors=True)
         free = shutil.disk_usage(dest.parent).free
         if isinstance(err, OSError) and err.errno == 28 or free < 64 << 20:
-            raise CheckpointSpaceError(f"no space left for a checkpoint in {dest.parent} ({free / 2**20:.0f} MiB "
-                                       "free); free some space or set run_root elsewhere") from None
+            raise CheckpointSpaceError(
+                f"no space left for a checkpoint in {dest.parent} ({free / 2**20:.0f} MiB "
+                "free); free some space or set run_root elsewhere"
+            ) from None
         raise
     return dest
 
@@ -206,9 +219,11 @@ def ensure_space(root: Path, needed: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     if free < needed * SPACE_MARGIN:
-        raise CheckpointSpaceError(f"not enough space for the next checkpoint in {root}: it needs about "
-                                   f"{needed * SPACE_MARGIN / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free "
-                                   "some space or set run_root elsewhere")
+        raise CheckpointSpaceError(
+            f"not enough space for the next checkpoint in {root}: it needs about "
+            f"{needed * SPACE_MARGIN / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; free "
+            "some space or set run_root elsewhere"
+        )
 
 
 def tidy_checkpoints(run_dir: Path) -> list[str]:
@@ -230,8 +245,12 @@ def tidy_checkpoints(run_dir: Path) -> list[str]:
                 shutil.rmtree(p, ignore_errors=True)
                 log.info("removed %s: a write or prune of it was interrupted", p)
             else:
-                log.warning("%s: its files are not at the sizes %s lists; moved to %s for inspection", p, PROGRESS,
-                            move_aside(p))
+                log.warning(
+                    "%s: its files are not at the sizes %s lists; moved to %s for inspection",
+                    p,
+                    PROGRESS,
+                    move_aside(p),
+                )
         else:
             continue
         found.append(p.name)
@@ -272,11 +291,14 @@ class CheckpointWriter:
     staging: Path | None = None
 
     @classmethod
-    def for_run(cls, cfg: ExperimentConfig, fence: Fence | None = None, staging: Path | None = None) -> CheckpointWriter:
+    def for_run(
+        cls, cfg: ExperimentConfig, fence: Fence | None = None, staging: Path | None = None
+    ) -> CheckpointWriter:
         return cls(Path(cfg.run_dir), cfg.train.keep_checkpoints, cfg.run_url, fence, staging)
 
-    def write(self, model_state: dict, state: TrainState, cfg: ExperimentConfig, metrics: dict,
-              size_estimate: int = 0) -> Path:
+    def write(
+        self, model_state: dict, state: TrainState, cfg: ExperimentConfig, metrics: dict, size_estimate: int = 0
+    ) -> Path:
         """The checkpoint of ``state``; ``size_estimate`` (bytes) is the space a staged one needs in the run folder."""
         name = checkpoint_name(state.samples_seen)
         if self.staging is not None:
@@ -342,8 +364,7 @@ def verify_checkpoint(path: Path, names: tuple[str, ...] | None = None) -> None:
         return
     for name in names or sorted(digests):
         if name in digests and file_digest(Path(path) / name) != digests[name]:
-            raise CheckpointCorrupt(f"{Path(path) / name} does not match its digest in {PROGRESS}: the file "
-                                    "is damaged")
+            raise CheckpointCorrupt(f"{Path(path) / name} does not match its digest in {PROGRESS}: the file is damaged")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -351,7 +372,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = {p: read_progress(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)}
+    found = {
+        p: read_progress(p) for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)
+    }
     return sorted((p for p, progress in found.items() if "seq" in progress), key=lambda p: found[p]["seq"])
 
 
@@ -427,8 +450,11 @@ def _decide_here(run_dir: Path, remote: str | None, fence: Fence | None) -> Resu
             continue
         why = f"resuming from {path} (step {progress.step}), the latest good checkpoint"
         return Resume(path, progress.samples_seen, why + (f"; passed over: {'; '.join(passed)}" if passed else ""))
-    why = "no complete checkpoint yet: starting afresh" if not passed else \
-        f"no good checkpoint left ({'; '.join(passed)}): starting afresh"
+    why = (
+        "no complete checkpoint yet: starting afresh"
+        if not passed
+        else f"no good checkpoint left ({'; '.join(passed)}): starting afresh"
+    )
     return Resume(None, 0, why)
 
 
@@ -447,8 +473,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, with_state: bool = False
-                    ) -> tuple[ExperimentConfig, dict, TrainState | None]:
+def load_checkpoint(path: str | Path, with_state: bool = False) -> tuple[ExperimentConfig, dict, TrainState | None]:
     """(config, model state dict, training state or None), the files read checked against their
     digests first; refuses anything but plain tensors and data, and a damaged file in one line."""
     path = resolve_checkpoint(path)
@@ -456,17 +481,26 @@ def load_checkpoint(path: str | Path, with_state: bool = False
         verify_checkpoint(path, ("config.yaml", "model.pt", *(("state.pt",) if with_state else ())))
         cfg = load_config(path / "config.yaml")
         model = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-        state = TrainState.from_dict(torch.load(path / "state.pt", map_location="cpu", weights_only=True),
-                                     path / "state.pt") if with_state else None
+        state = (
+            TrainState.from_dict(
+                torch.load(path / "state.pt", map_location="cpu", weights_only=True), path / "state.pt"
+            )
+            if with_state
+            else None
+        )
     except CheckpointCorrupt as err:
         names = [p.name for p in list_checkpoints(path.parent.parent)]
-        earlier = [path.parent / n for n in names[:names.index(path.name) if path.name in names else None]][-1:]
+        earlier = [path.parent / n for n in names[: names.index(path.name) if path.name in names else None]][-1:]
         raise CheckpointCorrupt(f"{err}; use an earlier checkpoint{f' ({earlier[0]})' if earlier else ''}") from None
     except (CheckpointError, ConfigError):
         raise
     except FileNotFoundError:
-        raise CheckpointError(f"{path} was removed while being read (pruned by its run?); pick a later one, or "
-                              "pass the run folder for its latest") from None
+        raise CheckpointError(
+            f"{path} was removed while being read (pruned by its run?); pick a later one, or "
+            "pass the run folder for its latest"
+        ) from None
     except Exception as err:  # pickle payloads and damaged files both land here
-        raise CheckpointError(f"{path}: cannot load safely ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: cannot load safely ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     return cfg, model, state

@@ -56,19 +56,27 @@ class CollapseMonitor:
         if "embed_std" in metrics:
             floor = self.std_fraction / math.sqrt(self.dim)
             std = float(metrics["embed_std"])
-            checks["embed_std"] = (std < floor, f"embed_std {std:.3g} < {floor:.3g} (= {self.std_fraction:g}/sqrt({self.dim})): "
-                                                "the embeddings are (nearly) constant across the batch")
+            checks["embed_std"] = (
+                std < floor,
+                f"embed_std {std:.3g} < {floor:.3g} (= {self.std_fraction:g}/sqrt({self.dim})): "
+                "the embeddings are (nearly) constant across the batch",
+            )
         if "rankme" in metrics:
             rank = float(metrics["rankme"])
             self.peak_rankme = max(self.peak_rankme, rank)
             floor = self.rank_fraction * self.peak_rankme
-            checks["rankme"] = (rank < floor, f"rankme {rank:.3g} < {floor:.3g} ({self.rank_fraction:.0%} of its peak "
-                                              f"{self.peak_rankme:.3g}): the embeddings span very few directions")
+            checks["rankme"] = (
+                rank < floor,
+                f"rankme {rank:.3g} < {floor:.3g} ({self.rank_fraction:.0%} of its peak "
+                f"{self.peak_rankme:.3g}): the embeddings span very few directions",
+            )
         messages = []
         for name, (bad, text) in checks.items():
             if bad and name not in self.active:
-                messages.append(f"representation collapse: {text} at step {step}; check the lr, the augmentations, "
-                                "the predictor/momentum settings, or the batch size")
+                messages.append(
+                    f"representation collapse: {text} at step {step}; check the lr, the augmentations, "
+                    "the predictor/momentum settings, or the batch size"
+                )
                 log.warning(messages[-1])
             if bad:
                 self.active.add(name)

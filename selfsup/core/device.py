@@ -20,8 +20,9 @@ def choose_device(use_gpu: bool, gpus: int, local_rank: int) -> torch.device:
 def pick_device(use_gpu: bool) -> torch.device:
     """This process's training device (its ``LOCAL_RANK``'s GPU), made torch's current CUDA device: NCCL's
     object collectives and every bare "cuda" tensor then use the GPU that DDP uses."""
-    device = choose_device(use_gpu, torch.cuda.device_count() if torch.cuda.is_available() else 0,
-                           int(os.environ.get("LOCAL_RANK", 0)))
+    device = choose_device(
+        use_gpu, torch.cuda.device_count() if torch.cuda.is_available() else 0, int(os.environ.get("LOCAL_RANK", 0))
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
@@ -44,8 +45,10 @@ def amp_dtype(precision: str, device_type: str, native: bool) -> torch.dtype | N
     if device_type == "cuda":
         if native:
             return torch.bfloat16
-        log.warning("train.precision=%s: this GPU has no native bf16 (compute capability below 8.0), training "
-                    "in fp32", precision)
+        log.warning(
+            "train.precision=%s: this GPU has no native bf16 (compute capability below 8.0), training in fp32",
+            precision,
+        )
         return None
     return torch.bfloat16 if precision == "bf16" or native else None
 
@@ -96,8 +99,14 @@ def module_memory_format(module: torch.nn.Module) -> torch.memory_format:
     """The layout ``module``'s 4-D weights are in: ``torch.channels_last`` or ``torch.contiguous_format``
     (a module with none that tells them apart, as an audio encoder: contiguous). A weight with one
     input channel or a 1x1 kernel is both, so the first that is only one of them decides."""
-    weight = next((p for p in module.parameters() if p.dim() == 4
-                   and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)), None)
+    weight = next(
+        (
+            p
+            for p in module.parameters()
+            if p.dim() == 4 and p.is_contiguous() != p.is_contiguous(memory_format=torch.channels_last)
+        ),
+        None,
+    )
     channels_last = weight is not None and weight.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
 
@@ -116,5 +125,7 @@ def describe_machine(device: torch.device) -> str:
 
         model = platform.processor() or model
     threads = torch.get_num_threads()
-    return (f"{model}, {threads} thread{'s' if threads != 1 else ''}, {torch.backends.cpu.get_cpu_capability()}, "
-            f"torch {torch.__version__}")
+    return (
+        f"{model}, {threads} thread{'s' if threads != 1 else ''}, {torch.backends.cpu.get_cpu_capability()}, "
+        f"torch {torch.__version__}"
+    )

@@ -89,7 +89,7 @@ class GlobalBatchNorm(_BatchNorm):
         c = self.num_features
         n = total[2 * c]
         mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        var = (total[c : 2 * c] / n - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), n)
         shape = (1, c) + (1,) * (x.dim() - 2)
@@ -112,8 +112,9 @@ class GlobalBatchNorm(_BatchNorm):
 def _to_global_batchnorm(module: nn.Module) -> nn.Module:
     """``module`` with every BatchNorm replaced by a GlobalBatchNorm sharing its parameters and buffers."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+        new = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             new.weight, new.bias = module.weight, module.bias
         if module.track_running_stats:

@@ -103,15 +103,17 @@ def append_whole(path: Path, data: bytes) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         except OSError as err:
             os.ftruncate(fd, size)
             if err.errno != errno.ENOSPC:
                 raise
             from selfsup.core.checkpoint import CheckpointSpaceError
 
-            raise CheckpointSpaceError(f"no space left to append to {path} (the record was not written); free "
-                                       "some space or set run_root elsewhere, then run the same command") from None
+            raise CheckpointSpaceError(
+                f"no space left to append to {path} (the record was not written); free "
+                "some space or set run_root elsewhere, then run the same command"
+            ) from None
     finally:
         os.close(fd)
 
@@ -128,8 +130,7 @@ def _parse(path: Path) -> list[tuple[str, dict]]:
             kept.append((line, json.loads(line)))
         except ValueError:
             where = "its last line" if n == len(lines) else f"line {n}"
-            log.warning("%s: dropped %s, a record cut short by an interrupted write (%d bytes)", path, where,
-                        len(line))
+            log.warning("%s: dropped %s, a record cut short by an interrupted write (%d bytes)", path, where, len(line))
     return kept
 
 

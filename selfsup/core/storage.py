@@ -58,8 +58,10 @@ def _fs(url: str):
     try:
         return pafs.FileSystem.from_uri(url)
     except Exception as err:  # missing credentials, unknown bucket region, bad URL
-        raise OSError(f"{url}: cannot open the object store ({type(err).__name__}: {err}); check the URL "
-                      "and the AWS_*/GOOGLE_* environment (AWS_ENDPOINT_URL for a non-AWS S3 server)") from None
+        raise OSError(
+            f"{url}: cannot open the object store ({type(err).__name__}: {err}); check the URL "
+            "and the AWS_*/GOOGLE_* environment (AWS_ENDPOINT_URL for a non-AWS S3 server)"
+        ) from None
 
 
 def open_read(url: str):

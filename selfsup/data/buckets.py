@@ -90,17 +90,20 @@ def _take(crops: list[int], i: int, max_tokens: int) -> int:
     return n
 
 
-def bucket_batches(lengths: list[int], shard: int, bucket: int, span: tuple[int, int], spec: TokenBatching,
-                   rng: random.Random) -> list[Batch]:
+def bucket_batches(
+    lengths: list[int], shard: int, bucket: int, span: tuple[int, int], spec: TokenBatching, rng: random.Random
+) -> list[Batch]:
     """The batches of clips ``span`` of a shard: longest (capped) first, ties in random order, each
     batch filled to ``max_tokens`` at its crop (its shortest clip); see the module docstring."""
-    clips = sorted(((min(lengths[i], spec.cap), rng.random(), i) for i in range(*span)
-                    if lengths[i] >= spec.min_length), reverse=True)
+    clips = sorted(
+        ((min(lengths[i], spec.cap), rng.random(), i) for i in range(*span) if lengths[i] >= spec.min_length),
+        reverse=True,
+    )
     crops = [c[0] for c in clips]
     out, i = [], 0
     while i < len(clips):
         n = _take(crops, i, spec.max_tokens)
-        out.append(Batch(shard, bucket, tuple(sorted(c[2] for c in clips[i:i + n]))))
+        out.append(Batch(shard, bucket, tuple(sorted(c[2] for c in clips[i : i + n]))))
         i += n
     return out
 
@@ -108,12 +111,16 @@ def bucket_batches(lengths: list[int], shard: int, bucket: int, span: tuple[int,
 def count_batches(lengths: list[list[int]], spec: TokenBatching) -> int:
     """Batches per epoch (the same every epoch: a bucket's count depends on its lengths only)."""
     rng = random.Random(0)
-    return sum(len(bucket_batches(ls, s, b, span, spec, rng))
-               for s, ls in enumerate(lengths) for b, span in enumerate(buckets(len(ls), spec.bucket_size)))
+    return sum(
+        len(bucket_batches(ls, s, b, span, spec, rng))
+        for s, ls in enumerate(lengths)
+        for b, span in enumerate(buckets(len(ls), spec.bucket_size))
+    )
 
 
-def plan_token_epoch(lengths: list[list[int]], ranks: int, workers: int, spec: TokenBatching, seed: int,
-                     epoch: int, shuffle: bool = True) -> TokenPlan:
+def plan_token_epoch(
+    lengths: list[list[int]], ranks: int, workers: int, spec: TokenBatching, seed: int, epoch: int, shuffle: bool = True
+) -> TokenPlan:
     """Every bucket's batches in (shuffled) shard order, cut into equal whole runs per rank, each
     split into contiguous runs per worker (as ``stream.plan_epoch`` does with samples)."""
     order = list(range(len(lengths)))
@@ -134,7 +141,7 @@ def plan_token_epoch(lengths: list[list[int]], ranks: int, workers: int, spec: T
     for r in range(ranks):
         row: list[list[Batch]] = []
         for q in quotas[r]:
-            row.append(flat[pos:pos + q])
+            row.append(flat[pos : pos + q])
             pos += q
         batches.append(row)
     return TokenPlan(steps, order, flat, batches, quotas)

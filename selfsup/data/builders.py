@@ -24,13 +24,25 @@ from pathlib import Path
 from selfsup.errors import OneLineError
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-gb-x-rp", "en-029",
-                 "en-us-nyc"]
+DIGIT_ACCENTS = [
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-gb-x-rp",
+    "en-029",
+    "en-us-nyc",
+]
 DIGIT_SPEEDS, DIGIT_PITCHES = (120, 220), (20, 80)  # words per minute, espeak-ng pitch 0-99
 DIGITS_CSV = "labels.csv"  # path,label,split,voice,speed,pitch
 SPEECH_CSV = "metadata.csv"  # path,source,speaker,language
-SPEECH_PACKAGES = ["flight-of-the-amazon-queen", "fillets-ng-data-cs", "asterisk-core-sounds-en-wav",
-                   "asterisk-core-sounds-es-wav"]
+SPEECH_PACKAGES = [
+    "flight-of-the-amazon-queen",
+    "fillets-ng-data-cs",
+    "asterisk-core-sounds-en-wav",
+    "asterisk-core-sounds-es-wav",
+]
 _ASTERISK = (("en", "en_US_f_Allison"), ("es", "es_MX_f_Allison"))
 
 
@@ -61,13 +73,18 @@ def _run(cmd: list[str], step: str, cwd: Path | None = None) -> None:
 def espeak_variants(espeak: str) -> list[str]:
     """espeak-ng's voice variants (the names in its ``voices/!v`` folder), sorted."""
     version = subprocess.run([espeak, "--version"], capture_output=True, text=True).stdout
-    folders = [Path(version.split("Data at:")[-1].strip()), Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data"),
-               Path("/usr/share/espeak-ng-data")]
+    folders = [
+        Path(version.split("Data at:")[-1].strip()),
+        Path("/usr/lib/x86_64-linux-gnu/espeak-ng-data"),
+        Path("/usr/share/espeak-ng-data"),
+    ]
     for folder in folders:
         if (folder / "voices" / "!v").is_dir():
             return sorted(os.listdir(folder / "voices" / "!v"))
-    raise BuildError(f"espeak-ng has no voice variants (no voices/!v under {folders[0]}): "
-                     "sudo apt-get install --reinstall espeak-ng-data")
+    raise BuildError(
+        f"espeak-ng has no voice variants (no voices/!v under {folders[0]}): "
+        "sudo apt-get install --reinstall espeak-ng-data"
+    )
 
 
 def digit_jobs(per_class: int, variants: list[str], seed: int = 0) -> list[dict]:
@@ -82,8 +99,17 @@ def digit_jobs(per_class: int, variants: list[str], seed: int = 0) -> list[dict]
             split = "test" if i % 5 == 0 else "train"
             pool = [v for v in sorted(variants) if (v in test_variants) == (split == "test")]
             voice = f"{rng.choice(DIGIT_ACCENTS)}+{rng.choice(pool)}"
-            jobs.append({"path": f"clips/{label:d}{i:05d}.wav", "label": label, "split": split, "voice": voice,
-                         "speed": rng.randint(*DIGIT_SPEEDS), "pitch": rng.randint(*DIGIT_PITCHES), "word": word})
+            jobs.append(
+                {
+                    "path": f"clips/{label:d}{i:05d}.wav",
+                    "label": label,
+                    "split": split,
+                    "voice": voice,
+                    "speed": rng.randint(*DIGIT_SPEEDS),
+                    "pitch": rng.randint(*DIGIT_PITCHES),
+                    "word": word,
+                }
+            )
     return jobs
 
 
@@ -98,8 +124,21 @@ def build_spoken_digits(out: str | Path, per_class: int = 200, seed: int = 0, pr
     jobs = digit_jobs(per_class, espeak_variants(espeak), seed)
 
     def synthesise(job: dict) -> None:
-        _run([espeak, "-v", job["voice"], "-s", str(job["speed"]), "-p", str(job["pitch"]),
-              "-w", str(out / job["path"]), job["word"]], f"espeak-ng -v {job['voice']} {job['word']!r}")
+        _run(
+            [
+                espeak,
+                "-v",
+                job["voice"],
+                "-s",
+                str(job["speed"]),
+                "-p",
+                str(job["pitch"]),
+                "-w",
+                str(out / job["path"]),
+                job["word"],
+            ],
+            f"espeak-ng -v {job['voice']} {job['word']!r}",
+        )
 
     with ThreadPoolExecutor(processes or os.cpu_count() or 1) as pool:
         list(pool.map(synthesise, jobs))
@@ -168,7 +207,7 @@ def _fotaq_clips(src: Path, out: Path) -> list[dict]:
         raise BuildError(f"{container}: unexpected header {blob[:4]!r} (not a QTBL table); the package changed")
     rows = []
     for i in range(struct.unpack(">H", blob[13:15])[0]):
-        entry = blob[15 + 21 * i: 36 + 21 * i]
+        entry = blob[15 + 21 * i : 36 + 21 * i]
         name = entry[:12].split(b"\0")[0].decode("ascii")
         offset, size = struct.unpack(">II", entry[13:21])
         if not name.endswith(".SB"):
@@ -176,8 +215,16 @@ def _fotaq_clips(src: Path, out: Path) -> list[dict]:
         stem = name[:-3]
         hero = stem.startswith("JOE") or (len(stem) > 6 and stem[6] == "J")
         speaker = "joe" if hero else "other" if len(stem) > 6 and stem[6] == "P" else ""
-        rows.append(_put(out, f"clips/fotaq/{stem}.mp3", data=blob[offset:offset + size], source="fotaq",
-                         speaker=speaker, language="en"))
+        rows.append(
+            _put(
+                out,
+                f"clips/fotaq/{stem}.mp3",
+                data=blob[offset : offset + size],
+                source="fotaq",
+                speaker=speaker,
+                language="en",
+            )
+        )
     return rows
 
 
@@ -191,8 +238,16 @@ def _fillets_clips(src: Path, out: Path) -> list[dict]:
         for name in sorted(os.listdir(folder)):
             if name.endswith(".ogg"):
                 parts = name[:-4].split("-")
-                rows.append(_put(out, f"clips/fillets-cs/{name}", copy_from=folder / name, source="fillets-cs",
-                                 speaker=parts[1] if len(parts) > 2 else "", language="cs"))
+                rows.append(
+                    _put(
+                        out,
+                        f"clips/fillets-cs/{name}",
+                        copy_from=folder / name,
+                        source="fillets-cs",
+                        speaker=parts[1] if len(parts) > 2 else "",
+                        language="cs",
+                    )
+                )
     return rows
 
 
@@ -205,8 +260,16 @@ def _asterisk_clips(src: Path, out: Path) -> list[dict]:
             for name in sorted(files):
                 if name.endswith(".wav"):
                     rel = os.path.relpath(os.path.join(dirpath, name), root)
-                    rows.append(_put(out, f"clips/asterisk-{lang}/{rel}", copy_from=Path(dirpath) / name,
-                                     source=f"asterisk-{lang}", speaker="allison", language=lang))
+                    rows.append(
+                        _put(
+                            out,
+                            f"clips/asterisk-{lang}/{rel}",
+                            copy_from=Path(dirpath) / name,
+                            source=f"asterisk-{lang}",
+                            speaker="allison",
+                            language=lang,
+                        )
+                    )
     return rows
 
 
@@ -217,12 +280,20 @@ def write_fashion_mnist_shards(out: str | Path, download: bool, per_shard: int) 
     folder = sources.find_fashion_mnist(Path(out) / "download" if download else None)
     for split in ("train", "test"):
         samples, n = sources.fashion_mnist_samples(split, folder)
-        shards.write_shards(samples, Path(out) / split, split=split, classes=sources.FASHION_MNIST_CLASSES,
-                            total=n, samples_per_shard=per_shard, source=f"fashion-mnist {folder}")
+        shards.write_shards(
+            samples,
+            Path(out) / split,
+            split=split,
+            classes=sources.FASHION_MNIST_CLASSES,
+            total=n,
+            samples_per_shard=per_shard,
+            source=f"fashion-mnist {folder}",
+        )
 
 
-def write_audio_folder_shards(root: str | Path, out: str | Path, labels: str | None, per_shard: int,
-                              split: str = "train") -> list[tuple[Path, dict]]:
+def write_audio_folder_shards(
+    root: str | Path, out: str | Path, labels: str | None, per_shard: int, split: str = "train"
+) -> list[tuple[Path, dict]]:
     """A folder of audio clips as 16 kHz FLAC shards: one split in ``out``, or one folder ``out/<split>``
     per value of the ``labels`` CSV's split column. (folder, manifest) of each written."""
     from selfsup.data import shards, sources
@@ -232,6 +303,19 @@ def write_audio_folder_shards(root: str | Path, out: str | Path, labels: str | N
     for name in splits or [split]:
         samples, n, classes = sources.audio_folder_samples(root, labels, name if splits else None)
         dest = Path(out) / name if splits else Path(out)
-        written.append((dest, shards.write_shards(samples, dest, split=name, kind="audio", classes=classes, total=n,
-                                                  samples_per_shard=per_shard, source=f"audio folder {root}")))
+        written.append(
+            (
+                dest,
+                shards.write_shards(
+                    samples,
+                    dest,
+                    split=name,
+                    kind="audio",
+                    classes=classes,
+                    total=n,
+                    samples_per_shard=per_shard,
+                    source=f"audio folder {root}",
+                ),
+            )
+        )
     return written

@@ -36,8 +36,9 @@ def image_payload(sample: dict) -> tuple[bytes, int]:
     key = sample.get("__key__", "?")
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None or "cls" not in sample:
-        raise ValueError(f"sample {key}: needs .jpg or .png and .cls, has "
-                         f"{sorted(k for k in sample if not k.startswith('__'))}")
+        raise ValueError(
+            f"sample {key}: needs .jpg or .png and .cls, has {sorted(k for k in sample if not k.startswith('__'))}"
+        )
     try:
         return data, int(sample["cls"])
     except ValueError:
@@ -61,8 +62,10 @@ def open_image(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS):
         raise ValueError(f"sample {key}: unreadable image header ({decoder_reason(err)})") from None
     width, height = img.size
     if width * height > max_pixels:
-        raise ValueError(f"sample {key}: {width}x{height} px ({width * height / 1e6:.1f} MP) is over "
-                         f"data.max_image_pixels={max_pixels}, not decoded (downscale it, or raise the cap)")
+        raise ValueError(
+            f"sample {key}: {width}x{height} px ({width * height / 1e6:.1f} MP) is over "
+            f"data.max_image_pixels={max_pixels}, not decoded (downscale it, or raise the cap)"
+        )
     return img, label
 
 
@@ -86,8 +89,9 @@ def decode_sample(sample: dict, kind: str, max_pixels: int = MAX_IMAGE_PIXELS):
     raise ValueError(f"unknown sample format {kind!r}")
 
 
-def decode_image(sample: dict, channels: int, size: int | None,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
+def decode_image(
+    sample: dict, channels: int, size: int | None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[torch.Tensor, int]:
     """A raw image sample -> (uint8 (C, size, size), label): its short side resized to ``size``, then
     centre-cropped (``size`` None: uint8 (C, H, W) at its own size); raises ValueError naming the key."""
     from torchvision.transforms.v2 import functional as TF
@@ -107,14 +111,17 @@ def decode_image(sample: dict, channels: int, size: int | None,
     return t.contiguous(), label
 
 
-def decode_native(sample: dict, channels: int, width: int, height: int,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, int]:
+def decode_native(
+    sample: dict, channels: int, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS
+) -> tuple[torch.Tensor, int]:
     """A raw image sample of the one size ``width`` x ``height`` that a shard folder holds -> (uint8
     (C, height, width), label); raises ValueError naming the key for one of another size."""
     image, label = decode_image(sample, channels, None, max_pixels)
     if image.shape[1:] != (height, width):
-        raise ValueError(f"sample {sample.get('__key__', '?')}: {image.shape[2]}x{image.shape[1]} px, not the "
-                         f"{width}x{height} the manifest lists for every image")
+        raise ValueError(
+            f"sample {sample.get('__key__', '?')}: {image.shape[2]}x{image.shape[1]} px, not the "
+            f"{width}x{height} the manifest lists for every image"
+        )
     return image, label
 
 
@@ -128,14 +135,17 @@ def decode_audio_sample(sample: dict, min_samples: int) -> tuple[torch.Tensor, i
     key for a bad clip or one shorter than ``min_samples`` (so the stream skips and counts it)."""
     (wave, _), info = decode_sample(sample, "audio")
     if len(wave) < min_samples:
-        raise ValueError(f"sample {sample.get('__key__', '?')}: {len(wave)} samples, shorter than the "
-                         f"minimum {min_samples} (data.min_seconds or the receptive field)")
+        raise ValueError(
+            f"sample {sample.get('__key__', '?')}: {len(wave)} samples, shorter than the "
+            f"minimum {min_samples} (data.min_seconds or the receptive field)"
+        )
     label = info.get("label", -1)
     return torch.from_numpy(wave), int(label) if label not in ("", None) else -1
 
 
-def collate_audio(items: list[tuple[torch.Tensor, int]], max_samples: int, min_samples: int,
-                  rng: random.Random | None = None) -> dict:
+def collate_audio(
+    items: list[tuple[torch.Tensor, int]], max_samples: int, min_samples: int, rng: random.Random | None = None
+) -> dict:
     """[(float32 (T_i,), label)] -> {"waves": float32 (B, S), "lengths": int64 (B,), "labels": int64 (B,)}.
 
     As fairseq batches without padding: every clip is randomly cropped to S = min(shortest T_i,
@@ -149,6 +159,9 @@ def collate_audio(items: list[tuple[torch.Tensor, int]], max_samples: int, min_s
     crops = []
     for wave, _ in items:
         start = randrange(len(wave) - size + 1)
-        crops.append(wave[start:start + size])
-    return {"waves": torch.stack(crops), "lengths": torch.full((len(items),), size, dtype=torch.int64),
-            "labels": torch.tensor([label for _, label in items], dtype=torch.int64)}
+        crops.append(wave[start : start + size])
+    return {
+        "waves": torch.stack(crops),
+        "lengths": torch.full((len(items),), size, dtype=torch.int64),
+        "labels": torch.tensor([label for _, label in items], dtype=torch.int64),
+    }

@@ -28,8 +28,10 @@ def listing(key: str, location: str) -> tuple[dict, list[str]]:
     """The manifest and shard URLs of the folder at config key ``key``; a DataProblem naming the key
     when the folder or its manifest is missing or unreadable."""
     if not is_remote(location) and not location.startswith("pipe:") and not Path(location).exists():
-        raise DataProblem(f"{key}={location} does not exist; check the path, or set {key}=DIR "
-                          "(a folder written by `selfsup shards write`)")
+        raise DataProblem(
+            f"{key}={location} does not exist; check the path, or set {key}=DIR "
+            "(a folder written by `selfsup shards write`)"
+        )
     try:
         return read_manifest(location)
     except ManifestError as err:
@@ -40,9 +42,11 @@ def max_side_problem(manifest: dict, image_size: int, location: str) -> str | No
     """Why shards written with ``--max-side`` below ``image_size`` cannot train it, or None."""
     side = manifest.get("max_side")
     if side and side < image_size:
-        return (f"data.image_size {image_size} is larger than the {side} px long side the shards at "
-                f"{location} were written with (`shards write --max-side {side}`); re-write them with "
-                f"--max-side {image_size} or more, or set data.image_size={side}")
+        return (
+            f"data.image_size {image_size} is larger than the {side} px long side the shards at "
+            f"{location} were written with (`shards write --max-side {side}`); re-write them with "
+            f"--max-side {image_size} or more, or set data.image_size={side}"
+        )
     return None
 
 
@@ -62,8 +66,9 @@ def first_image_mode(urls: list[str], manifest: dict) -> str | None:
     return None
 
 
-def conversion_notes(key: str, location: str, listed: tuple[dict, list[str]], channels: int,
-                     image_size: int | None) -> list[str]:
+def conversion_notes(
+    key: str, location: str, listed: tuple[dict, list[str]], channels: int, image_size: int | None
+) -> list[str]:
     """What reading the image folder ``listed`` at ``channels`` (and views at ``image_size``) converts."""
     from selfsup.data.shards import image_sizes
 
@@ -73,14 +78,15 @@ def conversion_notes(key: str, location: str, listed: tuple[dict, list[str]], ch
     if mode is not None:
         grey = mode in GREY_MODES
         if grey and channels != 1:
-            notes.append(f"{key}={location} holds grey images ({mode}); each is repeated to "
-                         f"data.channels={channels}")
+            notes.append(f"{key}={location} holds grey images ({mode}); each is repeated to data.channels={channels}")
         elif not grey and channels == 1:
             notes.append(f"{key}={location} holds {mode} images; each is converted to grey (data.channels=1)")
     sizes = image_sizes(manifest) or set()
     if image_size is not None and len(sizes) == 1 and (size := next(iter(sizes))) != (image_size, image_size):
-        notes.append(f"{key}={location} holds {size[0]}x{size[1]} px images; views are cropped and resized "
-                     f"to data.image_size={image_size}")
+        notes.append(
+            f"{key}={location} holds {size[0]}x{size[1]} px images; views are cropped and resized "
+            f"to data.image_size={image_size}"
+        )
     return notes
 
 
@@ -94,15 +100,16 @@ def check_data(cfg: ExperimentConfig, ranks: int) -> list[str]:
     if count == 0:
         skipped = manifest.get("skipped", [])
         first = f"; the first of its {len(skipped)} skipped files: {skipped[0]}" if skipped else ""
-        raise DataProblem(f"data.train={d.train} holds no samples{first}; re-write the shards from readable "
-                          "files")
+        raise DataProblem(f"data.train={d.train} holds no samples{first}; re-write the shards from readable files")
     batch = d.batch_size * ranks
     if d.max_tokens is None and count < batch:
         per = f" per rank x {ranks} ranks (scaling.num_workers)" if ranks > 1 else ""
         fits = count // ranks
         change = f"set data.batch_size={fits} or less" if fits else f"set scaling.num_workers={count} or less"
-        raise DataProblem(f"data.train={d.train} holds {count} samples, fewer than one batch of "
-                          f"{d.batch_size}{per}: {change}, or add samples")
+        raise DataProblem(
+            f"data.train={d.train} holds {count} samples, fewer than one batch of "
+            f"{d.batch_size}{per}: {change}, or add samples"
+        )
     notes = []
     if d.kind == "image":
         if problem := max_side_problem(manifest, d.image_size, d.train):
@@ -115,4 +122,3 @@ def check_data(cfg: ExperimentConfig, ranks: int) -> list[str]:
         if d.kind == "image":
             notes += conversion_notes("data.test", d.test, test, d.channels, None)
     return notes
-

@@ -45,9 +45,11 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
     except FileNotFoundError:
         if _exists(f"{base}/{PARTIAL}"):
             raise ManifestError(partial_message(base)) from None
-        raise ManifestError(f"{base} has no {MANIFEST}; for a folder of WebDataset tars run "
-                            f"`selfsup shards index {base}`, else write shards with `selfsup shards write` "
-                            "or check the path") from None
+        raise ManifestError(
+            f"{base} has no {MANIFEST}; for a folder of WebDataset tars run "
+            f"`selfsup shards index {base}`, else write shards with `selfsup shards write` "
+            "or check the path"
+        ) from None
     except (OSError, json.JSONDecodeError, ValueError) as err:
         raise ManifestError(f"{base}/{MANIFEST} cannot be read: {err}") from None
     if not isinstance(manifest, dict) or "shards" not in manifest:
@@ -57,8 +59,10 @@ def read_manifest(location: str) -> tuple[dict, list[str]]:
 
 def partial_message(location: str) -> str:
     """The line that refuses a shard folder whose `shards write` never finished (``PARTIAL`` is in it)."""
-    return (f"{location} holds a partial `selfsup shards write` (stopped, or out of space; {PARTIAL} marks it): "
-            "re-write it with `selfsup shards write`; do not index it")
+    return (
+        f"{location} holds a partial `selfsup shards write` (stopped, or out of space; {PARTIAL} marks it): "
+        "re-write it with `selfsup shards write`; do not index it"
+    )
 
 
 def _exists(url: str) -> bool:
@@ -121,6 +125,7 @@ class _Hashing:
 
 def _samples(url: str, stream, unknown: list[str]) -> Iterator[dict]:
     """The tar's samples; the name of each member that belongs to no sample goes to ``unknown``."""
+
     def named(files):
         for f in files:
             if wds.tariterators.base_plus_ext(f["fname"])[0] is None:  # group_by_keys would drop it unsaid
@@ -128,8 +133,9 @@ def _samples(url: str, stream, unknown: list[str]) -> Iterator[dict]:
                 continue
             yield f
 
-    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=wds.reraise_exception,
-                                               eof_value=None)
+    files = wds.tariterators.tar_file_expander(
+        [{"url": url, "stream": stream}], handler=wds.reraise_exception, eof_value=None
+    )
     return wds.tariterators.group_by_keys(named(files), handler=wds.reraise_exception)
 
 
@@ -139,9 +145,16 @@ def _message(err: Exception) -> str:
     return f"{type(err).__name__}: {first.split(' @ <')[0]}"
 
 
-def read_shard(url: str, problems: list[ShardProblem], count: int | None = None, *, start: int = 0,
-               stop: int | None = None, sha256: str | None = None, digests: list[str] | None = None,
-               ) -> Iterator[dict]:
+def read_shard(
+    url: str,
+    problems: list[ShardProblem],
+    count: int | None = None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    sha256: str | None = None,
+    digests: list[str] | None = None,
+) -> Iterator[dict]:
     """Raw samples (dicts of bytes, with ``__key__`` and ``__url__``) ``start`` to ``stop`` of one tar
     shard holding ``count`` samples by its manifest. What goes wrong is appended to ``problems``:
     reading that stops before ``stop`` (or ``count``) is one SHORT problem; with ``sha256`` (the
@@ -165,8 +178,11 @@ def read_shard(url: str, problems: list[ShardProblem], count: int | None = None,
                 for sample in _samples(url, stream, unknown):
                     key = sample["__key__"]
                     if key in seen:
-                        sample = {"__key__": key, "__url__": sample.get("__url__", url),
-                                  DUPLICATE: f"its key repeats sample {seen[key]} of this tar (read once)"}
+                        sample = {
+                            "__key__": key,
+                            "__url__": sample.get("__url__", url),
+                            DUPLICATE: f"its key repeats sample {seen[key]} of this tar (read once)",
+                        }
                     seen.setdefault(key, i)
                     if i >= start:
                         problems += [ShardProblem(url, i, 0, _unknown_reason(n), UNKNOWN) for n in unknown]
@@ -186,16 +202,25 @@ def read_shard(url: str, problems: list[ShardProblem], count: int | None = None,
     if digest is not None and digests is not None:
         digests.append(digest)
     if digest is not None and sha256 and digest != sha256:
-        problems.append(ShardProblem(url, i, 0, "sha256 differs from the manifest (shard changed or corrupt)",
-                                     CHECKSUM))
+        problems.append(
+            ShardProblem(url, i, 0, "sha256 differs from the manifest (shard changed or corrupt)", CHECKSUM)
+        )
 
 
 def _unknown_reason(name: str) -> str:
     return f"member {name!r} has no extension, so it belongs to no sample; not read"
 
 
-def _check(url: str, problems: list[ShardProblem], i: int, start: int, end: int | None, count: int | None,
-           whole: bool, failed: Exception | None) -> None:
+def _check(
+    url: str,
+    problems: list[ShardProblem],
+    i: int,
+    start: int,
+    end: int | None,
+    count: int | None,
+    whole: bool,
+    failed: Exception | None,
+) -> None:
     """Append the problem, if any, of a read of [start, end) that stopped after ``i`` samples of a
     shard of ``count``; ``whole``: it read to the end of the tar."""
     lost = max(0, end - max(i, start)) if end is not None else 0
@@ -203,14 +228,16 @@ def _check(url: str, problems: list[ShardProblem], i: int, start: int, end: int 
     if failed is not None:
         problems.append(ShardProblem(url, i, lost, f"unreadable after sample {i} ({_message(failed)}){says}"))
     elif lost:
-        problems.append(ShardProblem(url, i, lost, f"the tar ends after sample {i}{says} "
-                                     "(a corrupt header or a truncated file)"))
+        problems.append(
+            ShardProblem(url, i, lost, f"the tar ends after sample {i}{says} (a corrupt header or a truncated file)")
+        )
     elif whole and count is not None and i > count:
         problems.append(ShardProblem(url, i, 0, f"{i} samples in the tar{says}", EXTRA))
 
 
-def read_split(location: str, decode: Callable[[dict], T], limit: int | None = None,
-               listing: tuple[dict, list[str]] | None = None) -> tuple[list[T], dict, list[str]]:
+def read_split(
+    location: str, decode: Callable[[dict], T], limit: int | None = None, listing: tuple[dict, list[str]] | None = None
+) -> tuple[list[T], dict, list[str]]:
     """Every decodable item of a shard folder, in order, its manifest, and one line per bad sample
     (``decode`` raised ValueError; the line names the shard and the error, which names the key) or
     bad shard. ``limit``: at most that many items, ``ceil(limit / shards)`` from the first samples
@@ -221,8 +248,9 @@ def read_split(location: str, decode: Callable[[dict], T], limit: int | None = N
     items: list[T] = []
     lines: list[str] = []
     total = min(limit, manifest["num_samples"]) if limit else manifest["num_samples"]
-    with progress(total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit),
-              leave=False) as bar:
+    with progress(
+        total=total, desc=f"read {location}", unit="sample", mininterval=1.0, disable=bool(limit), leave=False
+    ) as bar:
         for entry, url in zip(manifest["shards"], urls):
             problems: list[ShardProblem] = []
             taken = 0
@@ -238,6 +266,7 @@ def read_split(location: str, decode: Callable[[dict], T], limit: int | None = N
                 bar.update(1)
             lines += [str(p) for p in problems]
     if not items:
-        raise ValueError(f"{location}: the split is empty (no decodable samples); "
-                         f"run `selfsup shards verify {location}`")
+        raise ValueError(
+            f"{location}: the split is empty (no decodable samples); run `selfsup shards verify {location}`"
+        )
     return items, manifest, lines

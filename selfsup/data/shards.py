@@ -102,8 +102,9 @@ def _output_folder(out_dir: str | Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise BadInput(f"{out}: cannot create the output folder ({err.strerror or err}); "
-                       "pass an OUT that can be created") from None
+        raise BadInput(
+            f"{out}: cannot create the output folder ({err.strerror or err}); pass an OUT that can be created"
+        ) from None
     if not os.access(out, os.W_OK):
         raise BadInput(f"{out}: the output folder is not writable; pass another OUT or fix its permissions")
     return out
@@ -118,9 +119,18 @@ def image_sizes(manifest: dict) -> set[tuple[int, int]] | None:
     return {(size[0], size[1]) for s in shards for size in s["sizes"] if size}
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "train", kind: str = "image",
-                 classes: list[str] | None = None, total: int | None = None, samples_per_shard: int = 5000,
-                 source: str = "", extra: dict | None = None) -> dict:
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str | Path,
+    *,
+    split: str = "train",
+    kind: str = "image",
+    classes: list[str] | None = None,
+    total: int | None = None,
+    samples_per_shard: int = 5000,
+    source: str = "",
+    extra: dict | None = None,
+) -> dict:
     """Write samples as tar shards plus ``manifest.json``; returns the manifest.
 
     Each sample is a dict of WebDataset fields (``__key__`` and extensions). A sample holding
@@ -139,19 +149,26 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, *, split: str = "
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise ShardWriteError(f"{out}: out of space ({err.strerror}); the output is partial ({PARTIAL} marks it) "
-                              "and must be re-written, not indexed: free space or pass another OUT, then run "
-                              "`selfsup shards write` again") from None
+        raise ShardWriteError(
+            f"{out}: out of space ({err.strerror}); the output is partial ({PARTIAL} marks it) "
+            "and must be re-written, not indexed: free space or pass another OUT, then run "
+            "`selfsup shards write` again"
+        ) from None
     converted = written.pop("converted")
     if not written["shards"]:  # an empty manifest would only fail later, as a run with too few samples
         skipped = written["skipped"]
         first = f"; the first of {len(skipped)} skipped: {skipped[0]}" if skipped else ""
         raise BadInput(f"{source or 'the source'}: no sample could be written to {out}{first}")
     manifest = {
-        "format": kind, "split": split, "classes": classes or [], **written,
-        **({"converted": converted} if converted else {}), **(extra or {}),
+        "format": kind,
+        "split": split,
+        "classes": classes or [],
+        **written,
+        **({"converted": converted} if converted else {}),
+        **(extra or {}),
         **({"source_files": SOURCE_FILES} if origins else {}),
-        "source": source, "created_by": f"selfsup {__version__}",
+        "source": source,
+        "created_by": f"selfsup {__version__}",
     }
     _finish(out, split, manifest, origins)
     return manifest
@@ -161,13 +178,16 @@ def _begin(out: Path) -> None:
     """Mark ``out`` partial, then remove an earlier write's manifest and source list: a write stopped
     from here on leaves a folder every reader refuses, never old manifest beside new tars."""
     try:
-        (out / PARTIAL).write_text(f"selfsup {__version__} began writing shards here; remove this folder's "
-                                   "tars and write them again\n")
+        (out / PARTIAL).write_text(
+            f"selfsup {__version__} began writing shards here; remove this folder's tars and write them again\n"
+        )
     except OSError as err:
         with contextlib.suppress(OSError):
             (out / PARTIAL).unlink(missing_ok=True)
-        raise ShardWriteError(f"{out}: cannot begin writing ({err.strerror or err}); nothing in it was changed; "
-                              "free space or pass another OUT") from None
+        raise ShardWriteError(
+            f"{out}: cannot begin writing ({err.strerror or err}); nothing in it was changed; "
+            "free space or pass another OUT"
+        ) from None
     for name in (MANIFEST, SOURCE_FILES):
         (out / name).unlink(missing_ok=True)
 
@@ -184,8 +204,10 @@ def _finish(out: Path, split: str, manifest: dict, origins: dict[str, str]) -> N
             _save(out / SOURCE_FILES, json.dumps(origins, indent=0))
         _save(out / MANIFEST, _manifest_text(manifest))
     except OSError as err:
-        raise ShardWriteError(f"{out}: cannot write {MANIFEST} ({err.strerror or err}); the output is partial "
-                              f"({PARTIAL} marks it): free space, then run `selfsup shards write` again") from None
+        raise ShardWriteError(
+            f"{out}: cannot write {MANIFEST} ({err.strerror or err}); the output is partial "
+            f"({PARTIAL} marks it): free space, then run `selfsup shards write` again"
+        ) from None
     (out / PARTIAL).unlink()
 
 
@@ -196,8 +218,9 @@ def _abandon(writer: wds.TarWriter) -> None:
             close()
 
 
-def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total: int | None,
-                samples_per_shard: int) -> tuple[dict, dict[str, str]]:
+def _write_tars(
+    samples: Iterable[dict], out: Path, split: str, kind: str, total: int | None, samples_per_shard: int
+) -> tuple[dict, dict[str, str]]:
     """Write the tars of :func:`write_shards`: (the manifest's num_samples, shards, skipped and converted,
     {key: source file})."""
     mtime = int(time.time())
@@ -212,8 +235,9 @@ def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total
         nonlocal writer
         if writer is not None:
             writer.close()
-            shards.append({"name": path.name, "count": count, "sha256": sha256_file(path),
-                           "bytes": path.stat().st_size})
+            shards.append(
+                {"name": path.name, "count": count, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+            )
             if kind in ("audio", "image"):
                 shards[-1]["durations" if kind == "audio" else "sizes"] = list(per_sample)
             writer = None
@@ -241,8 +265,12 @@ def _write_tars(samples: Iterable[dict], out: Path, split: str, kind: str, total
         if writer is not None:  # its buffered bytes would be written to the full disk again at exit
             _abandon(writer)
         raise
-    return {"num_samples": sum(s["count"] for s in shards), "shards": shards, "skipped": skipped,
-            "converted": converted}, origins
+    return {
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+        "skipped": skipped,
+        "converted": converted,
+    }, origins
 
 
 @dataclass
@@ -293,10 +321,15 @@ def verify_shards(location: str) -> VerifyReport:
 def shards_info(location: str) -> dict:
     """Counts per shard and per class (classes counted from the manifest only)."""
     manifest, _ = read_manifest(location)
-    return {"format": manifest.get("format"), "num_samples": manifest["num_samples"],
-            "num_shards": len(manifest["shards"]), "classes": manifest.get("classes", []),
-            "source": manifest.get("source", ""), "skipped_at_write": len(manifest.get("skipped", [])),
-            "converted_at_write": len(manifest.get("converted", []))}
+    return {
+        "format": manifest.get("format"),
+        "num_samples": manifest["num_samples"],
+        "num_shards": len(manifest["shards"]),
+        "classes": manifest.get("classes", []),
+        "source": manifest.get("source", ""),
+        "skipped_at_write": len(manifest.get("skipped", [])),
+        "converted_at_write": len(manifest.get("converted", [])),
+    }
 
 
 def _sample_kind(sample: dict, url: str) -> str:
@@ -307,9 +340,11 @@ def _sample_kind(sample: dict, url: str) -> str:
     if "flac" in sample:
         return "audio"
     found = sorted(k for k in sample if not k.startswith("__"))
-    raise ManifestError(f"{url}: sample {sample.get('__key__', '?')} has {found}; selfsup reads images as "
-                        ".jpg/.jpeg/.png + .cls and audio as .flac + .json; re-write the data with "
-                        "`selfsup shards write image-folder` or `audio-folder`")
+    raise ManifestError(
+        f"{url}: sample {sample.get('__key__', '?')} has {found}; selfsup reads images as "
+        ".jpg/.jpeg/.png + .cls and audio as .flac + .json; re-write the data with "
+        "`selfsup shards write image-folder` or `audio-folder`"
+    )
 
 
 def _sample_facts(sample: dict, kind: str) -> tuple[list[int] | float, int | None]:
@@ -354,11 +389,17 @@ def _index_shard(tar: Path, kind: str | None, lines: list[str], labels: set[int]
         if label is not None:
             labels.add(label)
     if broken := [p for p in problems if p.kind == SHORT]:
-        raise ManifestError(f"{url}: {broken[0].reason}; re-create this tar or move it out of {tar.parent}, "
-                            "then index again")
+        raise ManifestError(
+            f"{url}: {broken[0].reason}; re-create this tar or move it out of {tar.parent}, then index again"
+        )
     lines += [str(p) for p in problems]
-    entry = {"name": tar.name, "count": count, "sha256": digests[0], "bytes": tar.stat().st_size,
-             "durations" if kind == "audio" else "sizes": per_sample}
+    entry = {
+        "name": tar.name,
+        "count": count,
+        "sha256": digests[0],
+        "bytes": tar.stat().st_size,
+        "durations" if kind == "audio" else "sizes": per_sample,
+    }
     return entry, kind
 
 
@@ -388,10 +429,19 @@ def index_shards(folder: str | Path, split: str = "train", classes: list[str] | 
     if not any(s["count"] for s in shards):
         raise ManifestError(f"{root}: its .tar files hold no samples")
     if classes and labels and max(labels) >= len(classes):
-        raise ManifestError(f"{root}: labels go up to {max(labels)} but --classes names {len(classes)} classes; "
-                            "name one class per label, in label order")
-    manifest = {"format": kind, "split": split, "classes": classes or [],
-                "num_samples": sum(s["count"] for s in shards), "shards": shards, "skipped": [],
-                "source": f"indexed {root}", "created_by": f"selfsup {__version__}"}
+        raise ManifestError(
+            f"{root}: labels go up to {max(labels)} but --classes names {len(classes)} classes; "
+            "name one class per label, in label order"
+        )
+    manifest = {
+        "format": kind,
+        "split": split,
+        "classes": classes or [],
+        "num_samples": sum(s["count"] for s in shards),
+        "shards": shards,
+        "skipped": [],
+        "source": f"indexed {root}",
+        "created_by": f"selfsup {__version__}",
+    }
     _save(root / MANIFEST, _manifest_text(manifest))
     return manifest, lines

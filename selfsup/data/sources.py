@@ -26,8 +26,18 @@ from selfsup.core.messages import decoder_reason
 from selfsup.core.progress import progress
 from selfsup.errors import OneLineError
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -61,13 +71,14 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise BadInput(f"{path}: not an idx file (bad magic number {data[:4].hex()})")
     ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
-    payload = data[4 + 4 * ndim:]
+    payload = data[4 + 4 * ndim :]
     if len(payload) != expected:
-        raise BadInput(f"{path}: idx header says {dims} ({expected} bytes) but {len(payload)} bytes follow; "
-                         "the file is truncated")
+        raise BadInput(
+            f"{path}: idx header says {dims} ({expected} bytes) but {len(payload)} bytes follow; the file is truncated"
+        )
     return np.frombuffer(payload, dtype=dtype).reshape(dims)
 
 
@@ -99,11 +110,13 @@ def find_fashion_mnist(download_to: Path | None = None) -> Path:
         raise DatasetNotFound(
             f"Fashion-MNIST not found (looked in {looked}). Install it with "
             "`sudo apt-get install dataset-fashion-mnist`, point $SELFSUP_DATA at a folder holding the four "
-            "idx files, or pass --download.")
+            "idx files, or pass --download."
+        )
     download_to.mkdir(parents=True, exist_ok=True)
     if not all((download_to / f"{stem}.gz").exists() for stem in needed):
-        log.info("downloading Fashion-MNIST (4 gzipped idx files, about 30 MB) from %s to %s",
-                 FASHION_MNIST_URL, download_to)
+        log.info(
+            "downloading Fashion-MNIST (4 gzipped idx files, about 30 MB) from %s to %s", FASHION_MNIST_URL, download_to
+        )
     for stem in needed:
         target = download_to / f"{stem}.gz"
         if target.exists():
@@ -145,8 +158,9 @@ def fashion_mnist_samples(split: str, folder: Path) -> tuple[Iterator[dict], int
     img, lab = FASHION_MNIST_FILES[split]
     found = [_find_idx(folder, stem) for stem in (img, lab)]
     if found[0] is None or found[1] is None:
-        raise DatasetNotFound(f"{folder} lacks {img if found[0] is None else lab} (or its .gz): not a whole "
-                              "Fashion-MNIST folder")
+        raise DatasetNotFound(
+            f"{folder} lacks {img if found[0] is None else lab} (or its .gz): not a whole Fashion-MNIST folder"
+        )
     return idx_samples(found[0], found[1], prefix=f"fmnist-{split}-")
 
 
@@ -173,8 +187,9 @@ def _eight_bit(img: Image.Image) -> tuple[Image.Image, str | None]:
         shift = 8 if wide.max(initial=0) > 255 else 0
         return Image.fromarray((wide >> shift).clip(0, 255).astype(np.uint8)), f"{img.mode} grey converted to 8-bit"
     if img.mode in ("1", "P"):
-        return img.convert("RGBA" if img.mode == "P" and "transparency" in img.info else
-                           "L" if img.mode == "1" else "RGB"), None
+        return img.convert(
+            "RGBA" if img.mode == "P" and "transparency" in img.info else "L" if img.mode == "1" else "RGB"
+        ), None
     if img.mode not in _KEPT_MODES:
         return img.convert("RGB"), f"{img.mode} converted to RGB"
     return img, None
@@ -200,9 +215,11 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ValueError(f"{name}: not a readable image ({decoder_reason(err)})") from None
     if over:  # every reader would skip it (data.max_image_pixels)
-        raise ValueError(f"{name}: {width}x{height} px ({width * height / 1e6:.1f} MP), over the "
-                         f"{MAX_IMAGE_PIXELS} pixels training decodes (data.max_image_pixels); pass --max-side "
-                         "to store it downscaled")
+        raise ValueError(
+            f"{name}: {width}x{height} px ({width * height / 1e6:.1f} MP), over the "
+            f"{MAX_IMAGE_PIXELS} pixels training decodes (data.max_image_pixels); pass --max-side "
+            "to store it downscaled"
+        )
     if min(width, height) < MIN_SIDE:
         raise ValueError(f"{name}: {width}x{height} px, smaller than {MIN_SIDE} px on a side")
     too_big = bool(max_side and max(width, height) > max_side)
@@ -211,8 +228,9 @@ def prepare_image(data: bytes, name: str, max_side: int | None = None) -> tuple[
     img, note = _eight_bit(Image.open(io.BytesIO(data)))  # in full: the check may have decoded it reduced
     if too_big and max_side:
         scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.Resampling.LANCZOS)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.LANCZOS
+        )
     buf = io.BytesIO()
     if fmt == "JPEG" and img.mode in ("L", "RGB"):
         img.save(buf, format="JPEG", quality=JPEG_QUALITY)
@@ -244,11 +262,19 @@ def image_folder_files(root: str | Path) -> tuple[list[tuple[int, str, int]], li
         raise DatasetNotFound(f"image folder {root} does not exist; check the path")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
-        raise BadInput(f"{root} has no class sub-folders; lay it out as {root}/<class>/<image> "
-                       "(one folder per class, even for a single class)")
-    files = [(i, str(p), c) for i, (p, c) in enumerate(
-        (p, c) for c, name in enumerate(classes) for p in sorted((root / name).rglob("*"))
-        if p.suffix.lower() in IMAGE_SUFFIXES)]
+        raise BadInput(
+            f"{root} has no class sub-folders; lay it out as {root}/<class>/<image> "
+            "(one folder per class, even for a single class)"
+        )
+    files = [
+        (i, str(p), c)
+        for i, (p, c) in enumerate(
+            (p, c)
+            for c, name in enumerate(classes)
+            for p in sorted((root / name).rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    ]
     if not files:
         raise BadInput(f"{root}: no images in its class folders (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return files, classes
@@ -257,15 +283,19 @@ def image_folder_files(root: str | Path) -> tuple[list[tuple[int, str, int]], li
 SPLIT_SEED = 0  # `shards write image-folder --test-fraction`: the same files go to the test split every time
 
 
-def stratified_split(files: list[tuple[int, str, int]], fraction: float, seed: int = SPLIT_SEED,
-                     ) -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
+def stratified_split(
+    files: list[tuple[int, str, int]],
+    fraction: float,
+    seed: int = SPLIT_SEED,
+) -> tuple[list[tuple[int, str, int]], list[tuple[int, str, int]]]:
     """(train, test) of ``image_folder_files``' list: of each class's n files, ``round(fraction * n)``
     (halves up; at least 1 and at most n - 1 when n >= 2, none when n == 1) picked at random for test,
     by a generator seeded with ``seed`` and the class index (so one class's files move none of another's).
     Both keep the folder's order."""
     if not 0 < fraction < 1:
-        raise BadInput(f"--test-fraction {fraction}: give a fraction between 0 and 1 "
-                       "(0.1 puts 10% of each class in OUT/test)")
+        raise BadInput(
+            f"--test-fraction {fraction}: give a fraction between 0 and 1 (0.1 puts 10% of each class in OUT/test)"
+        )
     by_class: dict[int, list[int]] = {}
     for i, (_, _, c) in enumerate(files):
         by_class.setdefault(c, []).append(i)
@@ -277,8 +307,11 @@ def stratified_split(files: list[tuple[int, str, int]], fraction: float, seed: i
     return ([f for i, f in enumerate(files) if i not in test], [f for i, f in enumerate(files) if i in test])
 
 
-def image_samples(files: list[tuple[int, str, int]], max_side: int | None = None, processes: int = 1,
-                  ) -> Iterator[dict]:
+def image_samples(
+    files: list[tuple[int, str, int]],
+    max_side: int | None = None,
+    processes: int = 1,
+) -> Iterator[dict]:
     """Shard samples of ``image_folder_files``' (index, file, class) list, in its order.
 
     Each image goes through ``prepare_image`` (decoded whole; JPEG bytes kept as they are; ``max_side``:
@@ -293,8 +326,11 @@ def image_samples(files: list[tuple[int, str, int]], max_side: int | None = None
     yield from _pooled(_image_sample, jobs, processes, chunksize=16)
 
 
-def image_folder_samples(root: str | Path, max_side: int | None = None, processes: int = 1,
-                         ) -> tuple[Iterator[dict], int, list[str]]:
+def image_folder_samples(
+    root: str | Path,
+    max_side: int | None = None,
+    processes: int = 1,
+) -> tuple[Iterator[dict], int, list[str]]:
     """Samples of every image under ``root/<class>/`` (``image_samples``), their count and the class names."""
     files, classes = image_folder_files(root)
     return image_samples(files, max_side, processes), len(files), classes
@@ -313,13 +349,17 @@ def _read_audio_labels(labels_csv: Path) -> list[dict]:
             reader = csv.DictReader(f)
             rows, header = list(reader), reader.fieldnames or []
     except FileNotFoundError:
-        raise BadInput(f"{labels_csv}: no such labels CSV; check --labels (a CSV with a 'path' column, "
-                       "paths relative to the audio folder)") from None
+        raise BadInput(
+            f"{labels_csv}: no such labels CSV; check --labels (a CSV with a 'path' column, "
+            "paths relative to the audio folder)"
+        ) from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise BadInput(f"{labels_csv}: cannot read it as a CSV ({err}); check --labels") from None
     if "path" not in header:
-        raise BadInput(f"{labels_csv}: needs a header with a 'path' column (paths relative to the audio folder); "
-                       f"its header is {header}")
+        raise BadInput(
+            f"{labels_csv}: needs a header with a 'path' column (paths relative to the audio folder); "
+            f"its header is {header}"
+        )
     return rows
 
 
@@ -363,7 +403,7 @@ def _pooled(function, jobs: list, processes: int, chunksize: int, initializer=No
     with pool:
         if mask is not None:  # this is the main thread
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C that came meanwhile is raised here
-        chunks = [jobs[i:i + chunksize] for i in range(0, len(jobs), chunksize)]
+        chunks = [jobs[i : i + chunksize] for i in range(0, len(jobs), chunksize)]
         results = pool.imap(functools.partial(_map_chunk, function), chunks)  # one chunk a task: next(timeout)
         while True:
             try:
@@ -417,14 +457,18 @@ def _audio_sample(job: tuple[int, str, str, dict]) -> dict:
     except ValueError as err:
         return {"__key__": key, "__error__": str(err)}
     if len(wave) < MIN_CLIP_SAMPLES:
-        return {"__key__": key, "__error__": f"{shown}: {1000 * len(wave) / SAMPLE_RATE:.1f} ms of audio, shorter "
-                f"than {1000 * MIN_CLIP_SAMPLES / SAMPLE_RATE:g} ms (a truncated file?)"}
+        return {
+            "__key__": key,
+            "__error__": f"{shown}: {1000 * len(wave) / SAMPLE_RATE:.1f} ms of audio, shorter "
+            f"than {1000 * MIN_CLIP_SAMPLES / SAMPLE_RATE:g} ms (a truncated file?)",
+        }
     info = {"duration": len(wave) / SAMPLE_RATE, "original_rate": rate, "path": shown, **meta}
     return {"__key__": key, "flac": encode_flac(wave), "json": info, "__source__": file}
 
 
-def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None, split: str | None = None,
-                         processes: int = 2) -> tuple[Iterator[dict], int, list[str]]:
+def audio_folder_samples(
+    root: str | Path, labels_csv: str | Path | None = None, split: str | None = None, processes: int = 2
+) -> tuple[Iterator[dict], int, list[str]]:
     """Samples from audio files under ``root`` (any layout, WAV/FLAC/OGG/MP3 at any rate), their count
     and class names.
 
@@ -442,8 +486,9 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
     classes: list[str] = []
     if labels_csv is None:
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
-        jobs: list[tuple[int, str, str, dict]] = [(i, str(p), str(p.relative_to(root)), {})
-                                                  for i, p in enumerate(files)]
+        jobs: list[tuple[int, str, str, dict]] = [
+            (i, str(p), str(p.relative_to(root)), {}) for i, p in enumerate(files)
+        ]
     else:
         classes = audio_label_classes(labels_csv)
         index = {name: c for c, name in enumerate(classes)}
@@ -456,8 +501,10 @@ def audio_folder_samples(root: str | Path, labels_csv: str | Path | None = None,
                 meta["label"] = index[meta["label"]] if meta["label"] in index else index[str(int(meta["label"]))]
             jobs.append((i, str(root / row["path"]), row["path"], meta))
     if not jobs:
-        raise BadInput(f"{root}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})"
-                         + (f" in split {split!r} of {labels_csv}" if split else ""))
+        raise BadInput(
+            f"{root}: no audio files found (looked for {', '.join(sorted(AUDIO_SUFFIXES))})"
+            + (f" in split {split!r} of {labels_csv}" if split else "")
+        )
 
     def gen():
         if processes <= 1:

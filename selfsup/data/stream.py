@@ -65,8 +65,9 @@ def _pieces(counts: list[int], order: list[int], begin: int, end: int) -> list[P
     return out
 
 
-def plan_epoch(counts: list[int], ranks: int, workers: int, batch_size: int, seed: int, epoch: int,
-               shuffle: bool = True) -> EpochPlan:
+def plan_epoch(
+    counts: list[int], ranks: int, workers: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> EpochPlan:
     """Split shards of ``counts`` samples into equal whole-batch ranges per (rank, worker)."""
     order = list(range(len(counts)))
     if shuffle:
@@ -136,8 +137,10 @@ class DataHealth:
     @classmethod
     def merge(cls, parts: list[DataHealth]) -> DataHealth:
         """The health of all ranks together."""
-        return cls(where=[w for h in parts for w in h.where],
-                   **{name: sum(getattr(h, name) for h in parts) for name in cls.COUNTS + cls.DEVICE_COUNTS})
+        return cls(
+            where=[w for h in parts for w in h.where],
+            **{name: sum(getattr(h, name) for h in parts) for name in cls.COUNTS + cls.DEVICE_COUNTS},
+        )
 
     def as_dict(self) -> dict:
         return {**{name: getattr(self, name) for name in self.COUNTS + self.DEVICE_COUNTS}, "where": self.where}
@@ -148,8 +151,10 @@ class DataHealth:
             return ""
         parts = []  # what happened only: a checksum alone is not "0 bad samples skipped, 0 repeated"
         if self.skipped:
-            parts.append(f"{self.skipped} bad samples skipped"
-                         + (f" ({self.duplicates} of them repeated keys)" if self.duplicates else ""))
+            parts.append(
+                f"{self.skipped} bad samples skipped"
+                + (f" ({self.duplicates} of them repeated keys)" if self.duplicates else "")
+            )
         if self.repeated:
             parts.append(f"{self.repeated} samples repeated to top up batches")
         if self.unknown:
@@ -157,8 +162,10 @@ class DataHealth:
         if self.mismatched:
             parts.append(f"{self.mismatched} shards with a wrong sha256 (run `selfsup shards verify`)")
         if self.decode_fallbacks or self.decode_failed:
-            parts.append(f"{self.decode_fallbacks} JPEGs the GPU rejected decoded on the CPU, "
-                         f"{self.decode_failed} undecodable trained as grey")
+            parts.append(
+                f"{self.decode_fallbacks} JPEGs the GPU rejected decoded on the CPU, "
+                f"{self.decode_failed} undecodable trained as grey"
+            )
         return ", ".join(parts) + (f"; first: {'; '.join(self.where[:3])}" if self.where else "")
 
 
@@ -202,15 +209,30 @@ class ShardStream(IterableDataset):
     length (see the module docstring); ``batch_size`` is then used only for a manifest without durations.
     """
 
-    def __init__(self, location: str, batch_size: int, decode: Callable, collate: Callable, *, rank: int = 0,
-                 ranks: int = 1, workers: int = 1, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 verify_checksums: bool = False, tokens: TokenBatching | None = None):
+    def __init__(
+        self,
+        location: str,
+        batch_size: int,
+        decode: Callable,
+        collate: Callable,
+        *,
+        rank: int = 0,
+        ranks: int = 1,
+        workers: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        verify_checksums: bool = False,
+        tokens: TokenBatching | None = None,
+    ):
         self.manifest, self.urls = read_manifest(location)
         self.counts = [s["count"] for s in self.manifest["shards"]]
         self.tokens, self.lengths, self.token_steps = self._token_plan(location, tokens, ranks)
         if not self.tokens and sum(self.counts) < batch_size * ranks:
-            raise ValueError(f"{location} holds {sum(self.counts)} samples, fewer than one batch of "
-                             f"{batch_size} per rank for {ranks} ranks; lower data.batch_size")
+            raise ValueError(
+                f"{location} holds {sum(self.counts)} samples, fewer than one batch of "
+                f"{batch_size} per rank for {ranks} ranks; lower data.batch_size"
+            )
         self.batch_size, self.decode, self.collate = batch_size, decode, collate
         self.rank, self.ranks, self.workers = rank, ranks, max(1, workers)
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
@@ -226,23 +248,34 @@ class ShardStream(IterableDataset):
             return None, None, None
         lengths = manifest_lengths(self.manifest, tokens.rate)
         if lengths is None:
-            log.warning("%s: the manifest records no clip durations (shards written by an older selfsup): "
-                        "batches of data.batch_size clips, not data.max_tokens samples; re-write the shards", location)
+            log.warning(
+                "%s: the manifest records no clip durations (shards written by an older selfsup): "
+                "batches of data.batch_size clips, not data.max_tokens samples; re-write the shards",
+                location,
+            )
             return None, None, None
         if unreadable := sum(d is None for s in self.manifest["shards"] for d in s["durations"]):
-            log.warning("%s: %d clips are unreadable by the manifest (null duration) and left out; "
-                        "`selfsup shards verify %s` names them", location, unreadable, location)
+            log.warning(
+                "%s: %d clips are unreadable by the manifest (null duration) and left out; "
+                "`selfsup shards verify %s` names them",
+                location,
+                unreadable,
+                location,
+            )
         steps = count_batches(lengths, tokens) // ranks
         if steps == 0:
             usable = sum(n >= tokens.min_length for ls in lengths for n in ls)
-            raise ValueError(f"{location} holds {usable} clips of at least {tokens.min_length} samples, fewer than "
-                             f"one batch of data.max_tokens {tokens.max_tokens} per rank for {ranks} ranks")
+            raise ValueError(
+                f"{location} holds {usable} clips of at least {tokens.min_length} samples, fewer than "
+                f"one batch of data.max_tokens {tokens.max_tokens} per rank for {ranks} ranks"
+            )
         return tokens, lengths, steps
 
     def plan(self) -> EpochPlan | TokenPlan:
         if self.tokens:
-            return plan_token_epoch(self.lengths, self.ranks, self.workers, self.tokens, self.seed, self.epoch,
-                                    self.shuffle)
+            return plan_token_epoch(
+                self.lengths, self.ranks, self.workers, self.tokens, self.seed, self.epoch, self.shuffle
+            )
         return plan_epoch(self.counts, self.ranks, self.workers, self.batch_size, self.seed, self.epoch, self.shuffle)
 
     def steps_per_epoch(self) -> int:
@@ -261,8 +294,14 @@ class ShardStream(IterableDataset):
             count = self.counts[p.shard]
             whole = verify and self.verify_checksums and p.start == 0 and p.stop == count
             problems: list[ShardProblem] = []
-            yield from read_shard(self.urls[p.shard], problems, count, start=p.start, stop=p.stop,
-                                  sha256=self.manifest["shards"][p.shard]["sha256"] if whole else None)
+            yield from read_shard(
+                self.urls[p.shard],
+                problems,
+                count,
+                start=p.start,
+                stop=p.stop,
+                sha256=self.manifest["shards"][p.shard]["sha256"] if whole else None,
+            )
             for problem in problems:
                 yield {"__problem__": problem}
 
@@ -351,9 +390,10 @@ class ShardStream(IterableDataset):
         if last is not None and made > skip:
             yield {**self.collate(last), **tally.take()}
         if made < quota:
-            raise RuntimeError(f"{self.urls[0].rsplit('/', 1)[0]}: too few decodable samples to fill "
-                               f"{quota} batches of {self.batch_size}; run `selfsup shards verify`")
-
+            raise RuntimeError(
+                f"{self.urls[0].rsplit('/', 1)[0]}: too few decodable samples to fill "
+                f"{quota} batches of {self.batch_size}; run `selfsup shards verify`"
+            )
 
     def _planned(self, mine: list[Batch], spare: list[Batch]) -> Iterator[dict]:
         """The batches ``mine``, read one pass per shard and held one bucket at a time; a batch that bad
@@ -377,8 +417,10 @@ class ShardStream(IterableDataset):
                     if made >= quota:
                         break
         if made < quota:
-            raise RuntimeError(f"{self.urls[0].rsplit('/', 1)[0]}: too few decodable clips to fill {quota} "
-                               "batches; run `selfsup shards verify`")
+            raise RuntimeError(
+                f"{self.urls[0].rsplit('/', 1)[0]}: too few decodable clips to fill {quota} "
+                "batches; run `selfsup shards verify`"
+            )
 
     def _read_buckets(self, run: list[Batch], tally: _Tally) -> Iterator[tuple[list[Batch], dict[int, dict]]]:
         """(a bucket's batches, their raw samples by position) for each bucket of ``run`` (one shard, buckets
@@ -445,6 +487,12 @@ def make_loader(stream: ShardStream, processes: int) -> DataLoader:
     """
     if max(1, processes) != stream.workers:
         raise ValueError(f"the stream is planned for {stream.workers} workers, not {processes}")
-    return DataLoader(stream, batch_size=None, num_workers=processes, pin_memory=torch.cuda.is_available(),
-                      generator=stream.generator,
-                      prefetch_factor=4 if processes else None, persistent_workers=False)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=processes,
+        pin_memory=torch.cuda.is_available(),
+        generator=stream.generator,
+        prefetch_factor=4 if processes else None,
+        persistent_workers=False,
+    )

@@ -46,8 +46,9 @@ def _resized(plane: np.ndarray, width: int, height: int, resample=Image.Resampli
     return np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((width, height), resample))
 
 
-def _field(rng: np.random.Generator, width: int, height: int, channels: int, octaves: int = 5,
-           decay: float = 0.6) -> np.ndarray:
+def _field(
+    rng: np.random.Generator, width: int, height: int, channels: int, octaves: int = 5, decay: float = 0.6
+) -> np.ndarray:
     """A smooth random field: float32 (channels, height, width) of about unit spread, octave k (2**(k+1)
     cells across the long side) weighted decay**k; built at a quarter of the size, then upsampled."""
     sw, sh = max(2, width // 4), max(2, height // 4)
@@ -56,7 +57,7 @@ def _field(rng: np.random.Generator, width: int, height: int, channels: int, oct
         cells = 2 ** (k + 1)
         gh, gw = (max(2, round(cells * side / max(width, height))) + 1 for side in (height, width))
         noise = rng.standard_normal((channels, gh, gw))
-        total += decay ** k * np.stack([_resized(n, sw, sh) for n in noise])
+        total += decay**k * np.stack([_resized(n, sw, sh) for n in noise])
     full = np.stack([_resized(t, width, height, Image.Resampling.BILINEAR) for t in total])
     return full / math.sqrt(sum(decay ** (2 * k) for k in range(octaves)))
 
@@ -80,8 +81,14 @@ def _shapes(img: Image.Image, rng: np.random.Generator, kind: int, hue: float) -
             draw.polygon([(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles], fill=colour)
         else:
             a = rng.uniform(0, math.pi)
-            draw.line([(cx - 2 * r * math.cos(a), cy - 2 * r * math.sin(a)),
-                       (cx + 2 * r * math.cos(a), cy + 2 * r * math.sin(a))], fill=colour, width=max(2, int(r / 3)))
+            draw.line(
+                [
+                    (cx - 2 * r * math.cos(a), cy - 2 * r * math.sin(a)),
+                    (cx + 2 * r * math.cos(a), cy + 2 * r * math.sin(a)),
+                ],
+                fill=colour,
+                width=max(2, int(r / 3)),
+            )
 
 
 def natural_image(rng: np.random.Generator, width: int, height: int, cls: int, classes: int) -> np.ndarray:
@@ -113,8 +120,10 @@ def write_imagenet_like(root: str | Path, n: int, classes: int = 4, seed: int = 
     root = Path(root)
     for c in range(classes):
         (root / f"c{c}").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root / f"c{i % classes}" / f"c{i % classes}_{i:06d}.JPEG"), i % classes, classes, seed, i)
-            for i in range(n)]
+    jobs = [
+        (str(root / f"c{i % classes}" / f"c{i % classes}_{i:06d}.JPEG"), i % classes, classes, seed, i)
+        for i in range(n)
+    ]
     if processes <= 1:
         return [Path(p) for p in map(_write_one, jobs)]
     import multiprocessing

@@ -111,8 +111,12 @@ def cut_views(img: Image.Image, boxes: torch.Tensor, sizes: list[int], mode: str
     img.load()
     img = img if img.mode == mode else img.convert(mode)
     sx, sy = img.width / width, img.height / height
-    crops = [torch.from_numpy(np.array(img.resize((size, size), Image.Resampling.BILINEAR, box=(a * sx, b * sy, c * sx, d * sy))))
-             for (a, b, c, d), size in zip(boxes.tolist(), sizes)]
+    crops = [
+        torch.from_numpy(
+            np.array(img.resize((size, size), Image.Resampling.BILINEAR, box=(a * sx, b * sy, c * sx, d * sy)))
+        )
+        for (a, b, c, d), size in zip(boxes.tolist(), sizes)
+    ]
     crops = [c.unsqueeze(0) if c.ndim == 2 else c.permute(2, 0, 1) for c in crops]
     return [torch.stack(crops[views]) for _, views in size_groups(sizes)]
 
@@ -137,8 +141,14 @@ class WholeImageViews:
     the stream skips and counts.
     """
 
-    def __init__(self, crops: list[Crop], sizes: list[int], channels: int, on_device: bool = False,
-                 max_pixels: int = MAX_IMAGE_PIXELS):
+    def __init__(
+        self,
+        crops: list[Crop],
+        sizes: list[int],
+        channels: int,
+        on_device: bool = False,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+    ):
         if channels not in (1, 3):
             raise ValueError(f"data.channels={channels}: views of images of many sizes need 1 or 3 channels")
         self.boxes, self.sizes, self.on_device = BoxSampler(crops), sizes, on_device
@@ -186,8 +196,9 @@ class DeviceDecodeError(OneLineError, RuntimeError):
 def device_failure(err: BaseException) -> bool:
     """Whether ``err`` is the device's own (out of memory, a CUDA error) rather than a bad JPEG's."""
     text = str(err)
-    return isinstance(err, (torch.OutOfMemoryError, torch.AcceleratorError)) or \
-        any(s in text for s in ("out of memory", "CUDA error", "ALLOCATOR_FAILURE"))
+    return isinstance(err, (torch.OutOfMemoryError, torch.AcceleratorError)) or any(
+        s in text for s in ("out of memory", "CUDA error", "ALLOCATOR_FAILURE")
+    )
 
 
 @functools.cache
@@ -266,18 +277,23 @@ class DeviceCrops:
         except RuntimeError as err:
             if not device_failure(err):
                 raise
-            what = "ran out of memory" if "out of memory" in str(err) or isinstance(err, torch.OutOfMemoryError) \
+            what = (
+                "ran out of memory"
+                if "out of memory" in str(err) or isinstance(err, torch.OutOfMemoryError)
                 else f"failed ({type(err).__name__}: {str(err).splitlines()[0]})"
+            )
             raise DeviceDecodeError(
                 f"decoding a batch of {len(batch['jpeg_index'])} JPEGs on {self.device} {what}: set data.decode=cpu "
-                "to decode in the loader workers, or lower data.batch_size") from None
+                "to decode in the loader workers, or lower data.batch_size"
+            ) from None
 
     def crops(self, batch: dict) -> list[torch.Tensor]:
         """[float (V_g, B, C, S_g, S_g)] on the device, queued on the current stream."""
         parts = []
         if len(batch["crop_index"]):
-            parts.append((batch["crop_index"], [torch.div(g.to(self.device, non_blocking=True), 255)
-                                                for g in batch["crops"]]))
+            parts.append(
+                (batch["crop_index"], [torch.div(g.to(self.device, non_blocking=True), 255) for g in batch["crops"]])
+            )
         if len(batch["jpeg_index"]):
             parts.append((batch["jpeg_index"], self.cut_jpegs(batch)))
         if len(parts) == 1 and torch.equal(parts[0][0], torch.arange(len(batch["labels"]))):
@@ -317,13 +333,22 @@ class DeviceCrops:
         except Exception as err:  # noqa: BLE001 - PIL raises many types for bad bytes
             self.health.decode_failed += 1
             if _power_of_two(self.health.decode_failed):
-                log.warning("sample %s: undecodable (%s: %s), its views are grey (%d so far)", key,
-                            type(err).__name__, err, self.health.decode_failed)
+                log.warning(
+                    "sample %s: undecodable (%s: %s), its views are grey (%d so far)",
+                    key,
+                    type(err).__name__,
+                    err,
+                    self.health.decode_failed,
+                )
             c = 1 if self.pil_mode == "L" else 3
             h, w = math.ceil(float(boxes[:, 3].max())), math.ceil(float(boxes[:, 2].max()))
             return torch.full((c, max(h, 1), max(w, 1)), 128, dtype=torch.uint8, device=self.device)
         self.health.decode_fallbacks += 1
         if _power_of_two(self.health.decode_fallbacks):
-            log.warning("sample %s: the device could not decode it (%s), decoded on the CPU (%d so far)",
-                        key, reason, self.health.decode_fallbacks)
+            log.warning(
+                "sample %s: the device could not decode it (%s), decoded on the CPU (%d so far)",
+                key,
+                reason,
+                self.health.decode_fallbacks,
+            )
         return (array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)).to(self.device)

@@ -53,8 +53,15 @@ def compare(runs: list[str | Path], train: str, test: str, out: str | Path, rank
                 splits[key] = task.read_labelled(train, cfg), task.read_labelled(test, cfg)
             train_split, test_split = splits[key]
             bank, queries = _features(ckpt, cfg, state, splits[key], out / "features" / run.name, cache_key)
-            scores, _ = score(f"{run.name} {ckpt.name}", bank, train_split.labels, queries, test_split.labels,
-                              num_classes(train_split, test_split), [tuple(s) for s in cfg.eval.knn])
+            scores, _ = score(
+                f"{run.name} {ckpt.name}",
+                bank,
+                train_split.labels,
+                queries,
+                test_split.labels,
+                num_classes(train_split, test_split),
+                [tuple(s) for s in cfg.eval.knn],
+            )
             rows.append({"run": run.name, "step": step, "checkpoint": str(ckpt), **scores})
     if not rows:
         raise CheckpointError(f"no checkpoint of {', '.join(map(str, runs))} could be read (each is named above)")
@@ -62,11 +69,17 @@ def compare(runs: list[str | Path], train: str, test: str, out: str | Path, rank
     result = {"train": train, "test": test, "rank_by": rank_by, "best": best, "checkpoints": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = format_table({f"{r['run']} @ {r['step']}": {k: v for k, v in r.items() if k not in ("run", "step", "checkpoint")}
-                          for r in rows})
-    (out / "compare.md").write_text(f"# Checkpoints on {test}\n\n{table}\n\nbest by {rank_by}: {best['run']} at step "
-                                    f"{best['step']} ({100 * best[rank_by]:.2f}%), {best['checkpoint']}\n\n"
-                                    "![top-1 against step](compare.png)\n")
+    table = format_table(
+        {
+            f"{r['run']} @ {r['step']}": {k: v for k, v in r.items() if k not in ("run", "step", "checkpoint")}
+            for r in rows
+        }
+    )
+    (out / "compare.md").write_text(
+        f"# Checkpoints on {test}\n\n{table}\n\nbest by {rank_by}: {best['run']} at step "
+        f"{best['step']} ({100 * best[rank_by]:.2f}%), {best['checkpoint']}\n\n"
+        "![top-1 against step](compare.png)\n"
+    )
     _plot(out / "compare.png", rows)
     print(table)
     print(f"best by {rank_by}: {best['checkpoint']} ({100 * best[rank_by]:.2f}%); written to {out}")
@@ -79,7 +92,9 @@ def _cache_key(ckpt: Path, locations: str) -> str:
     return hashlib.sha256(f"{ckpt.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{locations}".encode()).hexdigest()
 
 
-def _features(ckpt: Path, cfg, state: dict, splits: tuple[LabelledSplit, LabelledSplit], cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _features(
+    ckpt: Path, cfg, state: dict, splits: tuple[LabelledSplit, LabelledSplit], cache: Path, key: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(train (N, D), test (M, D)) un-augmented features of a checkpoint (``model_features``), from
     ``cache`` when its ``key`` (:func:`_cache_key`) still matches."""
     path = cache / f"{ckpt.name}.npz"

@@ -38,8 +38,9 @@ def objective_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None) -
     return objective
 
 
-def encoder_from_checkpoint(cfg: ExperimentConfig, model_state: dict | None,
-                            device: torch.device | str = "cpu") -> nn.Module:
+def encoder_from_checkpoint(
+    cfg: ExperimentConfig, model_state: dict | None, device: torch.device | str = "cpu"
+) -> nn.Module:
     """The objective's encoder on ``device``, in the memory format training used there, with the
     checkpoint's weights (None: at random initialisation)."""
     encoder = objective_from_checkpoint(cfg, model_state).encoder.to(device)
@@ -90,20 +91,30 @@ class EncoderFeatures:
         differ wildly in offset and scale, which cosine kNN would otherwise see)."""
         mean, std = self.bank.mean(axis=0), self.bank.std(axis=0) + 1e-6
         probe_train = None if self.probe_train is None else (self.probe_train - mean) / std
-        return replace(self, bank=(self.bank - mean) / std, probe_train=probe_train,
-                       queries=(self.queries - mean) / std)
+        return replace(
+            self, bank=(self.bank - mean) / std, probe_train=probe_train, queries=(self.queries - mean) / std
+        )
 
 
-def split_features(task: Task, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str,
-                   probe_views: int = 1, progress: bool = True) -> list[np.ndarray]:
+def split_features(
+    task: Task,
+    encoder: nn.Module,
+    split: LabelledSplit,
+    cfg: ExperimentConfig,
+    desc: str,
+    probe_views: int = 1,
+    progress: bool = True,
+) -> list[np.ndarray]:
     """The task's candidate feature sets of ``split``, each (V·N, D), with a progress bar named ``desc``
     unless ``progress`` is False; NaN or inf features (diverged weights) are an error naming ``desc``."""
     sets = task.eval_features(encoder, split, cfg, desc if progress else None, probe_views)
     for features in sets:
         bad = int((~np.isfinite(features).all(axis=1)).sum())
         if bad:
-            raise ValueError(f"{desc}: {bad} of {len(features)} feature rows are NaN or inf; "
-                             "the weights have probably diverged (see the run's metrics.jsonl)")
+            raise ValueError(
+                f"{desc}: {bad} of {len(features)} feature rows are NaN or inf; "
+                "the weights have probably diverged (see the run's metrics.jsonl)"
+            )
     return sets
 
 
@@ -122,21 +133,30 @@ def holdout_split(labels: np.ndarray, groups: list[str], fraction: float, seed: 
     return mask
 
 
-def best_candidate(candidates: list[np.ndarray], labels: np.ndarray, held: np.ndarray,
-                   classes: int) -> tuple[int, list[float]]:
+def best_candidate(
+    candidates: list[np.ndarray], labels: np.ndarray, held: np.ndarray, classes: int
+) -> tuple[int, list[float]]:
     """The candidate (N, D) whose z-scored features classify the held-out rows best by weighted
     kNN@20 (T=0.07) against the rest: (its index, held-out top-1 of every candidate)."""
     k, scores = min(20, int((~held).sum())), []
     for x in candidates:
         fit = EncoderFeatures(x[~held], None, x[held]).standardised()
-        result = weighted_knn(fit.bank, labels[~held], fit.queries, labels[held], settings=[(k, 0.07)],
-                              num_classes=classes)
+        result = weighted_knn(
+            fit.bank, labels[~held], fit.queries, labels[held], settings=[(k, 0.07)], num_classes=classes
+        )
         scores.append(result.top1[f"knn@{k}"])
     return int(np.argmax(scores)), scores
 
 
-def model_features(task: Task, cfg: ExperimentConfig, model_state: dict | None, train: LabelledSplit,
-                   test: LabelledSplit, name: str, probe_views: int = 1) -> EncoderFeatures:
+def model_features(
+    task: Task,
+    cfg: ExperimentConfig,
+    model_state: dict | None,
+    train: LabelledSplit,
+    test: LabelledSplit,
+    name: str,
+    probe_views: int = 1,
+) -> EncoderFeatures:
     """The features of ``cfg``'s encoder with ``model_state`` (None: at random initialisation from
     ``cfg.seed``) on :func:`eval_device`. With several candidates (layers), the one that is best on
     a held-out part of ``train`` (by voice/speaker when known); z-scored when the task asks."""
@@ -147,8 +167,9 @@ def model_features(task: Task, cfg: ExperimentConfig, model_state: dict | None, 
     if len(train_sets) > 1:
         held = holdout_split(train.labels, train.groups, HOLDOUT, cfg.seed)
         pick, scores = best_candidate([x[:n] for x in train_sets], train.labels, held, num_classes(train, test))
-        log.info("%s: layer %d is best on held-out train (kNN@20 per layer %s)", name, pick,
-                 [round(v, 3) for v in scores])
+        log.info(
+            "%s: layer %d is best on held-out train (kNN@20 per layer %s)", name, pick, [round(v, 3) for v in scores]
+        )
         extra, held_out = {"layer": pick, "heldout_knn20_per_layer": scores}, int(held.sum())
     rows = train_sets[pick]
     queries = split_features(task, encoder, test, cfg, f"features ({name}, test)")[pick]
@@ -156,8 +177,9 @@ def model_features(task: Task, cfg: ExperimentConfig, model_state: dict | None, 
     return features.standardised() if task.eval_spec(cfg).zscore else features
 
 
-def baseline_features(task: Task, cfg: ExperimentConfig, train: LabelledSplit,
-                      test: LabelledSplit) -> dict[str, EncoderFeatures]:
+def baseline_features(
+    task: Task, cfg: ExperimentConfig, train: LabelledSplit, test: LabelledSplit
+) -> dict[str, EncoderFeatures]:
     """The task's model-free baselines (raw pixels, log-mel), z-scored when the task asks."""
     zscore = task.eval_spec(cfg).zscore
     out = {}

@@ -106,9 +106,12 @@ def _faiss():
     numpy give the same neighbours without it). Warns once when both FAISS wheels are installed."""
     both = installed(FAISS_WHEELS)
     if len(both) > 1:
-        log.warning("%s are both installed and write the same `faiss` module (the one installed last won): "
-                    "pip uninstall -y %s, then reinstall selfsup with one extra, '.[cpu]' or '.[gpu]'",
-                    " and ".join(both), " ".join(both))
+        log.warning(
+            "%s are both installed and write the same `faiss` module (the one installed last won): "
+            "pip uninstall -y %s, then reinstall selfsup with one extra, '.[cpu]' or '.[gpu]'",
+            " and ".join(both),
+            " ".join(both),
+        )
     try:
         import faiss
     except ImportError:
@@ -134,8 +137,10 @@ def _resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "faiss" and _faiss() is None:
-        raise ValueError("backend='faiss' but faiss is not installed: install selfsup with the extra '.[cpu]' "
-                         "(faiss-cpu) or '.[gpu]' (faiss-gpu-cu12)")
+        raise ValueError(
+            "backend='faiss' but faiss is not installed: install selfsup with the extra '.[cpu]' "
+            "(faiss-cpu) or '.[gpu]' (faiss-gpu-cu12)"
+        )
     return backend
 
 
@@ -170,7 +175,6 @@ def check_labels(y, n: int, name: str) -> np.ndarray:
     if y.min() < 0:
         raise ValueError(f"{name} labels must be non-negative, got {y.min()}")
     return y.astype(np.int64)
-
 
 
 def check_split_pair(train_x, train_y, test_x, test_y, names: tuple[str, str] = ("bank", "queries")):
@@ -266,8 +270,11 @@ def _block_topk(q: np.ndarray, block: np.ndarray, k: int, backend: str) -> tuple
     np_idx: list[np.ndarray] = []
     for s in range(0, len(q), step):
         full = q[s : s + step] @ block.T
-        top = np.argpartition(-full, k - 1, axis=1)[:, :k] if k < len(block) else \
-            np.broadcast_to(np.arange(k), full.shape)
+        top = (
+            np.argpartition(-full, k - 1, axis=1)[:, :k]
+            if k < len(block)
+            else np.broadcast_to(np.arange(k), full.shape)
+        )
         np_sims.append(np.take_along_axis(full, top, axis=1))
         np_idx.append(top)
     return np.concatenate(np_sims), np.concatenate(np_idx).astype(np.int64)

@@ -70,10 +70,12 @@ def linear_probe(
     trained on, the held-out images are scored on block 0 only, and no image is on both sides.
     ``epochs`` (passes over the train rows) defaults to 20 / V: the same number of steps at any V.
     """
-    train_x, train_y, test_x, test_y = check_split_pair(train_x, train_y, test_x, test_y,
-                                                        ("train features", "test features"))
-    grid, epochs, images, n_val = _plan(train_y, test_y, num_classes, lrs, weight_decays, epochs, batch_size,
-                                        val_fraction, train_views)
+    train_x, train_y, test_x, test_y = check_split_pair(
+        train_x, train_y, test_x, test_y, ("train features", "test features")
+    )
+    grid, epochs, images, n_val = _plan(
+        train_y, test_y, num_classes, lrs, weight_decays, epochs, batch_size, val_fraction, train_views
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(train_x.astype(np.float32, copy=False))  # on the host, read a batch at a time
@@ -95,13 +97,28 @@ def linear_probe(
         model, member = _fit(x, y, torch.arange(len(x)), num_classes, [(lr, wd)], epochs, batch_size, gen, device), 0
 
     logits = _predict(model, torch.from_numpy(test_x.astype(np.float32, copy=False)), lambda out: out[:, member])
-    return _scored(logits, test_y, num_classes, lr, wd, float(val_top1[chosen]),
-                   {f"lr={g_lr:g},wd={g_wd:g}": float(v) for (g_lr, g_wd), v in zip(grid, val_top1)})
+    return _scored(
+        logits,
+        test_y,
+        num_classes,
+        lr,
+        wd,
+        float(val_top1[chosen]),
+        {f"lr={g_lr:g},wd={g_wd:g}": float(v) for (g_lr, g_wd), v in zip(grid, val_top1)},
+    )
 
 
-def _plan(train_y: np.ndarray, test_y: np.ndarray, num_classes: int, lrs: Sequence[float],
-          weight_decays: Sequence[float], epochs: int | None, batch_size: int, val_fraction: float,
-          train_views: int) -> tuple[list[tuple[float, float]], int, int, int]:
+def _plan(
+    train_y: np.ndarray,
+    test_y: np.ndarray,
+    num_classes: int,
+    lrs: Sequence[float],
+    weight_decays: Sequence[float],
+    epochs: int | None,
+    batch_size: int,
+    val_fraction: float,
+    train_views: int,
+) -> tuple[list[tuple[float, float]], int, int, int]:
     """Check :func:`linear_probe`'s arguments against the labels (V·N,) / (M,): (the grid of
     (lr, weight decay), the epochs, the N images per view block, the n_val held-out images)."""
     if max(train_y.max(), test_y.max()) >= num_classes:
@@ -116,16 +133,24 @@ def _plan(train_y: np.ndarray, test_y: np.ndarray, num_classes: int, lrs: Sequen
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     images = len(train_y) // train_views
     if (train_y.reshape(train_views, images) != train_y[:images]).any():
-        raise ValueError(f"the {train_views} blocks of train rows must hold the same images in the same order "
-                         "(their labels differ)")
+        raise ValueError(
+            f"the {train_views} blocks of train rows must hold the same images in the same order (their labels differ)"
+        )
     n_val = round(images * val_fraction)
     if len(grid) > 1 and not 1 <= n_val < images:
         raise ValueError(f"val_fraction={val_fraction} leaves no held-out images (or no training images) of {images}")
     return grid, epochs, images, n_val
 
 
-def _scored(logits: torch.Tensor, test_y: np.ndarray, num_classes: int, lr: float, weight_decay: float,
-            val_top1: float, grid: dict[str, float] | None = None) -> LinearProbeResult:
+def _scored(
+    logits: torch.Tensor,
+    test_y: np.ndarray,
+    num_classes: int,
+    lr: float,
+    weight_decay: float,
+    val_top1: float,
+    grid: dict[str, float] | None = None,
+) -> LinearProbeResult:
     """The result of test ``logits`` (M, C) against ``test_y`` (M,): top-1/top-5 (ties go to the lower class)."""
     probabilities = torch.softmax(logits.double(), dim=-1).cpu().numpy()
     top = np.argsort(-probabilities, axis=1, kind="stable")[:, : min(5, num_classes)]
@@ -166,8 +191,9 @@ def _logits(model: _Model, x: torch.Tensor) -> torch.Tensor:
 
 def _predict(model: _Model, x: torch.Tensor, keep) -> torch.Tensor:
     """``keep(logits (B, G, C))`` of the host rows ``x`` (M, D), a ``CHUNK`` at a time, on the host."""
-    return torch.cat([keep(_logits(model, _to(model.weight.device, x[s : s + CHUNK]))).cpu()
-                      for s in range(0, len(x), CHUNK)])
+    return torch.cat(
+        [keep(_logits(model, _to(model.weight.device, x[s : s + CHUNK]))).cpu() for s in range(0, len(x), CHUNK)]
+    )
 
 
 def _standardiser(x: torch.Tensor, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +210,7 @@ def _standardiser(x: torch.Tensor, rows: torch.Tensor, device: torch.device) -> 
     return mean.float(), (1.0 / (std + 1e-6)).float()
 
 
-def _fit(x, y, rows, c: int, grid, epochs: int, batch_size: int, gen: torch.Generator,
-         device: torch.device) -> _Model:
+def _fit(x, y, rows, c: int, grid, epochs: int, batch_size: int, gen: torch.Generator, device: torch.device) -> _Model:
     """SGD (Nesterov) on mean cross-entropy for all grid members at once, closed-form gradients, on the
     host rows ``x[rows]`` (D wide) and labels ``y[rows]``, a batch at a time on ``device``."""
     n, d = len(rows), x.shape[1]
@@ -256,8 +281,13 @@ def linear_probe_paper(
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     device = next(encoder.parameters()).device
     gen = torch.Generator().manual_seed(seed)  # batch order; the crops draw on the encoder's device
-    views = BatchViews([ViewRecipe(crop_scale=crop_scale, flip_p=0.5)], image_size, list(mean), list(std),
-                       generator=torch.Generator(device=device).manual_seed(seed))
+    views = BatchViews(
+        [ViewRecipe(crop_scale=crop_scale, flip_p=0.5)],
+        image_size,
+        list(mean),
+        list(std),
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
     encoder.eval()
     with torch.no_grad():
         dim = encoder(views.plain(test_images[:2].to(device))).shape[1]
@@ -265,18 +295,38 @@ def linear_probe_paper(
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
     head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear).to(device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr * batch_size / 256, momentum=_MOMENTUM, weight_decay=weight_decay)
-    _train_head(head, optimizer, lambda rows: encoder(views(train_images[rows].to(device))[0]).float(),
-                train_y, epochs, batch_size, gen)
+    optimizer = torch.optim.SGD(
+        head.parameters(), lr=lr * batch_size / 256, momentum=_MOMENTUM, weight_decay=weight_decay
+    )
+    _train_head(
+        head,
+        optimizer,
+        lambda rows: encoder(views(train_images[rows].to(device))[0]).float(),
+        train_y,
+        epochs,
+        batch_size,
+        gen,
+    )
     head.eval()
     with torch.no_grad():
-        logits = torch.cat([head(encoder(views.plain(test_images[s : s + 1024].to(device))).float())
-                            for s in range(0, len(test_images), 1024)])
+        logits = torch.cat(
+            [
+                head(encoder(views.plain(test_images[s : s + 1024].to(device))).float())
+                for s in range(0, len(test_images), 1024)
+            ]
+        )
     return _scored(logits, test_y, num_classes, lr, weight_decay, float("nan"))
 
 
-def _train_head(head: nn.Module, optimizer: torch.optim.Optimizer, features, train_y: torch.Tensor, epochs: int,
-                batch_size: int, gen: torch.Generator) -> None:
+def _train_head(
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    features,
+    train_y: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    gen: torch.Generator,
+) -> None:
     """Train ``head`` on the frozen ``features(rows)`` (B, D) of the (B,) train rows: cross-entropy
     against ``train_y`` (N,), ``epochs`` passes in ``gen``'s order, ``optimizer``'s lr on a cosine per step."""
     device = next(head.parameters()).device

@@ -50,5 +50,7 @@ def project_2d(features, method: str = "pca", seed: int = 0) -> np.ndarray:
     if method == "pca":
         return PCA(n_components=2, random_state=seed).fit_transform(x)
     if method == "tsne":
-        return TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
+        return TSNE(
+            n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed
+        ).fit_transform(x)
     raise ValueError(f"method must be 'pca' or 'tsne', got {method!r}")

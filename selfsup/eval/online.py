@@ -39,8 +39,14 @@ class OnlineMonitor:
     """Cheap representation-quality probe for the training loop (call it on rank 0 only); the config
     has ``data.test`` (``ExperimentConfig`` refuses the monitor without it)."""
 
-    def __init__(self, cfg: ExperimentConfig, bank_size: int = 5000, query_size: int = 1000, k: int = 20,
-                 temperature: float = 0.07):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        bank_size: int = 5000,
+        query_size: int = 1000,
+        k: int = 20,
+        temperature: float = 0.07,
+    ):
         self.cfg, self.bank_size, self.query_size, self.k, self.temperature = cfg, bank_size, query_size, k, temperature
         self.task = task_for(cfg)
         self.data: tuple[LabelledSplit, LabelledSplit] | None = None  # (bank, queries)
@@ -69,15 +75,21 @@ class OnlineMonitor:
         record["monitor/collapse"] = float(self._collapsing())
         seconds = time.perf_counter() - start
         self.spent += seconds
-        return {**record, **self.levels, "monitor/seconds": seconds,
-                "monitor/fraction": self.spent / (time.perf_counter() - self.started)}
+        return {
+            **record,
+            **self.levels,
+            "monitor/seconds": seconds,
+            "monitor/fraction": self.spent / (time.perf_counter() - self.started),
+        }
 
     def _read(self) -> None:
         """The subset, and the levels of random init and the task's baselines on it."""
         cfg = self.cfg
         assert cfg.data.test is not None  # the config refuses monitoring without held-out data
-        self.data = (self.task.read_labelled(cfg.data.train, cfg, limit=self.bank_size),
-                     self.task.read_labelled(cfg.data.test, cfg, limit=self.query_size))
+        self.data = (
+            self.task.read_labelled(cfg.data.train, cfg, limit=self.bank_size),
+            self.task.read_labelled(cfg.data.test, cfg, limit=self.query_size),
+        )
         with torch.random.fork_rng():  # the loop's RNG stream is left as it was
             torch.manual_seed(cfg.seed)  # the weights the loop started from (rank 0 is seeded with cfg.seed)
             start = encoder_from_checkpoint(cfg, None)
@@ -99,8 +111,14 @@ class OnlineMonitor:
         """Weighted kNN top-1 of the queries (M, D) against the bank (N, D)."""
         assert self.data is not None
         bank_y, query_y = self.data[0].labels, self.data[1].labels
-        knn = weighted_knn(features.bank, bank_y, features.queries, query_y, settings=[(self.k, self.temperature)],
-                           num_classes=int(max(bank_y.max(), query_y.max())) + 1)
+        knn = weighted_knn(
+            features.bank,
+            bank_y,
+            features.queries,
+            query_y,
+            settings=[(self.k, self.temperature)],
+            num_classes=int(max(bank_y.max(), query_y.max())) + 1,
+        )
         return knn.top1[f"knn@{self.k}"]
 
     def _collapsing(self) -> bool:
@@ -108,11 +126,17 @@ class OnlineMonitor:
         if len(self.history) <= COLLAPSE_FALLS:
             return False
         knn, ranks = np.array(self.history).T
-        recent = knn[-COLLAPSE_FALLS - 1:]
+        recent = knn[-COLLAPSE_FALLS - 1 :]
         if not (np.diff(recent) < 0).all() or ranks[-1] >= COLLAPSE_RANK_SHARE * ranks.max():
             return False
-        log.warning("collapse: online kNN@%d fell %d checks in a row (%s) and RankMe is %.1f, %.1f%% of its peak "
-                    "%.1f: the embeddings are collapsing; lower optim.lr, or check the method's predictor/EMA settings",
-                    self.k, COLLAPSE_FALLS, " -> ".join(f"{100 * v:.1f}%" for v in recent), ranks[-1],
-                    100 * ranks[-1] / ranks.max(), ranks.max())
+        log.warning(
+            "collapse: online kNN@%d fell %d checks in a row (%s) and RankMe is %.1f, %.1f%% of its peak "
+            "%.1f: the embeddings are collapsing; lower optim.lr, or check the method's predictor/EMA settings",
+            self.k,
+            COLLAPSE_FALLS,
+            " -> ".join(f"{100 * v:.1f}%" for v in recent),
+            ranks[-1],
+            100 * ranks[-1] / ranks.max(),
+            ranks.max(),
+        )
         return True

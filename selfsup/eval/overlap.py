@@ -42,13 +42,17 @@ def overlap(train: LabelledSplit, test: LabelledSplit) -> str | None:
         return f"--train and --test are the same shards (the same folder {test.location}): {NOT_HELD_OUT}"
     test_shards = _shard_digests(test.location)
     if test_shards and test_shards <= _shard_digests(train.location):
-        return (f"--train and --test are the same shards (every shard of {test.location} has the sha256 of one "
-                f"of {train.location}): {NOT_HELD_OUT}")
+        return (
+            f"--train and --test are the same shards (every shard of {test.location} has the sha256 of one "
+            f"of {train.location}): {NOT_HELD_OUT}"
+        )
     in_train = set(_sample_digests(train.inputs))
     shared = sum(d in in_train for d in _sample_digests(test.inputs))
     if shared:
-        return (f"{shared} of {len(test.labels)} --test samples are also in --train (the same decoded content): "
-                f"{NOT_HELD_OUT} for them")
+        return (
+            f"{shared} of {len(test.labels)} --test samples are also in --train (the same decoded content): "
+            f"{NOT_HELD_OUT} for them"
+        )
     return None
 
 

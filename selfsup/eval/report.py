@@ -23,10 +23,12 @@ import numpy as np  # noqa: E402
 _FRACTION_PREFIXES = ("knn", "linear", "recall@", "precision@", "map", "top1", "top5")
 REFERENCE = "random_init"  # the encoder every other one's margin is measured against
 MARGINS = ("knn@20", "linear")  # the metrics whose margin over REFERENCE the table shows
-MEANING = ("kNN@k labels each test sample by its k nearest train samples in the encoder's feature space "
-           "(weighted by similarity); linear trains one linear layer on the frozen features. "
-           "`random_init` is the same network before any training, so the margin over it is what "
-           "pretraining added; the task's baseline (raw pixels, log-mel) needs no network at all.")
+MEANING = (
+    "kNN@k labels each test sample by its k nearest train samples in the encoder's feature space "
+    "(weighted by similarity); linear trains one linear layer on the frozen features. "
+    "`random_init` is the same network before any training, so the margin over it is what "
+    "pretraining added; the task's baseline (raw pixels, log-mel) needs no network at all."
+)
 
 
 def is_fraction(metric: str) -> bool:
@@ -40,13 +42,18 @@ def table_rows(encoders: dict[str, dict[str, float]]) -> tuple[list[str], list[l
     metrics = list(dict.fromkeys(m for values in encoders.values() for m in values))
     reference = encoders.get(REFERENCE, {})
     margins = [m for m in MARGINS if m in reference and m in metrics]
-    header = ["encoder", *[f"{m} (%)" if is_fraction(m) else m for m in metrics],
-              *[f"{m} vs random init" for m in margins]]
+    header = [
+        "encoder",
+        *[f"{m} (%)" if is_fraction(m) else m for m in metrics],
+        *[f"{m} vs random init" for m in margins],
+    ]
     rows = []
     for name, values in encoders.items():
         cells = [_cell(m, values[m]) if m in values else "–" for m in metrics]
-        cells += ["–" if name == REFERENCE or values.get(m) is None else f"{100 * (values[m] - reference[m]):+.2f}"
-                  for m in margins]
+        cells += [
+            "–" if name == REFERENCE or values.get(m) is None else f"{100 * (values[m] - reference[m]):+.2f}"
+            for m in margins
+        ]
         rows.append([name, *cells])
     return header, rows
 
@@ -117,22 +124,31 @@ def write_report(
     files = {"json": "report.json", "markdown": "report.md", **files}
     files["html"] = "report.html"
     facts = (training or {}).get("facts", {})
-    report = {"title": title, "encoders": encoders, "details": details, "notes": notes, "files": files,
-              "training": facts, "meaning": [MEANING, *(context or [])]}
+    report = {
+        "title": title,
+        "encoders": encoders,
+        "details": details,
+        "notes": notes,
+        "files": files,
+        "training": facts,
+        "meaning": [MEANING, *(context or [])],
+    }
     (out_dir / "report.json").write_text(json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
     _write_markdown(out_dir, report)
     _write_html(out_dir, report)
     return report
 
 
-def _write_plots(out_dir: Path, label, details: dict, notes: list[str], confusion_matrix, roc,
-                 embedding_2d, subject: str) -> dict[str, str]:
+def _write_plots(
+    out_dir: Path, label, details: dict, notes: list[str], confusion_matrix, roc, embedding_2d, subject: str
+) -> dict[str, str]:
     """The plots of :func:`write_report`'s arguments that are given, key -> PNG name; the ROC's AUCs
     go into ``details`` and its skipped classes into ``notes``."""
     files: dict[str, str] = {}
     if confusion_matrix is not None:
-        files["confusion"] = _plot_confusion(out_dir / "confusion.png", np.asarray(confusion_matrix), label,
-                                             f"linear probe confusion: {subject}")
+        files["confusion"] = _plot_confusion(
+            out_dir / "confusion.png", np.asarray(confusion_matrix), label, f"linear probe confusion: {subject}"
+        )
     if roc is not None:
         files["roc"] = _plot_roc(out_dir / "roc.png", roc, label, subject)
         details["roc_auc"] = {"macro": roc["macro"], "per_class": {label(c): a for c, a in roc["per_class"].items()}}
@@ -143,8 +159,9 @@ def _write_plots(out_dir: Path, label, details: dict, notes: list[str], confusio
         maps = embedding_2d if isinstance(embedding_2d, dict) else {"embedding": embedding_2d}
         for stem, (points, labels) in maps.items():
             method = "t-SNE" if "tsne" in stem else "PCA"
-            files[stem] = _plot_embedding(out_dir / f"{stem}.png", points, labels, label,
-                                          f"{method} of the test features: {subject}", method)
+            files[stem] = _plot_embedding(
+                out_dir / f"{stem}.png", points, labels, label, f"{method} of the test features: {subject}", method
+            )
     return files
 
 
@@ -166,8 +183,13 @@ def _write_html(out_dir: Path, report: dict) -> None:
     """report.html: report.md's content in one file, every plot embedded (base64 PNG), to send as it is."""
     e = html.escape
     header, rows = table_rows(report["encoders"])
-    table = "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{e(h)}</th>" for h in header)
+        + "</tr>"
+        + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+        + "</table>"
+    )
     parts = [f"<h1>{e(report['title'])}</h1>", table, f"<p>{e(' '.join(report['meaning']))}</p>"]
     if report["training"]:
         parts += ["<h2>Training</h2><ul>"] + [f"<li>{e(k)}: {e(str(v))}</li>" for k, v in report["training"].items()]
@@ -177,11 +199,15 @@ def _write_html(out_dir: Path, report: dict) -> None:
         if name.endswith(".png"):
             data = base64.b64encode((out_dir / name).read_bytes()).decode("ascii")
             parts.append(f'<figure><img alt="{e(key)}" src="data:image/png;base64,{data}"></figure>')
-    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}"
-             "img{max-width:100%}")
-    (out_dir / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report['title'])}"
-                                         f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}td:first-child{text-align:left}"
+        "img{max-width:100%}"
+    )
+    (out_dir / "report.html").write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(report['title'])}"
+        f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def _jsonable(x):
@@ -220,8 +246,15 @@ def _plot_confusion(path: Path, cm: np.ndarray, label, title: str) -> str:
     if c <= 15:
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                )
     return _save(fig, path)
 
 
@@ -264,9 +297,16 @@ def _plot_training(path: Path, records: list[dict], subject: str) -> str:
     loss_ax.plot([r["epoch"] for r in steps], [r["loss"] for r in steps], lw=1, color="tab:blue")
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="loss")
     checks = [r for r in records if "monitor/knn@20" in r]
-    knn_ax.plot([r["epoch"] for r in checks], [100 * r["monitor/knn@20"] for r in checks], "o-", color="tab:green",
-                label="this encoder")
-    levels = {k: v for k, v in (checks[-1] if checks else {}).items() if k.endswith("_knn@20") and k != "monitor/knn@20"}
+    knn_ax.plot(
+        [r["epoch"] for r in checks],
+        [100 * r["monitor/knn@20"] for r in checks],
+        "o-",
+        color="tab:green",
+        label="this encoder",
+    )
+    levels = {
+        k: v for k, v in (checks[-1] if checks else {}).items() if k.endswith("_knn@20") and k != "monitor/knn@20"
+    }
     for (key, value), colour in zip(levels.items(), ("tab:red", "tab:gray", "tab:purple", "tab:orange")):
         name = key.removeprefix("monitor/").removesuffix("_knn@20").replace("_", " ")
         knn_ax.axhline(100 * value, ls="--", lw=1, color=colour, label=f"{name} ({100 * value:.1f}%)")

@@ -56,8 +56,13 @@ def fastest_threads(task, cfg: ExperimentConfig, train: LabelledSplit) -> int:
     most = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if most <= 1 or eval_device().type != "cpu":
         return most
-    sample = replace(train, inputs=train.inputs[:THREAD_TRIAL], labels=train.labels[:THREAD_TRIAL],
-                     groups=train.groups[:THREAD_TRIAL], thumbnails=None)
+    sample = replace(
+        train,
+        inputs=train.inputs[:THREAD_TRIAL],
+        labels=train.labels[:THREAD_TRIAL],
+        groups=train.groups[:THREAD_TRIAL],
+        thumbnails=None,
+    )
     encoder, seconds = encoder_from_checkpoint(cfg, None).eval(), dict[int, float]()
     for count in (most, 1, most, 1):
         torch.set_num_threads(count)
@@ -66,24 +71,47 @@ def fastest_threads(task, cfg: ExperimentConfig, train: LabelledSplit) -> int:
         seconds[count] = min(seconds.get(count, float("inf")), time.perf_counter() - started)
     best = min(seconds, key=lambda count: seconds[count])
     if best != most:
-        log.warning("evaluating with %d of %d CPU threads: %s (another program is using the CPU)", best, most,
-                    ", ".join(f"{count} took {s:.2f} s for {len(sample.labels)} samples" for count, s in seconds.items()))
+        log.warning(
+            "evaluating with %d of %d CPU threads: %s (another program is using the CPU)",
+            best,
+            most,
+            ", ".join(f"{count} took {s:.2f} s for {len(sample.labels)} samples" for count, s in seconds.items()),
+        )
     return best
 
 
-def score(name: str, bank: np.ndarray, bank_y: np.ndarray, queries: np.ndarray, query_y: np.ndarray,
-          num_classes: int, knn_settings, probe_train: np.ndarray | None = None) -> tuple[dict, dict]:
+def score(
+    name: str,
+    bank: np.ndarray,
+    bank_y: np.ndarray,
+    queries: np.ndarray,
+    query_y: np.ndarray,
+    num_classes: int,
+    knn_settings,
+    probe_train: np.ndarray | None = None,
+) -> tuple[dict, dict]:
     """kNN of ``queries`` (M, D) against ``bank`` (N, D) at each (k, T), and the linear probe, trained on
     ``probe_train`` ((V·N, D), V views of the bank's samples) or else on ``bank``: ({metric: top-1}, details)."""
     log.info("scoring %s (%d-d features)", name, bank.shape[1])
     knn = weighted_knn(bank, bank_y, queries, query_y, settings=knn_settings, num_classes=num_classes)
     views = 1 if probe_train is None else len(probe_train) // len(bank)
-    probe = linear_probe(bank if probe_train is None else probe_train, np.tile(bank_y, views), queries, query_y,
-                         num_classes=num_classes, train_views=views)
+    probe = linear_probe(
+        bank if probe_train is None else probe_train,
+        np.tile(bank_y, views),
+        queries,
+        query_y,
+        num_classes=num_classes,
+        train_views=views,
+    )
     scores = {**knn.top1, "linear": probe.top1}
-    details = {"knn_top5": knn.top5, "linear_top5": probe.top5,
-               "linear_hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "val_top1": probe.val_top1},
-               "predictions": probe.predictions, "probabilities": probe.probabilities, "neighbours": knn.neighbours}
+    details = {
+        "knn_top5": knn.top5,
+        "linear_top5": probe.top5,
+        "linear_hparams": {"lr": probe.lr, "weight_decay": probe.weight_decay, "val_top1": probe.val_top1},
+        "predictions": probe.predictions,
+        "probabilities": probe.probabilities,
+        "neighbours": knn.neighbours,
+    }
     return scores, details
 
 
@@ -105,9 +133,11 @@ class _Eval:
     def subject(self) -> str:
         """Which encoder on which data, for the plots' titles."""
         m = self.cfg.model
-        return (f"{self.cfg.method.name} {m.backbone} (width {m.width}) of run {self.cfg.name}, "
-                f"{self.ckpt.name}, on {Path(self.test.location.rstrip('/')).parent.name}/"
-                f"{Path(self.test.location.rstrip('/')).name}")
+        return (
+            f"{self.cfg.method.name} {m.backbone} (width {m.width}) of run {self.cfg.name}, "
+            f"{self.ckpt.name}, on {Path(self.test.location.rstrip('/')).parent.name}/"
+            f"{Path(self.test.location.rstrip('/')).name}"
+        )
 
     @property
     def classes(self) -> list[str]:
@@ -121,8 +151,7 @@ def eval_splits(checkpoint: str | Path, train: str | None, test: str | None) -> 
     cfg = load_config(resolve_checkpoint(checkpoint) / "config.yaml")
     train, test = train or cfg.data.train, test or cfg.data.test
     if test is None:
-        raise ConfigError(f"the run {cfg.name} was trained without data.test: pass --test DIR "
-                          "(labelled shards)")
+        raise ConfigError(f"the run {cfg.name} was trained without data.test: pass --test DIR (labelled shards)")
     return train, test
 
 
@@ -144,13 +173,23 @@ def conversion_lines(cfg: ExperimentConfig, train: str, test: str) -> list[str]:
     """What reading ``train`` and ``test`` converts for the checkpoint's encoder (its ``data.channels``)."""
     if cfg.data.kind != "image":
         return []
-    return [line for key, location in (("--train", train), ("--test", test))
-            for line in conversion_notes(key, location, read_manifest(location), cfg.data.channels, None)]
+    return [
+        line
+        for key, location in (("--train", train), ("--test", test))
+        for line in conversion_notes(key, location, read_manifest(location), cfg.data.channels, None)
+    ]
 
 
-def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | None = None,
-             baselines: bool = True, threads: int | None = None, tsne: bool = False,
-             context: list[str] | None = None) -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    train: str,
+    test: str,
+    out: str | Path | None = None,
+    baselines: bool = True,
+    threads: int | None = None,
+    tsne: bool = False,
+    context: list[str] | None = None,
+) -> dict:
     """Score a checkpoint's encoder (and the baselines) on ``test`` against ``train``; writes the report
     to :func:`report_dir` and returns it (``selfsup.tracking.wandb_run.log_eval_report`` logs it to W&B).
     What reading the splits converts (RGB for a grey encoder …) is said once, as notes.
@@ -182,13 +221,22 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
     out.mkdir(parents=True, exist_ok=True)
     predictions = details["checkpoint"]["predictions"]
     report = write_report(
-        out, title=ev.spec.title, encoders=encoders,
+        out,
+        title=ev.spec.title,
+        encoders=encoders,
         details={k: {kk: vv for kk, vv in v.items() if kk not in _ARRAYS} for k, v in details.items()}
-        | {"checkpoint_path": str(ckpt), "skipped": ev.train.problems + ev.test.problems} | diagnostics["details"],
-        class_names=ev.classes, confusion_matrix=confusion(ev.test.labels, predictions, ev.num_classes),
-        roc=diagnostics["roc"], embedding_2d=diagnostics["maps"], figures=_neighbour_grid(out, ev, details["checkpoint"]),
-        notes=_notes(ev, features, details["checkpoint"], diagnostics["notes"]), subject=ev.subject,
-        training=training_history(ckpt), context=context)
+        | {"checkpoint_path": str(ckpt), "skipped": ev.train.problems + ev.test.problems}
+        | diagnostics["details"],
+        class_names=ev.classes,
+        confusion_matrix=confusion(ev.test.labels, predictions, ev.num_classes),
+        roc=diagnostics["roc"],
+        embedding_2d=diagnostics["maps"],
+        figures=_neighbour_grid(out, ev, details["checkpoint"]),
+        notes=_notes(ev, features, details["checkpoint"], diagnostics["notes"]),
+        subject=ev.subject,
+        training=training_history(ckpt),
+        context=context,
+    )
     print(format_table(encoders))
     print(f"report: {out / 'report.md'}")
     return report
@@ -196,8 +244,16 @@ def evaluate(checkpoint: str | Path, train: str, test: str, out: str | Path | No
 
 def _scored(ev: _Eval, name: str, features: EncoderFeatures) -> tuple[dict, dict]:
     """:func:`score` of one encoder's features on the evaluation's splits, with the features' extras."""
-    scores, details = score(name, features.bank, ev.train.labels, features.queries, ev.test.labels, ev.num_classes,
-                            [tuple(s) for s in ev.cfg.eval.knn], features.probe_train)
+    scores, details = score(
+        name,
+        features.bank,
+        ev.train.labels,
+        features.queries,
+        ev.test.labels,
+        ev.num_classes,
+        [tuple(s) for s in ev.cfg.eval.knn],
+        features.probe_train,
+    )
     return scores, details | features.extra
 
 
@@ -208,8 +264,7 @@ def _baselines(task, ev: _Eval) -> dict[str, tuple[dict, dict]]:
     configuration but the run's name, schedule, training and cluster settings)."""
     setup = ev.cfg.model_dump(mode="json", exclude={"name", "run_root", "optim", "train", "scaling", "tracking"})
     setup["data"] = {k: v for k, v in setup["data"].items() if k not in ("train", "test")}
-    key = digest("baselines", ev.train.identity, ev.test.identity, setup,
-                 torch.__version__, __version__)
+    key = digest("baselines", ev.train.identity, ev.test.identity, setup, torch.__version__, __version__)
     cached = load_cached("baselines", key)
     if cached is not None:
         log.info("baselines %s from the cache", ", ".join(cached))
@@ -240,11 +295,16 @@ def _diagnostics(ev: _Eval, features: EncoderFeatures, encoders: dict, best: dic
         maps["embedding-tsne"] = (project_2d(queries[rows], "tsne"), test_y[rows])
     notes = []
     if len(ranked) < len(test_y):
-        notes.append(f"retrieval metrics: {len(ranked)} random test queries, each ranking all {len(train_y)} train samples")
+        notes.append(
+            f"retrieval metrics: {len(ranked)} random test queries, each ranking all {len(train_y)} train samples"
+        )
     only_test = sorted(set(test_y.tolist()) - set(train_y.tolist()))
     if only_test:
         notes.append(f"classes present only in test (never predictable): {[ev.classes[c] for c in only_test]}")
-    details = {"classes_only_in_test": only_test, "per_class": per_class_report(test_y, best["predictions"], ev.classes)}
+    details = {
+        "classes_only_in_test": only_test,
+        "per_class": per_class_report(test_y, best["predictions"], ev.classes),
+    }
     return {"details": details, "roc": roc_auc_ovr(test_y, best["probabilities"]), "maps": maps, "notes": notes}
 
 
@@ -261,8 +321,11 @@ def training_history(ckpt: Path) -> dict | None:
     final = summary if str(summary.get("checkpoint", "")).rstrip("/").endswith(ckpt.name) else {}
     last = records[-1] if records else {}
     seconds = final.get("train_seconds") or last.get("train_seconds")
-    facts = {"steps": progress.step, "epochs": f"{progress.step / max(1, _steps_per_epoch(records)):.2f}",
-             "samples seen": samples}
+    facts = {
+        "steps": progress.step,
+        "epochs": f"{progress.step / max(1, _steps_per_epoch(records)):.2f}",
+        "samples seen": samples,
+    }
     if seconds:
         facts |= {"training wall time": f"{seconds / 60:.1f} min", "throughput": f"{samples / seconds:.0f} samples/s"}
     facts |= {k: final[k] for k in ("precision", "machine", "world_size") if k in final}
@@ -282,9 +345,15 @@ def _neighbour_grid(out: Path, ev: _Eval, best: dict) -> dict[str, str]:
         return {}
     shown = np.unique(ev.test.labels, return_index=True)[1][:_GRID_QUERIES]
     neighbours = best["neighbours"][shown, :_GRID_NEIGHBOURS]
-    save_neighbour_grid(out / "neighbours.png", ev.test.thumbnails[shown], ev.train.thumbnails[neighbours],
-                        ev.test.labels[shown], ev.train.labels[neighbours], ev.classes,
-                        title=f"nearest train samples of test queries (green: same class): {ev.subject}")
+    save_neighbour_grid(
+        out / "neighbours.png",
+        ev.test.thumbnails[shown],
+        ev.train.thumbnails[neighbours],
+        ev.test.labels[shown],
+        ev.train.labels[neighbours],
+        ev.classes,
+        title=f"nearest train samples of test queries (green: same class): {ev.subject}",
+    )
     return {"neighbours": "neighbours.png"}
 
 
@@ -293,15 +362,22 @@ def _notes(ev: _Eval, features: EncoderFeatures, best: dict, diagnostic_notes: l
     how the features and the probe were made, the diagnostics' notes and the skipped samples."""
     unit, bad = ev.spec.unit, ev.train.problems + ev.test.problems
     held = f", {features.held_out} held out to pick the layer" if features.held_out else ""
-    notes = [f"checkpoint: {ev.ckpt}", f"train: {ev.train.location} ({len(ev.train.labels)} {unit}{held}), "
-             f"test: {ev.test.location} ({len(ev.test.labels)} {unit})", *held_out_warnings(ev.train, ev.test),
-             *ev.spec.notes]
+    notes = [
+        f"checkpoint: {ev.ckpt}",
+        f"train: {ev.train.location} ({len(ev.train.labels)} {unit}{held}), "
+        f"test: {ev.test.location} ({len(ev.test.labels)} {unit})",
+        *held_out_warnings(ev.train, ev.test),
+        *ev.spec.notes,
+    ]
     if ev.spec.probe_note:
         hp = best["linear_hparams"]
-        notes.append("linear probe (checkpoint): "
-                     + ev.spec.probe_note.format(lr=hp["lr"], weight_decay=hp["weight_decay"], top1=100 * hp["val_top1"]))
+        notes.append(
+            "linear probe (checkpoint): "
+            + ev.spec.probe_note.format(lr=hp["lr"], weight_decay=hp["weight_decay"], top1=100 * hp["val_top1"])
+        )
     notes += diagnostic_notes
     if bad:
-        notes.append(f"skipped {len(ev.train.problems)} train and {len(ev.test.problems)} test {unit}: "
-                     + "; ".join(bad[:5]))
+        notes.append(
+            f"skipped {len(ev.train.problems)} train and {len(ev.test.problems)} test {unit}: " + "; ".join(bad[:5])
+        )
     return notes

@@ -43,8 +43,15 @@ class DINO(Method):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: DINOConfig):
         super().__init__(cfg, sync_batchnorm=cfg.sync_bn)
         self.encoder, self.feature_dim = backbone, feature_dim
-        self.head = DINOHead(feature_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
-                             cfg.use_bn_in_head, cfg.norm_last_layer)
+        self.head = DINOHead(
+            feature_dim,
+            cfg.out_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.head_layers,
+            cfg.use_bn_in_head,
+            cfg.norm_last_layer,
+        )
         self.make_momentum_copies()
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         self.pending_center: torch.Tensor | None = None  # (1, out_dim) this step's batch mean, all ranks
@@ -58,7 +65,7 @@ class DINO(Method):
             teacher = self.teacher_head(self.teacher_encoder(torch.cat(views[:N_GLOBAL])))  # (G·B, out_dim)
             self.pending_center = self.batch_center(teacher)
         loss = dino_loss(student, teacher, self.center, N_GLOBAL, self.teacher_temp(progress), self.cfg.student_temp)
-        return {"loss": loss, "embedding": features[:len(views[0])].detach()}
+        return {"loss": loss, "embedding": features[: len(views[0])].detach()}
 
     @torch.no_grad()
     def batch_center(self, teacher: torch.Tensor) -> torch.Tensor:
@@ -73,7 +80,8 @@ class DINO(Method):
         c, epoch = self.cfg, math.floor(progress.epoch)
         if epoch < c.warmup_teacher_temp_epochs:
             return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * epoch / max(
-                1, c.warmup_teacher_temp_epochs - 1)
+                1, c.warmup_teacher_temp_epochs - 1
+            )
         return c.teacher_temp
 
     def momentum(self, progress: Progress) -> float:

@@ -17,8 +17,16 @@ class MLPHead(nn.Module):
     (the expanders of VICReg and Barlow Twins).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False,
-                 hidden_bn: bool = True, last_bias: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int,
+        out_dim: int,
+        num_layers: int = 2,
+        last_bn: bool = False,
+        hidden_bn: bool = True,
+        last_bias: bool = True,
+    ):
         super().__init__()
         self.out_dim = out_dim
         layers: list[nn.Module] = []
@@ -46,8 +54,16 @@ class DINOHead(nn.Module):
     frozen. (B, in_dim) -> (B, out_dim). Linear weights start from a truncated normal of std 0.02.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        use_bn: bool = False,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
         self.out_dim, self.bottleneck_dim = out_dim, bottleneck_dim
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]

@@ -15,12 +15,14 @@ from selfsup.core.distributed import gather_no_grad, gather_with_grad, rank, sum
 def loss_region(fn):
     """``fn`` in the profiler region "loss", except while torch.compile traces it: dynamo cannot enter
     ``record_function``, and each loss would break the compiled step's graph in two."""
+
     @functools.wraps(fn)
     def in_region(*args, **kwargs):
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         with record_function("loss"):
             return fn(*args, **kwargs)
+
     return in_region
 
 
@@ -106,8 +108,9 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 @loss_region
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float,
-                cov_coeff: float) -> dict[str, torch.Tensor]:
+def vicreg_loss(
+    z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff: float, cov_coeff: float
+) -> dict[str, torch.Tensor]:
     """VICReg's loss (Bardes et al. 2022, as the official ``main_vicreg.py``): ``sim_coeff`` x the
     invariance (MSE of this rank's pairs) + ``std_coeff`` x the variance hinge + ``cov_coeff`` x the
     off-diagonal covariance, the last two over the embeddings of every rank (gathered with gradient).
@@ -123,8 +126,12 @@ def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float, std_coeff:
         cov1, cov2 = (_off_diagonal_sq(_covariance(z)) / z.shape[1] for z in everyone)
         variance, covariance = (std1 + std2) / 2, cov1 + cov2
         loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
-    return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
-            "covariance": covariance.detach()}
+    return {
+        "loss": loss,
+        "invariance": invariance.detach(),
+        "variance": variance.detach(),
+        "covariance": covariance.detach(),
+    }
 
 
 @loss_region
@@ -157,10 +164,15 @@ def _off_diagonal_sq(m: torch.Tensor) -> torch.Tensor:
     return m.pow(2).sum() - torch.diagonal(m).pow(2).sum()
 
 
-
 @loss_region
-def dino_loss(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n_global: int,
-              teacher_temp: float, student_temp: float) -> torch.Tensor:
+def dino_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    n_global: int,
+    teacher_temp: float,
+    student_temp: float,
+) -> torch.Tensor:
     """DINO's loss (Caron et al. 2021, the official ``DINOLoss``): the cross-entropy between the
     teacher's centred, sharpened softmax of each global view and the student's softmax of every other view.
 

@@ -84,8 +84,10 @@ class MoCoV2(Method):
         if self.cfg.queue_size % keys_per_step:
             raise ValueError(
                 f"moco_v2 queue_size={self.cfg.queue_size} must be divisible by the keys enqueued per step: "
-                f"batch {batch} x world size {world_size()}" + (" x 2 views" if self.cfg.symmetric else "")
-                + f" = {keys_per_step}")
+                f"batch {batch} x world size {world_size()}"
+                + (" x 2 views" if self.cfg.symmetric else "")
+                + f" = {keys_per_step}"
+            )
 
     def forward(self, views: list[torch.Tensor], progress: Progress) -> dict[str, torch.Tensor]:
         x1, x2 = views[0], views[1]

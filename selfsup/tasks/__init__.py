@@ -67,16 +67,18 @@ class Task(Protocol):
     def train_stream(self, cfg: ExperimentConfig) -> ShardStream:
         """This rank's stream of training batches (equal steps on every rank)."""
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
-                 ) -> Callable[[dict], Any]:
+    def input_fn(
+        self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
+    ) -> Callable[[dict], Any]:
         """batch dict (CPU tensors) -> the objective's input on ``device``; what it finds wrong with the
         data on the way (images the device cannot decode) is counted in ``health``."""
 
     def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
         """Every decodable labelled sample of a shard folder (``limit``: at most that many, spread over the shards)."""
 
-    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None,
-                      probe_views: int = 1) -> list[np.ndarray]:
+    def eval_features(
+        self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None, probe_views: int = 1
+    ) -> list[np.ndarray]:
         """Candidate feature sets of ``split`` on the encoder's device (one, or one per layer), each
         (V·N, D): the un-augmented rows, then up to ``probe_views`` - 1 augmented blocks for the probe;
         a progress bar named ``desc`` (None: none)."""

@@ -40,11 +40,15 @@ def clip_limits(cfg: ExperimentConfig) -> tuple[int, int]:
     min_samples = max(int(cfg.data.min_seconds * SAMPLE_RATE), field + method.mask_length * hop)
     max_samples = int(cfg.data.max_seconds * SAMPLE_RATE)
     if max_samples < min_samples:
-        raise ValueError(f"data.max_seconds {cfg.data.max_seconds} is below the shortest usable clip "
-                         f"({min_samples / SAMPLE_RATE:g} s: data.min_seconds or the receptive field)")
+        raise ValueError(
+            f"data.max_seconds {cfg.data.max_seconds} is below the shortest usable clip "
+            f"({min_samples / SAMPLE_RATE:g} s: data.min_seconds or the receptive field)"
+        )
     if cfg.data.max_tokens is not None and cfg.data.max_tokens < min_samples:
-        raise ValueError(f"data.max_tokens {cfg.data.max_tokens} is below the shortest usable clip, {min_samples} "
-                         f"samples ({min_samples / SAMPLE_RATE:g} s: data.min_seconds or the receptive field)")
+        raise ValueError(
+            f"data.max_tokens {cfg.data.max_tokens} is below the shortest usable clip, {min_samples} "
+            f"samples ({min_samples / SAMPLE_RATE:g} s: data.min_seconds or the receptive field)"
+        )
     return min_samples, max_samples
 
 
@@ -58,8 +62,9 @@ def labelled_clip(sample: dict) -> tuple[np.ndarray, int, str]:
 
 
 @torch.no_grad()
-def audio_layer_features(encoder: nn.Module, waves: list[np.ndarray], min_samples: int,
-                         desc: str | None = "features") -> list[np.ndarray]:
+def audio_layer_features(
+    encoder: nn.Module, waves: list[np.ndarray], min_samples: int, desc: str | None = "features"
+) -> list[np.ndarray]:
     """Mean over frames of every encoder layer's output, one clip at a time (no padding effects) on
     the encoder's device: [(N, D)] for the projected features and each transformer layer. Clips
     under ``min_samples`` (the receptive field) are zero-padded to it."""
@@ -103,17 +108,26 @@ class AudioTask:
         if cfg.data.max_tokens is not None:
             tokens = TokenBatching(cfg.data.max_tokens, min_samples, max_samples, cfg.data.bucket_size, SAMPLE_RATE)
             max_samples = tokens.cap
-        return ShardStream(cfg.data.train, cfg.data.batch_size,
-                           functools.partial(decode_audio_sample, min_samples=min_samples),
-                           functools.partial(collate_audio, max_samples=max_samples, min_samples=min_samples),
-                           rank=rank(), ranks=world_size(), workers=max(1, cfg.data.loader_workers),
-                           seed=cfg.seed, shuffle_buffer=cfg.data.shuffle_buffer, tokens=tokens,
-                           verify_checksums=cfg.data.verify_checksums)
+        return ShardStream(
+            cfg.data.train,
+            cfg.data.batch_size,
+            functools.partial(decode_audio_sample, min_samples=min_samples),
+            functools.partial(collate_audio, max_samples=max_samples, min_samples=min_samples),
+            rank=rank(),
+            ranks=world_size(),
+            workers=max(1, cfg.data.loader_workers),
+            seed=cfg.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            tokens=tokens,
+            verify_checksums=cfg.data.verify_checksums,
+        )
 
-    def input_fn(self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
-                 ) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
+    def input_fn(
+        self, cfg: ExperimentConfig, device: torch.device, health: DataHealth | None = None
+    ) -> Callable[[dict], tuple[torch.Tensor, torch.Tensor]]:
         """batch -> (waves (B, S), lengths (B,)) on ``device`` (the clips were decoded by the workers:
         nothing here for ``health``)."""
+
         def to_input(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
             return batch["waves"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
 
@@ -124,11 +138,19 @@ class AudioTask:
         listing = read_manifest(location)
         items, manifest, problems = read_split(location, labelled_clip, limit, listing)
         waves, labels, groups = zip(*items)
-        return LabelledSplit(location, list(waves), np.asarray(labels), manifest.get("classes", []), problems,
-                             list(groups), split_identity(location, listing))
+        return LabelledSplit(
+            location,
+            list(waves),
+            np.asarray(labels),
+            manifest.get("classes", []),
+            problems,
+            list(groups),
+            split_identity(location, listing),
+        )
 
-    def eval_features(self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None,
-                      probe_views: int = 1) -> list[np.ndarray]:
+    def eval_features(
+        self, encoder: nn.Module, split: LabelledSplit, cfg: ExperimentConfig, desc: str | None, probe_views: int = 1
+    ) -> list[np.ndarray]:
         """[(N, D)] per layer (0: the projected conv features), mean over frames; no augmented views."""
         method = model_config(cfg)
         min_samples, _ = receptive_field(method.conv_kernels, method.conv_strides)
@@ -140,10 +162,15 @@ class AudioTask:
 
     def eval_spec(self, cfg: ExperimentConfig) -> EvalSpec:
         method = model_config(cfg)
-        return EvalSpec(title=f"selfsup evaluation: {cfg.name} ({method.name}, {method.num_layers} layers "
-                              f"of {method.embed_dim})", unit="clips", zscore=True,
-                        notes=("features: mean over frames of one encoder layer (0 = projected conv features), "
-                               "z-scored with train statistics; log-mel: 80 bands, mean + std over time",))
+        return EvalSpec(
+            title=f"selfsup evaluation: {cfg.name} ({method.name}, {method.num_layers} layers of {method.embed_dim})",
+            unit="clips",
+            zscore=True,
+            notes=(
+                "features: mean over frames of one encoder layer (0 = projected conv features), "
+                "z-scored with train statistics; log-mel: 80 bands, mean + std over time",
+            ),
+        )
 
     def input_spec(self, cfg: ExperimentConfig) -> dict:
         """float (B, T) waves at ``sample_rate`` Hz with their (B,) lengths (the encoder normalises them itself)."""
@@ -153,6 +180,8 @@ class AudioTask:
         """The encoder and the mask embedding as a Hugging Face ``transformers`` Wav2Vec2Model folder."""
         assert isinstance(objective, Wav2Vec2Pretraining)  # build_objective's
         write_hf_folder(out, objective.encoder, objective.mask_embedding, model_config(cfg))
-        return (f"wrote the wav2vec2 encoder as a Hugging Face folder {out} ({', '.join(HF_FILES)}): "
-                f"transformers.Wav2Vec2Model.from_pretrained({str(out)!r}), its feature extractor with "
-                "AutoFeatureExtractor.from_pretrained")
+        return (
+            f"wrote the wav2vec2 encoder as a Hugging Face folder {out} ({', '.join(HF_FILES)}): "
+            f"transformers.Wav2Vec2Model.from_pretrained({str(out)!r}), its feature extractor with "
+            "AutoFeatureExtractor.from_pretrained"
+        )

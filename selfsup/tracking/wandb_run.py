@@ -64,8 +64,10 @@ def check_credentials(mode: str) -> None:
     except AuthenticationError as err:
         raise TrackingError(f"tracking.mode=online: {err}; set a valid WANDB_API_KEY or run `wandb login`") from None
     if auth is None:
-        raise TrackingError(f"tracking.mode=online needs W&B credentials for {host}: set WANDB_API_KEY or run "
-                            "`wandb login` (or use tracking.mode=offline and `wandb sync` later)")
+        raise TrackingError(
+            f"tracking.mode=online needs W&B credentials for {host}: set WANDB_API_KEY or run "
+            "`wandb login` (or use tracking.mode=offline and `wandb sync` later)"
+        )
 
 
 def check_folders(mode: str, run_dir: Path) -> None:
@@ -78,13 +80,17 @@ def check_folders(mode: str, run_dir: Path) -> None:
 
     stay = f"or set tracking.mode=disabled (W&B writes there with tracking.mode={mode})"
     require_writable(run_dir, f"make it writable, {stay}")
-    for var, folder in ((env.CONFIG_DIR, os.environ.get(env.CONFIG_DIR) or Path.home() / ".config" / "wandb"),
-                        (env.CACHE_DIR, env.get_cache_dir()), (env.DATA_DIR, env.get_data_dir())):
+    for var, folder in (
+        (env.CONFIG_DIR, os.environ.get(env.CONFIG_DIR) or Path.home() / ".config" / "wandb"),
+        (env.CACHE_DIR, env.get_cache_dir()),
+        (env.DATA_DIR, env.get_data_dir()),
+    ):
         require_writable(folder, f"set {var} to a writable folder, {stay}")
 
 
-def start_run(cfg: ExperimentConfig, job_type: str, run_dir: Path, resume_id: str | None = None,
-              name: str | None = None):
+def start_run(
+    cfg: ExperimentConfig, job_type: str, run_dir: Path, resume_id: str | None = None, name: str | None = None
+):
     """A W&B run of ``cfg`` in its ``tracking.mode`` ("offline" or "online"), written under
     ``run_dir``/wandb, in the group ``tracking.group`` (default: the run's name) with ``tracking.tags``;
     the run ``resume_id`` continued when given, else a new one."""
@@ -93,11 +99,20 @@ def start_run(cfg: ExperimentConfig, job_type: str, run_dir: Path, resume_id: st
 
     os.environ.setdefault("WANDB_SILENT", "true")
     t = cfg.tracking
-    return wandb.init(project=t.project, entity=t.entity, name=name or cfg.name, id=resume_id,
-                      resume="allow" if resume_id else None, dir=str(run_dir), mode=t.mode,
-                      group=t.group or cfg.name, tags=t.tags, job_type=job_type,
-                      config=scrub(cfg.model_dump(mode="json")),
-                      settings=wandb.Settings(console="off", x_disable_stats=True))
+    return wandb.init(
+        project=t.project,
+        entity=t.entity,
+        name=name or cfg.name,
+        id=resume_id,
+        resume="allow" if resume_id else None,
+        dir=str(run_dir),
+        mode=t.mode,
+        group=t.group or cfg.name,
+        tags=t.tags,
+        job_type=job_type,
+        config=scrub(cfg.model_dump(mode="json")),
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+    )
 
 
 def finish_run(run) -> None:
@@ -141,13 +156,19 @@ def log_eval_report(report: dict, out: str | Path) -> None:
     encoders, out = report["encoders"], Path(out)
     metrics = list(dict.fromkeys(m for values in encoders.values() for m in values))
     record = {f"eval/{name}/{m}": v for name, values in encoders.items() for m, v in values.items()}
-    record |= {f"eval/{key}": wandb.Image(str(out / name)) for key, name in report["files"].items() if name.endswith(".png")}
-    record["eval/scores"] = wandb.Table(columns=["encoder", *metrics],
-                                        data=[[name, *[values.get(m) for m in metrics]] for name, values in encoders.items()])
+    record |= {
+        f"eval/{key}": wandb.Image(str(out / name)) for key, name in report["files"].items() if name.endswith(".png")
+    }
+    record["eval/scores"] = wandb.Table(
+        columns=["encoder", *metrics],
+        data=[[name, *[values.get(m) for m in metrics]] for name, values in encoders.items()],
+    )
     if per_class := report["details"].get("per_class"):
         record["eval/per_class"] = wandb.Table(columns=list(per_class[0]), data=[list(r.values()) for r in per_class])
     run.log({"eval/step": checkpoint_step(ckpt), **record})
-    run.summary.update({"eval/checkpoint": str(ckpt), "eval/linear_hparams": report["details"]["checkpoint"]["linear_hparams"]})
+    run.summary.update(
+        {"eval/checkpoint": str(ckpt), "eval/linear_hparams": report["details"]["checkpoint"]["linear_hparams"]}
+    )
     finish_run(run)
 
 

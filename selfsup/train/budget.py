@@ -26,8 +26,16 @@ class TimeBudget:
     a step), so that one slow window (a checkpoint, the online monitor) moves the plan only halfway.
     """
 
-    def __init__(self, minutes: float, planned: int, start_step: int, started: float, reserve_steps: int = 0,
-                 sizing_steps: int = SIZING_STEPS, resize_every: int = RESIZE_EVERY):
+    def __init__(
+        self,
+        minutes: float,
+        planned: int,
+        start_step: int,
+        started: float,
+        reserve_steps: int = 0,
+        sizing_steps: int = SIZING_STEPS,
+        resize_every: int = RESIZE_EVERY,
+    ):
         self.minutes, self.planned, self.start_step, self.started = minutes, planned, start_step, started
         self.reserve_steps = reserve_steps
         self.next_sizing, self.resize_every = sizing_steps + 1, resize_every

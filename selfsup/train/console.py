@@ -62,13 +62,20 @@ class ProgressConsole:
 
     def _progress(self, step: int, m: dict) -> None:
         total = int(m["total_steps"])
-        status = (f"epoch {m['epoch']:.2f}/{m['epochs']:.2f}, loss {m['loss']:.3f}, "
-                  f"{m.get('samples_per_s', 0):.0f} {self.unit}/s")
+        status = (
+            f"epoch {m['epoch']:.2f}/{m['epochs']:.2f}, loss {m['loss']:.3f}, "
+            f"{m.get('samples_per_s', 0):.0f} {self.unit}/s"
+        )
         if self.live:
             if self.bar is None:
-                self.bar = tqdm(total=total, desc="pretraining", unit="step", file=self.stream, dynamic_ncols=True,
-                                bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} steps [{elapsed}<{remaining}] "
-                                           "{postfix}")
+                self.bar = tqdm(
+                    total=total,
+                    desc="pretraining",
+                    unit="step",
+                    file=self.stream,
+                    dynamic_ncols=True,
+                    bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total} steps [{elapsed}<{remaining}] {postfix}",
+                )
             self.bar.total, self.bar.n = total, step
             self.bar.set_postfix_str(status)  # refreshes the bar
             return
@@ -78,16 +85,26 @@ class ProgressConsole:
             self._write(f"pretraining {step}/{total} steps ({step / total:.0%}): {status}")
 
     def _monitor(self, m: dict) -> None:
-        levels = {k.removeprefix("monitor/").removesuffix("_knn@20").replace("_", " "): v
-                  for k, v in m.items() if k.startswith("monitor/") and k.endswith("_knn@20")}
+        levels = {
+            k.removeprefix("monitor/").removesuffix("_knn@20").replace("_", " "): v
+            for k, v in m.items()
+            if k.startswith("monitor/") and k.endswith("_knn@20")
+        }
         if levels and not self.levels_shown:
             self.levels_shown = True
-            self._write("online kNN@20 on a held-out subset must beat: "
-                        + ", ".join(f"{name} {100 * v:.1f}%" for name, v in levels.items()))
-        margin = f" ({100 * (m['monitor/knn@20'] - levels['random init']):+.1f} over random init)" \
-            if "random init" in levels else ""
-        self._write(f"epoch {m.get('epoch', 0):.2f}: online kNN@20 {100 * m['monitor/knn@20']:.1f}%{margin}, "
-                    f"RankMe {m['monitor/rankme']:.1f}")
+            self._write(
+                "online kNN@20 on a held-out subset must beat: "
+                + ", ".join(f"{name} {100 * v:.1f}%" for name, v in levels.items())
+            )
+        margin = (
+            f" ({100 * (m['monitor/knn@20'] - levels['random init']):+.1f} over random init)"
+            if "random init" in levels
+            else ""
+        )
+        self._write(
+            f"epoch {m.get('epoch', 0):.2f}: online kNN@20 {100 * m['monitor/knn@20']:.1f}%{margin}, "
+            f"RankMe {m['monitor/rankme']:.1f}"
+        )
 
     def _write(self, line: str) -> None:
         if self.bar is not None:
@@ -176,7 +193,7 @@ def follow_worker_log(path: Path) -> Iterator[None]:
                     chunk = f.read()
             except FileNotFoundError:
                 chunk = b""
-            complete = chunk[:chunk.rfind(b"\n") + 1]  # a half-written last line waits
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written last line waits
             offset += len(complete)
             for line in complete.decode("utf-8", "replace").splitlines():
                 record = json.loads(line)

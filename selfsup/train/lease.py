@@ -114,8 +114,10 @@ class Fence:
                     break
                 except BlockingIOError:
                     if deadline is not None and time.monotonic() > deadline:
-                        raise RunLeaseError(f"the lease of {self.location} stays locked by a driver that is "
-                                            "writing (or paused mid-write); wait for it, or stop it") from None
+                        raise RunLeaseError(
+                            f"the lease of {self.location} stays locked by a driver that is "
+                            "writing (or paused mid-write); wait for it, or stop it"
+                        ) from None
                     time.sleep(0.05)
             yield
         finally:
@@ -126,8 +128,10 @@ class Fence:
         if held is not None and held.get("token") == self.token:
             return
         by = f"pid {held.get('pid')} on {held.get('host')}" if held else "nobody (the lease file is gone)"
-        self.lost = (f"the lease of {self.location} was taken over by {by}; this driver stopped and wrote "
-                     "nothing more (the run goes on under its new driver)")
+        self.lost = (
+            f"the lease of {self.location} was taken over by {by}; this driver stopped and wrote "
+            "nothing more (the run goes on under its new driver)"
+        )
         raise LeaseLost(self.lost)
 
     @contextlib.contextmanager
@@ -167,13 +171,19 @@ class RunLease:
     """The lease of run folder ``location`` (a path, or an s3:// / gs:// URL); use as a context manager.
     ``host`` names this driver's host (a test may pose as another)."""
 
-    def __init__(self, location: str | Path, stale_after: float = 60.0, heartbeat_every: float = 10.0,
-                 host: str | None = None):
+    def __init__(
+        self, location: str | Path, stale_after: float = 60.0, heartbeat_every: float = 10.0, host: str | None = None
+    ):
         self.location = str(location).rstrip("/")
         self.url = f"{self.location}/{LEASE}"
         self.stale_after, self.heartbeat_every = stale_after, heartbeat_every
-        self.record: dict[str, Any] = {"host": host or socket.gethostname(), "pid": os.getpid(), "process": _process(os.getpid()),
-                       "started": wall_clock(), "token": uuid.uuid4().hex}
+        self.record: dict[str, Any] = {
+            "host": host or socket.gethostname(),
+            "pid": os.getpid(),
+            "process": _process(os.getpid()),
+            "started": wall_clock(),
+            "token": uuid.uuid4().hex,
+        }
         self.beat = 0
         self.fence = Fence(self.location, self.record["token"])
         self._stop = threading.Event()
@@ -209,8 +219,13 @@ class RunLease:
         an unreadable lease) the lease does not change for ``stale_after`` seconds of this host's clock."""
         if held.get("host") == self.record["host"] and "pid" in held:
             return not _holder_alive(held)
-        log.info("the lease of %s is held by pid %s on %s; watching its heartbeat for up to %.0f s",
-                 self.location, held.get("pid"), held.get("host"), self.stale_after)
+        log.info(
+            "the lease of %s is held by pid %s on %s; watching its heartbeat for up to %.0f s",
+            self.location,
+            held.get("pid"),
+            held.get("host"),
+            self.stale_after,
+        )
         deadline = time.monotonic() + self.stale_after
         while time.monotonic() < deadline:
             time.sleep(min(self.heartbeat_every / 4, max(deadline - time.monotonic(), 0)))
@@ -226,8 +241,12 @@ class RunLease:
         elif held is not None and self._gone(held):
             with self.fence.locked(wait=LOCK_WAIT_S):  # not while the old holder is inside hold()
                 if _read(self.url) == held:
-                    log.warning("taking over the stale lease of %s (pid %s on %s, which stopped beating)",
-                                self.location, held.get("pid"), held.get("host"))
+                    log.warning(
+                        "taking over the stale lease of %s (pid %s on %s, which stopped beating)",
+                        self.location,
+                        held.get("pid"),
+                        held.get("host"),
+                    )
                     self._write()
             held = _read(self.url)
         else:
@@ -239,9 +258,11 @@ class RunLease:
 
     def _refuse(self, held: dict) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(held.get("started", 0))))
-        raise RunLeaseError(f"run folder {self.location} is in use by another driver (pid {held.get('pid')} on "
-                            f"{held.get('host')}, since {since} on its clock); wait for it to finish, stop it, "
-                            "or pick another name=...")
+        raise RunLeaseError(
+            f"run folder {self.location} is in use by another driver (pid {held.get('pid')} on "
+            f"{held.get('host')}, since {since} on its clock); wait for it to finish, stop it, "
+            "or pick another name=..."
+        )
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_every):

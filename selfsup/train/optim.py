@@ -106,8 +106,9 @@ def prime_state(optimizer: Optimizer) -> None:
                     state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_fraction: float = 0.0,
-          decay: str = "cosine") -> float:
+def lr_at(
+    step: int, total_steps: int, warmup_steps: int, base_lr: float, final_fraction: float = 0.0, decay: str = "cosine"
+) -> float:
     """Linear warm-up from 0 over ``warmup_steps``, then ``decay`` to ``final_fraction·base_lr`` at
     ``total_steps``: "cosine", or "linear" (fairseq's ``polynomial_decay`` with power 1, as wav2vec 2.0)."""
     if step < warmup_steps:
@@ -117,8 +118,14 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, final_
     return base_lr * (final_fraction + (1 - final_fraction) * left)
 
 
-def set_lr(optimizer: Optimizer, step: int, total_steps: int, warmup_steps: int, decay: str = "cosine",
-           weight_decay_end: float | None = None) -> float:
+def set_lr(
+    optimizer: Optimizer,
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    decay: str = "cosine",
+    weight_decay_end: float | None = None,
+) -> float:
     """Apply the schedule (``decay``: "cosine" or "linear", ``OptimConfig.decay``) to every group (groups
     marked ``fixed_lr`` keep their base LR); returns the LR. With ``weight_decay_end``, each decayed
     group's weight decay follows a cosine from its base value to it over the run (DINO's schedule)."""

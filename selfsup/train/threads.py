@@ -58,7 +58,11 @@ class ThreadTuner:
         pace = {count: statistics.median(times) for count, times in self.times.items()}
         best = min(pace, key=lambda count: pace[count])
         if best != self.chosen or best != self.most:
-            log.warning("training with %d of %d CPU threads: %s (the data loader or another program is using a core)", best, self.most,
-                        ", ".join(f"{count} ran {seconds:.2f} s a step" for count, seconds in sorted(pace.items())))
+            log.warning(
+                "training with %d of %d CPU threads: %s (the data loader or another program is using a core)",
+                best,
+                self.most,
+                ", ".join(f"{count} ran {seconds:.2f} s a step" for count, seconds in sorted(pace.items())),
+            )
         self.chosen, self.next_trial = best, self.steps + self.retry_every
         torch.set_num_threads(best)

@@ -78,9 +78,11 @@ class BadSteps:
 
     def check(self, step: int, limit: int) -> None:
         if (worst := int(self.worst)) >= limit:
-            raise TooManyBadSteps(f"loss was NaN/inf for {worst} steps in a row by step {step} (limit "
-                                  f"optim.max_bad_steps={limit}), each skipped; "
-                                  "lower optim.lr, set optim.grad_clip, or check the data")
+            raise TooManyBadSteps(
+                f"loss was NaN/inf for {worst} steps in a row by step {step} (limit "
+                f"optim.max_bad_steps={limit}), each skipped; "
+                "lower optim.lr, set optim.grad_clip, or check the data"
+            )
 
 
 class Throughput:
@@ -109,8 +111,14 @@ class Trainer:
     and which stops the loop once the lease is another driver's; None without a lease.
     """
 
-    def __init__(self, cfg: ExperimentConfig, reporter: Reporter, resume_from: Path | None,
-                 staging: Path | None = None, fence=None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        reporter: Reporter,
+        resume_from: Path | None,
+        staging: Path | None = None,
+        fence=None,
+    ):
         self.cfg, self.reporter, self.fence = cfg, reporter, fence
         self.writer = CheckpointWriter.for_run(cfg, fence, staging)
         seed_everything(cfg.seed + rank(), cfg.deterministic)
@@ -124,8 +132,9 @@ class Trainer:
         self.health = DataHealth()
         self.stream, self.to_input = task.train_stream(cfg), task.input_fn(cfg, self.device, self.health)
         self.monitors = self.objective.health_monitors() if rank() == 0 else []
-        self.base_lr = scaled_lr(cfg.optim.lr, cfg.data.batch_size * world_size(), cfg.optim.reference_batch,
-                                 cfg.optim.lr_scaling)
+        self.base_lr = scaled_lr(
+            cfg.optim.lr, cfg.data.batch_size * world_size(), cfg.optim.reference_batch, cfg.optim.lr_scaling
+        )
         self.optimizer = build_optimizer(self.objective.param_groups(), cfg.optim, self.base_lr)
         self.steps_per_epoch = self.stream.steps_per_epoch()
         self.total_steps, self.warmup_steps = cfg.optim.schedule_steps(self.steps_per_epoch)
@@ -134,7 +143,10 @@ class Trainer:
         self.checkpoint: str | None = None  # the name of the checkpoint written (or resumed from) last
         self.last: dict[str, float] = {}  # the record logged last
         self.sized_total = 0  # the total steps a time budget fixed (0: not sized)
-        self.seconds_before, self.fit_started = 0.0, time.perf_counter()  # wall time of earlier attempts; this one's start
+        self.seconds_before, self.fit_started = (
+            0.0,
+            time.perf_counter(),
+        )  # wall time of earlier attempts; this one's start
         if rank() == 0:
             with fenced(fence):  # what interrupted writes and prunes left
                 tidy_checkpoints(cfg.run_dir)
@@ -146,7 +158,9 @@ class Trainer:
         self.bad = BadSteps(self.device)
         self.current_lr = self.base_lr
         self.online = OnlineMonitor(cfg) if cfg.train.monitor_every_epochs else None
-        self.threads = ThreadTuner(torch.get_num_threads()) if cfg.train.adapt_threads and self.device.type == "cpu" else None
+        self.threads = (
+            ThreadTuner(torch.get_num_threads()) if cfg.train.adapt_threads and self.device.type == "cpu" else None
+        )
 
     def _place(self, objective: Objective) -> Objective:
         """``objective`` on this rank's device; SyncBN if it asks for it and there are several ranks."""
@@ -164,8 +178,11 @@ class Trainer:
         model = cast(nn.Module, objective)
         if world_size() > 1:
             model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=objective.find_unused_parameters, broadcast_buffers=False)
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=objective.find_unused_parameters,
+                broadcast_buffers=False,
+            )
         return cast(nn.Module, torch.compile(model)) if self.cfg.train.compile else model
 
     def _resume(self, path: Path) -> None:
@@ -203,8 +220,14 @@ class Trainer:
         "forward" with "loss" inside it, "backward", "optimiser", "on_after_step"), which cost nothing
         unless a profiler runs (``benchmarks/vs_lightly.py`` prints them).
         """
-        self.current_lr = set_lr(self.optimizer, self.steps_done, self.total_steps, self.warmup_steps,
-                                 self.cfg.optim.decay, self.cfg.optim.weight_decay_end)
+        self.current_lr = set_lr(
+            self.optimizer,
+            self.steps_done,
+            self.total_steps,
+            self.warmup_steps,
+            self.cfg.optim.decay,
+            self.cfg.optim.weight_decay_end,
+        )
         with record_function("views"):
             inputs = self.to_input(batch)
         with record_function("forward"), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
@@ -234,8 +257,13 @@ class Trainer:
     def fit(self) -> dict:
         """Train to the end of the plan (or of the time budget); returns the summary given to the reporter."""
         minutes = self.cfg.optim.minutes
-        self.budget = None if not minutes or self.sized_total else \
-            TimeBudget(minutes, self.total_steps, self.steps_done, time.perf_counter(), self.cfg.optim.reserve_steps)
+        self.budget = (
+            None
+            if not minutes or self.sized_total
+            else TimeBudget(
+                minutes, self.total_steps, self.steps_done, time.perf_counter(), self.cfg.optim.reserve_steps
+            )
+        )
         self.throughput, self.fit_started = Throughput(), time.perf_counter()
         epoch = self.start_epoch
         try:
@@ -278,8 +306,12 @@ class Trainer:
         trial = self.threads is not None and self.threads.trial_step
         if self.budget is not None and (total := self.budget.update(self.steps_done, time.perf_counter(), not trial)):
             if rank() == 0 and not self.sized_total:
-                log.info("time budget %.1f min: about %d steps (%.2f epochs) at this pace, re-fitted as it changes",
-                         self.cfg.optim.minutes, total, total / self.steps_per_epoch)
+                log.info(
+                    "time budget %.1f min: about %d steps (%.2f epochs) at this pace, re-fitted as it changes",
+                    self.cfg.optim.minutes,
+                    total,
+                    total / self.steps_per_epoch,
+                )
             self.total_steps = self.sized_total = total
         epoch_steps = self._epoch_steps(epoch)
         if self.steps_done % self.cfg.train.log_every_steps == 0 or in_epoch == epoch_steps:
@@ -305,8 +337,11 @@ class Trainer:
             lost = torch.ones((), dtype=torch.int32, device=self.device)
         dist.all_reduce(lost, op=dist.ReduceOp.MAX)
         if int(lost):
-            raise LeaseLost(self.fence.lost or f"the lease of {self.fence.location} was taken over; this "
-                            "driver stopped and wrote nothing more (the run goes on under its new driver)")
+            raise LeaseLost(
+                self.fence.lost
+                or f"the lease of {self.fence.location} was taken over; this "
+                "driver stopped and wrote nothing more (the run goes on under its new driver)"
+            )
 
     def _log(self, out: dict, epoch: float) -> None:
         """Report this step's record: the objective's metrics, the collapse statistics of its embedding
@@ -317,12 +352,21 @@ class Trainer:
         record = {k: float(v.detach().float()) for k, v in out.items()}
         if embedding is not None and bool(torch.isfinite(embedding).all()):  # not on a skipped NaN step
             record.update({k: float(v) for k, v in embedding_stats(embedding).items()})
-        record.update(samples=self.samples_seen, lr=self.current_lr, epoch=epoch, samples_per_s=samples_per_s,
-                      total_steps=self.total_steps, epochs=self.total_steps / self.steps_per_epoch,
-                      train_seconds=self.train_seconds(),
-                      skipped_samples=self.health.skipped, duplicate_samples=self.health.duplicates,
-                      unknown_members=self.health.unknown, decode_fallbacks=self.health.decode_fallbacks,
-                      decode_failed=self.health.decode_failed, bad_steps=int(self.bad.total))
+        record.update(
+            samples=self.samples_seen,
+            lr=self.current_lr,
+            epoch=epoch,
+            samples_per_s=samples_per_s,
+            total_steps=self.total_steps,
+            epochs=self.total_steps / self.steps_per_epoch,
+            train_seconds=self.train_seconds(),
+            skipped_samples=self.health.skipped,
+            duplicate_samples=self.health.duplicates,
+            unknown_members=self.health.unknown,
+            decode_fallbacks=self.health.decode_fallbacks,
+            decode_failed=self.health.decode_failed,
+            bad_steps=int(self.bad.total),
+        )
         for monitor in self.monitors:
             record[f"{monitor.name}_alarms"] = len(monitor.update(self.steps_done, record))
         self.last = record
@@ -341,9 +385,16 @@ class Trainer:
         if (health := self.health.summary()) and rank() == 0:
             log.warning("epoch %d, so far: %s", epoch + 1, health)
         if self.online is not None and (self.online.due(epoch + 1) or self.steps_done >= self.total_steps):
-            record: list[dict | None] = [{"samples": self.samples_seen, "epoch": epoch + in_epoch / self.steps_per_epoch,
-                       "train_seconds": self.train_seconds(), **self.online(self.objective.encoder)}
-                      if rank() == 0 else None]
+            record: list[dict | None] = [
+                {
+                    "samples": self.samples_seen,
+                    "epoch": epoch + in_epoch / self.steps_per_epoch,
+                    "train_seconds": self.train_seconds(),
+                    **self.online(self.objective.encoder),
+                }
+                if rank() == 0
+                else None
+            ]
             if world_size() > 1:  # every rank reports the same record
                 dist.broadcast_object_list(record)
             assert record[0] is not None  # rank 0's, broadcast
@@ -379,12 +430,20 @@ class Trainer:
 
     def _write_checkpoint(self, epoch: int, in_epoch: int, rngs: list) -> Path:
         """The checkpoint of this position, written by the run's :class:`CheckpointWriter`."""
-        state = TrainState(optimizer=self.optimizer.state_dict(), step=self.steps_done, epoch=epoch,
-                           step_in_epoch=in_epoch, samples_seen=self.samples_seen,
-                           checkpoints_written=self.checkpoints_written + 1, rng=rngs,
-                           sized_total_steps=self.sized_total, train_seconds=self.train_seconds())
-        return self.writer.write(self.objective.state_dict(), state, self.cfg, self.last,
-                                 self.checkpoint_bytes_estimate())
+        state = TrainState(
+            optimizer=self.optimizer.state_dict(),
+            step=self.steps_done,
+            epoch=epoch,
+            step_in_epoch=in_epoch,
+            samples_seen=self.samples_seen,
+            checkpoints_written=self.checkpoints_written + 1,
+            rng=rngs,
+            sized_total_steps=self.sized_total,
+            train_seconds=self.train_seconds(),
+        )
+        return self.writer.write(
+            self.objective.state_dict(), state, self.cfg, self.last, self.checkpoint_bytes_estimate()
+        )
 
     def checkpoint_bytes_estimate(self) -> int:
         """About the size of a checkpoint: the parameters, buffers and optimiser state in memory."""
@@ -396,8 +455,11 @@ class Trainer:
         """Where the checkpoint written last lives: under the run folder, or the run's bucket."""
         if self.checkpoint is None:
             return None
-        return f"{self.cfg.run_url}/checkpoints/{self.checkpoint}" if self.cfg.run_url else \
-            str(self.cfg.run_dir / "checkpoints" / self.checkpoint)
+        return (
+            f"{self.cfg.run_url}/checkpoints/{self.checkpoint}"
+            if self.cfg.run_url
+            else str(self.cfg.run_dir / "checkpoints" / self.checkpoint)
+        )
 
     def _finish(self) -> dict:
         """The run's summary, with the bad samples of every rank; sent to the reporter's ``finish``."""
@@ -406,12 +468,20 @@ class Trainer:
             ranks_health: list[Any] = [None] * world_size()
             dist.all_gather_object(ranks_health, health)
             health = DataHealth.merge(ranks_health)
-        summary = {"steps": self.steps_done, "total_steps": self.total_steps,
-                   "epochs": self.total_steps / self.steps_per_epoch, "last": self.last,
-                   "data": health.as_dict(),
-                   "samples_seen": self.samples_seen, "bad_steps": int(self.bad.total),
-                   "train_seconds": self.train_seconds(), "precision": "bf16" if self.amp == torch.bfloat16 else "fp32",
-                   "machine": describe_machine(self.device), "world_size": world_size(), "threads": torch.get_num_threads(),
-                   "checkpoint": self.checkpoint_location()}
+        summary = {
+            "steps": self.steps_done,
+            "total_steps": self.total_steps,
+            "epochs": self.total_steps / self.steps_per_epoch,
+            "last": self.last,
+            "data": health.as_dict(),
+            "samples_seen": self.samples_seen,
+            "bad_steps": int(self.bad.total),
+            "train_seconds": self.train_seconds(),
+            "precision": "bf16" if self.amp == torch.bfloat16 else "fp32",
+            "machine": describe_machine(self.device),
+            "world_size": world_size(),
+            "threads": torch.get_num_threads(),
+            "checkpoint": self.checkpoint_location(),
+        }
         self.reporter.finish(summary)
         return summary

@@ -21,8 +21,16 @@ def _uniform(lo: float, hi: float, n: int, device, generator) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand(n, device=device, generator=generator)
 
 
-def crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-               device=None, generator=None, tries: int = 10) -> torch.Tensor:
+def crop_boxes(
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    device=None,
+    generator=None,
+    tries: int = 10,
+) -> torch.Tensor:
     """RandomResizedCrop boxes as (B, 4) [x1, y1, x2, y2], drawn as torchvision draws them.
 
     Each sample tries ``tries`` (area, log-ratio) draws and keeps the first that fits; samples where
@@ -40,10 +48,16 @@ def crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], 
     w = w.gather(1, idx).squeeze(1)
     h = h.gather(1, idx).squeeze(1)
     in_ratio = width / height
-    fb_w = float(width) if ratio[0] <= in_ratio <= ratio[1] else (
-        round(height * ratio[0]) if in_ratio < ratio[0] else round(height * ratio[1]))
-    fb_h = float(height) if ratio[0] <= in_ratio <= ratio[1] else (
-        round(width / ratio[0]) if in_ratio < ratio[0] else round(width / ratio[1]))
+    fb_w = (
+        float(width)
+        if ratio[0] <= in_ratio <= ratio[1]
+        else (round(height * ratio[0]) if in_ratio < ratio[0] else round(height * ratio[1]))
+    )
+    fb_h = (
+        float(height)
+        if ratio[0] <= in_ratio <= ratio[1]
+        else (round(width / ratio[0]) if in_ratio < ratio[0] else round(width / ratio[1]))
+    )
     fb_w, fb_h = min(fb_w, width), min(fb_h, height)
     fallback = first < 0
     w = torch.where(fallback, torch.full_like(w, fb_w), w)
@@ -58,8 +72,9 @@ def crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crop each image to its box and resize bilinearly: (B, C, H, W), (B, 4) -> (B, C, size, size)."""
     rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype).unsqueeze(1), boxes], 1)
-    return roi_align(images, rois.to(images.dtype), output_size=(size, size), spatial_scale=1.0,
-                     sampling_ratio=2, aligned=True)
+    return roi_align(
+        images, rois.to(images.dtype), output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True
+    )
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -101,8 +116,7 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     grey = delta == 0
     safe = torch.where(grey, torch.ones_like(delta), delta)  # grey: 0 / 1 instead of 0 / 0
     saturation = delta / torch.where(grey, torch.ones_like(maxc), maxc)
-    hue = torch.where(maxc == r, (g - b) / safe,
-                      torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    hue = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
     hue = torch.where(grey, torch.zeros_like(hue), torch.remainder(hue / 6.0, 1.0))
     return torch.stack([hue, saturation, maxc], dim=-3)
 
@@ -151,8 +165,14 @@ class BatchViews:
     recipe's ``size`` (a local crop) or ``size`` (a global crop).
     """
 
-    def __init__(self, recipes: list[ViewRecipe], size: int, mean: list[float], std: list[float],
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        recipes: list[ViewRecipe],
+        size: int,
+        mean: list[float],
+        std: list[float],
+        generator: torch.Generator | None = None,
+    ):
         self.recipes, self.size, self.generator = recipes, size, generator
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)

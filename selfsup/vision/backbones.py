@@ -26,23 +26,26 @@ RESNET_SPECS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
 }
 
 
-def resnet_stage(block: type[BasicBlock | Bottleneck], in_planes: int, planes: int, blocks: int,
-                 stride: int) -> tuple[nn.Sequential, int]:
+def resnet_stage(
+    block: type[BasicBlock | Bottleneck], in_planes: int, planes: int, blocks: int, stride: int
+) -> tuple[nn.Sequential, int]:
     """One ResNet stage of ``blocks`` blocks, as torchvision builds it: (B, in_planes, H, W) ->
     (B, planes * expansion, H / stride, W / stride), a 1x1 conv + BN shortcut on the first block when
     the shape changes. Returns (the stage, its output channels)."""
     out_planes = planes * block.expansion
     downsample = None
     if stride != 1 or in_planes != out_planes:
-        downsample = nn.Sequential(nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
-                                   nn.BatchNorm2d(out_planes))
+        downsample = nn.Sequential(
+            nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
+        )
     layers = [block(in_planes, planes, stride, downsample)]
     layers += [block(out_planes, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers), out_planes
 
 
-def build_resnet(name: str, width: int = 64, in_channels: int = 3, small_stem: bool = True,
-                 stem_stride: int = 1) -> tuple[ResNet, int]:
+def build_resnet(
+    name: str, width: int = 64, in_channels: int = 3, small_stem: bool = True, stem_stride: int = 1
+) -> tuple[ResNet, int]:
     """A torchvision ResNet without its classifier: (B, in_channels, H, W) -> (B, feature_dim).
 
     ``width`` is the channel count of the first stage (64 in the paper). ``small_stem`` swaps the
@@ -89,12 +92,14 @@ class ViTBackbone(nn.Module):
 
     vit: VisionTransformer
 
-    def __init__(self, arch: str = "vit_b_16", image_size: int = 224, in_channels: int = 3,
-                 freeze_patch_embed: bool = False):
+    def __init__(
+        self, arch: str = "vit_b_16", image_size: int = 224, in_channels: int = 3, freeze_patch_embed: bool = False
+    ):
         super().__init__()
         patch, layers, heads, width, mlp = VIT_SPECS[arch]
-        self.vit = VisionTransformer(image_size=image_size, patch_size=patch, num_layers=layers, num_heads=heads,
-                                     hidden_dim=width, mlp_dim=mlp)
+        self.vit = VisionTransformer(
+            image_size=image_size, patch_size=patch, num_layers=layers, num_heads=heads, hidden_dim=width, mlp_dim=mlp
+        )
         if in_channels != 3:
             self.vit.conv_proj = nn.Conv2d(in_channels, width, kernel_size=patch, stride=patch)
         self.vit.conv_proj.requires_grad_(not freeze_patch_embed)
@@ -115,8 +120,15 @@ class ViTBackbone(nn.Module):
         return encoder.ln(encoder.layers(encoder.dropout(tokens + pos)))[:, 0]
 
 
-def build_backbone(name: str, width: int = 64, in_channels: int = 3, small_stem: bool = True,
-                   image_size: int = 224, stem_stride: int = 1, freeze_patch_embed: bool = False) -> tuple[nn.Module, int]:
+def build_backbone(
+    name: str,
+    width: int = 64,
+    in_channels: int = 3,
+    small_stem: bool = True,
+    image_size: int = 224,
+    stem_stride: int = 1,
+    freeze_patch_embed: bool = False,
+) -> tuple[nn.Module, int]:
     """Backbone by name -> (module mapping (B, C, H, W) to (B, D), D)."""
     if name in VIT_SPECS:
         return ViTBackbone(name, image_size, in_channels, freeze_patch_embed), VIT_SPECS[name][3]
@@ -125,8 +137,18 @@ def build_backbone(name: str, width: int = 64, in_channels: int = 3, small_stem:
     return build_resnet(name, width, in_channels, small_stem, stem_stride)
 
 
-def export_state_dict(backbone: nn.Module, arch: str, *, width: int, channels: int, small_stem: bool,
-                      stem_stride: int, image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict:
+def export_state_dict(
+    backbone: nn.Module,
+    arch: str,
+    *,
+    width: int,
+    channels: int,
+    small_stem: bool,
+    stem_stride: int,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> dict:
     """The backbone as an export: ``state_dict``, its weights under torchvision's own key names (no
     ``fc`` / ``heads``, no wrapper prefix), with what builds the model (``arch``, ``width``,
     ``channels``, ``small_stem``, ``stem_stride``), its input (``image_size``, per-channel ``mean`` and
@@ -139,13 +161,24 @@ def export_state_dict(backbone: nn.Module, arch: str, *, width: int, channels: i
     else:
         weights = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
     # torchvision builds vit_b_16 (not ViT-S/16) at 224 px
-    standard = channels == 3 and (arch == "vit_b_16" and image_size == 224 if vit is not None
-                                  else width == 64 and not small_stem)
+    standard = channels == 3 and (
+        arch == "vit_b_16" and image_size == 224 if vit is not None else width == 64 and not small_stem
+    )
     feature_dim = vit.hidden_dim if vit is not None else width * 8 * RESNET_SPECS[arch][0].expansion
-    return {"format": EXPORT_FORMAT, "arch": arch, "width": width, "channels": channels, "small_stem": small_stem,
-            "stem_stride": stem_stride, "image_size": image_size, "mean": [float(m) for m in mean],
-            "std": [float(s) for s in std], "feature_dim": feature_dim, "torchvision": arch if standard else None,
-            "state_dict": weights}
+    return {
+        "format": EXPORT_FORMAT,
+        "arch": arch,
+        "width": width,
+        "channels": channels,
+        "small_stem": small_stem,
+        "stem_stride": stem_stride,
+        "image_size": image_size,
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "feature_dim": feature_dim,
+        "torchvision": arch if standard else None,
+        "state_dict": weights,
+    }
 
 
 def torchvision_model(export: dict | str | Path) -> nn.Module:
@@ -156,8 +189,14 @@ def torchvision_model(export: dict | str | Path) -> nn.Module:
         return torchvision_model(torch.load(export, map_location="cpu", weights_only=True))
     if export.get("format") != EXPORT_FORMAT:
         raise ValueError(f"not a selfsup backbone export (format {export.get('format')!r}, expected {EXPORT_FORMAT!r})")
-    backbone, _ = build_backbone(export["arch"], export["width"], export["channels"], export["small_stem"],
-                                 export["image_size"], export["stem_stride"])
+    backbone, _ = build_backbone(
+        export["arch"],
+        export["width"],
+        export["channels"],
+        export["small_stem"],
+        export["image_size"],
+        export["stem_stride"],
+    )
     net = backbone.vit if isinstance(backbone, ViTBackbone) else backbone
     net.load_state_dict(export["state_dict"], strict=True)
     return net.eval()

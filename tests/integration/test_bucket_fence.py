@@ -21,7 +21,7 @@ BUCKET = "selfsup-fence"
 def _objects(prefix: str) -> dict[str, str]:
     """Key -> ETag under ``prefix``, but the lease (its holder's heartbeat rewrites it)."""
     found = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-    return {o["Key"][len(prefix):]: o["ETag"] for o in found if not o["Key"].endswith(LEASE)}
+    return {o["Key"][len(prefix) :]: o["ETag"] for o in found if not o["Key"].endswith(LEASE)}
 
 
 def _holder(key: str) -> str | None:
@@ -37,8 +37,9 @@ def test_a_taken_lease_on_a_bucket_refuses_the_old_drivers_pushes(tmp_path, monk
     monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "cache"))
     with s3_server(BUCKET):
         url = f"s3://{BUCKET}/runs/x"
-        cfg = parse_config({"name": "x", "run_root": f"s3://{BUCKET}/runs", "data": {"train": "x"},
-                            "method": {"name": "simclr"}})
+        cfg = parse_config(
+            {"name": "x", "run_root": f"s3://{BUCKET}/runs", "data": {"train": "x"}, "method": {"name": "simclr"}}
+        )
         old = RunLease(url, host="host-a", heartbeat_every=3600)  # paused: its counter stands still
         old.acquire()
         save_at(cfg.run_dir, cfg, 1, {"w": torch.zeros(4)}, keep=1, fence=old.fence)
@@ -50,8 +51,7 @@ def test_a_taken_lease_on_a_bucket_refuses_the_old_drivers_pushes(tmp_path, monk
         assert "checkpoints/samples-000000000008/progress.json" not in before  # pruned by the new driver
         (cfg.run_dir / "metrics.jsonl").write_text('{"step": 3}\n')
         with pytest.raises(LeaseLost, match=f"the lease of {url} was taken over by pid .* on host-b"):
-            save_at(cfg.run_dir, cfg, 3, {"w": torch.full((4,), 2.0)}, keep=1,
-                            fence=old.fence)
+            save_at(cfg.run_dir, cfg, 3, {"w": torch.full((4,), 2.0)}, keep=1, fence=old.fence)
         assert _objects("runs/x/") == before  # no push, no prune, no metrics: the bucket is the new driver's
         old.release()
         assert _holder("runs/x") == new.record["token"]  # the old driver's exit leaves the new lease

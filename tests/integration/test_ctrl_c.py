@@ -26,10 +26,25 @@ def test_ctrl_c_during_a_pool_of_workers_is_one_line(tmp_path):
     for i in range(8):
         Image.fromarray(np.full((16, 16), i, np.uint8)).save(tmp_path / "photos" / "a" / f"{i}.png")
     os.mkfifo(tmp_path / "photos" / "a" / "z-fifo.png")  # reading it blocks: the write can never finish first
-    run = subprocess.Popen([sys.executable, "-m", "selfsup.cli", "shards", "write", "image-folder",
-                            str(tmp_path / "photos"), str(tmp_path / "out"), "--processes", "2"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                           preexec_fn=default_sigint)
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "selfsup.cli",
+            "shards",
+            "write",
+            "image-folder",
+            str(tmp_path / "photos"),
+            str(tmp_path / "out"),
+            "--processes",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=default_sigint,
+    )
     seen = [run.stdout.readline()]  # the progress line at 0%: the pool is at work
     os.killpg(run.pid, signal.SIGINT)
     out = "".join(seen) + run.communicate(timeout=120)[0]

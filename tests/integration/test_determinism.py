@@ -40,10 +40,16 @@ def _weights(run_dir):
 @pytest.mark.parametrize("crash_at", [5, 8])  # mid-epoch, and exactly at the epoch boundary
 def test_crash_and_resume_gives_the_same_weights(tmp_path, crash_at):
     shards = write_tiny_shards(tmp_path / "shards", [20, 30, 14])  # 8 steps an epoch
-    tree = tiny_config("det", shards, tmp_path / "straight", seed=11, deterministic=True,
-                       optim={"epochs": 2, "name": "sgd", "warmup_epochs": 0.5},
-                       train={"checkpoint_every_steps": 1, "keep_checkpoints": 1},
-                       data={"loader_workers": 1, "shuffle_buffer": 8})
+    tree = tiny_config(
+        "det",
+        shards,
+        tmp_path / "straight",
+        seed=11,
+        deterministic=True,
+        optim={"epochs": 2, "name": "sgd", "warmup_epochs": 0.5},
+        train={"checkpoint_every_steps": 1, "keep_checkpoints": 1},
+        data={"loader_workers": 1, "shuffle_buffer": 8},
+    )
     straight = parse_config(tree)
     assert train(straight)["steps"] == 16
 
@@ -53,8 +59,11 @@ def test_crash_and_resume_gives_the_same_weights(tmp_path, crash_at):
     assert latest_checkpoint(resumed.run_dir).name == f"samples-{8 * crash_at:012d}"  # batch 8, one rank
     summary = train(resumed)
     assert summary["steps"] == 16
-    assert summary["checkpoint"] == str(latest_checkpoint(resumed.run_dir)) == \
-        str(resumed.run_dir / "checkpoints" / f"samples-{8 * 16:012d}")  # the one written last
+    assert (
+        summary["checkpoint"]
+        == str(latest_checkpoint(resumed.run_dir))
+        == str(resumed.run_dir / "checkpoints" / f"samples-{8 * 16:012d}")
+    )  # the one written last
 
     a, b = _weights(straight.run_dir), _weights(resumed.run_dir)
     assert a.keys() == b.keys()

@@ -57,8 +57,14 @@ def test_a_second_driver_is_refused_at_once_and_the_first_run_is_untouched(tmp_p
     shards = write_tiny_shards(tmp_path / "shards", [64, 64])  # 16 steps an epoch
     cfg = write_config(tmp_path / "first.yaml", _tiny("shared", shards, tmp_path / "runs", optim={"epochs": 15}))
     run = tmp_path / "runs" / "shared"
-    first = subprocess.Popen([SELFSUP, "pretrain", str(cfg), "--no-ray"], env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        [SELFSUP, "pretrain", str(cfg), "--no-ray"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while not list_checkpoints(run) and first.poll() is None and time.monotonic() < deadline:
@@ -70,8 +76,13 @@ def test_a_second_driver_is_refused_at_once_and_the_first_run_is_untouched(tmp_p
         # the same name, another config; with --no-ray and under Ray (refused before Ray starts)
         for mode in (["--no-ray"], []):
             started = time.monotonic()
-            second = subprocess.run([SELFSUP, "pretrain", str(cfg), *mode, "seed=1", "optim.lr=0.8"], env=_env(),
-                                    capture_output=True, text=True, timeout=60)
+            second = subprocess.run(
+                [SELFSUP, "pretrain", str(cfg), *mode, "seed=1", "optim.lr=0.8"],
+                env=_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             took = time.monotonic() - started
             assert second.returncode == 2 and took < 10, (took, second.stderr[-2000:])
             lines = _error_lines(second.stderr)
@@ -86,8 +97,9 @@ def test_a_second_driver_is_refused_at_once_and_the_first_run_is_untouched(tmp_p
             os.killpg(first.pid, 9)
             first.wait()
     assert first.returncode == 0, err[-3000:]
-    assert re.search(rf"^done: 240 steps, final weights in {re.escape(str(run))}/checkpoints/samples-000000001920,",
-                     out, re.M), out
+    assert re.search(
+        rf"^done: 240 steps, final weights in {re.escape(str(run))}/checkpoints/samples-000000001920,", out, re.M
+    ), out
     # the folder holds the first run's config and weights only, and its metrics once
     for ckpt in list_checkpoints(run):
         saved = yaml.safe_load((ckpt / "config.yaml").read_text())
@@ -134,8 +146,11 @@ def _space_line(stderr: str, where: Path) -> tuple[float, float]:
     lines = _error_lines(stderr)
     ours = "\n".join(line for line in stderr.splitlines() if "(TrainController pid=" not in line)  # Ray's own
     assert len(lines) == 1 and "Traceback" not in ours, stderr[-3000:]  # (it may log a cleanup timeout's)
-    found = re.fullmatch(rf"{ERROR}not enough space for the next checkpoint in {re.escape(str(where))}: it needs "
-                         r"about (\d+) MiB, (\d+) MiB are free; .*", lines[0])
+    found = re.fullmatch(
+        rf"{ERROR}not enough space for the next checkpoint in {re.escape(str(where))}: it needs "
+        r"about (\d+) MiB, (\d+) MiB are free; .*",
+        lines[0],
+    )
     assert found, lines[0]
     return float(found.group(1)), float(found.group(2))
 
@@ -148,8 +163,9 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_cleans_up(tmp_path, tmpfs
     cfg = write_config(tmp_path / "full.yaml", _tiny("full", shards, disk / "runs"))
     run = disk / "runs" / "full"
 
-    failed = subprocess.run([SELFSUP, "pretrain", str(cfg), "--no-ray"], env=_env(), capture_output=True, text=True,
-                            timeout=300)
+    failed = subprocess.run(
+        [SELFSUP, "pretrain", str(cfg), "--no-ray"], env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert failed.returncode == 2, failed.stderr[-3000:]
     needed, free = _space_line(failed.stderr, run / "checkpoints")
     assert needed == pytest.approx(1.25 * mib, abs=1) and free < needed
@@ -165,8 +181,9 @@ def test_a_full_disk_stops_with_one_line_and_the_rerun_cleans_up(tmp_path, tmpfs
     leftover.mkdir()
     (leftover / "model.pt").write_bytes(b"\0" * int(0.8 * size))
     tmpfs("disk", int(2.6 * size / 1024))
-    again = subprocess.run([SELFSUP, "pretrain", str(cfg), "--no-ray"], env=_env(), capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run(
+        [SELFSUP, "pretrain", str(cfg), "--no-ray"], env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     final = run / "checkpoints" / "samples-000000000064"
     assert f"done: 8 steps, final weights in {final}, 0 bad samples skipped" in again.stdout
@@ -178,8 +195,9 @@ def test_a_full_disk_under_ray_spends_no_retry(tmp_path, tmpfs):
     size = _checkpoint_size(tmp_path, write_tiny_shards(tmp_path / "one-step", [8]))
     shards = write_tiny_shards(tmp_path / "shards", [32, 32])
     disk = tmpfs("disk", int(1.9 * size / 1024))
-    cfg = write_config(tmp_path / "full.yaml", _tiny("full-ray", shards, disk / "runs",
-                                                     scaling={"num_workers": 1, "max_failures": 2}))
+    cfg = write_config(
+        tmp_path / "full.yaml", _tiny("full-ray", shards, disk / "runs", scaling={"num_workers": 1, "max_failures": 2})
+    )
     run = disk / "runs" / "full-ray"
     failed = subprocess.run([SELFSUP, "pretrain", str(cfg)], env=_env(), capture_output=True, text=True, timeout=400)
     out = failed.stdout + failed.stderr
@@ -210,8 +228,9 @@ class CrashAtLog:
 @pytest.mark.parametrize("crash_at", [7, 11])  # past the checkpoint of step 4; past the epoch's end (step 8)
 def test_metrics_stay_monotonic_across_a_resume(tmp_path, crash_at):
     shards = write_tiny_shards(tmp_path / "shards", [32, 32])  # 8 steps an epoch
-    cfg = parse_config(_tiny("mono", shards, tmp_path / "runs", optim={"epochs": 2},
-                             train={"checkpoint_every_steps": 4}))
+    cfg = parse_config(
+        _tiny("mono", shards, tmp_path / "runs", optim={"epochs": 2}, train={"checkpoint_every_steps": 4})
+    )
     with pytest.raises(Crash):
         train(cfg, CrashAtLog(crash_at))
     # logged up to the crash: the records past the checkpoint are of steps the resume redoes
@@ -253,16 +272,19 @@ def test_without_an_address_the_run_starts_its_own_ray(tmp_path):
             port = gcs.rsplit(":", 1)[1]
             assert current.read_text().strip().endswith(f":{port}")  # the node's own IP, the head's GCS port
             assert _jobs(url, token) == []
-            done = subprocess.run([SELFSUP, "pretrain", str(cfg)], env=env, capture_output=True, text=True,
-                                  timeout=400)
+            done = subprocess.run([SELFSUP, "pretrain", str(cfg)], env=env, capture_output=True, text=True, timeout=400)
             out = done.stdout + done.stderr
             assert done.returncode == 0, out[-4000:]
             assert "starting a Ray of its own" in out and "done: 4 steps" in done.stdout
             assert _jobs(url, token) == []  # the other cluster saw no driver
             # control: in the same environment, Ray's own default does join that cluster
-            joined = subprocess.run([sys.executable, "-c", "import ray; ray.init(); "
-                                     "print(ray.get_runtime_context().gcs_address)"], env=env, capture_output=True,
-                                    text=True, timeout=120)
+            joined = subprocess.run(
+                [sys.executable, "-c", "import ray; ray.init(); print(ray.get_runtime_context().gcs_address)"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert joined.returncode == 0 and joined.stdout.strip().endswith(f":{port}"), joined.stderr[-2000:]
             assert len(_jobs(url, token)) == 1
     finally:

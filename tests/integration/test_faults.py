@@ -57,10 +57,13 @@ def test_corrupt_samples_are_skipped_counted_and_located(tmp_path):
     assert r["final_steps"] == r["planned"]
     assert r["skipped"] == r["corrupted"]["total"] == 10 and r["repeated"] == 10  # no good sample dropped
     where = "\n".join(r["where"])
-    for bad in ("train-000005.tar: unreadable after sample 0", "train-000004.tar: unreadable after sample 33",
-                "train-000000.tar: sample s00005: unreadable image header (",  # PNG signature, no header
-                "train-000001.tar: sample s00047: unreadable image header (",
-                "train-000002.tar: sample s00101: unreadable image header ("):
+    for bad in (
+        "train-000005.tar: unreadable after sample 0",
+        "train-000004.tar: unreadable after sample 33",
+        "train-000000.tar: sample s00005: unreadable image header (",  # PNG signature, no header
+        "train-000001.tar: sample s00047: unreadable image header (",
+        "train-000002.tar: sample s00101: unreadable image header (",
+    ):
         assert bad in where
     assert r["printed"] and "10 bad samples skipped" in r["printed"][0]
 
@@ -76,5 +79,8 @@ def test_wandb_resumes_the_same_run_id(tmp_path, monkeypatch):
     assert pretrain(second, use_ray=False)["steps"] == 16
     runs = sorted((second.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
-    assert not [p for p in (second.run_dir / "wandb").rglob("*") if p.is_file()
-                and b"fake-key-that-must-not-be-logged" in p.read_bytes()]
+    assert not [
+        p
+        for p in (second.run_dir / "wandb").rglob("*")
+        if p.is_file() and b"fake-key-that-must-not-be-logged" in p.read_bytes()
+    ]

@@ -32,8 +32,11 @@ def run(*argv, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 def constraints() -> dict[str, str]:
-    pins = (line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-            if line and not line.startswith("#"))
+    pins = (
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     return {canonicalize_name(name): version for name, version in pins}
 
 
@@ -56,8 +59,20 @@ def build_wheel(tmp_path: Path) -> Path:
     shutil.copytree(ROOT / "selfsup", src / "selfsup", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
-    run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-index", "--no-build-isolation",
-        src, "-w", tmp_path / "dist", cwd=tmp_path)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--no-index",
+        "--no-build-isolation",
+        src,
+        "-w",
+        tmp_path / "dist",
+        cwd=tmp_path,
+    )
     (wheel,) = (tmp_path / "dist").glob("selfsup-*.whl")
     return wheel
 
@@ -65,13 +80,27 @@ def build_wheel(tmp_path: Path) -> Path:
 def fresh_venv(path: Path, wheel: Path) -> Path:
     """A venv with the wheel installed and the test venv's packages (selfsup's editable install aside) visible."""
     run(sys.executable, "-m", "venv", "--without-pip", path, cwd=path.parent)
-    site = Path(run(path / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                    cwd=path.parent).stdout.strip())
+    site = Path(
+        run(
+            path / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=path.parent
+        ).stdout.strip()
+    )
     deps = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     (site / "test-venv-deps.pth").write_text("\n".join(deps) + "\n")  # plain paths: their .pth files (the editable
     # selfsup's finder among them) are not run
-    run(path / "bin" / "python", "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--ignore-installed",
-        "--disable-pip-version-check", wheel, cwd=path.parent)
+    run(
+        path / "bin" / "python",
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-index",
+        "--ignore-installed",
+        "--disable-pip-version-check",
+        wheel,
+        cwd=path.parent,
+    )
     return path / "bin"
 
 
@@ -91,11 +120,31 @@ def test_the_wheel_installs_and_pretrains_outside_the_checkout(tmp_path):
 
     # channels_last off: torch 2.11's CPU backward of a channels-last 1x1 stride-2 conv from 4 channels
     # (the width-4 ResNet's first shortcut) corrupts the heap on this machine
-    done = run(bin_dir / "selfsup", "pretrain", "quickstart", "--no-ray", f"data.train={shards}", "data.test=null", "train.monitor_every_epochs=0",
-               "name=x", "run_root=runs", "optim.epochs=1", "optim.minutes=null", "optim.warmup_epochs=0.2",
-               "model.width=4", "train.channels_last=false", "method.proj_hidden_dim=32", "data.batch_size=8", "data.loader_workers=0",
-               "data.shuffle_buffer=16", "train.threads=1", "train.log_every_steps=1", "tracking.mode=disabled",
-               cwd=work, timeout=180)
+    done = run(
+        bin_dir / "selfsup",
+        "pretrain",
+        "quickstart",
+        "--no-ray",
+        f"data.train={shards}",
+        "data.test=null",
+        "train.monitor_every_epochs=0",
+        "name=x",
+        "run_root=runs",
+        "optim.epochs=1",
+        "optim.minutes=null",
+        "optim.warmup_epochs=0.2",
+        "model.width=4",
+        "train.channels_last=false",
+        "method.proj_hidden_dim=32",
+        "data.batch_size=8",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=16",
+        "train.threads=1",
+        "train.log_every_steps=1",
+        "tracking.mode=disabled",
+        cwd=work,
+        timeout=180,
+    )
     assert re.search(r"^done: [1-9]\d* steps, final weights in ", done.stdout, re.M), done.stdout[-2000:]
     checkpoint = Path(re.search(r"final weights in (\S+?),", done.stdout).group(1))
     checkpoint = checkpoint if checkpoint.is_absolute() else work / checkpoint

@@ -47,8 +47,11 @@ SAMPLES = 128  # one epoch: 16 steps of batch 8 on 1 worker, 8 on 2
 BATCH = 8
 INTERVAL = 3  # train.checkpoint_every_steps (odd: a resize meets positions the new size cannot express)
 TIMEOUT = 240.0
-RAY_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}  # the wait for resources a stale node list promised
+RAY_ENV = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+}  # the wait for resources a stale node list promised
 
 
 def scenario_rng(name: str, repeat: int) -> random.Random:
@@ -65,11 +68,21 @@ class MultiNode:
 
         self.root, self.nodes, self.count = root, {}, 0
         self.temp = f"/tmp/rmn{os.getpid()}"  # short: Ray's socket paths must stay under 107 bytes
-        head = {"num_cpus": 0, "temp_dir": self.temp, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                "dashboard_port": free_port(), "dashboard_agent_listen_port": free_port(),
-                "env_vars": self.node_env("head"),
-                "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                                   "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}}
+        head = {
+            "num_cpus": 0,
+            "temp_dir": self.temp,
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+            "env_vars": self.node_env("head"),
+            "_system_config": {
+                "health_check_initial_delay_ms": 0,
+                "health_check_period_ms": 500,
+                "health_check_timeout_ms": 1000,
+                "health_check_failure_threshold": 3,
+            },
+        }
         self.cluster = Cluster(initialize_head=True, head_node_args=head)
 
     def node_env(self, name: str) -> dict:
@@ -113,11 +126,20 @@ def fast_autoscaling_coordinator() -> None:
     def fast():  # a class made here is shipped by value to the actor
         class FastCoordinator(coordinator._AutoscalingCoordinatorActor):
             TICK_INTERVAL_S = 1
+
         return FastCoordinator
 
-    actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(fast()).options(
-        name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", get_if_exists=True, lifetime="detached",
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    actor = (
+        ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(fast())
+        .options(
+            name="AutoscalingCoordinator",
+            namespace="AutoscalingCoordinator",
+            get_if_exists=True,
+            lifetime="detached",
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        )
+        .remote()
+    )
     ray.get(actor.cancel_request.remote("none"))
 
 
@@ -148,8 +170,9 @@ def cluster(multinode, monkeypatch):
     """The cluster with no worker nodes, and Ray Train checking for a resize every second (not 60 s)."""
     import ray.train
 
-    monkeypatch.setattr(ray.train, "ScalingConfig",
-                        functools.partial(ray.train.ScalingConfig, elastic_resize_monitor_interval_s=1.0))
+    monkeypatch.setattr(
+        ray.train, "ScalingConfig", functools.partial(ray.train.ScalingConfig, elastic_resize_monitor_interval_s=1.0)
+    )
     yield multinode
     from ray.util.state import list_actors
 
@@ -161,10 +184,17 @@ def cluster(multinode, monkeypatch):
 def config(name: str, epochs: int, num_workers):
     from selfsup.config import parse_config
 
-    return parse_config(tiny_config(
-        name, f"s3://{BUCKET}/data/train", f"s3://{BUCKET}/runs", model={"width": 8}, optim={"epochs": epochs},
-        train={"checkpoint_every_steps": INTERVAL, "keep_checkpoints": 2, "threads": 1},
-        scaling={"num_workers": num_workers, "cpus_per_worker": 1, "max_failures": 8}))
+    return parse_config(
+        tiny_config(
+            name,
+            f"s3://{BUCKET}/data/train",
+            f"s3://{BUCKET}/runs",
+            model={"width": 8},
+            optim={"epochs": epochs},
+            train={"checkpoint_every_steps": INTERVAL, "keep_checkpoints": 2, "threads": 1},
+            scaling={"num_workers": num_workers, "cpus_per_worker": 1, "max_failures": 8},
+        )
+    )
 
 
 class Run:
@@ -236,8 +266,11 @@ class Run:
 
     def rank0_node(self) -> str:
         """The live node where rank 0 logs (its records file changed last)."""
-        live = [(self.nodes.metrics(n, self.name).stat().st_mtime, n) for n in self.nodes.nodes
-                if self.nodes.metrics(n, self.name).is_file()]
+        live = [
+            (self.nodes.metrics(n, self.name).stat().st_mtime, n)
+            for n in self.nodes.nodes
+            if self.nodes.metrics(n, self.name).is_file()
+        ]
         return max(live)[1]
 
     def restarts(self) -> list[dict]:
@@ -251,8 +284,9 @@ class Run:
             before = steps[i - 2] // BATCH if i > 1 and steps[i - 2] > 0 else 0
             after = steps[i] // BATCH if i < len(steps) else before
             if steps[i - 1] <= 0 or (before and after and steps[i - 1] == after * BATCH != before * BATCH):
-                found.append({"logged": s[i - 1], "resumed": s[i] - after * BATCH, "world": before,
-                              "world_after": after})
+                found.append(
+                    {"logged": s[i - 1], "resumed": s[i] - after * BATCH, "world": before, "world_after": after}
+                )
         return found
 
 
@@ -260,8 +294,9 @@ def train_workers(alive: bool = True) -> list:
     """The Ray Train worker processes (pid, node_id) alive now, or all that were started."""
     from ray.util.state import list_actors
 
-    found = list_actors(filters=[("class_name", "=", "RayTrainWorker")] + [("state", "=", "ALIVE")] * alive,
-                        limit=10_000)
+    found = list_actors(
+        filters=[("class_name", "=", "RayTrainWorker")] + [("state", "=", "ALIVE")] * alive, limit=10_000
+    )
     return [a for a in found if pid_alive(a.pid)] if alive else found  # not one of a node just stopped
 
 
@@ -278,9 +313,14 @@ def bucket_checkpoints(run: str) -> dict[str, dict]:
     s3 = boto3.client("s3")
     prefix = f"runs/{run}/checkpoints/"
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])]
-    found = {k[len(prefix):].split("/")[0]: {} for k in keys if k != prefix}  # not the folder marker
-    found.update({k[len(prefix):].split("/")[0]: json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())
-                  for k in keys if k.endswith("/progress.json")})
+    found = {k[len(prefix) :].split("/")[0]: {} for k in keys if k != prefix}  # not the folder marker
+    found.update(
+        {
+            k[len(prefix) :].split("/")[0]: json.loads(s3.get_object(Bucket=BUCKET, Key=k)["Body"].read())
+            for k in keys
+            if k.endswith("/progress.json")
+        }
+    )
     return found
 
 
@@ -290,7 +330,7 @@ def download(url: str, dest: Path) -> Path:
     for obj in s3.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", []):
         if obj["Key"].endswith("/"):  # a folder marker
             continue
-        target = dest / obj["Key"][len(prefix) + 1:]
+        target = dest / obj["Key"][len(prefix) + 1 :]
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, obj["Key"], str(target))
     return dest
@@ -310,8 +350,9 @@ def check_run(run: Run, summary: dict, tmp: Path, planned: int, world: int, work
     assert len(found) == 2, found  # keep_checkpoints: nothing left over by an interrupted attempt
     assert name in found and found[name]["seq"] == max(p.get("seq", 0) for p in found.values()), found
     assert found[name]["samples_seen"] == planned and found[name]["world_size"] == world, found[name]
-    written = json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key=f"runs/{run.name}/summary.json")["Body"]
-                         .read())
+    written = json.loads(
+        boto3.client("s3").get_object(Bucket=BUCKET, Key=f"runs/{run.name}/summary.json")["Body"].read()
+    )
     assert written["checkpoint"] == summary["checkpoint"]  # what the loop wrote last is what Ray holds as latest
     saved, weights, state = load_checkpoint(download(summary["checkpoint"], tmp / name), with_state=True)
     assert saved.name == run.name and state.samples_seen == planned and state.step == summary["steps"]
@@ -324,8 +365,10 @@ def check_run(run: Run, summary: dict, tmp: Path, planned: int, world: int, work
 
     found = run.restarts()
     for r in found:
-        print(f"  restart: {r['world']} -> {r['world_after']} workers, logged {r['logged']} samples, "
-              f"resumed at {r['resumed']}: redid {r['logged'] - r['resumed']}")
+        print(
+            f"  restart: {r['world']} -> {r['world_after']} workers, logged {r['logged']} samples, "
+            f"resumed at {r['resumed']}: redid {r['logged'] - r['resumed']}"
+        )
     assert len(train_workers(alive=False)) - run.workers_before == sum(workers), "attempts"
     assert len(found) <= len(workers) - 1, found
     assert all(0 <= r["logged"] - r["resumed"] <= most_redone(r) for r in found), found
@@ -335,8 +378,9 @@ def most_redone(restart: dict) -> int:
     """One checkpoint interval of the interrupted attempt; after a resize up, also the batches of a part
     step, which the new world size cannot express (up to one batch fewer than it has workers)."""
     interval = INTERVAL * BATCH * restart["world"]
-    return interval + max(0, restart["world_after"] - 1) * BATCH if restart["world_after"] > restart["world"] \
-        else interval
+    return (
+        interval + max(0, restart["world_after"] - 1) * BATCH if restart["world_after"] > restart["world"] else interval
+    )
 
 
 @pytest.mark.parametrize("repeat", range(REPEATS))

@@ -22,7 +22,7 @@ BUCKET = "selfsup-test"
 
 def _keys(prefix: str) -> list[str]:
     found = boto3.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-    return sorted(o["Key"][len(prefix):] for o in found)
+    return sorted(o["Key"][len(prefix) :] for o in found)
 
 
 def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypatch):
@@ -32,12 +32,19 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         manifest, urls = read_manifest(f"s3://{BUCKET}/data/train")
         assert urls[0] == f"s3://{BUCKET}/data/train/train0-000000.tar"
         problems = []
-        assert [sum(1 for _ in read_shard(u, problems, s["count"], sha256=s["sha256"]))
-                for u, s in zip(urls, manifest["shards"])] == [20, 30, 14]
+        assert [
+            sum(1 for _ in read_shard(u, problems, s["count"], sha256=s["sha256"]))
+            for u, s in zip(urls, manifest["shards"])
+        ] == [20, 30, 14]
         assert problems == []  # the sha256 hashed as the bytes stream from S3
 
-        tree = tiny_config("s3run", f"s3://{BUCKET}/data/train", f"s3://{BUCKET}/runs",
-                           optim={"epochs": 1}, train={"keep_checkpoints": 2})
+        tree = tiny_config(
+            "s3run",
+            f"s3://{BUCKET}/data/train",
+            f"s3://{BUCKET}/runs",
+            optim={"epochs": 1},
+            train={"keep_checkpoints": 2},
+        )
         monkeypatch.setenv("SELFSUP_CACHE", str(tmp_path / "node-a"))
         cfg = parse_config(tree)
         first = pretrain(cfg, use_ray=False)
@@ -47,11 +54,19 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         # every checkpoint pushed carries its progress.json; only the 2 written last are kept; metrics and
         # summary pushed. Names count samples: step 4 and step 8 (the epoch's end) of batch 8 on one rank
         assert [k for k in keys if k.endswith(storage.PROGRESS)] == [
-            "checkpoints/samples-000000000032/progress.json", "checkpoints/samples-000000000064/progress.json"]
+            "checkpoints/samples-000000000032/progress.json",
+            "checkpoints/samples-000000000064/progress.json",
+        ]
         last = "checkpoints/samples-000000000064"
-        assert {"metrics.jsonl", "summary.json", f"{last}/model.pt", f"{last}/state.pt", f"{last}/config.yaml"} <= set(keys)
-        assert json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key="runs/s3run/summary.json")["Body"]
-                          .read())["steps"] == 8
+        assert {"metrics.jsonl", "summary.json", f"{last}/model.pt", f"{last}/state.pt", f"{last}/config.yaml"} <= set(
+            keys
+        )
+        assert (
+            json.loads(boto3.client("s3").get_object(Bucket=BUCKET, Key="runs/s3run/summary.json")["Body"].read())[
+                "steps"
+            ]
+            == 8
+        )
         assert first["checkpoint"] == f"{cfg.run_url}/checkpoints/samples-000000000064"
 
         # a push cut short (no progress.json, a progress.json listing files not all there at their sizes, or
@@ -61,8 +76,13 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         s3.put_object(Bucket=BUCKET, Key=f"{cut}/model.pt", Body=b"x")
         short = "runs/s3run/checkpoints/samples-000000000100"
         s3.put_object(Bucket=BUCKET, Key=f"{short}/model.pt", Body=b"x")
-        s3.put_object(Bucket=BUCKET, Key=f"{short}/progress.json", Body=json.dumps(
-            {"seq": 99, "samples_seen": 100, "step": 99, "files": {"model.pt": 1000, "state.pt": 10}}).encode())
+        s3.put_object(
+            Bucket=BUCKET,
+            Key=f"{short}/progress.json",
+            Body=json.dumps(
+                {"seq": 99, "samples_seen": 100, "step": 99, "files": {"model.pt": 1000, "state.pt": 10}}
+            ).encode(),
+        )
         half = "runs/s3run/checkpoints/samples-000000000101"
         s3.put_object(Bucket=BUCKET, Key=f"{half}/model.pt", Body=b"x")
         s3.put_object(Bucket=BUCKET, Key=f"{half}/progress.json", Body=b'{"seq": 100, "files": {"model.pt"')
@@ -76,7 +96,9 @@ def test_shards_and_checkpoints_on_s3_resume_on_another_node(tmp_path, monkeypat
         records = [json.loads(x) for x in (cfg2.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records] == list(range(1, 17))  # pulled metrics, then steps 9..16 only
         assert sorted(p.name for p in (cfg2.run_dir / "checkpoints").iterdir()) == [
-            "samples-000000000096", "samples-000000000128"]  # resumed from 64 (kept 2), none of 99..101 pulled
+            "samples-000000000096",
+            "samples-000000000128",
+        ]  # resumed from 64 (kept 2), none of 99..101 pulled
         _, weights, state = load_checkpoint(cfg2.run_dir / "checkpoints" / "samples-000000000128", with_state=True)
         assert state.step == 16 and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
         assert storage.remote_checkpoints(cfg2.run_url) == ["samples-000000000096", "samples-000000000128"]

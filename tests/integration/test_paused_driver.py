@@ -32,8 +32,13 @@ sys.exit(cli.main(["pretrain", sys.argv[2], "--no-ray"]))
 
 def _driver(host: str, config: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, host, str(config)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", DRIVER, host, str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(what, timeout: float = 180) -> None:
@@ -45,8 +50,9 @@ def _wait(what, timeout: float = 180) -> None:
 
 def test_a_sigstopped_driver_taken_over_stops_with_one_line_and_writes_nothing(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", [64])  # 8 steps an epoch
-    config = write_config(tmp_path / "x.yaml", tiny_config("paused", shards, tmp_path / "runs", model={"width": 2},
-                                                           optim={"epochs": 12}))
+    config = write_config(
+        tmp_path / "x.yaml", tiny_config("paused", shards, tmp_path / "runs", model={"width": 2}, optim={"epochs": 12})
+    )
     run = tmp_path / "runs" / "paused"
     a = b = _driver("host-a", config)
     try:

@@ -48,9 +48,14 @@ def worker(rank: int, port: int, tree: dict, token: str, out: str) -> None:
 
 def test_every_rank_stops_at_the_next_logging_step_once_the_lease_is_taken(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", [64, 64])  # 8 steps of batch 8 an epoch on each of 2 ranks
-    tree = tiny_config("ranks", shards, tmp_path / "runs", model={"width": 2},
-                       method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
-                       train={"log_every_steps": 2, "checkpoint_every_steps": 3})
+    tree = tiny_config(
+        "ranks",
+        shards,
+        tmp_path / "runs",
+        model={"width": 2},
+        method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
+        train={"log_every_steps": 2, "checkpoint_every_steps": 3},
+    )
     run = parse_config(tree).run_dir
     lease = RunLease(run, host="host-a", heartbeat_every=3600)
     lease.acquire()

@@ -36,11 +36,18 @@ def test_ray_resumes_at_the_runs_newest_checkpoint_not_its_snapshot(tmp_path, ra
     shards = write_tiny_shards(tmp_path / "shards", [32, 32])  # 8 steps of batch 8 an epoch, one worker
 
     def cfg(epochs: int, keep: int):
-        return parse_config(tiny_config("mixed", shards, tmp_path / "runs", model={"width": 2},
-                                        method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
-                                        optim={"epochs": epochs},
-                                        train={"checkpoint_every_steps": 4, "keep_checkpoints": keep},
-                                        scaling={"num_workers": 1, "cpus_per_worker": 1}))
+        return parse_config(
+            tiny_config(
+                "mixed",
+                shards,
+                tmp_path / "runs",
+                model={"width": 2},
+                method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
+                optim={"epochs": epochs},
+                train={"checkpoint_every_steps": 4, "keep_checkpoints": keep},
+                scaling={"num_workers": 1, "cpus_per_worker": 1},
+            )
+        )
 
     run = cfg(1, 2).run_dir
     assert pretrain(cfg(1, 2))["steps"] == 8  # Ray: its snapshot lists samples-32 and samples-64

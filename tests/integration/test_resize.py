@@ -30,9 +30,13 @@ def test_resume_after_resize_keeps_the_schedule_and_rescales_the_lr(tmp_path):
         group["base_lr"] *= 2
     torch.save(state, ckpt / "state.pt")
     progress = json.loads((ckpt / "progress.json").read_text())
-    progress.update(step=2, step_in_epoch=2, world_size=2,  # and the new state.pt's record, as its writer's
-                    files={**progress["files"], "state.pt": (ckpt / "state.pt").stat().st_size},
-                    **{DIGEST: {**progress[DIGEST], "state.pt": file_digest(ckpt / "state.pt")}})
+    progress.update(
+        step=2,
+        step_in_epoch=2,
+        world_size=2,  # and the new state.pt's record, as its writer's
+        files={**progress["files"], "state.pt": (ckpt / "state.pt").stat().st_size},
+        **{DIGEST: {**progress[DIGEST], "state.pt": file_digest(ckpt / "state.pt")}},
+    )
     (ckpt / "progress.json").write_text(json.dumps(progress))
     assert latest_checkpoint(cfg.run_dir) == ckpt
     (cfg.run_dir / "metrics.jsonl").unlink()

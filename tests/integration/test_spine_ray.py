@@ -12,16 +12,20 @@ pytestmark = pytest.mark.integration
 
 
 def tiny_config(tmp_path, train, test, epochs):
-    return parse_config({
-        "name": "spine", "run_root": str(tmp_path / "runs"), "seed": 1,
-        "data": {"train": str(train), "test": str(test), "batch_size": 16, "loader_workers": 1},
-        "model": {"backbone": "resnet18", "width": 4},
-        "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
-        "optim": {"epochs": epochs, "warmup_epochs": 0.5, "lr": 0.1},
-        "train": {"log_every_steps": 2, "checkpoint_every_steps": 3, "threads": 1},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-        "eval": {"knn": [[5, 0.07], [20, 0.1]]},
-    })
+    return parse_config(
+        {
+            "name": "spine",
+            "run_root": str(tmp_path / "runs"),
+            "seed": 1,
+            "data": {"train": str(train), "test": str(test), "batch_size": 16, "loader_workers": 1},
+            "model": {"backbone": "resnet18", "width": 4},
+            "method": {"name": "simclr", "proj_hidden_dim": 32, "proj_dim": 16},
+            "optim": {"epochs": epochs, "warmup_epochs": 0.5, "lr": 0.1},
+            "train": {"log_every_steps": 2, "checkpoint_every_steps": 3, "threads": 1},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+            "eval": {"knn": [[5, 0.07], [20, 0.1]]},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,9 @@ def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_l
     assert saved_cfg.name == "spine" and state.step == 4 and state.epoch == 1 and len(state.rng) == 2
     # Ray's checkpoint storage is the run folder: it keeps the 2 written last (keep_checkpoints: 2), nothing else
     assert [p.name for p in sorted((cfg.run_dir / "checkpoints").iterdir())] == [
-        "samples-000000000096", "samples-000000000128"]
+        "samples-000000000096",
+        "samples-000000000128",
+    ]
 
     report = evaluate(ckpt, str(train), str(test), tmp_path / "report")
     assert set(report["encoders"]) == {"checkpoint", "pixels", "random_init"}
@@ -67,7 +73,7 @@ def test_two_worker_run_checkpoints_evaluates_resumes_and_tracks(tmp_path, ray_l
     summary = pretrain(longer)
     assert summary["steps"] == 8
     logged = [json.loads(line)["step"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert logged[: logged.index(4) + 1] == [2, 4] and min(logged[logged.index(4) + 1:]) > 4
+    assert logged[: logged.index(4) + 1] == [2, 4] and min(logged[logged.index(4) + 1 :]) > 4
 
     # W&B ran offline under the run folder, one run id for both attempts, holding the logged loss
     runs = sorted((cfg.run_dir / "wandb").glob("offline-run-*"))

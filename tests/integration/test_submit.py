@@ -33,11 +33,16 @@ def _files_containing(root: Path, needle: str) -> list[str]:
 
 def test_submit_runs_the_job_and_no_secret_leaks(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", [24, 40])
-    cfg = write_config(tmp_path / "job.yaml", tiny_config("submitted", shards, tmp_path / "runs",
-                                                          tracking={"mode": "offline"}))
+    cfg = write_config(
+        tmp_path / "job.yaml", tiny_config("submitted", shards, tmp_path / "runs", tracking={"mode": "offline"})
+    )
     wandb_key, other = "wandbfake" + secrets.token_hex(8), "othersecret" + secrets.token_hex(8)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
     # the cluster side: a plain `ray start` at Ray's default log level (its runtime-env agent logs every job's
     # env_vars at INFO), so secrets must not travel in env_vars
@@ -45,23 +50,43 @@ def test_submit_runs_the_job_and_no_secret_leaks(tmp_path):
     with ray_head(env) as (url, _, ray_temp):
         client_env = {**env, "WANDB_API_KEY": wandb_key, "SELFSUP_TEST_SECRET": other}
         # without the token the dashboard refuses us, with a message that says what to set
-        denied = subprocess.run([SELFSUP, "jobs", "status", "raysubmit_x", "--address", url], capture_output=True,
-                                text=True, env={**client_env, "RAY_AUTH_TOKEN": "0" * 64}, timeout=60)
+        denied = subprocess.run(
+            [SELFSUP, "jobs", "status", "raysubmit_x", "--address", url],
+            capture_output=True,
+            text=True,
+            env={**client_env, "RAY_AUTH_TOKEN": "0" * 64},
+            timeout=60,
+        )
         assert denied.returncode == 2 and "selfsup: error" in denied.stderr
 
-        done = subprocess.run([SELFSUP, "submit", str(cfg), "train.checkpoint_every_steps=3", "--address", url,
-                               "--env", "SELFSUP_TEST_SECRET"], capture_output=True, text=True, env=client_env,
-                              timeout=300)
+        done = subprocess.run(
+            [
+                SELFSUP,
+                "submit",
+                str(cfg),
+                "train.checkpoint_every_steps=3",
+                "--address",
+                url,
+                "--env",
+                "SELFSUP_TEST_SECRET",
+            ],
+            capture_output=True,
+            text=True,
+            env=client_env,
+            timeout=300,
+        )
         out = done.stdout + done.stderr
         assert done.returncode == 0, out[-3000:]
         job_id = next(w for w in done.stdout.split() if w.startswith("raysubmit_"))
         assert f"job {job_id}: SUCCEEDED" in done.stdout and "done: 8 steps" in done.stdout
 
-        status = subprocess.run([SELFSUP, "jobs", "status", job_id, "--address", url], capture_output=True,
-                                text=True, env=env, timeout=60)
+        status = subprocess.run(
+            [SELFSUP, "jobs", "status", job_id, "--address", url], capture_output=True, text=True, env=env, timeout=60
+        )
         assert status.returncode == 0 and f"{job_id}: SUCCEEDED" in status.stdout
-        logs = subprocess.run([SELFSUP, "jobs", "logs", job_id, "--address", url], capture_output=True,
-                              text=True, env=env, timeout=60).stdout
+        logs = subprocess.run(
+            [SELFSUP, "jobs", "logs", job_id, "--address", url], capture_output=True, text=True, env=env, timeout=60
+        ).stdout
         assert "done: 8 steps" in logs
 
         run = tmp_path / "runs" / "submitted"

@@ -31,26 +31,51 @@ def _clips(n: int, seed: int) -> list[tuple[np.ndarray, int]]:
 
 
 def _write(out, clips, split):
-    samples = ({"__key__": f"{split}-{i:04d}", "flac": encode_flac(w),
-                "json": {"duration": len(w) / 16000, "original_rate": 16000, "label": c}}
-               for i, (w, c) in enumerate(clips))
+    samples = (
+        {
+            "__key__": f"{split}-{i:04d}",
+            "flac": encode_flac(w),
+            "json": {"duration": len(w) / 16000, "original_rate": 16000, "label": c},
+        }
+        for i, (w, c) in enumerate(clips)
+    )
     return write_shards(samples, out, split=split, kind="audio", classes=["low", "high"])
 
 
 def test_tiny_pretrain_writes_a_checkpoint_with_finite_loss_and_evaluates(tmp_path):
     _write(tmp_path / "train", _clips(24, 0), "train")
     _write(tmp_path / "test", _clips(10, 1), "test")
-    cfg = parse_config({
-        "name": "w2v-tiny-test", "run_root": str(tmp_path / "runs"),
-        "data": {"kind": "audio", "train": str(tmp_path / "train"), "batch_size": 4, "max_seconds": 0.8,
-                 "min_seconds": 0.3, "loader_workers": 0},
-        "method": {"name": "wav2vec2", "preset": "tiny", "conv_channels": 16, "embed_dim": 32, "num_heads": 2,
-                   "ffn_dim": 64, "num_layers": 2, "codebook_entries": 16, "codevector_dim": 16, "final_dim": 16,
-                   "num_negatives": 10, "mask_length": 4},
-        "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0.5, "epochs": 2},
-        "train": {"log_every_steps": 2, "threads": 1},
-        "eval": {"knn": [[5, 0.07]]},
-    })
+    cfg = parse_config(
+        {
+            "name": "w2v-tiny-test",
+            "run_root": str(tmp_path / "runs"),
+            "data": {
+                "kind": "audio",
+                "train": str(tmp_path / "train"),
+                "batch_size": 4,
+                "max_seconds": 0.8,
+                "min_seconds": 0.3,
+                "loader_workers": 0,
+            },
+            "method": {
+                "name": "wav2vec2",
+                "preset": "tiny",
+                "conv_channels": 16,
+                "embed_dim": 32,
+                "num_heads": 2,
+                "ffn_dim": 64,
+                "num_layers": 2,
+                "codebook_entries": 16,
+                "codevector_dim": 16,
+                "final_dim": 16,
+                "num_negatives": 10,
+                "mask_length": 4,
+            },
+            "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0.5, "epochs": 2},
+            "train": {"log_every_steps": 2, "threads": 1},
+            "eval": {"knn": [[5, 0.07]]},
+        }
+    )
     summary = fit(cfg)
 
     assert summary["steps"] == summary["total_steps"] == 12

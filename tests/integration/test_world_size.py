@@ -35,15 +35,17 @@ WORLD, BATCH = 2, 8  # global batch; each rank takes BATCH // WORLD
 PROGRESS = Progress(3, 10, 5)
 CASES = {  # name: method config (small heads for a width-8 ResNet-18, feature dimension 64)
     "simclr": dict(name="simclr", proj_hidden_dim=16, proj_dim=8),
-    "moco_v2_sync_bn": dict(name="moco_v2", queue_size=32, proj_hidden_dim=16, proj_dim=8, shuffle_bn=False,
-                            sync_bn=True, momentum=0.9),
+    "moco_v2_sync_bn": dict(
+        name="moco_v2", queue_size=32, proj_hidden_dim=16, proj_dim=8, shuffle_bn=False, sync_bn=True, momentum=0.9
+    ),
     "moco_v3": dict(name="moco_v3", proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16),
     "byol": dict(name="byol", proj_hidden_dim=16, proj_dim=8, pred_hidden_dim=16),
     "simsiam": dict(name="simsiam", proj_dim=16, proj_hidden_dim=16, pred_hidden_dim=4),
     "vicreg": dict(name="vicreg", proj_hidden_dim=16, proj_dim=16),  # variance, covariance: gathered
     "barlow_twins": dict(name="barlow_twins", proj_hidden_dim=16, proj_dim=16),  # cross-correlation: summed
-    "dino": dict(name="dino", out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True,
-                 freeze_last_layer_epochs=0),  # center: all-reduced; teacher head BN: global
+    "dino": dict(
+        name="dino", out_dim=16, hidden_dim=16, bottleneck_dim=8, use_bn_in_head=True, freeze_last_layer_epochs=0
+    ),  # center: all-reduced; teacher head BN: global
 }
 MULTI_CROP = {"simclr", "byol", "dino"}  # also run with 3 local views of 8 px beside the two of 16 px
 CASES.update({f"{name}_multi_crop": CASES[name] for name in sorted(MULTI_CROP)})
@@ -59,8 +61,9 @@ def build(cfg: dict) -> nn.Module:
 def views(local: int = 0) -> list[torch.Tensor]:
     """Two global views of 16 px, then ``local`` views of 8 px."""
     g = torch.Generator().manual_seed(1)
-    return ([torch.randn(BATCH, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)]
-            + [torch.randn(BATCH, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(local)])
+    return [torch.randn(BATCH, 1, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)] + [
+        torch.randn(BATCH, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(local)
+    ]
 
 
 def share(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -97,9 +100,21 @@ def wav2vec2_cfg() -> Wav2Vec2Config:
     """A tiny model whose loss is the contrastive term alone: fairseq's diversity and feature penalty
     are means over each rank's own batch (the codebook perplexity is not additive over clips), so
     they are per-rank terms by design, weighted by the rank's masked frames as fairseq weights them."""
-    return Wav2Vec2Config.tiny().model_copy(update=dict(
-        conv_channels=16, embed_dim=32, ffn_dim=64, pos_conv_kernel=8, pos_conv_groups=4, codebook_entries=16,
-        codevector_dim=16, final_dim=16, num_negatives=2, diversity_weight=0.0, feature_penalty_weight=0.0))
+    return Wav2Vec2Config.tiny().model_copy(
+        update=dict(
+            conv_channels=16,
+            embed_dim=32,
+            ffn_dim=64,
+            pos_conv_kernel=8,
+            pos_conv_groups=4,
+            codebook_entries=16,
+            codevector_dim=16,
+            final_dim=16,
+            num_negatives=2,
+            diversity_weight=0.0,
+            feature_penalty_weight=0.0,
+        )
+    )
 
 
 def wav2vec2_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,8 +127,9 @@ def wav2vec2_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     mask = torch.zeros(2, frames, dtype=torch.bool)
     mask[0, [2, 3, 9]] = True
     mask[1, [1, 5, 6, 12, 13]] = True
-    negatives = torch.stack([torch.nonzero(row).flatten()[torch.randint(int(row.sum()), (frames, 2), generator=g)]
-                             for row in mask])
+    negatives = torch.stack(
+        [torch.nonzero(row).flatten()[torch.randint(int(row.sum()), (frames, 2), generator=g)] for row in mask]
+    )
     return waves, lengths, mask, negatives
 
 
@@ -182,8 +198,9 @@ def test_shuffle_bn_normalises_each_key_over_its_shuffled_share_not_its_querys(r
     for r in range(WORLD):  # a query is normalised over its rank's sub-batch; its key over another one
         query_batch = set(range(r * BATCH // WORLD, (r + 1) * BATCH // WORLD))
         for i in query_batch:
-            key_batch = next(set(share(order, s, WORLD).tolist()) for s in range(WORLD)
-                             if i in share(order, s, WORLD).tolist())
+            key_batch = next(
+                set(share(order, s, WORLD).tolist()) for s in range(WORLD) if i in share(order, s, WORLD).tolist()
+            )
             assert key_batch != query_batch
     unshuffled = torch.cat([method.keys(share(x2, r, WORLD)) for r in range(WORLD)])
     assert not torch.allclose(expected, unshuffled, atol=1e-3)  # the statistics a query's own batch gives

@@ -26,6 +26,8 @@ def test_one_place_builds_a_trainer_and_one_door_trains():
     made = re.compile(r"(?<![`\w])Trainer\(")  # a call, not ``Trainer(...)`` in a docstring
     builds = sorted(str(p.relative_to(ROOT)) for p, text in sources.items() if made.search(text))
     assert builds == ["selfsup/cluster/in_process.py"], builds
-    old = re.compile(r"\b(run_pretraining|run_training|pretrain_here|_fit_under_ray|_train_worker|under_ray)\b"
-                     r"|\bdrive\(")
+    old = re.compile(
+        r"\b(run_pretraining|run_training|pretrain_here|_fit_under_ray|_train_worker|under_ray)\b"
+        r"|\bdrive\("
+    )
     assert not [str(p.relative_to(ROOT)) for p, text in sources.items() if old.search(text)]

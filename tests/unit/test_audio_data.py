@@ -75,10 +75,16 @@ def test_folder_without_labels_writes_good_clips_and_lists_bad_ones(audio_folder
 
 
 def test_cli_with_labels_csv_writes_one_folder_per_split(audio_folder, tmp_path):
-    rows = [("a/one.wav", "yes", "train", "ann"), ("a/b/two.flac", "no", "train", "bob"),
-            ("three.ogg", "yes", "test", "cy"), ("c/four.mp3", "no", "test", "cy"),
-            ("silent.wav", "no", "train", "ann"), ("nan.wav", "yes", "train", "bob"),
-            ("broken.wav", "yes", "test", "cy"), ("missing/gone.wav", "no", "train", "ann")]
+    rows = [
+        ("a/one.wav", "yes", "train", "ann"),
+        ("a/b/two.flac", "no", "train", "bob"),
+        ("three.ogg", "yes", "test", "cy"),
+        ("c/four.mp3", "no", "test", "cy"),
+        ("silent.wav", "no", "train", "ann"),
+        ("nan.wav", "yes", "train", "bob"),
+        ("broken.wav", "yes", "test", "cy"),
+        ("missing/gone.wav", "no", "train", "ann"),
+    ]
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows([("path", "label", "split", "speaker"), *rows])
@@ -108,7 +114,7 @@ def test_collate_crops_every_clip_to_the_shortest_capped_at_max():
     assert batch["lengths"].tolist() == [12000] * 3 and batch["labels"].tolist() == [0, 1, 2]
     for crop, (wave, _) in zip(batch["waves"], items):  # contiguous windows of the source clips
         start = int(crop[0])
-        torch.testing.assert_close(crop, wave[start:start + 12000])
+        torch.testing.assert_close(crop, wave[start : start + 12000])
     long = [(torch.zeros(n), 0) for n in (50000, 30000)]
     assert collate_audio(long, max_samples=16000, min_samples=4000)["waves"].shape == (2, 16000)
     with pytest.raises(ValueError, match="4000"):
@@ -120,11 +126,19 @@ def test_short_clips_are_skipped_and_counted_by_the_stream(audio_folder, tmp_pat
     write_shards(samples, tmp_path / "out", kind="audio", total=n)
     min_samples = 6000  # three.ogg (0.3 s = 4800 samples) is too short
     with pytest.raises(ValueError, match="shorter than the minimum 6000"):
-        sample = next(s for s in read_shard(str(tmp_path / "out" / "train-000000.tar"), [])
-                      if json.loads(s["json"])["path"] == "three.ogg")
+        sample = next(
+            s
+            for s in read_shard(str(tmp_path / "out" / "train-000000.tar"), [])
+            if json.loads(s["json"])["path"] == "three.ogg"
+        )
         decode_audio_sample(sample, min_samples)
-    stream = ShardStream(str(tmp_path / "out"), 2, functools.partial(decode_audio_sample, min_samples=min_samples),
-                         functools.partial(collate_audio, max_samples=16000, min_samples=min_samples), shuffle=False)
+    stream = ShardStream(
+        str(tmp_path / "out"),
+        2,
+        functools.partial(decode_audio_sample, min_samples=min_samples),
+        functools.partial(collate_audio, max_samples=16000, min_samples=min_samples),
+        shuffle=False,
+    )
     health = DataHealth()
     batches = list(stream)
     for b in batches:
@@ -142,7 +156,9 @@ def test_the_manifest_records_each_clip_duration(audio_folder, tmp_path):
     waves = [decode_sample(s, "audio")[0][0] for s in read_shard(str(tmp_path / "out" / shard["name"]), [])]
     assert len(shard["durations"]) == shard["count"] == len(waves) == len(GOOD)
     assert manifest_lengths(m, 16000) == [[len(w) for w in waves]]  # exact sample counts back
-    assert "durations" not in write_shards(iter([{"__key__": "k", "png": b"x", "cls": 0}]), tmp_path / "img")["shards"][0]
+    assert (
+        "durations" not in write_shards(iter([{"__key__": "k", "png": b"x", "cls": 0}]), tmp_path / "img")["shards"][0]
+    )
 
 
 SPEC = TokenBatching(max_tokens=24000, min_length=2000, max_length=8000, bucket_size=16, rate=16000)
@@ -177,7 +193,7 @@ def test_the_token_plan_gives_equal_steps_each_clip_at_most_once_and_the_same_co
     used = [(b.shard, i) for row in p.batches for w in row for b in w for i in b.positions]
     assert len(used) == len(set(used))
     usable = {(s, i) for s, ls in enumerate(lengths) for i, n in enumerate(ls) if n >= SPEC.min_length}
-    left = {(b.shard, i) for b in p.flat[3 * p.steps:] for i in b.positions}  # fewer than `ranks` batches
+    left = {(b.shard, i) for b in p.flat[3 * p.steps :] for i in b.positions}  # fewer than `ranks` batches
     assert set(used) == usable - left and len(p.flat) - 3 * p.steps < 3
     for b in p.flat:
         clip = [min(lengths[b.shard][i], SPEC.cap) for i in b.positions]
@@ -187,16 +203,31 @@ def test_the_token_plan_gives_equal_steps_each_clip_at_most_once_and_the_same_co
 def write_clip_shards(out: Path, lengths: list[int], per_shard: int) -> Path:
     """Audio shards of noise clips of ``lengths`` samples at 16 kHz; each clip's label is its index."""
     rng = np.random.default_rng(0)
-    samples = ({"__key__": f"clip{i:05d}", "flac": encode_flac((0.1 * rng.standard_normal(n)).astype(np.float32)),
-                "json": {"duration": n / 16000, "original_rate": 16000, "label": i}} for i, n in enumerate(lengths))
+    samples = (
+        {
+            "__key__": f"clip{i:05d}",
+            "flac": encode_flac((0.1 * rng.standard_normal(n)).astype(np.float32)),
+            "json": {"duration": n / 16000, "original_rate": 16000, "label": i},
+        }
+        for i, n in enumerate(lengths)
+    )
     write_shards(samples, out, kind="audio", samples_per_shard=per_shard)
     return out
 
 
 def token_stream(location, rank=0, ranks=1, workers=1, spec=SPEC, **kw) -> ShardStream:
-    return ShardStream(str(location), 4, functools.partial(decode_audio_sample, min_samples=spec.min_length),
-                       functools.partial(collate_audio, max_samples=spec.cap, min_samples=spec.min_length),
-                       rank=rank, ranks=ranks, workers=workers, seed=5, tokens=spec, **kw)
+    return ShardStream(
+        str(location),
+        4,
+        functools.partial(decode_audio_sample, min_samples=spec.min_length),
+        functools.partial(collate_audio, max_samples=spec.cap, min_samples=spec.min_length),
+        rank=rank,
+        ranks=ranks,
+        workers=workers,
+        seed=5,
+        tokens=spec,
+        **kw,
+    )
 
 
 def token_epoch(location, ranks, workers, epoch=0, start_step=0) -> list[list[tuple[list[int], tuple, int]]]:
@@ -205,8 +236,12 @@ def token_epoch(location, ranks, workers, epoch=0, start_step=0) -> list[list[tu
     for r in range(ranks):
         stream = token_stream(location, r, ranks, workers)
         stream.set_epoch(epoch, start_step)
-        out.append([(b["labels"].tolist(), tuple(b["waves"].shape), int(b["repeated"]))
-                    for b in make_loader(stream, workers if workers > 1 else 0)])
+        out.append(
+            [
+                (b["labels"].tolist(), tuple(b["waves"].shape), int(b["repeated"]))
+                for b in make_loader(stream, workers if workers > 1 else 0)
+            ]
+        )
         assert len(out[-1]) == stream.steps_per_epoch() - start_step
     return out
 
@@ -267,8 +302,9 @@ def test_max_tokens_batches_check_the_checksum_of_shards_read_whole(clip_shards)
         for b in token_stream(location, verify_checksums=verify):  # one rank, one worker: every shard whole
             health.add(b)
         assert (health.skipped, health.repeated, health.mismatched) == (0, 0, mismatched)
-    assert health.where == [f"{shard}: sha256 differs from the manifest (shard changed or corrupt); "
-                            f"run `selfsup shards verify {location}`"]
+    assert health.where == [
+        f"{shard}: sha256 differs from the manifest (shard changed or corrupt); run `selfsup shards verify {location}`"
+    ]
 
 
 def test_an_old_manifest_without_durations_falls_back_to_fixed_batches_with_a_warning(clip_shards, caplog):
@@ -293,8 +329,10 @@ def test_a_clip_the_manifest_marks_unreadable_is_left_out_with_its_cause(clip_sh
     with caplog.at_level("WARNING", logger="selfsup.data"):
         stream = token_stream(location)
     [line] = [r.getMessage() for r in caplog.records]
-    assert line == (f"{location}: 1 clips are unreadable by the manifest (null duration) and left out; "
-                    f"`selfsup shards verify {location}` names them")
+    assert line == (
+        f"{location}: 1 clips are unreadable by the manifest (null duration) and left out; "
+        f"`selfsup shards verify {location}` names them"
+    )
     assert stream.tokens is not None  # still planned by length: not taken for an old manifest
     [got] = token_epoch(location, ranks=1, workers=1)
     labels = {i for ids, _, rep in got if not rep for i in ids}
@@ -302,8 +340,11 @@ def test_a_clip_the_manifest_marks_unreadable_is_left_out_with_its_cause(clip_sh
 
 
 def test_max_tokens_below_the_shortest_usable_clip_is_refused_naming_both():
-    tree = {"name": "t", "data": {"kind": "audio", "train": "x", "min_seconds": 0.5, "max_seconds": 2.0},
-            "method": {"name": "wav2vec2", "preset": "tiny"}}
+    tree = {
+        "name": "t",
+        "data": {"kind": "audio", "train": "x", "min_seconds": 0.5, "max_seconds": 2.0},
+        "method": {"name": "wav2vec2", "preset": "tiny"},
+    }
     assert clip_limits(parse_config(tree, ["data.max_tokens=8000"])) == (8000, 32000)
     with pytest.raises(ValueError, match=r"data.max_tokens 7999 is below the shortest usable clip, 8000 samples"):
         clip_limits(parse_config(tree, ["data.max_tokens=7999"]))

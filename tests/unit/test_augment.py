@@ -51,12 +51,14 @@ def test_view_statistics_match_torchvision_per_image_pipeline():
     ours = view_stats(batch_views(images)[0])
 
     torch.manual_seed(0)
-    per_image = v2.Compose([
-        v2.ToDtype(torch.float32, scale=True),
-        v2.RandomResizedCrop(SIZE, scale=(0.2, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomApply([v2.GaussianBlur(max(3, int(0.1 * SIZE) // 2 * 2 + 1), sigma=(0.1, 2.0))], p=0.5),
-    ])
+    per_image = v2.Compose(
+        [
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomResizedCrop(SIZE, scale=(0.2, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomApply([v2.GaussianBlur(max(3, int(0.1 * SIZE) // 2 * 2 + 1), sigma=(0.1, 2.0))], p=0.5),
+        ]
+    )
     theirs = view_stats(torch.stack([per_image(img) for img in images]))
 
     assert ours["mean"] == pytest.approx(theirs["mean"], abs=0.01)
@@ -101,8 +103,9 @@ def test_byol_preset_is_asymmetric():
     assert (second.blur_p, second.solarize_p) == (0.1, 0.2)
 
     bright = torch.full((N, 1, SIZE, SIZE), 230, dtype=torch.uint8)  # 0.9: never below 0.5 after jitter
-    view1, view2 = BatchViews([first, second], SIZE, mean=[0.0], std=[1.0],
-                              generator=torch.Generator().manual_seed(0))(bright)
+    view1, view2 = BatchViews([first, second], SIZE, mean=[0.0], std=[1.0], generator=torch.Generator().manual_seed(0))(
+        bright
+    )
     assert solarized_fraction(view1) == 0.0
     assert solarized_fraction(view2) == pytest.approx(0.2, abs=0.05)
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _bomb(side: int = 10_000) -> bytes:
     """A 1-bit PNG of ``side`` x ``side`` black pixels: 100 MP in a few kB."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -62,7 +63,9 @@ def _image_members(key: str, png: bytes, label: int = 0) -> list[tuple[str, byte
 
 def _health(location: str, cfg_overrides: dict | None = None) -> tuple[DataHealth, int]:
     """Read one epoch of ``location`` as training does (batches of 1, one worker): (health, batches)."""
-    cfg = parse_config({"name": "c", "data": {"train": location, **(cfg_overrides or {})}, "method": {"name": "simclr"}})
+    cfg = parse_config(
+        {"name": "c", "data": {"train": location, **(cfg_overrides or {})}, "method": {"name": "simclr"}}
+    )
     decode, collate = image_decoding(cfg, read_manifest(location)[0])
     stream = ShardStream(location, 1, decode, collate, shuffle=False)
     health, batches = DataHealth(), 0
@@ -79,8 +82,10 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header_with_its_cause(t
     sample = {"__key__": "bomb", "png": _bomb(), "cls": b"1"}
     with pytest.raises(ValueError) as caught:
         decode_sample(sample, "image")
-    assert str(caught.value) == ("sample bomb: 10000x10000 px (100.0 MP) is over data.max_image_pixels=64000000, "
-                                 "not decoded (downscale it, or raise the cap)")
+    assert str(caught.value) == (
+        "sample bomb: 10000x10000 px (100.0 MP) is over data.max_image_pixels=64000000, "
+        "not decoded (downscale it, or raise the cap)"
+    )
     assert loads == []  # nothing was decoded
     decode_sample({"__key__": "ok", "png": _png(9), "cls": b"1"}, "image")
     assert loads == [(28, 28)]
@@ -92,10 +97,13 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header_with_its_cause(t
     assert manifest["shards"][0]["sizes"] == [[28, 28], [28, 28], None, [28, 28], [28, 28]]
     health, batches = _health(str(out))
     assert (health.skipped, health.repeated, batches) == (1, 1, 5)  # the 5-step plan is topped up once
-    assert health.where == [f"{out}/train-000000.tar: sample s2: 10000x10000 px (100.0 MP) is over "
-                            "data.max_image_pixels=64000000, not decoded (downscale it, or raise the cap)"]
-    cfg = parse_config({"name": "c", "data": {"train": str(out), "max_image_pixels": 783},
-                        "method": {"name": "simclr"}})
+    assert health.where == [
+        f"{out}/train-000000.tar: sample s2: 10000x10000 px (100.0 MP) is over "
+        "data.max_image_pixels=64000000, not decoded (downscale it, or raise the cap)"
+    ]
+    cfg = parse_config(
+        {"name": "c", "data": {"train": str(out), "max_image_pixels": 783}, "method": {"name": "simclr"}}
+    )
     with pytest.raises(ValueError, match=r"sample s0: 28x28 px \(0.0 MP\) is over data.max_image_pixels=783"):
         image_decoding(cfg, manifest)[0](samples[0])
 
@@ -108,18 +116,25 @@ def test_one_bad_image_is_named_not_blamed_on_an_older_selfsup(tmp_path, caplog)
         health, batches = _health(str(out))
     assert not [r for r in caplog.records if "older selfsup" in r.getMessage()]
     assert health.skipped == 1 and batches == 4
-    assert health.where == [f"{out}/train-000000.tar: sample s1: unreadable image header (UnidentifiedImageError: "
-                            "cannot identify image file)"]
+    assert health.where == [
+        f"{out}/train-000000.tar: sample s1: unreadable image header (UnidentifiedImageError: "
+        "cannot identify image file)"
+    ]
 
 
 def test_a_key_repeated_later_in_its_tar_is_read_once_and_counted(tmp_path, capsys):
     root = tmp_path / "wds"
-    members = [*_image_members("a", _png(1)), *_image_members("b", _png(2)), *_image_members("a", _png(3)),
-               *_image_members("c", _png(4))]
+    members = [
+        *_image_members("a", _png(1)),
+        *_image_members("b", _png(2)),
+        *_image_members("a", _png(3)),
+        *_image_members("c", _png(4)),
+    ]
     tar = _tar(root / "part-0.tar", members)
     assert main(["shards", "index", str(root)]) == 0
-    assert (f"unreadable, the reader will skip it: {tar}: sample a: its key repeats sample 0 of this tar "
-            "(read once)") in capsys.readouterr().out
+    assert (
+        f"unreadable, the reader will skip it: {tar}: sample a: its key repeats sample 0 of this tar (read once)"
+    ) in capsys.readouterr().out
     manifest, _ = read_manifest(str(root))
     assert manifest["shards"][0]["count"] == 4 and manifest["shards"][0]["sizes"][2] is None
 
@@ -137,16 +152,19 @@ def test_a_key_repeated_later_in_its_tar_is_read_once_and_counted(tmp_path, caps
 
 def test_a_member_with_no_extension_is_counted_not_dropped(tmp_path, capsys):
     root = tmp_path / "wds"
-    tar = _tar(root / "part-0.tar", [*_image_members("a", _png(1)), ("README", b"hello"),
-                                     *_image_members("b", _png(2))])
+    tar = _tar(
+        root / "part-0.tar", [*_image_members("a", _png(1)), ("README", b"hello"), *_image_members("b", _png(2))]
+    )
     problems = []
     assert [s["__key__"] for s in read_shard(str(tar), problems, 2)] == ["a", "b"]
     assert [(p.kind, p.position, str(p)) for p in problems] == [
-        (UNKNOWN, 0, f"{tar}: member 'README' has no extension, so it belongs to no sample; not read")]
+        (UNKNOWN, 0, f"{tar}: member 'README' has no extension, so it belongs to no sample; not read")
+    ]
     assert list(read_shard(str(tar), problems := [], 2, start=1)) and problems == []  # another reader's range
     manifest, lines = index_shards(root)
-    assert manifest["shards"][0]["count"] == 2 and lines == [f"{tar}: member 'README' has no extension, so it "
-                                                             "belongs to no sample; not read"]
+    assert manifest["shards"][0]["count"] == 2 and lines == [
+        f"{tar}: member 'README' has no extension, so it belongs to no sample; not read"
+    ]
     health, batches = _health(str(root))
     assert (health.unknown, health.skipped, batches) == (1, 0, 2)
     assert "1 tar members of no sample (no extension) not read" in health.summary()
@@ -156,11 +174,21 @@ def test_a_member_with_no_extension_is_counted_not_dropped(tmp_path, capsys):
 def test_member_names_no_locale_can_print_are_escaped(tmp_path):
     root = tmp_path / "wds"
     raw = "\udcff\udcfeimg"  # the bytes ff fe, not UTF-8, as tarfile reads them
-    _tar(root / "part-0.tar", [*_image_members("good", _png(1)), (f"{raw}.png", b"junk"), (f"{raw}.cls", b"0"),
-                               (raw, b"no extension"), *_image_members("café", _png(2))])
+    _tar(
+        root / "part-0.tar",
+        [
+            *_image_members("good", _png(1)),
+            (f"{raw}.png", b"junk"),
+            (f"{raw}.cls", b"0"),
+            (raw, b"no extension"),
+            *_image_members("café", _png(2)),
+        ],
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "ascii:strict"}
-    both = ("import sys; from selfsup.cli import main; "  # one process: torch loads once
-            "print('rc', main(['shards', 'index', sys.argv[1]]), main(['shards', 'verify', sys.argv[1]]))")
+    both = (
+        "import sys; from selfsup.cli import main; "  # one process: torch loads once
+        "print('rc', main(['shards', 'index', sys.argv[1]]), main(['shards', 'verify', sys.argv[1]]))"
+    )
     done = subprocess.run([sys.executable, "-c", both, str(root)], env=env, capture_output=True)
     out, err = done.stdout.decode("ascii"), done.stderr.decode("ascii")  # ascii: nothing else was written
     assert done.returncode == 0 and "Traceback" not in err and "UnicodeEncodeError" not in err, err
@@ -184,8 +212,13 @@ def test_repeated_keys_and_unknown_members_reach_the_records_and_the_summary(tmp
     assert main(["pretrain", str(config), "--no-ray"]) == 0
     run = tmp_path / "runs" / "x"
     data = json.loads((run / "summary.json").read_text())["data"]
-    assert {k: data[k] for k in DataHealth.COUNTS} == {"skipped": 1, "duplicates": 1, "unknown": 1, "repeated": 1,
-                                                       "mismatched": 0}
+    assert {k: data[k] for k in DataHealth.COUNTS} == {
+        "skipped": 1,
+        "duplicates": 1,
+        "unknown": 1,
+        "repeated": 1,
+        "mismatched": 0,
+    }
     assert any("sample s03: its key repeats sample 3 of this tar" in w for w in data["where"])
     last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert (last["skipped_samples"], last["duplicate_samples"], last["unknown_members"]) == (1, 1, 1)
@@ -200,10 +233,13 @@ def test_shards_write_refuses_an_image_over_the_cap_from_its_header_naming_the_f
     loads = []
     real = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real(self))
-    assert main(["shards", "write", "image-folder", str(tmp_path / "src"), str(tmp_path / "out"),
-                 "--processes", "1"]) == 0
-    assert (f"  skipped: {src / 'bomb.png'}: 10000x10000 px (100.0 MP), over the 64000000 pixels training "
-            "decodes (data.max_image_pixels); pass --max-side to store it downscaled") in capsys.readouterr().out
+    assert (
+        main(["shards", "write", "image-folder", str(tmp_path / "src"), str(tmp_path / "out"), "--processes", "1"]) == 0
+    )
+    assert (
+        f"  skipped: {src / 'bomb.png'}: 10000x10000 px (100.0 MP), over the 64000000 pixels training "
+        "decodes (data.max_image_pixels); pass --max-side to store it downscaled"
+    ) in capsys.readouterr().out
     assert (10000, 10000) not in loads and read_manifest(str(tmp_path / "out"))[0]["num_samples"] == 2
 
 
@@ -228,8 +264,10 @@ def test_a_shard_with_a_wrong_sha256_that_still_decodes_is_counted_in_the_summar
     summary = json.loads((tmp_path / "runs" / "x" / "summary.json").read_text())
     assert (summary["steps"], summary["total_steps"]) == (3, 3)
     assert (summary["data"]["mismatched"], summary["data"]["skipped"], summary["data"]["repeated"]) == (1, 0, 0)
-    assert summary["data"]["where"][0] == (f"{shard}: sha256 differs from the manifest (shard changed or corrupt); "
-                                           f"run `selfsup shards verify {loc}`")
+    assert summary["data"]["where"][0] == (
+        f"{shard}: sha256 differs from the manifest (shard changed or corrupt); run `selfsup shards verify {loc}`"
+    )
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: epoch")]
     assert len(warnings) == 2 and warnings[0].startswith(
-        f"warning: epoch 1, so far: 1 shards with a wrong sha256 (run `selfsup shards verify`); first: {shard}: sha256")
+        f"warning: epoch 1, so far: 1 shards with a wrong sha256 (run `selfsup shards verify`); first: {shard}: sha256"
+    )

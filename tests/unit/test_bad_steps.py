@@ -24,10 +24,16 @@ from tests.helpers import fit, tiny_experiment, write_tiny_shards
 
 def tiny_config(tmp_path, *overrides):
     shards = write_tiny_shards(tmp_path / "shards", [64, 64])
-    return tiny_experiment("bad", shards, tmp_path / "runs", *overrides, data={"batch_size": 16, "shuffle_buffer": 0},
-                           method={"proj_hidden_dim": 16, "proj_dim": 8},
-                           optim={"warmup_epochs": 0, "max_bad_steps": 3},
-                           train={"precision": "fp32", "log_every_steps": 2, "checkpoint_every_steps": 1000})
+    return tiny_experiment(
+        "bad",
+        shards,
+        tmp_path / "runs",
+        *overrides,
+        data={"batch_size": 16, "shuffle_buffer": 0},
+        method={"proj_hidden_dim": 16, "proj_dim": 8},
+        optim={"warmup_epochs": 0, "max_bad_steps": 3},
+        train={"precision": "fp32", "log_every_steps": 2, "checkpoint_every_steps": 1000},
+    )
 
 
 def train(cfg):
@@ -36,7 +42,9 @@ def train(cfg):
 
 def test_a_diverging_run_stops_after_max_bad_steps(tmp_path):
     cfg = tiny_config(tmp_path, "optim.lr=1e30")  # the first update sends the weights to ~1e30: NaN from then on
-    with pytest.raises(TooManyBadSteps, match=r"for \d+ steps in a row by step \d+ \(limit optim.max_bad_steps=3\)") as err:
+    with pytest.raises(
+        TooManyBadSteps, match=r"for \d+ steps in a row by step \d+ \(limit optim.max_bad_steps=3\)"
+    ) as err:
         train(cfg)
     assert "lower optim.lr" in str(err.value)
 
@@ -98,25 +106,59 @@ HEADS = {  # small heads for a width-8 ResNet-18 (feature dimension 64)
 def small_backbone(name, width, channels, *args, **kwargs) -> tuple[nn.Module, int]:
     """conv-BN-ReLU x 2, pooled: (B, C, H, W) -> (B, 16), with BatchNorm statistics to keep; a stand-in
     for ``build_backbone`` where what is tested is the same for every backbone."""
-    return nn.Sequential(nn.Conv2d(channels, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, stride=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    ), 16
 
 
 def audio_config(tmp_path):
     rng = np.random.default_rng(0)
-    clips = ({"__key__": f"c{i}", "flac": encode_flac((0.1 * rng.standard_normal(8000)).astype(np.float32)),
-              "json": {"duration": 0.5, "original_rate": 16000, "label": 0}} for i in range(8))
+    clips = (
+        {
+            "__key__": f"c{i}",
+            "flac": encode_flac((0.1 * rng.standard_normal(8000)).astype(np.float32)),
+            "json": {"duration": 0.5, "original_rate": 16000, "label": 0},
+        }
+        for i in range(8)
+    )
     write_shards(clips, tmp_path / "audio", split="train", kind="audio", classes=["a"])
-    return parse_config({
-        "name": "bad-w2v", "run_root": str(tmp_path / "runs"),
-        "data": {"kind": "audio", "train": str(tmp_path / "audio"), "batch_size": 2, "max_seconds": 0.5,
-                 "min_seconds": 0.1, "loader_workers": 0},
-        "method": {"name": "wav2vec2", "preset": "tiny", "conv_channels": 16, "embed_dim": 32, "num_heads": 2,
-                   "ffn_dim": 64, "num_layers": 2, "codebook_entries": 16, "codevector_dim": 16, "final_dim": 16,
-                   "num_negatives": 4, "mask_length": 4},
-        "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0, "epochs": 1},
-        "train": {"precision": "fp32", "threads": 1}})
+    return parse_config(
+        {
+            "name": "bad-w2v",
+            "run_root": str(tmp_path / "runs"),
+            "data": {
+                "kind": "audio",
+                "train": str(tmp_path / "audio"),
+                "batch_size": 2,
+                "max_seconds": 0.5,
+                "min_seconds": 0.1,
+                "loader_workers": 0,
+            },
+            "method": {
+                "name": "wav2vec2",
+                "preset": "tiny",
+                "conv_channels": 16,
+                "embed_dim": 32,
+                "num_heads": 2,
+                "ffn_dim": 64,
+                "num_layers": 2,
+                "codebook_entries": 16,
+                "codevector_dim": 16,
+                "final_dim": 16,
+                "num_negatives": 4,
+                "mask_length": 4,
+            },
+            "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0, "epochs": 1},
+            "train": {"precision": "fp32", "threads": 1},
+        }
+    )
 
 
 def batches(name: str) -> tuple[list, list, list]:
@@ -165,8 +207,11 @@ def assert_same_tensors(a: dict, b: dict, what: str, skip: set[str] = frozenset(
 
 @pytest.mark.parametrize("name", [*HEADS, "wav2vec2"])
 def test_a_non_finite_batch_changes_nothing(tmp_path, name):
-    cfg = audio_config(tmp_path) if name == "wav2vec2" else \
-        tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8")
+    cfg = (
+        audio_config(tmp_path)
+        if name == "wav2vec2"
+        else tiny_config(tmp_path, f"method.name={name}", *HEADS[name], "model.width=8")
+    )
     assert_a_non_finite_batch_changes_nothing(cfg, name)
 
 
@@ -194,8 +239,9 @@ def assert_a_non_finite_batch_changes_nothing(cfg, name: str) -> Trainer:
     return skipped
 
 
-@pytest.mark.parametrize("name,optimiser", [("moco_v2", "sgd"), ("simsiam", "sgd"), ("byol", "lars"),
-                                            ("moco_v3", "adamw")])
+@pytest.mark.parametrize(
+    "name,optimiser", [("moco_v2", "sgd"), ("simsiam", "sgd"), ("byol", "lars"), ("moco_v3", "adamw")]
+)
 def test_a_non_finite_first_step_changes_nothing(tmp_path, name, optimiser):
     """The first step after start rejected (fused SGD once left its momentum buffers uninitialised then),
     then an accepted one: the same weights, state and optimiser as a run that never took the bad step."""

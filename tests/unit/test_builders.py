@@ -60,8 +60,11 @@ def test_missing_espeak_is_one_line_naming_the_package(tmp_path, monkeypatch, ca
 
 def test_missing_apt_get_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builders.shutil, "which", lambda program: None)
-    with pytest.raises(builders.MissingTool, match=r"^apt-get is not installed: the speech corpus is unpacked from "
-                                                  r"the Debian packages flight-of-the-amazon-queen .* \(Debian or Ubuntu\)$"):
+    with pytest.raises(
+        builders.MissingTool,
+        match=r"^apt-get is not installed: the speech corpus is unpacked from "
+        r"the Debian packages flight-of-the-amazon-queen .* \(Debian or Ubuntu\)$",
+    ):
         builders.build_speech_corpus(tmp_path / "speech")
     assert not (tmp_path / "speech").exists()
 
@@ -83,4 +86,6 @@ def test_shards_build_command_writes_the_set_and_says_the_next_step(tmp_path, ca
     out = tmp_path / "digits"
     assert main(["shards", "build", "spoken-digits", str(out), "--per-class", "1"]) == 0
     assert [r["split"] for r in _rows(out)] == ["test"] * 10  # clip 0 of each digit is a test clip
-    assert f"10 clips in {out}; as shards: selfsup shards write audio-folder {out} {out}-shards" in capsys.readouterr().out
+    assert (
+        f"10 clips in {out}; as shards: selfsup shards write audio-folder {out} {out}-shards" in capsys.readouterr().out
+    )

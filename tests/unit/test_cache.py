@@ -73,8 +73,9 @@ def test_eval_under_a_full_cache_is_one_warning_and_its_report(tmp_path, monkeyp
     assert cli.main(["pretrain", str(config), "--no-ray"]) == 0
     capsys.readouterr()
     real = torch.save
-    monkeypatch.setattr(cache.torch, "save", lambda obj, f: real(obj, str(FULL)) if str(f).endswith(".tmp")
-                        else real(obj, f))  # the cache's disk is full; the run's is not
+    monkeypatch.setattr(
+        cache.torch, "save", lambda obj, f: real(obj, str(FULL)) if str(f).endswith(".tmp") else real(obj, f)
+    )  # the cache's disk is full; the run's is not
     out = tmp_path / "report"
     argv = ["eval", str(tmp_path / "runs" / "x"), "--train", str(shards), "--test", str(shards), "--out", str(out)]
     assert cli.main(argv) == 0

@@ -60,19 +60,23 @@ def test_half_written_checkpoints_are_ignored_interrupted_prunes_finished_and_da
     assert list_checkpoints(tmp_path) == [done]
     with pytest.raises(CheckpointError, match="not a complete selfsup checkpoint"):
         resolve_checkpoint(partial)
-    assert tidy_checkpoints(tmp_path) == [".tmp-samples-000000000024-1", "samples-000000000016",
-                                          "samples-000000000032"]
+    assert tidy_checkpoints(tmp_path) == [".tmp-samples-000000000024-1", "samples-000000000016", "samples-000000000032"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [done.name]
     kept = tmp_path / "corrupt" / "samples-000000000016"  # the damaged one is kept, byte for byte
-    assert (kept / "model.pt").read_bytes() == b"x" and (kept / "state.pt").read_bytes() == (done / "state.pt").read_bytes()
+    assert (kept / "model.pt").read_bytes() == b"x" and (kept / "state.pt").read_bytes() == (
+        done / "state.pt"
+    ).read_bytes()
 
 
 def test_a_full_disk_is_one_line_naming_the_path_and_the_last_checkpoint_survives(tmp_path, monkeypatch):
     first = save_at(tmp_path, CFG, 1, {"w": torch.zeros(1000)}, keep=2)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 1000))
-    with pytest.raises(CheckpointSpaceError, match=r"not enough space for the next checkpoint in .*checkpoints: it "
-                                                   r"needs about 0 MiB, 0 MiB are free"):
+    with pytest.raises(
+        CheckpointSpaceError,
+        match=r"not enough space for the next checkpoint in .*checkpoints: it "
+        r"needs about 0 MiB, 0 MiB are free",
+    ):
         save_at(tmp_path, CFG, 2, {"w": torch.zeros(1000)}, keep=2)
     assert list_checkpoints(tmp_path) == [first] and not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
@@ -127,8 +131,10 @@ def test_a_checkpoint_pruned_between_listing_and_reading_is_passed_over(tmp_path
     monkeypatch.setattr(ck, "verify_checkpoint", pruned_meanwhile)
     decided = ck.decide_resume(tmp_path)
     assert decided.checkpoint == first and decided.samples_seen == 8
-    assert decided.reason == f"resuming from {first} (step 1), the latest good checkpoint; passed over: " \
-                             f"{second.name} pruned while read"
+    assert (
+        decided.reason == f"resuming from {first} (step 1), the latest good checkpoint; passed over: "
+        f"{second.name} pruned while read"
+    )
     monkeypatch.setattr(ck, "verify_checkpoint", verify)
     with pytest.raises(CheckpointError, match="does not exist"):  # the one-line error, not a KeyError
         load_checkpoint(second, with_state=True)
@@ -143,8 +149,9 @@ def test_the_records_round_trip_and_progress_is_derived_from_the_state(tmp_path)
     assert progress.digests["state.pt"] == ck.file_digest(path / "state.pt")
     loaded = load_checkpoint(path, with_state=True)[2]
     assert (loaded.samples_seen, loaded.checkpoints_written, len(loaded.rng)) == (72, 2, 3)
-    assert state.progress() == ck.CheckpointProgress(seq=2, samples_seen=72, step=5, epoch=0, step_in_epoch=5,
-                                                     world_size=3)
+    assert state.progress() == ck.CheckpointProgress(
+        seq=2, samples_seen=72, step=5, epoch=0, step_in_epoch=5, world_size=3
+    )
     old = {**state.to_dict(), "data_health": {"skipped": 1}}  # a key older checkpoints wrote is ignored
     assert ck.TrainState.from_dict(old).step == 5
     with pytest.raises(CheckpointError, match="x/state.pt: not a selfsup training state"):
@@ -159,6 +166,7 @@ def test_the_resume_decision_says_why(tmp_path):
     (only / "model.pt").write_bytes(bytes(damaged))  # same size: looks complete
     decided = ck.decide_resume(tmp_path)
     kept = tmp_path / "corrupt" / only.name
-    assert decided == ck.Resume(None, 0, f"no good checkpoint left ({only.name} damaged, kept in {kept}): "
-                                         "starting afresh")
+    assert decided == ck.Resume(
+        None, 0, f"no good checkpoint left ({only.name} damaged, kept in {kept}): starting afresh"
+    )
     assert (kept / "model.pt").read_bytes() == bytes(damaged) and not list_checkpoints(tmp_path)

@@ -46,8 +46,17 @@ def test_version(capsys):
 
 def test_every_option_has_help_and_every_command_an_example():
     found = dict(commands(cli.build_parser()))
-    assert {"selfsup pretrain", "selfsup shards write", "selfsup config show", "selfsup configs", "selfsup demo",
-            "selfsup eval", "selfsup export", "selfsup submit", "selfsup jobs"} <= set(found)
+    assert {
+        "selfsup pretrain",
+        "selfsup shards write",
+        "selfsup config show",
+        "selfsup configs",
+        "selfsup demo",
+        "selfsup eval",
+        "selfsup export",
+        "selfsup submit",
+        "selfsup jobs",
+    } <= set(found)
     for name, parser in found.items():
         assert parser.epilog and f"\n  {name}" in parser.epilog, f"{name}: no example"
         for action in parser._actions:
@@ -84,19 +93,32 @@ def test_a_shipped_config_runs_by_name_or_by_path(pretrain_calls):
 
 
 def test_options_may_come_anywhere_among_the_overrides(pretrain_calls):
-    argv = ["pretrain", "quickstart", "optim.lr=0.5", "--no-ray", "data.batch_size=8", "--address", "ray://h:1",
-            "optim.lr=0.7"]
+    argv = [
+        "pretrain",
+        "quickstart",
+        "optim.lr=0.5",
+        "--no-ray",
+        "data.batch_size=8",
+        "--address",
+        "ray://h:1",
+        "optim.lr=0.7",
+    ]
     assert cli.main(argv) == 0
     cfg, no_ray, address = pretrain_calls[-1]
     assert no_ray and address == "ray://h:1"
     assert cfg.data.batch_size == 8 and cfg.optim.lr == 0.7  # in order: the later override wins
-    assert cli.main(["pretrain", "--no-ray", "quickstart", "optim.lr=0.5"]) == 0 and pretrain_calls[-1][0].optim.lr == 0.5
+    assert (
+        cli.main(["pretrain", "--no-ray", "quickstart", "optim.lr=0.5"]) == 0 and pretrain_calls[-1][0].optim.lr == 0.5
+    )
 
 
-@pytest.mark.parametrize("argv, stray", [
-    (["pretrain", "quickstart", "--no-rayy", "optim.lr=1"], "--no-rayy"),
-    (["jobs", "status", "raysubmit_1", "extra"], "extra"),
-])
+@pytest.mark.parametrize(
+    "argv, stray",
+    [
+        (["pretrain", "quickstart", "--no-rayy", "optim.lr=1"], "--no-rayy"),
+        (["jobs", "status", "raysubmit_1", "extra"], "extra"),
+    ],
+)
 def test_unknown_options_and_stray_words_are_still_refused(argv, stray, capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(argv)
@@ -118,4 +140,4 @@ def test_shards_write_prints_the_skipped_files(tmp_path, capsys):
     skipped = json.loads((out / "manifest.json").read_text())["skipped"]
     assert len(skipped) == cli.SHOWN_SKIPPED + 3
     assert [line for line in printed if line.startswith("  skipped: ")] == [f"  skipped: {s}" for s in skipped[:20]]
-    assert printed[-1] == f"  ... and 3 more; all 23 are listed in {out / 'manifest.json'} under \"skipped\""
+    assert printed[-1] == f'  ... and 3 more; all 23 are listed in {out / "manifest.json"} under "skipped"'

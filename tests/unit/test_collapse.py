@@ -44,7 +44,9 @@ def test_alarm_fires_on_statistics_of_a_really_collapsed_batch():
     g = torch.Generator().manual_seed(0)
     mon = CollapseMonitor(D)
     spread = {k: float(v) for k, v in embedding_stats(torch.randn(256, D, generator=g)).items()}
-    collapsed = {k: float(v) for k, v in embedding_stats(torch.ones(256, D) + 1e-4 * torch.randn(256, D, generator=g)).items()}
+    collapsed = {
+        k: float(v) for k, v in embedding_stats(torch.ones(256, D) + 1e-4 * torch.randn(256, D, generator=g)).items()
+    }
     assert mon.update(0, spread) == []
     causes = [m.split(":")[1].split()[0] for m in mon.update(1, collapsed)]
     assert causes == ["embed_std", "rankme"]

@@ -15,9 +15,17 @@ from tests.helpers import save_at, write_tiny_shards
 
 
 def tiny_run(tmp_path, name: str, train: str, steps: list[int]):
-    cfg = parse_config({"name": name, "run_root": str(tmp_path / "runs"), "data": {"train": train},
-                        "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
-                        "tracking": {"mode": "disabled"}, "eval": {"knn": [[20, 0.07]]}})
+    cfg = parse_config(
+        {
+            "name": name,
+            "run_root": str(tmp_path / "runs"),
+            "data": {"train": train},
+            "model": {"width": 4},
+            "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
+            "tracking": {"mode": "disabled"},
+            "eval": {"knn": [[20, 0.07]]},
+        }
+    )
     for seed, step in enumerate(steps):
         torch.manual_seed(seed)
         save_at(cfg.run_dir, cfg, step, VisionTask().build_objective(cfg).state_dict(), keep=5)
@@ -39,7 +47,10 @@ def test_compare_two_runs_names_the_best_and_reuses_features(tmp_path, monkeypat
     assert saved["best"]["checkpoint"] in (out / "compare.md").read_text()
     assert (out / "compare.md").read_text().count("| a @ ") == 2
     assert (out / "compare.png").stat().st_size > 1000
-    assert sorted(p.name for p in (out / "features" / "a").iterdir()) == ["samples-000000000080.npz", "samples-000000000160.npz"]
+    assert sorted(p.name for p in (out / "features" / "a").iterdir()) == [
+        "samples-000000000080.npz",
+        "samples-000000000160.npz",
+    ]
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features should come from the cache")

@@ -58,24 +58,30 @@ def run(cfg, batches: list, backend: str | None, monkeypatch) -> tuple[list, lis
     for i, batch in enumerate(batches):
         torch.manual_seed(100 + i)  # the same masks and noise in both runs
         losses.append(trainer.step(batch)["loss"].detach().clone())
-        optimiser = {f"{i}.{k}": v.clone() for i, s in trainer.optimizer.state_dict()["state"].items()
-                     for k, v in s.items() if torch.is_tensor(v)}
+        optimiser = {
+            f"{i}.{k}": v.clone()
+            for i, s in trainer.optimizer.state_dict()["state"].items()
+            for k, v in s.items()
+            if torch.is_tensor(v)
+        }
         states.append({**{k: v.clone() for k, v in trainer.objective.state_dict().items()}, **optimiser})
         graphs.append(counters["stats"]["unique_graphs"])
     assert int(trainer.bad.total) == 1
     return losses, states, graphs
 
 
-def assert_compiled_matches_eager(cfg, name: str, monkeypatch, backend: str = "aot_eager",
-                                  rtol: float = 1e-5, atol: float = 1e-6) -> None:
+def assert_compiled_matches_eager(
+    cfg, name: str, monkeypatch, backend: str = "aot_eager", rtol: float = 1e-5, atol: float = 1e-6
+) -> None:
     batches = inputs(name, 6, bad=2)
     eager_losses, eager_states, _ = run(cfg, batches, None, monkeypatch)
     torch._dynamo.reset()
     counters.clear()
     losses, states, graphs = run(cfg, batches, backend, monkeypatch)
     assert dict(counters["graph_break"]) == BREAKS.get(name, {})
-    assert graphs[0] >= 1 and graphs[WARM_UP - 1:] == [graphs[WARM_UP - 1]] * (len(graphs) - WARM_UP + 1), \
+    assert graphs[0] >= 1 and graphs[WARM_UP - 1 :] == [graphs[WARM_UP - 1]] * (len(graphs) - WARM_UP + 1), (
         f"recompiled after the warm-up: {graphs} graphs after each step"
+    )
     for step, (a, b) in enumerate(zip(losses, eager_losses)):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=f"loss of step {step}")
     assert not torch.isfinite(losses[2]) and all(torch.isfinite(loss) for i, loss in enumerate(losses) if i != 2)
@@ -83,8 +89,7 @@ def assert_compiled_matches_eager(cfg, name: str, monkeypatch, backend: str = "a
         assert state.keys() == eager.keys()
         for key in state:
             if state[key].is_floating_point():
-                torch.testing.assert_close(state[key], eager[key], rtol=rtol, atol=atol,
-                                           msg=f"{key} after step {step}")
+                torch.testing.assert_close(state[key], eager[key], rtol=rtol, atol=atol, msg=f"{key} after step {step}")
             else:
                 assert torch.equal(state[key], eager[key]), f"{key} after step {step}"
     moved = [k for k in states[0] if k.endswith("running_mean") and not torch.equal(states[0][k], states[-1][k])]

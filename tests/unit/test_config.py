@@ -22,34 +22,40 @@ BASE = {"name": "t", "data": {"train": "x"}, "method": {"name": "simclr"}}
 CONFIGS = sorted(shipped_configs().values())
 
 
-@pytest.mark.parametrize("overrides, key, words", [
-    (["optim.lrr=1"], "optim.lrr", "unknown key"),
-    (["method.temprature=0.1"], "method.temprature", "unknown key"),
-    (["data.batch_size=0"], "data.batch_size", "greater than 0"),
-    (["optim.name=adam"], "optim.name", "'sgd', 'lars' or 'adamw'"),
-    (["augment.preset=rainbow"], "augment.preset", "unknown preset"),
-    (["data.channels=3"], "data", "data.mean and data.std need 3 values"),
-    (["name=has space"], "name", "not a run name"),
-    (["name=.."], "name", "'..' is not a run name: use one folder name"),
-    (["name=."], "name", "not a run name"),
-    (["name=a/b"], "name", "not a run name"),
-    (["optim.decay=step"], "optim.decay", "'cosine' or 'linear'"),
-    (["data.max_tokens=0"], "data.max_tokens", "greater than 0"),
-    (["data.bucket_size=1"], "data.bucket_size", "greater than 1"),
-    # every numeric field with a valid range is bounded
-    (["method.temperature=0"], "method.temperature", "greater than 0"),
-    (["method.proj_layers=0"], "method.proj_layers", "greater than or equal to 1"),
-    (["seed=-1"], "seed", "greater than or equal to 0"),
-    (["data.std=[0]"], "data.std.0", "greater than 0"),
-    (["optim.betas=[0.9,1.0]"], "optim.betas.1", "less than 1"),
-    (["eval.knn=[[0,0.1]]"], "eval.knn.0.0", "greater than 0"),
-    (["eval.knn=[[20,0]]"], "eval.knn.0.1", "greater than 0"),
-    (["augment.views=[{crop_scale: [0.5, 0.2]}, {}]"], "augment.views.0.crop_scale", "not a range"),
-    (["augment.views=[{crop_scale: [0, 1]}, {}]"], "augment.views.0.crop_scale.0", "greater than 0"),
-    (["augment.views=[{blur_sigma: [2, 0.1]}, {}]"], "augment.views.0.blur_sigma", "not a range"),
-    (["method.name=wav2vec2", "method.preset=tiny", "data.kind=audio", "method.conv_strides=[5,0]"],
-     "method.conv_strides.1", "greater than 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["optim.lrr=1"], "optim.lrr", "unknown key"),
+        (["method.temprature=0.1"], "method.temprature", "unknown key"),
+        (["data.batch_size=0"], "data.batch_size", "greater than 0"),
+        (["optim.name=adam"], "optim.name", "'sgd', 'lars' or 'adamw'"),
+        (["augment.preset=rainbow"], "augment.preset", "unknown preset"),
+        (["data.channels=3"], "data", "data.mean and data.std need 3 values"),
+        (["name=has space"], "name", "not a run name"),
+        (["name=.."], "name", "'..' is not a run name: use one folder name"),
+        (["name=."], "name", "not a run name"),
+        (["name=a/b"], "name", "not a run name"),
+        (["optim.decay=step"], "optim.decay", "'cosine' or 'linear'"),
+        (["data.max_tokens=0"], "data.max_tokens", "greater than 0"),
+        (["data.bucket_size=1"], "data.bucket_size", "greater than 1"),
+        # every numeric field with a valid range is bounded
+        (["method.temperature=0"], "method.temperature", "greater than 0"),
+        (["method.proj_layers=0"], "method.proj_layers", "greater than or equal to 1"),
+        (["seed=-1"], "seed", "greater than or equal to 0"),
+        (["data.std=[0]"], "data.std.0", "greater than 0"),
+        (["optim.betas=[0.9,1.0]"], "optim.betas.1", "less than 1"),
+        (["eval.knn=[[0,0.1]]"], "eval.knn.0.0", "greater than 0"),
+        (["eval.knn=[[20,0]]"], "eval.knn.0.1", "greater than 0"),
+        (["augment.views=[{crop_scale: [0.5, 0.2]}, {}]"], "augment.views.0.crop_scale", "not a range"),
+        (["augment.views=[{crop_scale: [0, 1]}, {}]"], "augment.views.0.crop_scale.0", "greater than 0"),
+        (["augment.views=[{blur_sigma: [2, 0.1]}, {}]"], "augment.views.0.blur_sigma", "not a range"),
+        (
+            ["method.name=wav2vec2", "method.preset=tiny", "data.kind=audio", "method.conv_strides=[5,0]"],
+            "method.conv_strides.1",
+            "greater than 0",
+        ),
+    ],
+)
 def test_bad_keys_and_values_are_refused_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError) as err:
         parse_config(BASE, overrides)
@@ -63,12 +69,15 @@ def test_a_run_name_is_one_safe_folder_name(name):
         parse_config({**BASE, "name": name})
 
 
-@pytest.mark.parametrize("overrides, said", [
-    (["optim.lrr=1"], "optim.lrr: unknown key; did you mean optim.lr?"),
-    (["method.temprature=0.1"], "method.temprature: unknown key; did you mean method.temperature?"),
-    (["data.batchsize=8"], "data.batchsize: unknown key; did you mean data.batch_size?"),
-    (["optim.zzz=1"], "optim.zzz: unknown key (check the spelling)"),
-])
+@pytest.mark.parametrize(
+    "overrides, said",
+    [
+        (["optim.lrr=1"], "optim.lrr: unknown key; did you mean optim.lr?"),
+        (["method.temprature=0.1"], "method.temprature: unknown key; did you mean method.temperature?"),
+        (["data.batchsize=8"], "data.batchsize: unknown key; did you mean data.batch_size?"),
+        (["optim.zzz=1"], "optim.zzz: unknown key (check the spelling)"),
+    ],
+)
 def test_an_unknown_key_suggests_the_close_match(overrides, said):
     with pytest.raises(ConfigError) as err:
         parse_config(BASE, overrides)
@@ -156,7 +165,9 @@ def test_a_config_is_found_by_name_or_by_path(tmp_path, monkeypatch):
     (tmp_path / "quickstart.yaml").write_text(dump_config(parse_config(BASE)))
     assert find_config("quickstart.yaml") == Path("quickstart.yaml") and load_config("quickstart.yaml").name == "t"
     assert find_config("quickstart") == shipped_configs()["quickstart"]
-    with pytest.raises(ConfigError, match="nope does not exist, nor is it the name of a shipped config.*selfsup configs"):
+    with pytest.raises(
+        ConfigError, match="nope does not exist, nor is it the name of a shipped config.*selfsup configs"
+    ):
         load_config("nope")
     with pytest.raises(ConfigError, match="configs/quickstart.yaml does not exist: give a YAML file"):
         load_config("configs/quickstart.yaml")  # a path is only a path
@@ -173,7 +184,10 @@ def test_method_name_override_switches_to_the_new_methods_defaults():
         load_config("quickstart", ["method.name=byol", "method.temperature=0.1"])
     with pytest.raises(ConfigError, match="data.kind must be 'audio' for method 'wav2vec2'"):
         load_config("quickstart", ["method.name=wav2vec2"])
-    assert load_config("quickstart", ["method.name=wav2vec2", "method.preset=tiny", "data.kind=audio"]).method.num_layers == 2
+    assert (
+        load_config("quickstart", ["method.name=wav2vec2", "method.preset=tiny", "data.kind=audio"]).method.num_layers
+        == 2
+    )
 
 
 def test_lr_decay_and_audio_batching_default_to_the_old_behaviour():
@@ -195,8 +209,13 @@ def test_multi_crop_views_are_checked_against_the_global_size_and_the_method():
     assert len(parse_config(BASE, [f"augment.views=[{{}}, {{}}, {local}]"]).view_recipes()) == 6  # SimCLR: an option
 
 
-@pytest.mark.parametrize("name, absent", [("wav2vec2-tiny", ["image_size", "channels", "mean", "std", "decode"]),
-                                          ("quickstart", ["max_seconds", "min_seconds", "max_tokens", "bucket_size"])])
+@pytest.mark.parametrize(
+    "name, absent",
+    [
+        ("wav2vec2-tiny", ["image_size", "channels", "mean", "std", "decode"]),
+        ("quickstart", ["max_seconds", "min_seconds", "max_tokens", "bucket_size"]),
+    ],
+)
 def test_a_dump_lists_no_key_of_the_other_kind_of_data_and_loads_back_the_same(name, absent, tmp_path):
     import yaml
 
@@ -206,8 +225,9 @@ def test_a_dump_lists_no_key_of_the_other_kind_of_data_and_loads_back_the_same(n
     assert ("augment" in tree and "model" in tree) == (cfg.data.kind == "image")
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
     assert load_config(tmp_path / "c.yaml") == cfg
-    changed = parse_config(yaml.safe_load(dump_config(cfg)), ["data.max_seconds=3.0"] if name == "quickstart"
-                           else ["data.image_size=32"])
+    changed = parse_config(
+        yaml.safe_load(dump_config(cfg)), ["data.max_seconds=3.0"] if name == "quickstart" else ["data.image_size=32"]
+    )
     assert load_config(tmp_path / "c.yaml") != changed  # a non-default value of the other kind is kept
     (tmp_path / "d.yaml").write_text(dump_config(changed))
     assert load_config(tmp_path / "d.yaml") == changed

@@ -13,13 +13,25 @@ from selfsup.train.console import ProgressConsole, follow_records
 
 
 def step_record(step: int, total: int) -> dict:
-    return {"step": step, "loss": 5.0 - step / 100, "epoch": step / 50, "epochs": total / 50, "total_steps": total,
-            "samples_per_s": 300.0}
+    return {
+        "step": step,
+        "loss": 5.0 - step / 100,
+        "epoch": step / 50,
+        "epochs": total / 50,
+        "total_steps": total,
+        "samples_per_s": 300.0,
+    }
 
 
 def check_record(epoch: float, knn: float) -> dict:
-    return {"epoch": epoch, "samples": int(epoch * 1000), "monitor/knn@20": knn, "monitor/rankme": 30.0,
-            "monitor/random_init_knn@20": 0.672, "monitor/pixels_knn@20": 0.791}
+    return {
+        "epoch": epoch,
+        "samples": int(epoch * 1000),
+        "monitor/knn@20": knn,
+        "monitor/rankme": 30.0,
+        "monitor/random_init_knn@20": 0.672,
+        "monitor/pixels_knn@20": 0.791,
+    }
 
 
 def test_off_a_terminal_the_progress_is_one_line_a_tenth_of_the_run():
@@ -83,7 +95,11 @@ def test_a_resumed_run_prints_none_of_the_earlier_attempts_lines_again(tmp_path,
         with open(path, "a") as f:
             f.writelines(json.dumps({**step_record(s, 10), "samples": 8 * s}) + "\n" for s in range(5, 11))
     assert [line.split(" steps")[0] for line in out.getvalue().splitlines()] == [
-        "pretraining 7/10", "pretraining 8/10", "pretraining 9/10", "pretraining 10/10"]
+        "pretraining 7/10",
+        "pretraining 8/10",
+        "pretraining 9/10",
+        "pretraining 10/10",
+    ]
 
 
 def test_off_a_terminal_a_progress_bar_is_a_line_a_tenth_never_a_redraw():
@@ -95,7 +111,8 @@ def test_off_a_terminal_a_progress_bar_is_a_line_a_tenth_never_a_redraw():
     text = out.getvalue()
     assert "\r" not in text and "\x1b" not in text
     assert [line.split(" [")[0] for line in text.splitlines()] == [
-        f"shards: {100 * n / 95:3.0f}% {n}/95" for n in (0, 10, 19, 29, 38, 48, 57, 67, 76, 86, 95)]  # each tenth
+        f"shards: {100 * n / 95:3.0f}% {n}/95" for n in (0, 10, 19, 29, 38, 48, 57, 67, 76, 86, 95)
+    ]  # each tenth
 
 
 def test_the_driver_logs_a_workers_selfsup_lines_once(tmp_path, monkeypatch, caplog):
@@ -120,7 +137,8 @@ def test_the_driver_logs_a_workers_selfsup_lines_once(tmp_path, monkeypatch, cap
     handler.close()
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
         ("selfsup.pretrain", "INFO", "resumed from step 4"),
-        ("selfsup.pretrain", "WARNING", "epoch 1: 2 bad samples skipped")]
+        ("selfsup.pretrain", "WARNING", "epoch 1: 2 bad samples skipped"),
+    ]
 
 
 def test_off_a_terminal_a_transient_bar_prints_nothing():

@@ -21,8 +21,7 @@ from selfsup.vision.augment import BatchViews
 from tests.helpers import fit
 from tests.unit.test_augment import SIZE, N, striped_ramps, view_stats
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 VISION_METHODS = ["simclr", "moco_v2", "moco_v3", "byol", "simsiam", "vicreg", "barlow_twins", "dino"]
 
@@ -44,10 +43,21 @@ def test_gpu_augmentation_draws_the_cpu_distribution():
 
 
 def _method_config(method: str):
-    tree = {"name": "cuda", "data": {"train": "unused", "image_size": 32, "channels": 3, "batch_size": 64,
-                                     "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
-            "model": {"width": 16, "small_stem": True}, "augment": {"preset": "simclr"},
-            "method": {"name": method}, "optim": {"name": "sgd" if method in ("moco_v2", "simsiam") else "lars"}}
+    tree = {
+        "name": "cuda",
+        "data": {
+            "train": "unused",
+            "image_size": 32,
+            "channels": 3,
+            "batch_size": 64,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.25, 0.25, 0.25],
+        },
+        "model": {"width": 16, "small_stem": True},
+        "augment": {"preset": "simclr"},
+        "method": {"name": method},
+        "optim": {"name": "sgd" if method in ("moco_v2", "simsiam") else "lars"},
+    }
     if method == "moco_v2":
         tree["method"]["queue_size"] = 256
     if method == "dino":  # multi-crop: two global views of 32 px, two local views of 16 px
@@ -66,8 +76,11 @@ def no_host_sync():
             yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()
-             and "prototype" not in str(w.message)]
+    syncs = [
+        f"{w.filename}:{w.lineno}"
+        for w in caught
+        if "synchroniz" in str(w.message).lower() and "prototype" not in str(w.message)
+    ]
     assert not syncs, f"{len(syncs)} host syncs: {syncs}"
 
 
@@ -78,8 +91,9 @@ def _cuda_step_parts(method: str):
     torch.manual_seed(0)
     model = VisionTask().build_objective(cfg).cuda().to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.param_groups(), cfg.optim, 0.05)
-    views = BatchViews(cfg.view_recipes(), 32, cfg.data.mean, cfg.data.std,
-                       torch.Generator(device="cuda").manual_seed(0))
+    views = BatchViews(
+        cfg.view_recipes(), 32, cfg.data.mean, cfg.data.std, torch.Generator(device="cuda").manual_seed(0)
+    )
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return model, optimizer, views, images.cuda()
 
@@ -163,12 +177,19 @@ def _tiny_byol_run(tmp_path):
     from tests.helpers import write_tiny_shards
 
     shards = write_tiny_shards(tmp_path / "shards", [128, 128])
-    return parse_config({
-        "name": "gpu", "run_root": str(tmp_path / "runs"),
-        "data": {"train": str(shards), "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 0},
-        "model": {"width": 8}, "method": {"name": "byol", "proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_dim": 16},
-        "optim": {"warmup_epochs": 0, "epochs": 2}, "scaling": {"use_gpu": True},
-        "train": {"log_every_steps": 4, "checkpoint_every_steps": 1000, "channels_last": True}}, [])
+    return parse_config(
+        {
+            "name": "gpu",
+            "run_root": str(tmp_path / "runs"),
+            "data": {"train": str(shards), "batch_size": 32, "loader_workers": 1, "shuffle_buffer": 0},
+            "model": {"width": 8},
+            "method": {"name": "byol", "proj_hidden_dim": 32, "pred_hidden_dim": 32, "proj_dim": 16},
+            "optim": {"warmup_epochs": 0, "epochs": 2},
+            "scaling": {"use_gpu": True},
+            "train": {"log_every_steps": 4, "checkpoint_every_steps": 1000, "channels_last": True},
+        },
+        [],
+    )
 
 
 def test_the_training_loop_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
@@ -211,5 +232,5 @@ def test_the_training_loop_makes_no_host_sync_between_logging_steps(tmp_path, mo
     where = [f"{w.filename}:{w.lineno}" for w, s in zip(caught, is_sync) if s]
     assert [s for s, _ in marks] == list(range(16))
     quiet = [s for s in range(1, 15) if (s + 1) % 4]  # steps 1, 2, 4, 5, 6, 8, ...: no logging after them
-    syncs = {s: sum(is_sync[marks[s][1]:marks[s + 1][1]]) for s in quiet}
+    syncs = {s: sum(is_sync[marks[s][1] : marks[s + 1][1]]) for s in quiet}
     assert not any(syncs.values()), f"host syncs per quiet step {syncs}; all syncs at {sorted(set(where))}"

@@ -40,7 +40,8 @@ def test_bf16_only_where_the_device_computes_it_natively(caplog):
         assert caplog.records == []
         assert amp_dtype("auto", "cuda", native=False) is None  # V100, T4: fp32, said once
         assert [r.getMessage() for r in caplog.records] == [
-            "train.precision=auto: this GPU has no native bf16 (compute capability below 8.0), training in fp32"]
+            "train.precision=auto: this GPU has no native bf16 (compute capability below 8.0), training in fp32"
+        ]
         assert amp_dtype("bf16", "cuda", native=False) is None
         assert amp_dtype("fp32", "cuda", native=True) is None
         assert amp_dtype("auto", "cpu", native=True) is torch.bfloat16  # AVX-512 BF16 / AMX
@@ -55,8 +56,6 @@ def test_native_bf16_reads_the_compute_capability(monkeypatch):
     assert not native_bf16(gpu) and autocast_dtype("auto", gpu) is None
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     assert native_bf16(gpu) and autocast_dtype("auto", gpu) is torch.bfloat16
-
-
 
 
 STEPS = """

@@ -14,8 +14,19 @@ from benchmarks.device_check import METHODS, main
 from selfsup.eval import knn
 from tests.helpers import make_images, write_idx
 
-NOT_ON_THE_DEVICE = ["ray", "wandb", "faiss", "sklearn", "matplotlib", "scipy", "pandas", "rich", "lightly",
-                     "transformers", "moto"]
+NOT_ON_THE_DEVICE = [
+    "ray",
+    "wandb",
+    "faiss",
+    "sklearn",
+    "matplotlib",
+    "scipy",
+    "pandas",
+    "rich",
+    "lightly",
+    "transformers",
+    "moto",
+]
 
 
 def fashion_mnist_like(folder, train: int = 64, test: int = 32):
@@ -35,8 +46,7 @@ def faiss_looked_up_afresh():
     knn._faiss.cache_clear()
 
 
-def test_the_dry_mode_runs_every_stage_and_writes_one_json(tmp_path, capsys, monkeypatch,
-                                                           faiss_looked_up_afresh):
+def test_the_dry_mode_runs_every_stage_and_writes_one_json(tmp_path, capsys, monkeypatch, faiss_looked_up_afresh):
     for name in NOT_ON_THE_DEVICE:  # `import name` raises ImportError
         monkeypatch.setitem(sys.modules, name, None)
     out = tmp_path / "device-check.json"

@@ -23,28 +23,38 @@ OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GP
 
 def stand_in(real, fail_batch: Exception | None = None, fail_one: Exception | None = None):
     """decode_jpeg that raises ``fail_batch`` for a batched call and ``fail_one`` for a single JPEG."""
+
     def decode(data, **kw):
         error = fail_batch if isinstance(data, list) else fail_one
         if error is not None:
             raise error
         return real(data, **kw)
+
     return decode
 
 
-@pytest.mark.parametrize("fail_batch, fail_one, what", [
-    (OOM, None, "ran out of memory"),  # the batched nvJPEG call
-    (RuntimeError("nvjpeg: bad huffman table"), OOM, "ran out of memory"),  # one by one after a bad batch
-    (torch.AcceleratorError("CUDA error: an illegal memory access was encountered"), None,
-     "failed (AcceleratorError: CUDA error: an illegal memory access was encountered)"),
-])
+@pytest.mark.parametrize(
+    "fail_batch, fail_one, what",
+    [
+        (OOM, None, "ran out of memory"),  # the batched nvJPEG call
+        (RuntimeError("nvjpeg: bad huffman table"), OOM, "ran out of memory"),  # one by one after a bad batch
+        (
+            torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+            None,
+            "failed (AcceleratorError: CUDA error: an illegal memory access was encountered)",
+        ),
+    ],
+)
 def test_the_devices_own_failure_is_one_line_never_grey_images(jpeg_shards, monkeypatch, fail_batch, fail_one, what):
     _, encoded = both_paths(raw_samples(jpeg_shards)[:4], 32, seed=0)
     monkeypatch.setattr(views_module, "decode_jpeg", stand_in(views_module.decode_jpeg, fail_batch, fail_one))
     crops = DeviceCrops([32, 32], 3, torch.device("cpu"))
     with pytest.raises(DeviceDecodeError) as err:
         crops(collate_views(encoded))
-    assert str(err.value) == (f"decoding a batch of 4 JPEGs on cpu {what}: set data.decode=cpu to decode in the "
-                              "loader workers, or lower data.batch_size")
+    assert str(err.value) == (
+        f"decoding a batch of 4 JPEGs on cpu {what}: set data.decode=cpu to decode in the "
+        "loader workers, or lower data.batch_size"
+    )
     assert crops.health.decode_fallbacks == 0 and crops.health.decode_failed == 0
 
 
@@ -53,6 +63,7 @@ def test_out_of_memory_cutting_the_views_is_the_same_line(jpeg_shards, monkeypat
 
     def roi_align(*args, **kwargs):
         raise OOM
+
     monkeypatch.setattr(views_module, "roi_align", roi_align)
     with pytest.raises(DeviceDecodeError, match="on cpu ran out of memory: set data.decode=cpu"):
         DeviceCrops([32, 32], 3, torch.device("cpu"))(collate_views(encoded))
@@ -71,10 +82,14 @@ def test_a_missing_nvjpeg_falls_back_with_one_warning_under_auto_and_stops_under
         assert [r.getMessage() for r in caplog.records] == [
             "data.decode=auto: this torchvision cannot decode JPEGs on the GPU (RuntimeError: torchvision.io."
             "decode_jpeg: not compiled with nvjpeg support); they are decoded in the loader workers (set "
-            "data.decode=cpu to say so)"]
+            "data.decode=cpu to say so)"
+        ]
         gpu = cfg.model_copy(update={"data": cfg.data.model_copy(update={"decode": "gpu"})})
-        with pytest.raises(DeviceDecodeError, match=r"^data.decode=gpu: this torchvision cannot decode JPEGs on "
-                                                    r"the GPU \(RuntimeError: .*\); set data.decode=cpu, or install"):
+        with pytest.raises(
+            DeviceDecodeError,
+            match=r"^data.decode=gpu: this torchvision cannot decode JPEGs on "
+            r"the GPU \(RuntimeError: .*\); set data.decode=cpu, or install",
+        ):
             decode_on_device(gpu)
         monkeypatch.setattr(views_module, "decode_jpeg", lambda data, **kw: torch.zeros((3, 8, 8), dtype=torch.uint8))
         nvjpeg_problem.cache_clear()  # a GPU whose nvJPEG decodes
@@ -97,15 +112,31 @@ def test_decode_fallbacks_reach_the_records_and_the_summary(jpeg_shards, tmp_pat
 
     monkeypatch.setattr(views_module, "decode_jpeg", picky)
     monkeypatch.setattr(vision_module, "decode_on_device", lambda cfg: True)
-    cfg = load_config("simclr-resnet50-imagenet", [
-        f"data.train={jpeg_shards}", "data.image_size=32", "data.batch_size=4", "data.loader_workers=0",
-        f"run_root={tmp_path}", "model.backbone=resnet18", "model.width=4", "method.proj_hidden_dim=16",
-        "method.proj_dim=8", "optim.epochs=1", "optim.warmup_epochs=0", "train.log_every_steps=1",
-        "train.precision=fp32", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]"])
+    cfg = load_config(
+        "simclr-resnet50-imagenet",
+        [
+            f"data.train={jpeg_shards}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.loader_workers=0",
+            f"run_root={tmp_path}",
+            "model.backbone=resnet18",
+            "model.width=4",
+            "method.proj_hidden_dim=16",
+            "method.proj_dim=8",
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+            "train.log_every_steps=1",
+            "train.precision=fp32",
+            "data.mean=[0.5,0.5,0.5]",
+            "data.std=[0.25,0.25,0.25]",
+        ],
+    )
     with caplog.at_level(logging.INFO, logger="selfsup.data"):
         summary = fit(cfg)
     assert "JPEGs decoded on the GPU by nvJPEG, other images in the loader workers (data.decode=auto)" in [
-        r.getMessage() for r in caplog.records]
+        r.getMessage() for r in caplog.records
+    ]
     jpegs = rejected[0]  # every JPEG the device path met, one decode_jpeg call each
     assert jpegs > 0 and summary["data"]["decode_fallbacks"] == (jpegs + 1) // 2
     assert summary["data"]["decode_failed"] == 0

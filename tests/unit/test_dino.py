@@ -36,8 +36,8 @@ def test_dino_loss_gradients_and_center_equal_lightly(n_views):
     expected = reference(list(teacher.chunk(2)), list(student.chunk(n_views)), teacher_temp=temp)
     ours = dino_loss(student, teacher, center, 2, teacher_temp=temp, student_temp=0.1)
     torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
-    grad_ours, = torch.autograd.grad(ours, student)
-    grad_ref, = torch.autograd.grad(expected, student)
+    (grad_ours,) = torch.autograd.grad(ours, student)
+    (grad_ref,) = torch.autograd.grad(expected, student)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-12, atol=1e-12)
     assert grad_ours.abs().sum() > 0
 
@@ -51,8 +51,9 @@ def small_dino(**overrides) -> nn.Module:
 
 def crops(global_size: int = 16, local_size: int = 8, n_local: int = 3) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
-    return ([torch.randn(B, 1, global_size, global_size, generator=g, dtype=torch.float64) for _ in range(2)]
-            + [torch.randn(B, 1, local_size, local_size, generator=g, dtype=torch.float64) for _ in range(n_local)])
+    return [torch.randn(B, 1, global_size, global_size, generator=g, dtype=torch.float64) for _ in range(2)] + [
+        torch.randn(B, 1, local_size, local_size, generator=g, dtype=torch.float64) for _ in range(n_local)
+    ]
 
 
 def test_the_teacher_sees_the_global_views_and_the_student_each_size_as_one_batch():
@@ -132,14 +133,27 @@ def test_vit_s_16_takes_any_crop_size_its_patches_divide():
     torch.testing.assert_close(backbone(x), backbone.vit(x))  # at its own size: torchvision's model exactly
     assert backbone(torch.randn(2, 1, 16, 16)).shape == (2, 384)
     assert backbone(torch.randn(2, 1, 48, 48)).shape == (2, 384)
-    export = export_state_dict(backbone, "vit_s_16", width=64, channels=1, small_stem=False, stem_stride=1,
-                               image_size=32, mean=[0.5], std=[0.2])
+    export = export_state_dict(
+        backbone,
+        "vit_s_16",
+        width=64,
+        channels=1,
+        small_stem=False,
+        stem_stride=1,
+        image_size=32,
+        mean=[0.5],
+        std=[0.2],
+    )
     assert export["torchvision"] is None and export["feature_dim"] == 384  # torchvision has no ViT-S/16 builder
     torch.testing.assert_close(torchvision_model(export)(x), backbone(x))
 
 
-BASE = {"name": "t", "data": {"train": "x", "image_size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3},
-        "method": {"name": "dino"}, "augment": {"preset": "dino"}}
+BASE = {
+    "name": "t",
+    "data": {"train": "x", "image_size": 224, "channels": 3, "mean": [0.5] * 3, "std": [0.2] * 3},
+    "method": {"name": "dino"},
+    "augment": {"preset": "dino"},
+}
 
 
 def test_dino_config_takes_multi_crop_and_refuses_what_cannot_run():

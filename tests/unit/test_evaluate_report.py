@@ -17,16 +17,26 @@ from tests.helpers import make_images, save_at
 
 
 def shards(out, images, labels):
-    samples = ({"__key__": f"s{i:05d}", "png": encode_png(img), "cls": int(c)} for i, (img, c) in enumerate(zip(images, labels)))
+    samples = (
+        {"__key__": f"s{i:05d}", "png": encode_png(img), "cls": int(c)}
+        for i, (img, c) in enumerate(zip(images, labels))
+    )
     write_shards(samples, out, classes=list("abcd"))
     return str(out)
 
 
 def tiny_checkpoint(tmp_path, train: str, spoil: bool = False):
     """A step-7 checkpoint of a random-init SimCLR (width 4); ``spoil`` puts NaN in its first conv."""
-    cfg = parse_config({"name": "tiny", "run_root": str(tmp_path / "runs"), "data": {"train": train},
-                        "model": {"width": 4}, "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
-                        "tracking": {"mode": "disabled"}})
+    cfg = parse_config(
+        {
+            "name": "tiny",
+            "run_root": str(tmp_path / "runs"),
+            "data": {"train": train},
+            "model": {"width": 4},
+            "method": {"name": "simclr", "proj_hidden_dim": 16, "proj_dim": 8},
+            "tracking": {"mode": "disabled"},
+        }
+    )
     torch.manual_seed(0)
     state = VisionTask().build_objective(cfg).state_dict()
     if spoil:
@@ -40,7 +50,11 @@ def split(tmp_path):
     """Train shards without class "d" (3); test shards with it."""
     x, y = make_images(260, seed=1)
     keep = y[:200] != 3
-    return shards(tmp_path / "train", x[:200][keep], y[:200][keep]), shards(tmp_path / "test", x[200:], y[200:]), y[200:]
+    return (
+        shards(tmp_path / "train", x[:200][keep], y[:200][keep]),
+        shards(tmp_path / "test", x[200:], y[200:]),
+        y[200:],
+    )
 
 
 def test_report_has_every_part(tmp_path, split):
@@ -62,8 +76,10 @@ def test_report_has_every_part(tmp_path, split):
     assert rows["d"]["recall"] == 0 and rows["d"]["support"] == int((test_y == 3).sum())
     assert sum(r["support"] for r in rows.values()) == len(test_y)
     hp = saved["details"]["checkpoint"]["linear_hparams"]
-    assert any(f"lr={hp['lr']:g}" in n and "4 views per train image (un-augmented, then 3 of crops and flips)" in n
-               for n in saved["notes"])
+    assert any(
+        f"lr={hp['lr']:g}" in n and "4 views per train image (un-augmented, then 3 of crops and flips)" in n
+        for n in saved["notes"]
+    )
     assert set(saved["details"]["roc_auc"]["per_class"]) == {"a", "b", "c", "d"}
     for name in ("confusion.png", "roc.png", "embedding.png", "embedding-tsne.png", "neighbours.png"):
         assert (out / name).stat().st_size > 1000, name
@@ -75,7 +91,9 @@ def test_report_has_every_part(tmp_path, split):
 def test_empty_split_is_refused(tmp_path, split):
     train, _, _ = split
     (tmp_path / "empty").mkdir()  # (`shards write` refuses to write one)
-    (tmp_path / "empty" / "manifest.json").write_text('{"format": "image", "classes": [], "shards": [], "num_samples": 0}')
+    (tmp_path / "empty" / "manifest.json").write_text(
+        '{"format": "image", "classes": [], "shards": [], "num_samples": 0}'
+    )
     empty = str(tmp_path / "empty")
     with pytest.raises(ValueError, match="split is empty"):
         evaluate(tiny_checkpoint(tmp_path, train), train, empty, tmp_path / "r", baselines=False)
@@ -106,15 +124,24 @@ def test_probe_features_are_the_plain_features_then_seeded_crops():
 
 
 @pytest.mark.parametrize("seconds_at, expected", [({2: 0.03, 1: 0.01}, 1), ({2: 0.01, 1: 0.03}, 2)])
-def test_evaluation_keeps_the_thread_count_that_computes_features_faster(tmp_path, split, monkeypatch, caplog,
-                                                                         seconds_at, expected):
+def test_evaluation_keeps_the_thread_count_that_computes_features_faster(
+    tmp_path, split, monkeypatch, caplog, seconds_at, expected
+):
     import time
 
     import selfsup.eval.run as run
 
     train, _, _ = split
-    cfg = parse_config({"name": "tiny", "run_root": str(tmp_path / "runs"), "data": {"train": train},
-                        "model": {"width": 4}, "method": {"name": "simclr"}, "tracking": {"mode": "disabled"}})
+    cfg = parse_config(
+        {
+            "name": "tiny",
+            "run_root": str(tmp_path / "runs"),
+            "data": {"train": train},
+            "model": {"width": 4},
+            "method": {"name": "simclr"},
+            "tracking": {"mode": "disabled"},
+        }
+    )
     timed = []
 
     def features_at_this_count(task, encoder, sample, cfg, desc, probe_views=1, progress=True):
@@ -154,8 +181,10 @@ def test_baselines_are_scored_once_for_the_same_shards_and_config(tmp_path, spli
     assert again["pixels"] == first["pixels"] and again["random_init"] == first["random_init"]
     assert again["checkpoint"]["knn@20"] == first["checkpoint"]["knn@20"]
     saved = json.loads((tmp_path / "r2" / "report.json").read_text())
-    assert saved["details"]["pixels"]["linear_hparams"] == json.loads(
-        (tmp_path / "r1" / "report.json").read_text())["details"]["pixels"]["linear_hparams"]
+    assert (
+        saved["details"]["pixels"]["linear_hparams"]
+        == json.loads((tmp_path / "r1" / "report.json").read_text())["details"]["pixels"]["linear_hparams"]
+    )
     shard = next(p for p in os.scandir(test) if p.name.endswith(".tar"))
     os.utime(shard.path, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a rewritten shard
     evaluate(ckpt, train, test, tmp_path / "r3", threads=1)

@@ -35,9 +35,15 @@ def torchvision_resnet18(small_stem: bool) -> nn.Module:
 def trained_checkpoint(tmp_path: Path, method: str, size: int, model: dict, data: dict | None = None):
     """(the method's model with weights and BN statistics unlike any fresh initialisation, its checkpoint)."""
     data = {"train": "x", "channels": 3, "image_size": size, **IMAGENET, **(data or {})}
-    cfg = parse_config({"name": "x", "run_root": str(tmp_path / "runs"), "data": data,
-                        "model": {"backbone": "resnet18", **model},
-                        "method": {"name": method, "proj_dim": 8, "proj_hidden_dim": 16}})
+    cfg = parse_config(
+        {
+            "name": "x",
+            "run_root": str(tmp_path / "runs"),
+            "data": data,
+            "model": {"backbone": "resnet18", **model},
+            "method": {"name": method, "proj_dim": 8, "proj_hidden_dim": 16},
+        }
+    )
     torch.manual_seed(0)
     m = cfg.model
     backbone, dim = build_backbone(m.backbone, m.width, cfg.data.channels, m.small_stem, size, m.stem_stride)
@@ -57,11 +63,20 @@ def test_exported_backbone_loads_strictly_into_torchvision(tmp_path, capsys, met
     out = tmp_path / "resnet18.pt"
     assert main(["export", str(ckpt), str(out)]) == 0
     printed = capsys.readouterr().out  # says what loads the file, as the checks below do
-    assert ("selfsup.vision.backbones.torchvision_model(file) builds it" if small_stem else
-            "torchvision.models.resnet18() with .fc = nn.Identity() loads its state_dict strictly") in printed
+    assert (
+        "selfsup.vision.backbones.torchvision_model(file) builds it"
+        if small_stem
+        else "torchvision.models.resnet18() with .fc = nn.Identity() loads its state_dict strictly"
+    ) in printed
     exported = torch.load(out, weights_only=True)
-    assert {k: exported[k] for k in ("arch", "width", "channels", "small_stem", "image_size", "feature_dim")} == \
-        {"arch": "resnet18", "width": 64, "channels": 3, "small_stem": small_stem, "image_size": size, "feature_dim": 512}
+    assert {k: exported[k] for k in ("arch", "width", "channels", "small_stem", "image_size", "feature_dim")} == {
+        "arch": "resnet18",
+        "width": 64,
+        "channels": 3,
+        "small_stem": small_stem,
+        "image_size": size,
+        "feature_dim": 512,
+    }
     assert (exported["mean"], exported["std"]) == (IMAGENET["mean"], IMAGENET["std"])
     assert exported["torchvision"] == (None if small_stem else "resnet18")  # standard geometry: loads as it is
     state_dict = exported["state_dict"]
@@ -85,7 +100,12 @@ def test_load_encoder_is_the_training_encoder(tmp_path):
     model, ckpt = trained_checkpoint(tmp_path, "simclr", 16, {"width": 16, "small_stem": True})
     encoder = selfsup.load_encoder(ckpt.parents[1])  # the run directory: its latest checkpoint
     assert isinstance(encoder, nn.Module) and not encoder.training
-    assert (encoder.mean, encoder.std, encoder.image_size, encoder.channels) == (IMAGENET["mean"], IMAGENET["std"], 16, 3)
+    assert (encoder.mean, encoder.std, encoder.image_size, encoder.channels) == (
+        IMAGENET["mean"],
+        IMAGENET["std"],
+        16,
+        3,
+    )
     assert next(encoder.parameters()).device == torch.device("cpu")
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
@@ -108,8 +128,13 @@ def test_library_api_is_the_pipeline():
 
 
 def test_non_standard_geometry_round_trips_through_torchvision_model(tmp_path):
-    model, ckpt = trained_checkpoint(tmp_path, "simclr", 12, {"width": 8, "small_stem": True, "stem_stride": 2},
-                                     {"channels": 1, "mean": [0.3], "std": [0.4]})
+    model, ckpt = trained_checkpoint(
+        tmp_path,
+        "simclr",
+        12,
+        {"width": 8, "small_stem": True, "stem_stride": 2},
+        {"channels": 1, "mean": [0.3], "std": [0.4]},
+    )
     out = tmp_path / "small.pt"
     assert main(["export", str(ckpt.parents[1]), str(out)]) == 0
     exported = torch.load(out, weights_only=True)
@@ -135,7 +160,9 @@ def test_moco_v3_vit_recipe_keeps_the_patch_projection_random_and_out_of_the_opt
     model = VisionTask().build_objective(cfg)
     patch = list(model.encoder.vit.conv_proj.parameters())
     assert patch and not any(p.requires_grad for p in patch)
-    optimised = {id(p) for g in build_optimizer(model.param_groups(), cfg.optim, 1e-3).param_groups for p in g["params"]}
+    optimised = {
+        id(p) for g in build_optimizer(model.param_groups(), cfg.optim, 1e-3).param_groups for p in g["params"]
+    }
     assert not optimised & {id(p) for p in patch}
     assert {id(p) for p in model.encoder.parameters() if p.requires_grad} <= optimised
     with pytest.raises(ValueError, match="freeze_patch_embed is for ViT"):

@@ -22,9 +22,16 @@ from tests.helpers import tiny_config, write_tiny_shards
 
 def _config(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", [64])  # 8 steps of batch 8 an epoch
-    return parse_config(tiny_config("race", shards, tmp_path / "runs", model={"width": 2},
-                                    method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
-                                    optim={"epochs": 2}))
+    return parse_config(
+        tiny_config(
+            "race",
+            shards,
+            tmp_path / "runs",
+            model={"width": 2},
+            method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
+            optim={"epochs": 2},
+        )
+    )
 
 
 def _snapshot(run):

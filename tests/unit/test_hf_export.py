@@ -20,19 +20,39 @@ from tests.helpers import save_at
 
 transformers = pytest.importorskip("transformers")  # in the dev extra; the guard is for bare installs
 
-TINY = {"conv_channels": 16, "embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2, "pos_conv_groups": 4,
-        "codebook_entries": 16, "codevector_dim": 16, "final_dim": 16}
+TINY = {
+    "conv_channels": 16,
+    "embed_dim": 32,
+    "num_heads": 2,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "pos_conv_groups": 4,
+    "codebook_entries": 16,
+    "codevector_dim": 16,
+    "final_dim": 16,
+}
 # BASE layout: group norm after conv 1, post-LN, even position-conv kernel (one frame trimmed), no conv bias.
 # LARGE layout: layer norm after every conv, pre-LN with a final norm, odd kernel, conv bias, waveform normalised.
 BASE = {"conv_norm": "group_norm", "layer_norm_first": False, "pos_conv_kernel": 16, "conv_bias": False}
-LARGE = {"conv_norm": "layer_norm", "layer_norm_first": True, "pos_conv_kernel": 15, "conv_bias": True,
-         "normalize_waveform": True}
+LARGE = {
+    "conv_norm": "layer_norm",
+    "layer_norm_first": True,
+    "pos_conv_kernel": 15,
+    "conv_bias": True,
+    "normalize_waveform": True,
+}
 
 
 def trained_run(tmp_path, method: dict):
     """(the wav2vec2 objective with noise on every weight, so no norm is the identity, its checkpoint)."""
-    cfg = parse_config({"name": "w", "run_root": str(tmp_path / "runs"), "data": {"kind": "audio", "train": "x"},
-                        "method": {"name": "wav2vec2", "preset": "tiny", **TINY, **method}})
+    cfg = parse_config(
+        {
+            "name": "w",
+            "run_root": str(tmp_path / "runs"),
+            "data": {"kind": "audio", "train": "x"},
+            "method": {"name": "wav2vec2", "preset": "tiny", **TINY, **method},
+        }
+    )
     torch.manual_seed(0)
     objective = task_for(cfg).build_objective(cfg)
     with torch.no_grad():
@@ -63,8 +83,9 @@ def test_exported_folder_loads_into_transformers_with_the_same_features(tmp_path
     assert main(["export", str(ckpt.parents[1]), str(out)]) == 0
     assert f"Wav2Vec2Model.from_pretrained('{out}')" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
-    assert (config["feat_extract_norm"], config["do_stable_layer_norm"]) == \
-        (("layer", True) if layout is LARGE else ("group", False))
+    assert (config["feat_extract_norm"], config["do_stable_layer_norm"]) == (
+        ("layer", True) if layout is LARGE else ("group", False)
+    )
 
     model, info = transformers.Wav2Vec2Model.from_pretrained(out, output_loading_info=True)
     assert info["missing_keys"] == info["unexpected_keys"] == info["mismatched_keys"] == set()
@@ -101,8 +122,11 @@ def test_the_exporter_needs_no_transformers(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # any import of transformers now fails
     line = export_encoder(ckpt, tmp_path / "deep" / "hf")
     assert "Hugging Face folder" in line
-    assert sorted(p.name for p in (tmp_path / "deep" / "hf").iterdir()) == \
-        ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in (tmp_path / "deep" / "hf").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "deep" / "hf").iterdir()}
     assert len(set(modes.values())) == 1 and modes["model.safetensors"] & 0o044, modes  # readable like its siblings
 

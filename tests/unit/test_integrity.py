@@ -26,9 +26,16 @@ CORRUPTIONS = 20
 
 def _trained(tmp_path):
     shards = write_tiny_shards(tmp_path / "shards", [32])  # 4 steps of batch 8 an epoch
-    cfg = parse_config(tiny_config("sound", shards, tmp_path / "runs", model={"width": 2},
-                                   method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
-                                   train={"checkpoint_every_steps": 2}))
+    cfg = parse_config(
+        tiny_config(
+            "sound",
+            shards,
+            tmp_path / "runs",
+            model={"width": 2},
+            method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
+            train={"checkpoint_every_steps": 2},
+        )
+    )
     pretrain(cfg, use_ray=False)
     return cfg
 
@@ -58,8 +65,21 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
         with pytest.raises(CheckpointCorrupt, match=f"{damaged} does not match its digest"):
             load_checkpoint(damaged.parent, with_state=True)
         capsys.readouterr()
-        code = cli.main(["eval", str(damaged.parent), "--train", str(cfg.data.train), "--test",
-                                  str(cfg.data.train), "--no-baselines"]) if damaged.name == "model.pt" else 2
+        code = (
+            cli.main(
+                [
+                    "eval",
+                    str(damaged.parent),
+                    "--train",
+                    str(cfg.data.train),
+                    "--test",
+                    str(cfg.data.train),
+                    "--no-baselines",
+                ]
+            )
+            if damaged.name == "model.pt"
+            else 2
+        )
         err = capsys.readouterr().err
         if damaged.name == "model.pt":  # eval reads model.pt: refused in one line naming it and the one before
             assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
@@ -71,8 +91,9 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
         assert "resuming from the checkpoint before it" in warned[0]
         silent += found is None or found.name != previous
         assert f"passed over: {latest} damaged, kept in {cfg.run_dir / 'corrupt' / latest}" in decided.reason
-        assert (cfg.run_dir / "corrupt" / latest / damaged.name).read_bytes() != (good / "checkpoints" / latest /
-                                                                                  damaged.name).read_bytes()
+        assert (cfg.run_dir / "corrupt" / latest / damaged.name).read_bytes() != (
+            good / "checkpoints" / latest / damaged.name
+        ).read_bytes()
         assert [c.name for c in list_checkpoints(cfg.run_dir)] == [previous]
     assert silent == 0
     summary = pretrain(cfg, use_ray=False)  # the last trial's run resumes from the checkpoint before and trains on
@@ -81,9 +102,16 @@ def test_every_same_size_corruption_is_caught_and_the_resume_falls_back(tmp_path
 
 def test_rerunning_a_finished_run_keeps_its_final_checkpoint_and_drops_a_torn_record(tmp_path, capsys):
     shards = write_tiny_shards(tmp_path / "shards", [32])
-    path = write_config(tmp_path / "x.yaml", tiny_config("done", shards, tmp_path / "runs", model={"width": 2},
-                                                         method={"name": "simclr", "proj_hidden_dim": 8,
-                                                                 "proj_dim": 4}))
+    path = write_config(
+        tmp_path / "x.yaml",
+        tiny_config(
+            "done",
+            shards,
+            tmp_path / "runs",
+            model={"width": 2},
+            method={"name": "simclr", "proj_hidden_dim": 8, "proj_dim": 4},
+        ),
+    )
     run = tmp_path / "runs" / "done"
     assert cli.main(["pretrain", str(path), "--no-ray"]) == 0
     first = json.loads((run / "summary.json").read_text())

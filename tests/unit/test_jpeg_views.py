@@ -36,8 +36,13 @@ def box_stats(boxes: torch.Tensor, width: int, height: int) -> dict[str, torch.T
     """Per box: area fraction, log aspect (w / h) and centre as a fraction of the image."""
     x1, y1, x2, y2 = boxes.double().unbind(1)
     w, h = x2 - x1, y2 - y1
-    return {"area": w * h / (width * height), "log_aspect": torch.log(w / h),
-            "cx": (x1 + x2) / (2 * width), "cy": (y1 + y2) / (2 * height), "area^2": (w * h / (width * height)) ** 2}
+    return {
+        "area": w * h / (width * height),
+        "log_aspect": torch.log(w / h),
+        "cx": (x1 + x2) / (2 * width),
+        "cy": (y1 + y2) / (2 * height),
+        "area^2": (w * h / (width * height)) ** 2,
+    }
 
 
 def torchvision_boxes(n: int, width: int, height: int) -> torch.Tensor:
@@ -105,7 +110,7 @@ def test_an_image_smaller_than_the_views_is_upsampled_on_both_paths():
     sample = {"__key__": "tiny", "jpg": buf.getvalue(), "cls": b"1"}
     cut = WholeImageViews([IMAGENET, IMAGENET], [64, 64], 3)(sample)
     encoded = WholeImageViews([IMAGENET, IMAGENET], [64, 64], 3, on_device=True)(sample)
-    out, = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views([cut, encoded]))
+    (out,) = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views([cut, encoded]))
     assert cut.crops[0].shape == (2, 3, 64, 64) and out.shape == (2, 2, 3, 64, 64)
     assert out.std() > 0.01  # image content, not an empty or constant crop
 
@@ -182,8 +187,11 @@ def test_bad_images_are_decoded_or_skipped_counted_and_named(tmp_path, capsys):
     assert main(["shards", "write", "image-folder", str(tmp_path / "in"), str(tmp_path / "out"), "--processes=1"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["num_samples"] == 3
-    assert sorted(s.split(":")[0].rsplit("/", 1)[1] for s in manifest["skipped"]) == ["corrupt.jpg", "pixel.png",
-                                                                                       "truncated.jpg"]
+    assert sorted(s.split(":")[0].rsplit("/", 1)[1] for s in manifest["skipped"]) == [
+        "corrupt.jpg",
+        "pixel.png",
+        "truncated.jpg",
+    ]
     assert sorted(s.split(":")[0].rsplit("/", 1)[1] for s in manifest["converted"]) == ["cmyk.jpg", "deep.png"]
     printed = capsys.readouterr().out
     assert "3 converted" not in printed and "2 converted, 3 unreadable skipped" in printed and "1x1 px" in printed
@@ -228,8 +236,8 @@ def test_the_device_path_on_the_cpu_matches_the_worker_crops_on_the_same_boxes(j
     samples = raw_samples(jpeg_shards)
     cut, encoded = both_paths(samples, 64, seed=4)
     assert all(e.jpeg is not None for e in encoded)
-    on_device, = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views(encoded))
-    in_workers, = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views(cut))
+    (on_device,) = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views(encoded))
+    (in_workers,) = DeviceCrops([64, 64], 3, torch.device("cpu"))(collate_views(cut))
     assert on_device.shape == in_workers.shape == (2, len(samples), 3, 64, 64)
     diff = (on_device - in_workers).abs().mean(dim=(2, 3, 4)) * 255
     assert diff.mean() < 3 and diff.max() < 6, diff
@@ -239,10 +247,14 @@ def test_a_jpeg_the_device_rejects_falls_back_to_the_cpu_and_junk_turns_grey(jpe
     samples = raw_samples(jpeg_shards)[:3]
     reader = WholeImageViews([IMAGENET], [32], 3, on_device=True)
     encoded = [reader(s) for s in samples]
-    junk = ViewItem(0, "junk", jpeg=torch.frombuffer(bytearray(b"\xff\xd8 junk"), dtype=torch.uint8),
-                    boxes=torch.tensor([[0.0, 0.0, 40.0, 30.0]]))
+    junk = ViewItem(
+        0,
+        "junk",
+        jpeg=torch.frombuffer(bytearray(b"\xff\xd8 junk"), dtype=torch.uint8),
+        boxes=torch.tensor([[0.0, 0.0, 40.0, 30.0]]),
+    )
     batch = collate_views(encoded + [junk])
-    reference, = DeviceCrops([32], 3, torch.device("cpu"))(collate_views(encoded))
+    (reference,) = DeviceCrops([32], 3, torch.device("cpu"))(collate_views(encoded))
     real, rejected = views_module.decode_jpeg, samples[1]["jpg"]
 
     def picky(data, **kw):  # the device decoder refuses the second JPEG, as nvJPEG might a CMYK one
@@ -252,7 +264,7 @@ def test_a_jpeg_the_device_rejects_falls_back_to_the_cpu_and_junk_turns_grey(jpe
 
     monkeypatch.setattr(views_module, "decode_jpeg", picky)
     crops = DeviceCrops([32], 3, torch.device("cpu"))
-    out, = crops(batch)
+    (out,) = crops(batch)
     assert crops.health.decode_fallbacks == 1 and crops.health.decode_failed == 1 and out.shape == (1, 4, 3, 32, 32)
     assert (out[:, :3] - reference).abs().mean() < 2 / 255
     assert torch.allclose(out[:, 3], torch.full_like(out[:, 3], 128 / 255))
@@ -265,7 +277,7 @@ def test_cpu_and_gpu_paths_agree_on_boxes_and_pixels(jpeg_shards):
     assert torch.equal(collate_views(encoded)["boxes"][:, 0], torch.stack([e.boxes[0] for e in encoded]))
     crops = DeviceCrops([96, 96], 3, torch.device("cuda"))
     gpu = crops(collate_views(encoded))[0].cpu()
-    cpu, = DeviceCrops([96, 96], 3, torch.device("cpu"))(collate_views(cut))
+    (cpu,) = DeviceCrops([96, 96], 3, torch.device("cpu"))(collate_views(cut))
     assert crops.health.decode_fallbacks == 0
     diff = (gpu - cpu).abs().mean(dim=(2, 3, 4)) * 255
     assert diff.mean() < 4 and diff.max() < 8, diff
@@ -275,8 +287,16 @@ def test_cpu_and_gpu_paths_agree_on_boxes_and_pixels(jpeg_shards):
 
 
 def test_the_vision_task_trains_on_views_from_jpegs_of_many_sizes(jpeg_shards):
-    cfg = load_config("simclr-resnet50-imagenet", [f"data.train={jpeg_shards}", "data.image_size=32",
-                                                   "data.batch_size=4", "data.loader_workers=0", "data.decode=cpu"])
+    cfg = load_config(
+        "simclr-resnet50-imagenet",
+        [
+            f"data.train={jpeg_shards}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.loader_workers=0",
+            "data.decode=cpu",
+        ],
+    )
     task = VisionTask()
     stream = task.train_stream(cfg)
     batch = next(iter(stream))

@@ -72,7 +72,9 @@ def test_backends_agree_exactly_and_match_dense_reference(data_with_ties):
 def test_ties_straddling_the_candidate_cutoff_are_resolved_by_index(backend):
     # 60 identical rows: every engine proposes an arbitrary 21 of them; the result must be the lowest 5.
     rng = np.random.default_rng(1)
-    bank = np.concatenate([np.tile([[1.0, 0.0, 0.0]], (60, 1)), rng.normal(size=(40, 3)) * [0.1, 1, 1]]).astype(np.float32)
+    bank = np.concatenate([np.tile([[1.0, 0.0, 0.0]], (60, 1)), rng.normal(size=(40, 3)) * [0.1, 1, 1]]).astype(
+        np.float32
+    )
     labels = np.arange(100) % 3
     r = weighted_knn(bank, labels, np.array([[3.0, 0, 0]], np.float32), np.array([0]), ((5, 0.1),), backend=backend)
     assert r.neighbours[0].tolist() == [0, 1, 2, 3, 4]
@@ -133,7 +135,8 @@ def test_k_above_bank_size_is_lowered_with_a_note(capsys):
         r = weighted_knn(bank, yb, bank[:3], yb[:3], ((50, 0.1),))
     assert r.neighbours.shape == (3, 12) and "knn@50" in r.top1
     assert capsys.readouterr().err.splitlines() == [
-        "selfsup: note: kNN: k=50 is larger than the bank (12 rows); using k=12 under the key 'knn@50'"]
+        "selfsup: note: kNN: k=50 is larger than the bank (12 rows); using k=12 under the key 'knn@50'"
+    ]
 
 
 def test_validation_errors():
@@ -184,14 +187,17 @@ def test_the_two_faiss_wheels_are_alternative_extras_never_both_by_default():
     wheel = lambda spec: spec.split(">")[0].split("=")[0].split("<")[0]  # noqa: E731
     assert not {wheel(d) for d in project["dependencies"]} & set(knn.FAISS_WHEELS)
     extras = project["optional-dependencies"]
-    assert [wheel(d) for d in extras["cpu"]] == ["faiss-cpu"] and [wheel(d) for d in extras["gpu"]] == ["faiss-gpu-cu12"]
+    assert [wheel(d) for d in extras["cpu"]] == ["faiss-cpu"] and [wheel(d) for d in extras["gpu"]] == [
+        "faiss-gpu-cu12"
+    ]
     assert not any(set(map(wheel, deps)) >= set(knn.FAISS_WHEELS) for deps in extras.values())
 
 
 def test_both_faiss_wheels_installed_is_said_in_one_line(monkeypatch, caplog):
     real = importlib.metadata.distribution
-    monkeypatch.setattr(importlib.metadata, "distribution",
-                        lambda name: object() if name in knn.FAISS_WHEELS else real(name))
+    monkeypatch.setattr(
+        importlib.metadata, "distribution", lambda name: object() if name in knn.FAISS_WHEELS else real(name)
+    )
     knn._faiss.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="selfsup.eval.knn"):
@@ -202,7 +208,8 @@ def test_both_faiss_wheels_installed_is_said_in_one_line(monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "faiss-cpu and faiss-gpu-cu12 are both installed and write the same `faiss` module (the one installed "
         "last won): pip uninstall -y faiss-cpu faiss-gpu-cu12, then reinstall selfsup with one extra, "
-        "'.[cpu]' or '.[gpu]'"]
+        "'.[cpu]' or '.[gpu]'"
+    ]
 
 
 class GpuFaissStandIn:
@@ -245,6 +252,7 @@ def test_the_faiss_gpu_glue_against_a_stand_in_index(monkeypatch):
     finally:
         knn._gpu_resources.cache_clear()
     # unit float32 rows, C order, on the process's one GPU resource; k with a margin for exact re-ranking
-    assert fake.calls and all(c[:4] == ("resources", np.float32, np.float32, True) and c[4] >= 20 and c[5] == 0
-                              for c in fake.calls)
+    assert fake.calls and all(
+        c[:4] == ("resources", np.float32, np.float32, True) and c[4] >= 20 and c[5] == 0 for c in fake.calls
+    )
     assert got.top1 == expected.top1 and np.array_equal(got.predictions["knn@20"], expected.predictions["knn@20"])

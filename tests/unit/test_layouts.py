@@ -38,8 +38,10 @@ def test_features_leave_the_encoders_memory_format_as_it_was(tmp_path, layout):
 
 def force_layout(monkeypatch):
     """Honour train.channels_last on any CPU (memory_format keeps AVX2 CPUs contiguous)."""
-    monkeypatch.setattr("selfsup.train.trainer.memory_format", lambda device, channels_last=True:
-                        torch.channels_last if channels_last else torch.contiguous_format)
+    monkeypatch.setattr(
+        "selfsup.train.trainer.memory_format",
+        lambda device, channels_last=True: torch.channels_last if channels_last else torch.contiguous_format,
+    )
 
 
 @pytest.mark.parametrize("optimiser", ["sgd", "lars"])

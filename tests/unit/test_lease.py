@@ -29,8 +29,11 @@ def test_a_second_driver_is_refused_naming_the_holder(tmp_path):
 def test_the_lease_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)
-    (tmp_path / LEASE).write_text(json.dumps({"host": RunLease(tmp_path).record["host"], "pid": pid,
-                                              "started": time.time(), "beat": 7, "token": "old"}))
+    (tmp_path / LEASE).write_text(
+        json.dumps(
+            {"host": RunLease(tmp_path).record["host"], "pid": pid, "started": time.time(), "beat": 7, "token": "old"}
+        )
+    )
     with RunLease(tmp_path, stale_after=3600) as lease:  # at once: no watching a dead pid
         assert json.loads((tmp_path / LEASE).read_text())["token"] == lease.record["token"]
     assert "taking over the stale lease" in caplog.text
@@ -38,8 +41,18 @@ def test_the_lease_of_a_dead_process_is_taken_over(tmp_path, caplog):
 
 def test_a_reused_pid_on_this_host_does_not_keep_a_dead_drivers_lease(tmp_path):
     here = RunLease(tmp_path).record
-    (tmp_path / LEASE).write_text(json.dumps({"host": here["host"], "pid": here["pid"], "process": "another-boot:1",
-                                              "started": 0, "beat": 3, "token": "old"}))
+    (tmp_path / LEASE).write_text(
+        json.dumps(
+            {
+                "host": here["host"],
+                "pid": here["pid"],
+                "process": "another-boot:1",
+                "started": 0,
+                "beat": 3,
+                "token": "old",
+            }
+        )
+    )
     with RunLease(tmp_path, stale_after=3600) as lease:  # this pid runs, but not the process that took the lease
         assert json.loads((tmp_path / LEASE).read_text())["token"] == lease.record["token"]
 
@@ -49,15 +62,26 @@ def _beating(path, stop: threading.Event, skew: float) -> None:
     beat = 0
     while not stop.wait(0.02):
         beat += 1
-        path.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": time.time() + skew,
-                                    "heartbeat": time.time() + skew, "beat": beat, "token": "theirs"}))
+        path.write_text(
+            json.dumps(
+                {
+                    "host": "elsewhere",
+                    "pid": 1,
+                    "started": time.time() + skew,
+                    "heartbeat": time.time() + skew,
+                    "beat": beat,
+                    "token": "theirs",
+                }
+            )
+        )
 
 
 @pytest.mark.parametrize("skew", [-90.0, 0.0, 90.0])
 def test_another_hosts_lease_is_judged_by_its_counter_never_its_clock(tmp_path, skew):
     stop = threading.Event()
-    (tmp_path / LEASE).write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time() + skew,
-                                              "beat": 0, "token": "theirs"}))
+    (tmp_path / LEASE).write_text(
+        json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time() + skew, "beat": 0, "token": "theirs"})
+    )
     beater = threading.Thread(target=_beating, args=(tmp_path / LEASE, stop, skew))
     beater.start()
     try:  # beating: live, whatever its clock says

@@ -37,7 +37,9 @@ def test_mixture_accuracy_matches_sklearn_and_probabilities_are_distributions(ov
     np.testing.assert_allclose(r.probabilities.sum(1), 1.0, atol=1e-12)
     np.testing.assert_array_equal(r.predictions, r.probabilities.argmax(1))
     assert r.top1 == pytest.approx((r.predictions == yte).mean())
-    assert (r.lr, r.weight_decay) in [(lr, wd) for lr in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0) for wd in (0, 1e-4, 1e-3, 1e-2)]
+    assert (r.lr, r.weight_decay) in [
+        (lr, wd) for lr in (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0) for wd in (0, 1e-4, 1e-3, 1e-2)
+    ]
     assert len(r.grid) == 28 and r.val_top1 == max(r.grid.values()) and 0.7 < r.val_top1 <= 1.0
 
 
@@ -88,8 +90,9 @@ def test_augmented_views_are_trained_on_but_held_out_by_image():
     y0 = rng.integers(0, 4, images)
     x = np.concatenate([x0, x0 + 0.01 * rng.normal(size=x0.shape).astype(np.float32)])  # view 2 ~ view 1
     y = np.tile(y0, views)
-    r = linear_probe(x, y, x0[:50], y0[:50], 4, lrs=(1.0,), weight_decays=(0.0,), epochs=30, val_fraction=0.2,
-                     train_views=views)
+    r = linear_probe(
+        x, y, x0[:50], y0[:50], 4, lrs=(1.0,), weight_decays=(0.0,), epochs=30, val_fraction=0.2, train_views=views
+    )
     assert r.val_top1 < 0.5  # chance is 0.25; a leak would give ~1.0
     assert r.top1 > 0.95  # the refit on every row memorises the train images, test rows included here
     with pytest.raises(ValueError, match="do not split into train_views=2"):
@@ -108,8 +111,21 @@ def test_paper_probe_learns_through_augmented_crops_and_leaves_the_backbone_froz
     images, y = torch.from_numpy(x)[:, None], y // 2  # ... as top / bottom: classes that survive a horizontal flip
     encoder = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Flatten())  # 8 quadrant features
     before = [p.detach().clone() for p in encoder.parameters()]
-    r = linear_probe_paper(encoder, images[:200], y[:200], images[300:], y[300:], 2, image_size=28, mean=[0.3],
-                           std=[0.3], epochs=2, batch_size=32, lr=0.3, crop_scale=(0.6, 1.0))
+    r = linear_probe_paper(
+        encoder,
+        images[:200],
+        y[:200],
+        images[300:],
+        y[300:],
+        2,
+        image_size=28,
+        mean=[0.3],
+        std=[0.3],
+        epochs=2,
+        batch_size=32,
+        lr=0.3,
+        crop_scale=(0.6, 1.0),
+    )
     assert r.top1 > 0.9 and r.top1 == pytest.approx((r.predictions == y[300:]).mean())
     assert r.probabilities.shape == (100, 2) and np.isnan(r.val_top1)
     assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, encoder.parameters()))

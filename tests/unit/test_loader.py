@@ -24,8 +24,16 @@ def epoch_keys(location, ranks, workers, batch, epoch=0, start_step=0):
     """{rank: [batch of keys, ...]} read through real DataLoaders with worker processes."""
     out = {}
     for r in range(ranks):
-        s = ShardStream(str(location), batch, decode_key, lambda items: {"keys": items, "labels": torch.zeros(len(items))},
-                        rank=r, ranks=ranks, workers=workers, seed=3)
+        s = ShardStream(
+            str(location),
+            batch,
+            decode_key,
+            lambda items: {"keys": items, "labels": torch.zeros(len(items))},
+            rank=r,
+            ranks=ranks,
+            workers=workers,
+            seed=3,
+        )
         s.set_epoch(epoch, start_step)
         health = DataHealth()
         out[r] = []
@@ -97,7 +105,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_topped_up(tm
     shard0 = sorted(loc.glob("*.tar"))[0]
     data = bytearray(shard0.read_bytes())
     first_png = data.find(b"\x89PNG")
-    data[first_png:first_png + 4] = b"JUNK"  # one undecodable image
+    data[first_png : first_png + 4] = b"JUNK"  # one undecodable image
     shard0.write_bytes(bytes(data))
     shard1 = sorted(loc.glob("*.tar"))[1]
     whole = shard1.read_bytes()
@@ -148,8 +156,10 @@ def test_a_flipped_header_byte_counts_the_rest_of_the_shard_as_skipped(tmp_path)
     assert [n for n, _ in got] == [25] * 4  # every rank still takes its planned steps
     assert [h.skipped for _, h in got] == [0, 0, 250, 250]
     assert [h.repeated for _, h in got] == [0, 0, 250, 250]  # topped up from samples 0..499
-    line = (f"{shard}: the tar ends after sample 500, the manifest says 1000 (a corrupt header or a truncated file); "
-            "250 samples lost")
+    line = (
+        f"{shard}: the tar ends after sample 500, the manifest says 1000 (a corrupt header or a truncated file); "
+        "250 samples lost"
+    )
     assert [h.where for _, h in got] == [[], [], [line], [line]]
     total = DataHealth.merge([h for _, h in got])
     assert (total.skipped, total.repeated, total.mismatched) == (500, 500, 0)
@@ -174,8 +184,9 @@ def test_checksums_are_checked_when_asked_and_only_for_shards_read_whole(tmp_pat
     [(_, on)] = stream_health(loc, ranks=1, batch=8, verify_checksums=True)
     assert n == 10 and (off.skipped, off.mismatched, off.where) == (0, 0, [])
     assert (on.skipped, on.repeated, on.mismatched) == (0, 0, 1)
-    assert on.where == [f"{shard1}: sha256 differs from the manifest (shard changed or corrupt); "
-                        f"run `selfsup shards verify {loc}`"]
+    assert on.where == [
+        f"{shard1}: sha256 differs from the manifest (shard changed or corrupt); run `selfsup shards verify {loc}`"
+    ]
     assert "1 shards with a wrong sha256" in on.summary()
     # 2 ranks x 2 batches of 16: rank 0 reads samples 0..31 of shard 0, rank 1 32..39 of shard 0 and
     # 0..23 of shard 1: no shard is read whole, so none is hashed

@@ -25,9 +25,12 @@ from selfsup.methods.simsiam import SimSiam
 from selfsup.vision.backbones import build_backbone
 
 BATCH = 4
-SMALL = {"moco_v2": {"queue_size": 16},  # settings that keep the defaults' heads small enough for a unit test
-         "vicreg": {"proj_hidden_dim": 32, "proj_dim": 32}, "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32},
-         "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}}
+SMALL = {
+    "moco_v2": {"queue_size": 16},  # settings that keep the defaults' heads small enough for a unit test
+    "vicreg": {"proj_hidden_dim": 32, "proj_dim": 32},
+    "barlow_twins": {"proj_hidden_dim": 32, "proj_dim": 32},
+    "dino": {"out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16},
+}
 MID = Progress(step=5, total_steps=10, steps_per_epoch=5)  # fraction 0.5, epoch 1
 ACCEPTED = torch.tensor(True)
 
@@ -65,6 +68,7 @@ def cross_entropy(logits: list[float], target: int) -> float:
 
 
 # ---- reference formulas, one sample at a time ----
+
 
 def ref_nt_xent(z1: np.ndarray, z2: np.ndarray, t: float) -> float:
     e = [unit(v) for v in np.concatenate([z1, z2])]
@@ -112,6 +116,7 @@ def ref_simsiam_d(p: np.ndarray, z: np.ndarray) -> float:
 
 # ---- losses equal the reference ----
 
+
 def test_nt_xent_matches_explicit_formula():
     g = torch.Generator().manual_seed(1)
     z1, z2 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
@@ -119,7 +124,8 @@ def test_nt_xent_matches_explicit_formula():
     assert loss.item() == pytest.approx(ref_nt_xent(numpy(z1), numpy(z2), 0.5), abs=1e-5)
     z3, z4 = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
     assert nt_xent([z1, z2, z3, z4], 0.5).item() == pytest.approx(
-        ref_multi_positive_nt_xent([numpy(z) for z in (z1, z2, z3, z4)], 0.5), abs=1e-5)
+        ref_multi_positive_nt_xent([numpy(z) for z in (z1, z2, z3, z4)], 0.5), abs=1e-5
+    )
 
 
 def multi_crop_views(seed: int = 0) -> list[torch.Tensor]:
@@ -210,19 +216,33 @@ def test_simsiam_loss_matches_explicit_formula():
 
 # ---- gradient flow and momentum updates ----
 
+
 def momentum_methods():
     return {
-        "moco_v2": (make(MoCoV2, MoCoV2Config(queue_size=8, proj_hidden_dim=16, proj_dim=5, momentum=0.9)),
-                    ("key_encoder", "key_projector"), 0.9),
-        "moco_v3": (make(MoCoV3, MoCoV3Config(proj_hidden_dim=16, proj_dim=5, momentum_base=0.9)),
-                    ("key_encoder", "key_projector"), 1 - 0.1 / 2),  # cosine at half-way: 1 − (1 − 0.9)/2
-        "byol": (make(BYOL, BYOLConfig(proj_hidden_dim=16, proj_dim=5, tau_base=0.9)),
-                 ("target_encoder", "target_projector"), 1 - 0.1 / 2),
+        "moco_v2": (
+            make(MoCoV2, MoCoV2Config(queue_size=8, proj_hidden_dim=16, proj_dim=5, momentum=0.9)),
+            ("key_encoder", "key_projector"),
+            0.9,
+        ),
+        "moco_v3": (
+            make(MoCoV3, MoCoV3Config(proj_hidden_dim=16, proj_dim=5, momentum_base=0.9)),
+            ("key_encoder", "key_projector"),
+            1 - 0.1 / 2,
+        ),  # cosine at half-way: 1 − (1 − 0.9)/2
+        "byol": (
+            make(BYOL, BYOLConfig(proj_hidden_dim=16, proj_dim=5, tau_base=0.9)),
+            ("target_encoder", "target_projector"),
+            1 - 0.1 / 2,
+        ),
     }
 
 
-ONLINE_OF = {"key_encoder": "encoder", "key_projector": "projector",
-             "target_encoder": "encoder", "target_projector": "projector"}
+ONLINE_OF = {
+    "key_encoder": "encoder",
+    "key_projector": "projector",
+    "target_encoder": "encoder",
+    "target_projector": "projector",
+}
 
 
 def sgd_step(method: nn.Module) -> torch.optim.Optimizer:
@@ -296,19 +316,20 @@ def test_simsiam_stop_gradient_matches_manual_gradient():
 
 # ---- MoCo v2's queue ----
 
+
 def test_moco_v2_enqueues_newest_keys_at_pointer():
     method = make(MoCoV2, MoCoV2Config(queue_size=8, proj_hidden_dim=16, proj_dim=5))
     for step in range(3):  # 3 x 4 keys into 8 slots: the third batch overwrites slots 0-3
         x1, x2 = views(seed=step)
         start = method.queue_ptr.item()
-        untouched = method.queue[4 - start:8 - start].clone()
+        untouched = method.queue[4 - start : 8 - start].clone()
         with torch.no_grad():
             keys = method.key_projector(method.key_encoder(x2))
         method([x1, x2], MID)
         assert method.queue_ptr.item() == start  # nothing enqueued before the step is accepted
         method.on_after_step(MID, ACCEPTED)
-        torch.testing.assert_close(method.queue[start:start + 4], nn.functional.normalize(keys, dim=1))
-        torch.testing.assert_close(method.queue[4 - start:8 - start], untouched)
+        torch.testing.assert_close(method.queue[start : start + 4], nn.functional.normalize(keys, dim=1))
+        torch.testing.assert_close(method.queue[4 - start : 8 - start], untouched)
         assert method.queue_ptr.item() == (start + 4) % 8
     assert method.queue_ptr.item() == 4
 
@@ -349,10 +370,21 @@ def test_moco_v2_shuffle_bn_on_one_rank_normalises_keys_over_shuffled_halves():
 def test_bn_mode_defaults_follow_the_papers_and_both_at_once_is_refused():
     from selfsup.config import ConfigError, parse_config
 
-    sync = {name: build_method(cfg_cls(**SMALL.get(name, {})), *linear_backbone()).sync_batchnorm
-            for name, cfg_cls in METHOD_CONFIGS.items() if cfg_cls.data_kind == "image"}
-    assert sync == {"simclr": True, "moco_v2": False, "moco_v3": True, "byol": True, "simsiam": True,
-                    "vicreg": True, "barlow_twins": True, "dino": True}
+    sync = {
+        name: build_method(cfg_cls(**SMALL.get(name, {})), *linear_backbone()).sync_batchnorm
+        for name, cfg_cls in METHOD_CONFIGS.items()
+        if cfg_cls.data_kind == "image"
+    }
+    assert sync == {
+        "simclr": True,
+        "moco_v2": False,
+        "moco_v3": True,
+        "byol": True,
+        "simsiam": True,
+        "vicreg": True,
+        "barlow_twins": True,
+        "dino": True,
+    }
     assert MoCoV2Config().shuffle_bn and not MoCoV2Config().sync_bn
     assert build_method(MoCoV2Config(shuffle_bn=False, sync_bn=True), *linear_backbone()).sync_batchnorm
     tree = {"name": "t", "data": {"train": "x"}, "method": {"name": "moco_v2"}}
@@ -373,8 +405,10 @@ def test_global_batchnorm_conversion_keeps_parameters_buffers_and_keys():
     converted = convert_sync_batchnorm(method, torch.device("cpu"))
     after = converted.state_dict(keep_vars=True)
     assert list(after) == list(before) and all(after[k] is before[k] for k in before)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
-                   for m in converted.modules())
+    assert not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
+        for m in converted.modules()
+    )
     assert converted.target_encoder.bn1.weight.requires_grad is False  # frozen copies stay frozen
     x = torch.randn(4, 1, 16, 16)  # one rank: plain BatchNorm, running statistics included
     torch.testing.assert_close(converted.encoder(x), plain.encoder(x))
@@ -401,6 +435,7 @@ def test_the_cuda_conversion_to_sync_batchnorm_keeps_parameters_buffers_and_keys
 
 
 # ---- registry and a real backbone ----
+
 
 def test_registry_names_match_config_literals():
     for name, cfg_cls in METHOD_CONFIGS.items():
@@ -429,7 +464,7 @@ def test_embedding_stats_spot_collapse():
 
     spread = embedding_stats(torch.randn(256, 64, generator=torch.Generator().manual_seed(0)))
     collapsed = embedding_stats(torch.ones(256, 64) + 1e-4 * torch.randn(256, 64))
-    assert spread["embed_std"].item() == pytest.approx(64 ** -0.5, rel=0.1)
+    assert spread["embed_std"].item() == pytest.approx(64**-0.5, rel=0.1)
     assert spread["rankme"].item() > 50
     assert collapsed["embed_std"].item() < 0.01 and collapsed["rankme"].item() < 20
 

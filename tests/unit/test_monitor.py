@@ -18,11 +18,16 @@ from tests.helpers import fit, tiny_experiment, write_tiny_shards
 def config(tmp_path, *overrides):
     train = write_tiny_shards(tmp_path / "train", [40, 40])
     test = write_tiny_shards(tmp_path / "test", [30], seed=1, split="test")
-    return tiny_experiment("mon", train, tmp_path / "runs", *overrides,
-                           data={"test": str(test), "batch_size": 16, "shuffle_buffer": 0},
-                           method={"proj_hidden_dim": 16, "proj_dim": 8}, optim={"warmup_epochs": 0, "epochs": 2},
-                           train={"precision": "fp32", "log_every_steps": 100, "checkpoint_every_steps": 1000,
-                                  "monitor_every_epochs": 1})
+    return tiny_experiment(
+        "mon",
+        train,
+        tmp_path / "runs",
+        *overrides,
+        data={"test": str(test), "batch_size": 16, "shuffle_buffer": 0},
+        method={"proj_hidden_dim": 16, "proj_dim": 8},
+        optim={"warmup_epochs": 0, "epochs": 2},
+        train={"precision": "fp32", "log_every_steps": 100, "checkpoint_every_steps": 1000, "monitor_every_epochs": 1},
+    )
 
 
 def test_loop_logs_monitor_every_epoch_and_it_matches_an_offline_knn(tmp_path):
@@ -79,22 +84,29 @@ def test_the_monitor_scores_random_init_and_pixels_on_its_own_subset(tmp_path):
     assert record["monitor/random_init_knn@20"] == pytest.approx(record["monitor/knn@20"])
     bank, queries = monitor.data
     flat = lambda x: x.reshape(len(x), -1).float().div(255).numpy()  # noqa: E731
-    pixels = weighted_knn(flat(bank.inputs), bank.labels, flat(queries.inputs), queries.labels, settings=[(20, 0.07)],
-                          num_classes=4)
+    pixels = weighted_knn(
+        flat(bank.inputs), bank.labels, flat(queries.inputs), queries.labels, settings=[(20, 0.07)], num_classes=4
+    )
     assert record["monitor/pixels_knn@20"] == pytest.approx(pixels.top1["knn@20"])
     assert record["monitor/collapse"] == 0.0
 
 
-@pytest.mark.parametrize("history, warned", [
-    ([(0.8, 40.0), (0.7, 30.0), (0.6, 5.0), (0.5, 1.9)], True),   # 3 falls, RankMe 1.9 < 5% of 40
-    ([(0.8, 40.0), (0.7, 30.0), (0.6, 5.0), (0.5, 2.1)], False),  # RankMe still above 5% of its peak
-    ([(0.8, 40.0), (0.7, 30.0), (0.75, 5.0), (0.5, 1.0)], False),  # kNN rose once in between
-    ([(0.7, 40.0), (0.6, 5.0), (0.5, 1.0)], False),  # only 2 falls
-])
-def test_a_collapse_warning_needs_three_kNN_falls_and_RankMe_under_5_percent_of_its_peak(tmp_path, caplog, history, warned):
+@pytest.mark.parametrize(
+    "history, warned",
+    [
+        ([(0.8, 40.0), (0.7, 30.0), (0.6, 5.0), (0.5, 1.9)], True),  # 3 falls, RankMe 1.9 < 5% of 40
+        ([(0.8, 40.0), (0.7, 30.0), (0.6, 5.0), (0.5, 2.1)], False),  # RankMe still above 5% of its peak
+        ([(0.8, 40.0), (0.7, 30.0), (0.75, 5.0), (0.5, 1.0)], False),  # kNN rose once in between
+        ([(0.7, 40.0), (0.6, 5.0), (0.5, 1.0)], False),  # only 2 falls
+    ],
+)
+def test_a_collapse_warning_needs_three_kNN_falls_and_RankMe_under_5_percent_of_its_peak(
+    tmp_path, caplog, history, warned
+):
     monitor = OnlineMonitor(config(tmp_path))
     monitor.history = list(history)
     with caplog.at_level("WARNING", logger="selfsup.monitor"):
         assert monitor._collapsing() is warned
     assert ("fell 3 checks in a row (80.0% -> 70.0% -> 60.0% -> 50.0%) and RankMe is 1.9" in caplog.text) is (
-        warned and history[-1][1] == 1.9)
+        warned and history[-1][1] == 1.9
+    )

@@ -51,8 +51,9 @@ def test_each_crop_sizes_boxes_match_random_resized_crop_with_its_scale(width, h
         for name in ours:
             a, b = ours[name], theirs[name]
             se = math.sqrt(a.var().item() / len(a) + b.var().item() / len(b))
-            assert abs(a.mean().item() - b.mean().item()) < 4 * se, \
+            assert abs(a.mean().item() - b.mean().item()) < 4 * se, (
                 f"{scale} {name}: {a.mean():.4f} vs {b.mean():.4f}, se {se:.4f}"
+            )
             assert abs(a.std().item() - b.std().item()) < 0.1 * b.std().item(), f"{scale} {name} spread"
         lo, hi = ours["area"].min().item(), ours["area"].max().item()
         assert lo >= scale[0] - 0.01 and hi <= scale[1] + 0.01  # each size keeps to its own scale range
@@ -95,8 +96,9 @@ def test_both_decode_paths_cut_each_view_at_its_size_from_the_same_boxes():
         assert diff.mean() < 4 and diff.max() < 8, diff
         torch.testing.assert_close(m[:, 1], w[:, 1])  # the worker-cut sample lands in its place
         torch.testing.assert_close(m[:, [0, 2]], d[:, [0, 2]])
-    views = BatchViews(expand_copies([ViewRecipe(), ViewRecipe(), ViewRecipe(size=24, copies=8)]), 64,
-                       [0.5] * 3, [0.25] * 3).cropped(in_workers)
+    views = BatchViews(
+        expand_copies([ViewRecipe(), ViewRecipe(), ViewRecipe(size=24, copies=8)]), 64, [0.5] * 3, [0.25] * 3
+    ).cropped(in_workers)
     assert [tuple(v.shape) for v in views] == [(3, 3, 64, 64)] * 2 + [(3, 3, 24, 24)] * 8
 
 
@@ -107,8 +109,9 @@ def test_a_box_cut_from_a_jpeg_is_decoded_large_enough_for_its_own_size():
     boxes = torch.tensor([[0.0, 0.0, 800.0, 600.0], [100.0, 100.0, 148.0, 148.0]])
     img = Image.open(io.BytesIO(sample["jpg"]))
     big, small = cut_views(img, boxes, [64, 24], "RGB")
-    reference = Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((24, 24), Image.BILINEAR,
-                                                                           box=(100, 100, 148, 148))
+    reference = (
+        Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize((24, 24), Image.BILINEAR, box=(100, 100, 148, 148))
+    )
     ref = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float()
     assert big.shape == (1, 3, 64, 64) and small.shape == (1, 3, 24, 24)
     assert (small[0].float() - ref).abs().mean() < 6
@@ -116,8 +119,9 @@ def test_a_box_cut_from_a_jpeg_is_decoded_large_enough_for_its_own_size():
 
 def test_one_size_images_give_local_views_at_their_size():
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
-    views = BatchViews(expand_copies([ViewRecipe(), ViewRecipe(), ViewRecipe(size=12, copies=3, blur_p=1.0)]),
-                       28, [0.5], [0.25])(images)
+    views = BatchViews(
+        expand_copies([ViewRecipe(), ViewRecipe(), ViewRecipe(size=12, copies=3, blur_p=1.0)]), 28, [0.5], [0.25]
+    )(images)
     assert [tuple(v.shape) for v in views] == [(5, 1, 28, 28)] * 2 + [(5, 1, 12, 12)] * 3
 
 

@@ -27,8 +27,9 @@ def step(net: nn.Module, optimizer, grads: list[torch.Tensor], rejected: bool) -
 
 def grads(net: nn.Module, seed: int, fill: float | None = None) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.full_like(p, fill) if fill is not None else torch.randn(p.shape, generator=g)
-            for p in net.parameters()]
+    return [
+        torch.full_like(p, fill) if fill is not None else torch.randn(p.shape, generator=g) for p in net.parameters()
+    ]
 
 
 @pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
@@ -74,7 +75,11 @@ def test_primed_state_takes_the_layout_of_its_parameter():
     prime_state(new)
     buf = new.state[conv]["momentum_buffer"]
     assert buf.stride() == conv.stride() and torch.equal(buf, opt.state[saved[0].weight]["momentum_buffer"])
-    step(resumed, new, [g.to(memory_format=torch.channels_last) if g.ndim == 4 else g for g in grads(resumed, 2)],
-         rejected=False)
+    step(
+        resumed,
+        new,
+        [g.to(memory_format=torch.channels_last) if g.ndim == 4 else g for g in grads(resumed, 2)],
+        rejected=False,
+    )
     step(saved, opt, grads(saved, 2), rejected=False)
     assert torch.equal(resumed[0].weight, saved[0].weight)

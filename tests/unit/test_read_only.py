@@ -53,12 +53,15 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_the_run(tmp_path,
     assert cli.main(["pretrain", str(config), "--no-ray"]) == 2
     line = _one_error_line(capsys)
     assert line.startswith(f"selfsup: error: {runs / 'x'} is not writable (")
-    assert line.endswith("); pretrain writes the run there (its lease, checkpoints, metrics): make it writable, "
-                         "or set run_root to another folder")
+    assert line.endswith(
+        "); pretrain writes the run there (its lease, checkpoints, metrics): make it writable, "
+        "or set run_root to another folder"
+    )
 
 
-def test_a_home_that_cannot_be_written_is_refused_for_wandb_and_ray_and_not_needed_without(tmp_path, capsys,
-                                                                                             monkeypatch):
+def test_a_home_that_cannot_be_written_is_refused_for_wandb_and_ray_and_not_needed_without(
+    tmp_path, capsys, monkeypatch
+):
     shards = write_tiny_shards(tmp_path / "shards", [16])
     home = _blocked(tmp_path, "under-a-file")
     monkeypatch.setenv("HOME", str(home))
@@ -73,12 +76,14 @@ def test_a_home_that_cannot_be_written_is_refused_for_wandb_and_ray_and_not_need
         assert cli.main(["pretrain", str(offline), "--no-ray"]) == 2
         assert _one_error_line(capsys) == (
             f"selfsup: error: {home}/.config/wandb is not writable (Not a directory); set WANDB_CONFIG_DIR to a "
-            "writable folder, or set tracking.mode=disabled (W&B writes there with tracking.mode=offline)")
+            "writable folder, or set tracking.mode=disabled (W&B writes there with tracking.mode=offline)"
+        )
         disabled = write_config(tmp_path / "disabled.yaml", tree)
         assert cli.main(["pretrain", str(disabled)]) == 2  # a Ray of its own
         assert _one_error_line(capsys) == (
             f"selfsup: error: {home}/.ray is not writable (Not a directory); a Ray of its own writes its token and "
-            "settings there: set HOME to a writable folder, or pass --no-ray")
+            "settings there: set HOME to a writable folder, or pass --no-ray"
+        )
 
     assert cli.main(["pretrain", str(disabled), "--no-ray"]) == 0  # what needs no HOME runs
     assert latest_checkpoint(tmp_path / "runs" / "x") is not None
@@ -100,5 +105,7 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_evaluating(tmp
     out = _blocked(tmp_path, "under-a-file")
     run = tmp_path / "runs" / "x"
     assert cli.main(["eval", str(run), "--train", str(shards), "--test", str(shards), "--out", str(out)]) == 2
-    assert _one_error_line(capsys) == (f"selfsup: error: {out} is not writable (Not a directory); eval writes its "
-                                       "report there: pass --out with a writable folder")
+    assert _one_error_line(capsys) == (
+        f"selfsup: error: {out} is not writable (Not a directory); eval writes its "
+        "report there: pass --out with a writable folder"
+    )

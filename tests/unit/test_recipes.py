@@ -31,8 +31,10 @@ VICREG_README = "facebookresearch/vicreg README (1000-epoch command: --epochs 10
 VICREG_AUG = "facebookresearch/vicreg augmentations.py"
 BARLOW = "Barlow Twins (Zbontar et al. 2021, arXiv 2103.03230)"
 BARLOW_CODE = "facebookresearch/barlowtwins main.py at its first release (f13c949)"
-BARLOW_README = ("facebookresearch/barlowtwins README at f13c949 (--epochs 1000 --batch-size 2048 --learning-rate 0.2 "
-                 "--lambd 0.0051 --projector 8192-8192-8192 --scale-loss 0.024)")
+BARLOW_README = (
+    "facebookresearch/barlowtwins README at f13c949 (--epochs 1000 --batch-size 2048 --learning-rate 0.2 "
+    "--lambd 0.0051 --projector 8192-8192-8192 --scale-loss 0.024)"
+)
 DINO = "DINO (Caron et al. 2021, arXiv 2104.14294)"
 DINO_CODE = "facebookresearch/dino main_dino.py (defaults)"
 DINO_README = "facebookresearch/dino README, vanilla DINO training (8 GPUs, main_dino.py --arch vit_small)"
@@ -47,27 +49,49 @@ def _views(rows: list[tuple], *views: int) -> list[tuple]:
     return [(f"views.{v}.{k}", val, src) for v in views for k, val, src in rows]
 
 
-SIMCLR_AUG = [("crop_scale", (0.08, 1.0), f"{SIMCLR} App. A (RandomResizedCrop 0.08-1)"),
-              ("jitter_p", 0.8, f"{SIMCLR} App. A (colour distortion, strength s=1)"),
-              ("brightness", 0.8, f"{SIMCLR} App. A (0.8s)"), ("contrast", 0.8, f"{SIMCLR} App. A (0.8s)"),
-              ("saturation", 0.8, f"{SIMCLR} App. A (0.8s)"), ("hue", 0.2, f"{SIMCLR} App. A (0.2s)"),
-              ("grayscale_p", 0.2, f"{SIMCLR} App. A"), ("blur_p", 0.5, f"{SIMCLR} App. A (blur on ImageNet, 50%)"),
-              ("solarize_p", 0.0, f"{SIMCLR} App. A (no solarize)")]
-MOCO2_AUG = [("crop_scale", (0.2, 1.0), f"{MOCO1} §3.3 / {MOCO2} §3 (crops from 0.2)"),
-             ("jitter_p", 0.8, f"{MOCO2} §3 (SimCLR's colour jitter, weaker)"), ("brightness", 0.4, MOCO2),
-             ("contrast", 0.4, MOCO2), ("saturation", 0.4, MOCO2), ("hue", 0.1, MOCO2),
-             ("grayscale_p", 0.2, MOCO2), ("blur_p", 0.5, f"{MOCO2} §3 (blur augmentation)")]
-BYOL_AUG = [("jitter_p", 0.8, f"{BYOL} Table 6"), ("brightness", 0.4, f"{BYOL} Table 6"),
-            ("contrast", 0.4, f"{BYOL} Table 6"), ("saturation", 0.2, f"{BYOL} Table 6"),
-            ("hue", 0.1, f"{BYOL} Table 6"), ("grayscale_p", 0.2, f"{BYOL} Table 6"), ("flip_p", 0.5, f"{BYOL} Table 6")]
-BYOL_PAIR = [("views.0.blur_p", 1.0, f"{BYOL} Table 6 (view 1)"), ("views.1.blur_p", 0.1, f"{BYOL} Table 6 (view 2)"),
-             ("views.0.solarize_p", 0.0, f"{BYOL} Table 6 (view 1)"),
-             ("views.1.solarize_p", 0.2, f"{BYOL} Table 6 (view 2)")]
-MOCO3_COMMON = [("method.momentum_base", 0.99, f"{MOCO3} §4 (m = 0.99, cosine to 1)"),
-                ("method.proj_hidden_dim", 4096, f"{MOCO3} §4 (hidden layers 4096-d)"),
-                ("method.proj_dim", 256, f"{MOCO3} §4 (outputs 256-d)"),
-                ("method.pred_hidden_dim", 4096, f"{MOCO3} §4 (prediction MLP, 4096-d)"),
-                ("optim.decay", "cosine", f"{MOCO3} §4 (cosine schedule)")]
+SIMCLR_AUG = [
+    ("crop_scale", (0.08, 1.0), f"{SIMCLR} App. A (RandomResizedCrop 0.08-1)"),
+    ("jitter_p", 0.8, f"{SIMCLR} App. A (colour distortion, strength s=1)"),
+    ("brightness", 0.8, f"{SIMCLR} App. A (0.8s)"),
+    ("contrast", 0.8, f"{SIMCLR} App. A (0.8s)"),
+    ("saturation", 0.8, f"{SIMCLR} App. A (0.8s)"),
+    ("hue", 0.2, f"{SIMCLR} App. A (0.2s)"),
+    ("grayscale_p", 0.2, f"{SIMCLR} App. A"),
+    ("blur_p", 0.5, f"{SIMCLR} App. A (blur on ImageNet, 50%)"),
+    ("solarize_p", 0.0, f"{SIMCLR} App. A (no solarize)"),
+]
+MOCO2_AUG = [
+    ("crop_scale", (0.2, 1.0), f"{MOCO1} §3.3 / {MOCO2} §3 (crops from 0.2)"),
+    ("jitter_p", 0.8, f"{MOCO2} §3 (SimCLR's colour jitter, weaker)"),
+    ("brightness", 0.4, MOCO2),
+    ("contrast", 0.4, MOCO2),
+    ("saturation", 0.4, MOCO2),
+    ("hue", 0.1, MOCO2),
+    ("grayscale_p", 0.2, MOCO2),
+    ("blur_p", 0.5, f"{MOCO2} §3 (blur augmentation)"),
+]
+BYOL_AUG = [
+    ("jitter_p", 0.8, f"{BYOL} Table 6"),
+    ("brightness", 0.4, f"{BYOL} Table 6"),
+    ("contrast", 0.4, f"{BYOL} Table 6"),
+    ("saturation", 0.2, f"{BYOL} Table 6"),
+    ("hue", 0.1, f"{BYOL} Table 6"),
+    ("grayscale_p", 0.2, f"{BYOL} Table 6"),
+    ("flip_p", 0.5, f"{BYOL} Table 6"),
+]
+BYOL_PAIR = [
+    ("views.0.blur_p", 1.0, f"{BYOL} Table 6 (view 1)"),
+    ("views.1.blur_p", 0.1, f"{BYOL} Table 6 (view 2)"),
+    ("views.0.solarize_p", 0.0, f"{BYOL} Table 6 (view 1)"),
+    ("views.1.solarize_p", 0.2, f"{BYOL} Table 6 (view 2)"),
+]
+MOCO3_COMMON = [
+    ("method.momentum_base", 0.99, f"{MOCO3} §4 (m = 0.99, cosine to 1)"),
+    ("method.proj_hidden_dim", 4096, f"{MOCO3} §4 (hidden layers 4096-d)"),
+    ("method.proj_dim", 256, f"{MOCO3} §4 (outputs 256-d)"),
+    ("method.pred_hidden_dim", 4096, f"{MOCO3} §4 (prediction MLP, 4096-d)"),
+    ("optim.decay", "cosine", f"{MOCO3} §4 (cosine schedule)"),
+]
 
 RECIPES: dict[str, list[tuple]] = {
     "simclr-resnet50-imagenet": [
@@ -182,8 +206,14 @@ RECIPES: dict[str, list[tuple]] = {
         ("method.proj_layers", 3, f"{VICREG_CODE} (--mlp 8192-8192-8192: three linear layers)"),
         ("method.proj_hidden_dim", 8192, f"{VICREG_CODE} (--mlp 8192-8192-8192)"),
         ("method.proj_dim", 8192, f"{VICREG_CODE} (--mlp 8192-8192-8192)"),
-        *_views([("crop_scale", (0.08, 1.0), f"{VICREG_AUG} (RandomResizedCrop's default scale)"),
-                 *[(k, v, VICREG_AUG) for k, v, _ in BYOL_AUG]], 0, 1),
+        *_views(
+            [
+                ("crop_scale", (0.08, 1.0), f"{VICREG_AUG} (RandomResizedCrop's default scale)"),
+                *[(k, v, VICREG_AUG) for k, v, _ in BYOL_AUG],
+            ],
+            0,
+            1,
+        ),
         *[(k, v, VICREG_AUG) for k, v, _ in BYOL_PAIR],
     ],
     "barlow_twins-resnet50-imagenet": [
@@ -203,8 +233,14 @@ RECIPES: dict[str, list[tuple]] = {
         ("method.proj_layers", 3, f"{BARLOW} implementation details / {BARLOW_README} (three linear layers)"),
         ("method.proj_hidden_dim", 8192, f"{BARLOW} implementation details (3 layers of 8192) / {BARLOW_README}"),
         ("method.proj_dim", 8192, f"{BARLOW} implementation details / {BARLOW_README}"),
-        *_views([("crop_scale", (0.08, 1.0), f"{BARLOW_CODE} (Transform: RandomResizedCrop's default scale)"),
-                 *[(k, v, f"{BARLOW_CODE} (Transform)") for k, v, _ in BYOL_AUG]], 0, 1),
+        *_views(
+            [
+                ("crop_scale", (0.08, 1.0), f"{BARLOW_CODE} (Transform: RandomResizedCrop's default scale)"),
+                *[(k, v, f"{BARLOW_CODE} (Transform)") for k, v, _ in BYOL_AUG],
+            ],
+            0,
+            1,
+        ),
         *[(k, v, f"{BARLOW_CODE} (Transform / transform_prime)") for k, v, _ in BYOL_PAIR],
     ],
     "dino-vit_s_16-imagenet": [
@@ -234,12 +270,20 @@ RECIPES: dict[str, list[tuple]] = {
         ("method.center_momentum", 0.9, f"{DINO_CODE} (DINOLoss center_momentum 0.9)"),
         ("method.freeze_last_layer_epochs", 1, f"{DINO_CODE} (--freeze_last_layer 1)"),
         ("method.clip_grad", 3.0, f"{DINO_CODE} (--clip_grad 3.0)"),
-        ("view_sizes", (224, 224, 96, 96, 96, 96, 96, 96, 96, 96), f"{DINO_CODE} (2 global crops of 224, "
-                                                                    "--local_crops_number 8 of 96)"),
+        (
+            "view_sizes",
+            (224, 224, 96, 96, 96, 96, 96, 96, 96, 96),
+            f"{DINO_CODE} (2 global crops of 224, --local_crops_number 8 of 96)",
+        ),
         *_views([("crop_scale", (0.4, 1.0), f"{DINO_CODE} (--global_crops_scale 0.4 1)")], 0, 1),
-        *_views([("crop_scale", (0.05, 0.4), f"{DINO_CODE} (--local_crops_scale 0.05 0.4)"),
-                 ("blur_p", 0.5, f"{DINO_AUG} (local: GaussianBlur(p=0.5))"),
-                 ("solarize_p", 0.0, f"{DINO_AUG} (local: no solarization)")], *range(2, 10)),
+        *_views(
+            [
+                ("crop_scale", (0.05, 0.4), f"{DINO_CODE} (--local_crops_scale 0.05 0.4)"),
+                ("blur_p", 0.5, f"{DINO_AUG} (local: GaussianBlur(p=0.5))"),
+                ("solarize_p", 0.0, f"{DINO_AUG} (local: no solarization)"),
+            ],
+            *range(2, 10),
+        ),
         *_views([(k, v, DINO_AUG) for k, v, _ in BYOL_AUG], *range(10)),
         *[(k, v, f"{DINO_AUG} (global 1 / global 2)") for k, v, _ in BYOL_PAIR],
     ],
@@ -262,8 +306,13 @@ RECIPES: dict[str, list[tuple]] = {
         ("method.clip_grad", 3.0, f"{DINO_CODE} (--clip_grad 3.0)"),
         ("view_sizes", (224, 224, 96, 96, 96, 96, 96, 96, 96, 96), f"{DINO_CODE} (--local_crops_number 8)"),
         *_views([("crop_scale", (0.14, 1.0), f"{DINO_RN50} (--global_crops_scale 0.14 1)")], 0, 1),
-        *_views([("crop_scale", (0.05, 0.14), f"{DINO_RN50} (--local_crops_scale 0.05 0.14)"),
-                 ("blur_p", 0.5, f"{DINO_AUG} (local: GaussianBlur(p=0.5))")], *range(2, 10)),
+        *_views(
+            [
+                ("crop_scale", (0.05, 0.14), f"{DINO_RN50} (--local_crops_scale 0.05 0.14)"),
+                ("blur_p", 0.5, f"{DINO_AUG} (local: GaussianBlur(p=0.5))"),
+            ],
+            *range(2, 10),
+        ),
         *_views([(k, v, DINO_AUG) for k, v, _ in BYOL_AUG], *range(10)),
         *[(k, v, f"{DINO_AUG} (global 1 / global 2)") for k, v, _ in BYOL_PAIR],
     ],
@@ -308,12 +357,18 @@ RECIPES: dict[str, list[tuple]] = {
 def value(cfg, key: str):
     """A config value by dotted path, a view's augmentation (``views.<i>.<field>``) or a derived one."""
     batch = cfg.scaling.num_workers * cfg.data.batch_size
-    derived = {"batch": lambda: batch, "view_sizes": lambda: tuple(cfg.view_sizes()),
-               "peak_lr": lambda: scaled_lr(cfg.optim.lr, batch, cfg.optim.reference_batch, cfg.optim.lr_scaling),
-               "warmup_fraction": lambda: (cfg.optim.warmup_updates / cfg.optim.updates if cfg.optim.updates
-                                           else cfg.optim.warmup_epochs / cfg.optim.epochs),
-               "max_sample_size": lambda: round(cfg.data.max_seconds * 16000),
-               "min_sample_size": lambda: round(cfg.data.min_seconds * 16000)}
+    derived = {
+        "batch": lambda: batch,
+        "view_sizes": lambda: tuple(cfg.view_sizes()),
+        "peak_lr": lambda: scaled_lr(cfg.optim.lr, batch, cfg.optim.reference_batch, cfg.optim.lr_scaling),
+        "warmup_fraction": lambda: (
+            cfg.optim.warmup_updates / cfg.optim.updates
+            if cfg.optim.updates
+            else cfg.optim.warmup_epochs / cfg.optim.epochs
+        ),
+        "max_sample_size": lambda: round(cfg.data.max_seconds * 16000),
+        "min_sample_size": lambda: round(cfg.data.min_seconds * 16000),
+    }
     if key in derived:
         return derived[key]()
     if key.startswith("views."):
@@ -342,7 +397,9 @@ def test_a_shipped_recipe_sets_its_papers_value(name, key, want, source):
     if isinstance(want, float):
         assert got == pytest.approx(want, rel=1e-9), f"{name} {key}: {got}, {source} says {want}"
     else:
-        assert (tuple(got) if isinstance(got, (list, tuple)) else got) == want, f"{name} {key}: {got}, {source} says {want}"
+        assert (tuple(got) if isinstance(got, (list, tuple)) else got) == want, (
+            f"{name} {key}: {got}, {source} says {want}"
+        )
 
 
 def test_a_schedule_in_updates_is_that_many_optimiser_steps_whatever_an_epochs_steps():
@@ -360,12 +417,15 @@ def test_a_schedule_in_updates_is_that_many_optimiser_steps_whatever_an_epochs_s
     assert again.schedule_steps(10) == (100, 10)
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["optim.epochs=2"], "optim.epochs and optim.updates both give the schedule"),
-    (["optim.warmup_epochs=1"], "optim.warmup_epochs and optim.updates both give the schedule"),
-    (["optim.warmup_updates=500000"], "longer than optim.updates 400000"),
-    (["optim.updates=null"], "optim.warmup_updates needs optim.updates"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["optim.epochs=2"], "optim.epochs and optim.updates both give the schedule"),
+        (["optim.warmup_epochs=1"], "optim.warmup_epochs and optim.updates both give the schedule"),
+        (["optim.warmup_updates=500000"], "longer than optim.updates 400000"),
+        (["optim.updates=null"], "optim.warmup_updates needs optim.updates"),
+    ],
+)
 def test_a_schedule_in_updates_refuses_a_second_unit(overrides, words):
     from selfsup.config import ConfigError
 
@@ -376,11 +436,13 @@ def test_a_schedule_in_updates_refuses_a_second_unit(overrides, words):
 def test_linear_decay_is_fairseqs_polynomial_decay_with_power_1():
     # 10 warm-up steps of 110, base 1: warm-up (s + 1) / 10, then 1 - (s - 10) / 100
     assert [lr_at(s, 110, 10, 1.0, decay="linear") for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
-    assert [lr_at(s, 110, 10, 1.0, decay="linear") for s in (10, 35, 60, 85, 109, 110, 200)] == \
-        pytest.approx([1.0, 0.75, 0.5, 0.25, 0.01, 0.0, 0.0])
+    assert [lr_at(s, 110, 10, 1.0, decay="linear") for s in (10, 35, 60, 85, 109, 110, 200)] == pytest.approx(
+        [1.0, 0.75, 0.5, 0.25, 0.01, 0.0, 0.0]
+    )
     # cosine at the same steps: (1 + cos(pi t)) / 2
-    assert [lr_at(s, 110, 10, 1.0) for s in (10, 35, 60, 85, 110)] == \
-        pytest.approx([1.0, 0.8535533905932737, 0.5, 0.14644660940672627, 0.0])
+    assert [lr_at(s, 110, 10, 1.0) for s in (10, 35, 60, 85, 110)] == pytest.approx(
+        [1.0, 0.8535533905932737, 0.5, 0.14644660940672627, 0.0]
+    )
     assert lr_at(60, 110, 10, 2.0, final_fraction=0.1, decay="linear") == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
     # fairseq, wav2vec2_base_librispeech: lr 5e-4, 32k warm-up of 400k: half way through the decay, 2.5e-4
     assert lr_at(216_000, 400_000, 32_000, 5e-4, decay="linear") == pytest.approx(2.5e-4)
@@ -388,8 +450,13 @@ def test_linear_decay_is_fairseqs_polynomial_decay_with_power_1():
 
 def test_set_lr_applies_the_decay_and_keeps_fixed_groups():
     w = torch.zeros(2, requires_grad=True)
-    opt = torch.optim.SGD([{"params": [w], "base_lr": 0.4}, {"params": [torch.zeros(1, requires_grad=True)],
-                                                             "base_lr": 0.3, "fixed_lr": True}], lr=0.4)
+    opt = torch.optim.SGD(
+        [
+            {"params": [w], "base_lr": 0.4},
+            {"params": [torch.zeros(1, requires_grad=True)], "base_lr": 0.3, "fixed_lr": True},
+        ],
+        lr=0.4,
+    )
     assert set_lr(opt, 35, 110, 10, "linear") == pytest.approx(0.3)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.3, 0.3])
     assert set_lr(opt, 35, 110, 10) == pytest.approx(0.4 * 0.8535533905932737)
@@ -404,8 +471,12 @@ def test_the_momentum_schedules_rise_on_a_cosine_to_1():
 def test_weight_decay_follows_a_cosine_to_its_end_value_on_decayed_groups_only():
     # DINO's wd_schedule: cosine_scheduler(0.04, 0.4, epochs, niter) = 0.4 + 0.5 (0.04 - 0.4)(1 + cos(pi t / T))
     w, b = torch.zeros(2, 2, requires_grad=True), torch.zeros(2, requires_grad=True)
-    opt = torch.optim.AdamW([{"params": [w], "base_lr": 1.0, "base_weight_decay": 0.04, "weight_decay": 0.04},
-                             {"params": [b], "base_lr": 1.0, "base_weight_decay": 0.0, "weight_decay": 0.0}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": [w], "base_lr": 1.0, "base_weight_decay": 0.04, "weight_decay": 0.04},
+            {"params": [b], "base_lr": 1.0, "base_weight_decay": 0.0, "weight_decay": 0.0},
+        ]
+    )
     for step, want in ((0, 0.04), (25, 0.4 - 0.36 * (1 + math.cos(math.pi / 4)) / 2), (50, 0.22), (100, 0.4)):
         set_lr(opt, step, 100, 0, weight_decay_end=0.4)
         assert opt.param_groups[0]["weight_decay"] == pytest.approx(want) and opt.param_groups[1]["weight_decay"] == 0

@@ -52,8 +52,9 @@ def test_vicreg_loss_and_gradients_equal_lightly(coeffs):
 @pytest.mark.parametrize("lambd", [5e-3, 0.3])
 def test_barlow_twins_loss_and_gradients_equal_lightly(lambd):
     z1, z2 = embeddings(1)
-    ours = barlow_twins_loss(F.batch_norm(z1, None, None, training=True),
-                             F.batch_norm(z2, None, None, training=True), lambd)
+    ours = barlow_twins_loss(
+        F.batch_norm(z1, None, None, training=True), F.batch_norm(z2, None, None, training=True), lambd
+    )
     reference = BarlowTwinsLoss(lambda_param=lambd)(z1, z2)
     assert_same(loss_and_grads(ours["loss"], z1, z2), loss_and_grads(reference, z1, z2))
     assert ours["off_diagonal"] > 0 and ours["on_diagonal"] > 0
@@ -73,8 +74,11 @@ def small_method(cfg):
     return build_method(cfg, backbone, 8).double()
 
 
-@pytest.mark.parametrize("cfg", [VICRegConfig(proj_hidden_dim=24, proj_dim=16),
-                                 BarlowTwinsConfig(proj_hidden_dim=24, proj_dim=16)], ids=["vicreg", "barlow"])
+@pytest.mark.parametrize(
+    "cfg",
+    [VICRegConfig(proj_hidden_dim=24, proj_dim=16), BarlowTwinsConfig(proj_hidden_dim=24, proj_dim=16)],
+    ids=["vicreg", "barlow"],
+)
 def test_expander_is_the_official_one(cfg):
     linears = [m for m in small_method(cfg).projector.modules() if isinstance(m, nn.Linear)]
     norms = [m for m in small_method(cfg).projector.modules() if isinstance(m, nn.BatchNorm1d)]

@@ -22,7 +22,9 @@ def test_per_class_report_and_confusion_by_hand():
     assert rows[0] == pytest.approx({"class": "a", "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
     assert rows[1] == pytest.approx({"class": "b", "precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
     assert rows[2] == pytest.approx({"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1})
-    np.testing.assert_array_equal(confusion(Y_TRUE, Y_PRED, 4), [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        confusion(Y_TRUE, Y_PRED, 4), [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    )
 
 
 def test_roc_auc_by_hand_skips_classes_without_positives():
@@ -58,7 +60,9 @@ def test_project_2d():
 
 
 def test_format_table():
-    table = format_table({"checkpoint": {"knn@20": 0.9731, "linear": 0.98, "rankme": 123.456}, "pixels": {"knn@20": 0.5}})
+    table = format_table(
+        {"checkpoint": {"knn@20": 0.9731, "linear": 0.98, "rankme": 123.456}, "pixels": {"knn@20": 0.5}}
+    )
     assert table.splitlines() == [
         "| encoder | knn@20 (%) | linear (%) | rankme |",
         "|---|---:|---:|---:|",
@@ -68,8 +72,13 @@ def test_format_table():
 
 
 def test_the_table_shows_each_encoders_margin_over_random_init():
-    table = format_table({"checkpoint": {"knn@20": 0.8066, "linear": 0.8391}, "random_init": {"knn@20": 0.7948, "linear": 0.7974},
-                          "pixels": {"knn@20": 0.8459}})
+    table = format_table(
+        {
+            "checkpoint": {"knn@20": 0.8066, "linear": 0.8391},
+            "random_init": {"knn@20": 0.7948, "linear": 0.7974},
+            "pixels": {"knn@20": 0.8459},
+        }
+    )
     assert table.splitlines() == [
         "| encoder | knn@20 (%) | linear (%) | knn@20 vs random init | linear vs random init |",
         "|---|---:|---:|---:|---:|",
@@ -80,13 +89,34 @@ def test_the_table_shows_each_encoders_margin_over_random_init():
 
 
 def test_the_report_shows_the_training_curve_and_an_html_file_with_the_plots_inside(tmp_path):
-    records = [{"step": s, "loss": 5.0 - s / 10, "epoch": s / 10, "total_steps": 20, "epochs": 2.0} for s in range(1, 21)]
-    records += [{"step": 10 * e, "epoch": float(e), "monitor/knn@20": 0.7 + 0.05 * e, "monitor/rankme": 20.0,
-                 "monitor/random_init_knn@20": 0.72, "monitor/pixels_knn@20": 0.79} for e in (1, 2)]
-    report = write_report(tmp_path, title="run x", encoders={"checkpoint": {"knn@20": 0.8}, "random_init": {"knn@20": 0.75}},
-                          subject="simclr on fmnist", training={"facts": {"steps": 20, "precision": "fp32"}, "records": records},
-                          context=["A longer run gives more."])
-    assert report["files"] == {"training": "training.png", "json": "report.json", "markdown": "report.md", "html": "report.html"}
+    records = [
+        {"step": s, "loss": 5.0 - s / 10, "epoch": s / 10, "total_steps": 20, "epochs": 2.0} for s in range(1, 21)
+    ]
+    records += [
+        {
+            "step": 10 * e,
+            "epoch": float(e),
+            "monitor/knn@20": 0.7 + 0.05 * e,
+            "monitor/rankme": 20.0,
+            "monitor/random_init_knn@20": 0.72,
+            "monitor/pixels_knn@20": 0.79,
+        }
+        for e in (1, 2)
+    ]
+    report = write_report(
+        tmp_path,
+        title="run x",
+        encoders={"checkpoint": {"knn@20": 0.8}, "random_init": {"knn@20": 0.75}},
+        subject="simclr on fmnist",
+        training={"facts": {"steps": 20, "precision": "fp32"}, "records": records},
+        context=["A longer run gives more."],
+    )
+    assert report["files"] == {
+        "training": "training.png",
+        "json": "report.json",
+        "markdown": "report.md",
+        "html": "report.html",
+    }
     assert imread(tmp_path / "training.png").shape[1] > 800
     md = (tmp_path / "report.md").read_text()
     assert "## Training\n\n- steps: 20\n- precision: fp32" in md and "A longer run gives more." in md
@@ -108,8 +138,11 @@ def test_write_report_files(tmp_path):
         tmp_path / "out",
         title="quickstart",
         encoders=encoders,
-        details={"per_class": {"checkpoint": per_class_report(Y_TRUE, Y_PRED, ["a", "b", "c"])}, "rankme": np.float32(7.5),
-                 "unseen": float("nan")},
+        details={
+            "per_class": {"checkpoint": per_class_report(Y_TRUE, Y_PRED, ["a", "b", "c"])},
+            "rankme": np.float32(7.5),
+            "unseen": float("nan"),
+        },
         class_names=["a", "b", "c"],
         confusion_matrix=confusion(Y_TRUE, Y_PRED, 3),
         roc=roc_auc_ovr(y, probs),
@@ -122,9 +155,15 @@ def test_write_report_files(tmp_path):
     assert saved["files"] == report["files"] and saved["notes"] == report["notes"] == ["trained 3 epochs"]
     assert saved["details"]["rankme"] == 7.5 and saved["details"]["unseen"] is None
     assert set(saved["details"]["roc_auc"]["per_class"]) == {"a", "b", "c"}
-    assert saved["files"] == {"json": "report.json", "markdown": "report.md", "confusion": "confusion.png",
-                              "roc": "roc.png", "embedding": "embedding.png", "per_class": "per_class.md",
-                              "html": "report.html"}
+    assert saved["files"] == {
+        "json": "report.json",
+        "markdown": "report.md",
+        "confusion": "confusion.png",
+        "roc": "roc.png",
+        "embedding": "embedding.png",
+        "per_class": "per_class.md",
+        "html": "report.html",
+    }
     for png in ("confusion.png", "roc.png", "embedding.png"):
         assert imread(out / png).shape[0] > 100
     md = (out / "report.md").read_text()

@@ -34,8 +34,12 @@ def test_each_call_goes_to_every_sink_that_implements_it_in_order(tmp_path):
     reporter.log(2, {"loss": 1.5})
     reporter.checkpoint(2, tmp_path / "step-2", {"loss": 1.5})
     reporter.finish({"steps": 2})
-    assert calls == [("a", "log", 2), ("b", "log", 2), ("a", "checkpoint", 2, tmp_path / "step-2"),
-                     ("b", "checkpoint", 2, tmp_path / "step-2")]
+    assert calls == [
+        ("a", "log", 2),
+        ("b", "log", 2),
+        ("a", "checkpoint", 2, tmp_path / "step-2"),
+        ("b", "checkpoint", 2, tmp_path / "step-2"),
+    ]
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [{"step": 2, "loss": 1.5}]
     assert json.loads((tmp_path / "summary.json").read_text()) == {"steps": 2}
 
@@ -45,8 +49,15 @@ METHODS = {"simclr": {}, "moco_v2": {"queue_size": 64}, "moco_v3": {}, "byol": {
 
 @pytest.mark.parametrize("name", METHODS)
 def test_a_vision_method_declares_syncbn_ddp_and_its_collapse_monitor(tmp_path, name):
-    cfg = parse_config({"name": "caps", "run_root": str(tmp_path), "data": {"train": str(tmp_path)},
-                        "model": {"width": 4}, "method": {"name": name, "proj_dim": 8, **METHODS[name]}})
+    cfg = parse_config(
+        {
+            "name": "caps",
+            "run_root": str(tmp_path),
+            "data": {"train": str(tmp_path)},
+            "model": {"width": 4},
+            "method": {"name": name, "proj_dim": 8, **METHODS[name]},
+        }
+    )
     objective = VisionTask().build_objective(cfg)
     assert isinstance(objective, Objective)
     assert objective.sync_batchnorm is getattr(cfg.method, "sync_bn", False) and not objective.find_unused_parameters
@@ -72,12 +83,15 @@ def test_an_append_cut_short_by_a_full_disk_is_undone_in_one_line(tmp_path, monk
     write = reporter_module.os.write
 
     def full(fd, data):  # the disk fills half-way through the record
-        write(fd, bytes(data[:len(data) // 2]))
+        write(fd, bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(reporter_module.os, "write", full)
-    with pytest.raises(CheckpointSpaceError, match=r"no space left to append to .*metrics.jsonl \(the record was "
-                                                   r"not written\)") as err:
+    with pytest.raises(
+        CheckpointSpaceError,
+        match=r"no space left to append to .*metrics.jsonl \(the record was "
+        r"not written\)",
+    ) as err:
         sink.log(2, {"loss": 1.25, "samples": 16})
     assert "\n" not in str(err.value)
     assert (tmp_path / "metrics.jsonl").read_bytes() == before  # not a byte of the torn record is left

@@ -15,13 +15,22 @@ from tests.helpers import tiny_config, write_config, write_tiny_shards
 
 
 def test_config_differences_name_each_changed_key_with_both_values():
-    old = {"model": {"width": 8, "backbone": "resnet18"}, "optim": {"lr": 0.1, "epochs": 1},
-           "scaling": {"num_workers": 1}}
-    new = {"model": {"width": 16, "backbone": "resnet18"}, "optim": {"lr": 0.1, "epochs": 5},
-           "scaling": {"num_workers": [1, 4]}}
+    old = {
+        "model": {"width": 8, "backbone": "resnet18"},
+        "optim": {"lr": 0.1, "epochs": 1},
+        "scaling": {"num_workers": 1},
+    }
+    new = {
+        "model": {"width": 16, "backbone": "resnet18"},
+        "optim": {"lr": 0.1, "epochs": 5},
+        "scaling": {"num_workers": [1, 4]},
+    }
     assert config_differences(old, new) == {"model.width": (8, 16)}  # a longer plan and a resize may change
     assert config_differences(old, new, allowed=()) == {
-        "model.width": (8, 16), "optim.epochs": (1, 5), "scaling.num_workers": (1, [1, 4])}
+        "model.width": (8, 16),
+        "optim.epochs": (1, 5),
+        "scaling.num_workers": (1, [1, 4]),
+    }
 
 
 def test_keys_both_sides_have_come_before_those_of_one_method_only(tmp_path):

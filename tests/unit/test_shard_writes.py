@@ -75,8 +75,12 @@ def test_a_killed_rewrite_is_refused_in_one_line_and_the_next_write_makes_it_who
     old = _keys(out / "train-000002.tar")
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out), str(ready)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(out), str(ready)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not ready.exists() and writer.poll() is None:
             time.sleep(0.05)
@@ -107,9 +111,11 @@ def test_a_full_disk_is_one_line_saying_the_output_is_partial(tmp_path, capsys, 
     (out / "train-000001.tar").symlink_to(FULL)  # the disk fills at the second shard: a real ENOSPC
     assert _write_idx(tmp_path, out, 25, "new") == 2
     line = _one_error_line(capsys)
-    assert line == (f"selfsup: error: {out}: out of space (No space left on device); the output is partial "
-                    f"({PARTIAL} marks it) and must be re-written, not indexed: free space or pass another OUT, "
-                    "then run `selfsup shards write` again")
+    assert line == (
+        f"selfsup: error: {out}: out of space (No space left on device); the output is partial "
+        f"({PARTIAL} marks it) and must be re-written, not indexed: free space or pass another OUT, "
+        "then run `selfsup shards write` again"
+    )
     assert not (out / MANIFEST).exists()
     gc.collect()
     assert unraisable == []  # the failed tar's buffer is dropped, not written again at exit with a traceback

@@ -16,8 +16,23 @@ def test_idx_pair_to_shards_verify_and_info(tmp_path, gz, capsys):
     images, labels = make_images(23)
     img = write_idx(tmp_path / "imgs-idx3-ubyte", images, gz)
     lab = write_idx(tmp_path / "labs-idx1-ubyte", labels, gz)
-    assert main(["shards", "write", "idx", str(img), str(lab), str(tmp_path / "out"), "--per-shard", "10",
-                 "--classes", "a,b,c,d"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "write",
+                "idx",
+                str(img),
+                str(lab),
+                str(tmp_path / "out"),
+                "--per-shard",
+                "10",
+                "--classes",
+                "a,b,c,d",
+            ]
+        )
+        == 0
+    )
     manifest, urls = read_manifest(str(tmp_path / "out"))
     assert [s["count"] for s in manifest["shards"]] == [10, 10, 3]
     assert len(urls) == 3 and all(len(s["sha256"]) == 64 for s in manifest["shards"])
@@ -116,7 +131,8 @@ def test_a_flipped_header_byte_mid_shard_is_reported_with_the_samples_lost(broke
     assert report.problems == [
         f"{shard}: the tar ends after sample 500, the manifest says 1000 (a corrupt header or a truncated file); "
         "500 samples lost",
-        f"{shard}: sha256 differs from the manifest (shard changed or corrupt)"]
+        f"{shard}: sha256 differs from the manifest (shard changed or corrupt)",
+    ]
     assert main(["shards", "verify", str(broken_1000)]) == 1
     assert f"problem: {shard}: the tar ends after sample 500" in capsys.readouterr().out
 
@@ -150,7 +166,7 @@ def split_with_problems(tmp_path):
     shard0 = loc / "train0-000000.tar"
     data = bytearray(shard0.read_bytes())
     second_png = data.find(b"\x89PNG", data.find(b"\x89PNG") + 1)
-    data[second_png:second_png + 4] = b"JUNK"
+    data[second_png : second_png + 4] = b"JUNK"
     shard0.write_bytes(bytes(data))
     break_header(loc / "train2-000000.tar", "s000022")
     return loc
@@ -162,9 +178,11 @@ def test_read_split_reads_every_decodable_sample_and_names_each_problem(split_wi
     items, manifest, problems = read_split(str(split_with_problems), _key)
     assert items == [f"s{i:06d}" for i in [0, *range(2, 10), *range(10, 20), 20, 21]]  # 24 - 1 - 2
     assert manifest["num_samples"] == 24
-    assert problems == [f"{split_with_problems}/train0-000000.tar: sample s000001: not a PNG",
-                        f"{split_with_problems}/train2-000000.tar: the tar ends after sample 2, the manifest says 4 "
-                        "(a corrupt header or a truncated file); 2 samples lost"]
+    assert problems == [
+        f"{split_with_problems}/train0-000000.tar: sample s000001: not a PNG",
+        f"{split_with_problems}/train2-000000.tar: the tar ends after sample 2, the manifest says 4 "
+        "(a corrupt header or a truncated file); 2 samples lost",
+    ]
 
 
 def test_read_split_limit_takes_evenly_from_the_first_samples_of_every_shard(split_with_problems):
@@ -233,6 +251,7 @@ def test_reading_an_evaluation_split_opens_its_manifest_once(split_with_problems
     split = vision.VisionTask().read_labelled(str(split_with_problems), cfg)  # a cache miss: decoded
     manifest = f"{split_with_problems}/{reader.MANIFEST}"
     assert opened.count(manifest) == 1 and len(split.labels) == 21
-    assert [s["name"] for s in split.identity["shards"]] == [s["name"] for s in reader.read_manifest(
-        str(split_with_problems))[0]["shards"]]
+    assert [s["name"] for s in split.identity["shards"]] == [
+        s["name"] for s in reader.read_manifest(str(split_with_problems))[0]["shards"]
+    ]
     assert all(s["file"] for s in split.identity["shards"] if (split_with_problems / s["name"]).exists())

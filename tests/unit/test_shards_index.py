@@ -61,8 +61,9 @@ def test_index_records_counts_checksums_and_sizes_and_leaves_the_tars_alone(plai
     root, labels = plain_tars
     before = {p.name: p.read_bytes() for p in root.glob("*.tar")}
     assert main(["shards", "index", str(root), "--classes", "a,b,c,d"]) == 0
-    assert f"indexed {N_WRITER + N_TAR} image samples of split 'wds' in 2 shards (0 unreadable)" \
-        in capsys.readouterr().out
+    assert (
+        f"indexed {N_WRITER + N_TAR} image samples of split 'wds' in 2 shards (0 unreadable)" in capsys.readouterr().out
+    )
     assert {p.name: p.read_bytes() for p in root.glob("*.tar")} == before
     manifest, urls = read_manifest(str(root))
     assert (manifest["format"], manifest["split"], manifest["classes"]) == ("image", "wds", list("abcd"))
@@ -86,9 +87,15 @@ def test_the_trainer_trains_on_indexed_tars(plain_tars, tmp_path):
 
     root, _ = plain_tars
     index_shards(root)
-    cfg = tiny_experiment("indexed", root, tmp_path / "runs", model={"width": 2},
-                          method={"proj_hidden_dim": 8, "proj_dim": 4}, optim={"warmup_epochs": 0.1},
-                          train={"checkpoint_every_steps": 1000})
+    cfg = tiny_experiment(
+        "indexed",
+        root,
+        tmp_path / "runs",
+        model={"width": 2},
+        method={"proj_hidden_dim": 8, "proj_dim": 4},
+        optim={"warmup_epochs": 0.1},
+        train={"checkpoint_every_steps": 1000},
+    )
     summary = fit(cfg)
     assert summary["steps"] == (N_WRITER + N_TAR) // 8 == 3
     assert summary["data"]["skipped"] == 0
@@ -102,8 +109,9 @@ def test_index_lists_samples_the_reader_will_skip(plain_tars, capsys):
     assert main(["shards", "index", str(root)]) == 0
     out = capsys.readouterr().out
     assert f"{root}/part-c.tar: sample nolabel: needs .jpg or .png and .cls" in out
-    assert (f"{root}/part-c.tar: sample junk: unreadable image header (UnidentifiedImageError: cannot identify "
-            "image file)") in out
+    assert (
+        f"{root}/part-c.tar: sample junk: unreadable image header (UnidentifiedImageError: cannot identify image file)"
+    ) in out
     manifest, _ = read_manifest(str(root))
     assert manifest["shards"][2]["count"] == 2 and manifest["shards"][2]["sizes"] == [None, None]  # each skipped
     assert manifest["classes"] == []
@@ -112,12 +120,14 @@ def test_index_lists_samples_the_reader_will_skip(plain_tars, capsys):
 @pytest.mark.parametrize("case", ["manifest", "wav", "truncated", "empty", "missing", "classes"])
 def test_what_cannot_be_indexed_is_one_line_naming_it(plain_tars, tmp_path, case, capsys):
     root, _ = plain_tars
-    expected = {"manifest": f"{root} already has a manifest.json; delete it",
-                "wav": "sample clip has ['cls', 'wav']; selfsup reads images as",
-                "truncated": f"{root}/part-a.tar: unreadable after sample",
-                "empty": f"{tmp_path / 'empty'} has no .tar files to index",
-                "missing": f"{tmp_path / 'nowhere'} does not exist",
-                "classes": "labels go up to 3 but --classes names 2 classes"}[case]
+    expected = {
+        "manifest": f"{root} already has a manifest.json; delete it",
+        "wav": "sample clip has ['cls', 'wav']; selfsup reads images as",
+        "truncated": f"{root}/part-a.tar: unreadable after sample",
+        "empty": f"{tmp_path / 'empty'} has no .tar files to index",
+        "missing": f"{tmp_path / 'nowhere'} does not exist",
+        "classes": "labels go up to 3 but --classes names 2 classes",
+    }[case]
     args = [str(root)]
     if case == "manifest":
         (root / "manifest.json").write_text("{}")

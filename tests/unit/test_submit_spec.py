@@ -72,8 +72,14 @@ def test_local_ray_binds_the_dashboard_to_localhost(monkeypatch, caplog):
     assert caplog.text.count("Ray dashboard: http://127.0.0.1:8265") == 1
 
 
-@pytest.mark.parametrize("given, env, joined", [("auto", None, "auto"), (None, "10.0.0.1:6379", "10.0.0.1:6379"),
-                                                ("ray://head:10001", "10.0.0.1:6379", "ray://head:10001")])
+@pytest.mark.parametrize(
+    "given, env, joined",
+    [
+        ("auto", None, "auto"),
+        (None, "10.0.0.1:6379", "10.0.0.1:6379"),
+        ("ray://head:10001", "10.0.0.1:6379", "ray://head:10001"),
+    ],
+)
 def test_an_address_or_ray_address_joins_that_cluster(monkeypatch, given, env, joined):
     import ray
 

@@ -17,8 +17,16 @@ TEMPLATES = Path(selfsup.__file__).parent / "cluster" / "templates"
 @pytest.mark.parametrize("name,provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
 def test_cluster_launcher_templates(name, provider):
     t = yaml.safe_load((TEMPLATES / name).read_text())
-    assert {"cluster_name", "provider", "available_node_types", "head_node_type", "max_workers",
-            "head_start_ray_commands", "worker_start_ray_commands", "setup_commands"} <= t.keys()
+    assert {
+        "cluster_name",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "max_workers",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "setup_commands",
+    } <= t.keys()
     assert t["provider"]["type"] == provider and t["head_node_type"] in t["available_node_types"]
     workers = [v for k, v in t["available_node_types"].items() if k != t["head_node_type"]]
     gpu_key = "InstanceType" if provider == "aws" else "machineType"

@@ -8,10 +8,15 @@ from tests.helpers import fit, tiny_experiment
 
 
 def config(tmp_path, shards, minutes):
-    return tiny_experiment("budget", shards, tmp_path / "runs", model={"width": 2},
-                           method={"proj_hidden_dim": 8, "proj_dim": 4},
-                           optim={"epochs": 2, "minutes": minutes, "warmup_epochs": 0.1},
-                           train={"log_every_steps": 5, "checkpoint_every_steps": 1000})
+    return tiny_experiment(
+        "budget",
+        shards,
+        tmp_path / "runs",
+        model={"width": 2},
+        method={"proj_hidden_dim": 8, "proj_dim": 4},
+        optim={"epochs": 2, "minutes": minutes, "warmup_epochs": 0.1},
+        train={"log_every_steps": 5, "checkpoint_every_steps": 1000},
+    )
 
 
 def test_the_budget_fits_the_remaining_time_and_never_exceeds_the_plan():

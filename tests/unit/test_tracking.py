@@ -28,8 +28,12 @@ def offline_wandb(tmp_path, monkeypatch):
     """wandb's own folders in tmp_path, no credentials, offline."""
     for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
-    for var, name in (("WANDB_DIR", "wandb-dir"), ("WANDB_DATA_DIR", "wandb-data"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                      ("WANDB_CONFIG_DIR", "wandb-config")):
+    for var, name in (
+        ("WANDB_DIR", "wandb-dir"),
+        ("WANDB_DATA_DIR", "wandb-data"),
+        ("WANDB_CACHE_DIR", "wandb-cache"),
+        ("WANDB_CONFIG_DIR", "wandb-config"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / name))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
@@ -47,8 +51,8 @@ def records(run_folder: Path) -> list:
         if BLOCK - pos % BLOCK < 7:  # the block's padding
             pos += BLOCK - pos % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunks, pos = chunks + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunks, pos = chunks + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a record's only or last chunk
             out.append(wandb_internal_pb2.Record.FromString(chunks))
             chunks = b""
@@ -71,7 +75,9 @@ def fake_checkpoint(cfg, samples: int, step: int) -> Path:
     (path / "config.yaml").write_text(dump_config(cfg))
     (path / "model.pt").write_bytes(b"weights" * 100)
     sizes = {f.name: f.stat().st_size for f in path.iterdir()}
-    (path / "progress.json").write_text(json.dumps({"seq": step, "step": step, "samples_seen": samples, "files": sizes}))
+    (path / "progress.json").write_text(
+        json.dumps({"seq": step, "step": step, "samples_seen": samples, "files": sizes})
+    )
     return path
 
 
@@ -81,9 +87,14 @@ def offline_runs(cfg) -> dict[str, Path]:
 
 
 def test_the_pretrain_run_has_the_group_tags_checkpoint_artifacts_and_a_sync_line(tmp_path, capsys):
-    cfg = parse_config(tiny_config("wb", tmp_path / "shards", tmp_path / "runs",
-                                   tracking={"mode": "offline", "tags": ["ablation", "fmnist"],
-                                             "log_checkpoints": True}))
+    cfg = parse_config(
+        tiny_config(
+            "wb",
+            tmp_path / "shards",
+            tmp_path / "runs",
+            tracking={"mode": "offline", "tags": ["ablation", "fmnist"], "log_checkpoints": True},
+        )
+    )
     reporter = WandbReporter(cfg)
     assert not cfg.run_dir.exists()  # nothing until start
     reporter.start()
@@ -91,7 +102,7 @@ def test_the_pretrain_run_has_the_group_tags_checkpoint_artifacts_and_a_sync_lin
     reporter.checkpoint(1, None, {"loss": 2.5})  # another rank's call: nothing
     reporter.checkpoint(1, fake_checkpoint(cfg, 8, 1), {"loss": 2.5})
     reporter.finish({"steps": 1, "data": {"skipped": 0}})
-    (wid, folder), = offline_runs(cfg).items()
+    ((wid, folder),) = offline_runs(cfg).items()
     assert wid == run_id(cfg.run_dir)
     recs = records(folder)
     (run,) = of_type(recs, "run")
@@ -100,8 +111,10 @@ def test_the_pretrain_run_has_the_group_tags_checkpoint_artifacts_and_a_sync_lin
     assert (artifact.name, artifact.type) == ("wb", "model")
     assert sorted(artifact.aliases) == ["latest", "samples-000000000008"]
     assert {"train/loss", "monitor/knn"} <= history_keys(recs)
-    assert capsys.readouterr().out.splitlines()[-1] == \
-        f"W&B run saved offline in {folder}; upload it with: wandb sync {folder}"
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == f"W&B run saved offline in {folder}; upload it with: wandb sync {folder}"
+    )
 
 
 def test_each_eval_is_a_new_run_in_the_training_runs_group(tmp_path, capsys):
@@ -113,10 +126,15 @@ def test_each_eval_is_a_new_run_in_the_training_runs_group(tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()
     Image.new("RGB", (8, 8)).save(out / "confusion.png")
-    report = {"encoders": {"simclr": {"knn_top1": 0.8, "linear_top1": 0.85}, "pixels": {"knn_top1": 0.6}},
-              "files": {"confusion": "confusion.png", "report": "report.md"},
-              "details": {"checkpoint_path": str(ckpt), "checkpoint": {"linear_hparams": {"lr": 0.1}},
-                          "per_class": [{"class": "a", "f1": 0.9}, {"class": "b", "f1": 0.7}]}}
+    report = {
+        "encoders": {"simclr": {"knn_top1": 0.8, "linear_top1": 0.85}, "pixels": {"knn_top1": 0.6}},
+        "files": {"confusion": "confusion.png", "report": "report.md"},
+        "details": {
+            "checkpoint_path": str(ckpt),
+            "checkpoint": {"linear_hparams": {"lr": 0.1}},
+            "per_class": [{"class": "a", "f1": 0.9}, {"class": "b", "f1": 0.7}],
+        },
+    }
     log_eval_report(report, out)
     log_eval_report(report, out)
     runs = offline_runs(cfg)
@@ -126,8 +144,14 @@ def test_each_eval_is_a_new_run_in_the_training_runs_group(tmp_path, capsys):
         recs = records(folder)
         (run,) = of_type(recs, "run")
         assert (run.run_id, run.run_group, run.job_type) == (wid, "wb", "eval")
-        assert {"eval/step", "eval/simclr/knn_top1", "eval/pixels/knn_top1", "eval/confusion", "eval/scores",
-                "eval/per_class"} <= history_keys(recs)
+        assert {
+            "eval/step",
+            "eval/simclr/knn_top1",
+            "eval/pixels/knn_top1",
+            "eval/confusion",
+            "eval/scores",
+            "eval/per_class",
+        } <= history_keys(recs)
         assert f"W&B run saved offline in {folder}; upload it with: wandb sync {folder}" in lines
 
 
@@ -145,22 +169,31 @@ def test_online_without_credentials_ends_in_one_line_before_anything_runs(tmp_pa
     if command == "pretrain":
         args = ["pretrain", str(write_config(tmp_path / "wb.yaml", tree)), "--no-ray"]
     elif command == "selfsup.pretrain":  # the library's door is the command line's: the same check, in it
-        args = ["-c", "import sys, selfsup; from selfsup.config import load_config; from selfsup.errors import "
-                "OneLineError\ntry: selfsup.pretrain(load_config(sys.argv[1]), use_ray=False)\nexcept OneLineError "
-                "as err: sys.exit(f'selfsup: error: {err}')", str(write_config(tmp_path / "wb.yaml", tree))]
+        args = [
+            "-c",
+            "import sys, selfsup; from selfsup.config import load_config; from selfsup.errors import "
+            "OneLineError\ntry: selfsup.pretrain(load_config(sys.argv[1]), use_ray=False)\nexcept OneLineError "
+            "as err: sys.exit(f'selfsup: error: {err}')",
+            str(write_config(tmp_path / "wb.yaml", tree)),
+        ]
     else:
         args = ["eval", str(fake_checkpoint(parse_config(tree), 8, 1)), "--train", "x", "--test", "y"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(NETRC=str(tmp_path / "netrc"), WANDB_CONFIG_DIR=str(tmp_path / "cfg"))  # no netrc, no settings
     cli = [] if command == "selfsup.pretrain" else ["-m", "selfsup.cli"]
-    done = subprocess.run([sys.executable, *cli, *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, *cli, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == (1 if command == "selfsup.pretrain" else 2) and len(lines) == 1, done.stderr
-    assert lines[0].startswith("selfsup: error: tracking.mode=online") and "WANDB_API_KEY" in lines[0] \
+    assert (
+        lines[0].startswith("selfsup: error: tracking.mode=online")
+        and "WANDB_API_KEY" in lines[0]
         and "`wandb login`" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "runs" / "wb").glob("*")) == ([] if command != "eval" else
-                                                                           ["checkpoints"])
+    )
+    assert sorted(p.name for p in (tmp_path / "runs" / "wb").glob("*")) == (
+        [] if command != "eval" else ["checkpoints"]
+    )
 
 
 def test_a_netrc_entry_counts_as_credentials(tmp_path):

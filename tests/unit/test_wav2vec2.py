@@ -198,7 +198,9 @@ def test_optimiser_step_matches_independent_loss_and_updates_parameters(entries)
     ):
         assert name in changed, name
     after = model.step(waves, lengths, mask=mask, negatives=negatives).metrics["loss"]
-    assert float(after.detach()) == pytest.approx(float(_independent_loss(model, waves, lengths, mask, negatives).detach()), abs=1e-5)
+    assert float(after.detach()) == pytest.approx(
+        float(_independent_loss(model, waves, lengths, mask, negatives).detach()), abs=1e-5
+    )
     assert float(after.detach()) < float(step.metrics["loss"].detach())
 
 

@@ -33,8 +33,8 @@ def _png_with_bad_pixels() -> bytes:
     good = encode_png(np.full((16, 16), 128, np.uint8))
     out, pos = bytearray(good[:8]), 8
     while pos < len(good):
-        (n,), kind = struct.unpack(">I", good[pos:pos + 4]), good[pos + 4:pos + 8]
-        data = zlib.compress(b"\x00" * 10) if kind == b"IDAT" else good[pos + 8:pos + 8 + n]
+        (n,), kind = struct.unpack(">I", good[pos : pos + 4]), good[pos + 4 : pos + 8]
+        data = zlib.compress(b"\x00" * 10) if kind == b"IDAT" else good[pos + 8 : pos + 8 + n]
         out += struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
         pos += 12 + n
     return bytes(out)
@@ -54,8 +54,20 @@ def _one_error_line(capsys) -> str:
     return errors[0]
 
 
-@pytest.mark.parametrize("case", ["flat", "no-images", "missing-images", "missing-audio", "out-under-a-file",
-                                  "out-is-a-file", "labels-missing", "labels-without-path", "bad-fraction"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "flat",
+        "no-images",
+        "missing-images",
+        "missing-audio",
+        "out-under-a-file",
+        "out-is-a-file",
+        "labels-missing",
+        "labels-without-path",
+        "bad-fraction",
+    ],
+)
 def test_bad_input_is_one_line_naming_the_path_and_what_to_do(tmp_path, case, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
     _image(src / "cat" / "a.png")
@@ -67,22 +79,38 @@ def test_bad_input_is_one_line_naming_the_path_and_what_to_do(tmp_path, case, ca
     image_folder = ["shards", "write", "image-folder", str(src), str(out)]
     audio_folder = ["shards", "write", "audio-folder", str(tmp_path / "speech"), str(out)]
     argv, expected = {
-        "flat": (["shards", "write", "image-folder", str(src / "cat"), str(out)],
-                 f"{src / 'cat'} has no class sub-folders; lay it out as {src / 'cat'}/<class>/<image>"),
-        "no-images": (["shards", "write", "image-folder", str(tmp_path / "docs"), str(out)],
-                      f"{tmp_path / 'docs'}: no images in its class folders (looked for .bmp,"),
-        "missing-images": (["shards", "write", "image-folder", str(tmp_path / "nowhere"), str(out)],
-                           f"image folder {tmp_path / 'nowhere'} does not exist; check the path"),
-        "missing-audio": (["shards", "write", "audio-folder", str(tmp_path / "nowhere"), str(out)],
-                          f"audio folder {tmp_path / 'nowhere'} does not exist; check the path"),
-        "out-under-a-file": (image_folder[:-1] + [str(tmp_path / "file" / "out")],
-                             f"{tmp_path / 'file' / 'out'}: cannot create the output folder"),
-        "out-is-a-file": (image_folder[:-1] + [str(tmp_path / "file")],
-                          f"{tmp_path / 'file'}: cannot create the output folder"),
-        "labels-missing": (audio_folder + ["--labels", str(tmp_path / "gone.csv")],
-                           f"{tmp_path / 'gone.csv'}: no such labels CSV; check --labels"),
-        "labels-without-path": (audio_folder + ["--labels", str(tmp_path / "no-path.csv")],
-                                f"{tmp_path / 'no-path.csv'}: needs a header with a 'path' column"),
+        "flat": (
+            ["shards", "write", "image-folder", str(src / "cat"), str(out)],
+            f"{src / 'cat'} has no class sub-folders; lay it out as {src / 'cat'}/<class>/<image>",
+        ),
+        "no-images": (
+            ["shards", "write", "image-folder", str(tmp_path / "docs"), str(out)],
+            f"{tmp_path / 'docs'}: no images in its class folders (looked for .bmp,",
+        ),
+        "missing-images": (
+            ["shards", "write", "image-folder", str(tmp_path / "nowhere"), str(out)],
+            f"image folder {tmp_path / 'nowhere'} does not exist; check the path",
+        ),
+        "missing-audio": (
+            ["shards", "write", "audio-folder", str(tmp_path / "nowhere"), str(out)],
+            f"audio folder {tmp_path / 'nowhere'} does not exist; check the path",
+        ),
+        "out-under-a-file": (
+            image_folder[:-1] + [str(tmp_path / "file" / "out")],
+            f"{tmp_path / 'file' / 'out'}: cannot create the output folder",
+        ),
+        "out-is-a-file": (
+            image_folder[:-1] + [str(tmp_path / "file")],
+            f"{tmp_path / 'file'}: cannot create the output folder",
+        ),
+        "labels-missing": (
+            audio_folder + ["--labels", str(tmp_path / "gone.csv")],
+            f"{tmp_path / 'gone.csv'}: no such labels CSV; check --labels",
+        ),
+        "labels-without-path": (
+            audio_folder + ["--labels", str(tmp_path / "no-path.csv")],
+            f"{tmp_path / 'no-path.csv'}: needs a header with a 'path' column",
+        ),
         "bad-fraction": (image_folder + ["--test-fraction", "1.5"], "--test-fraction 1.5: give a fraction between 0"),
     }[case]
     assert main(argv) == 2
@@ -94,8 +122,19 @@ def test_test_fraction_needs_an_image_folder_and_no_split(tmp_path):
     with pytest.raises(SystemExit, match="--test-fraction is for image-folder"):
         main(["shards", "write", "audio-folder", str(tmp_path), str(tmp_path / "o"), "--test-fraction", "0.1"])
     with pytest.raises(SystemExit, match="leave out --split"):
-        main(["shards", "write", "image-folder", str(tmp_path), str(tmp_path / "o"), "--test-fraction", "0.1",
-              "--split", "val"])
+        main(
+            [
+                "shards",
+                "write",
+                "image-folder",
+                str(tmp_path),
+                str(tmp_path / "o"),
+                "--test-fraction",
+                "0.1",
+                "--split",
+                "val",
+            ]
+        )
 
 
 def test_corrupt_and_truncated_images_are_skipped_at_write_and_named(tmp_path, capsys):
@@ -151,11 +190,15 @@ def test_test_fraction_splits_each_class_with_a_fixed_seed(tmp_path):
         test, _ = read_manifest(str(out / "test"))
         assert (train["split"], test["split"]) == ("train", "test")
         assert train["classes"] == test["classes"] == ["ant", "bee", "cow", "dog"]
-        labels = {split: Counter(read_split(str(out / split), lambda s: int(s["cls"]))[0]) for split in ("train", "test")}
+        labels = {
+            split: Counter(read_split(str(out / split), lambda s: int(s["cls"]))[0]) for split in ("train", "test")
+        }
         # of 10, 7, 3 and 1 images: round(2.5) = 3, round(1.75) = 2, round(0.75) = 1, and a lone image stays in train
         assert labels["test"] == {0: 3, 1: 2, 2: 1}
         assert labels["train"] == {0: 7, 1: 5, 2: 2, 3: 1}
-        files = {split: set(json.loads((out / split / SOURCE_FILES).read_text()).values()) for split in ("train", "test")}
+        files = {
+            split: set(json.loads((out / split / SOURCE_FILES).read_text()).values()) for split in ("train", "test")
+        }
         assert not files["train"] & files["test"]
         assert files["train"] | files["test"] == {str(p) for p in src.rglob("*.png")}
         tests.append(files["test"])
@@ -170,10 +213,12 @@ def test_verify_names_the_source_file_of_a_bad_sample(tmp_path, capsys):
     shard = out / "train-000000.tar"
     data = bytearray(shard.read_bytes())
     second_png = data.find(b"\x89PNG", data.find(b"\x89PNG") + 1)
-    data[second_png:second_png + 4] = b"JUNK"
+    data[second_png : second_png + 4] = b"JUNK"
     shard.write_bytes(bytes(data))
     assert main(["shards", "verify", str(out)]) == 1
     printed = capsys.readouterr().out
-    assert (f"problem: {shard}: sample img-00000001: unreadable image header (UnidentifiedImageError: cannot "
-            "identify image file)") in printed
+    assert (
+        f"problem: {shard}: sample img-00000001: unreadable image header (UnidentifiedImageError: cannot "
+        "identify image file)"
+    ) in printed
     assert f"(written from {files[1]})" in printed
