@@ -52,10 +52,8 @@ def interrupted_line(err: KeyboardInterrupt, argv: list[str]) -> str:
     found = list_checkpoints(err.cfg.run_dir)
     if not found:
         return f"interrupted before the first checkpoint of {err.cfg.run_dir}; `{command}` starts it again"
-    return (
-        f"interrupted; the last checkpoint is {found[-1]} (step {getattr(CheckpointProgress.read(found[-1]), 'step', '?')}); "
-        f"resume with: {command}"
-    )
+    step = getattr(CheckpointProgress.read(found[-1]), "step", "?")
+    return f"interrupted; the last checkpoint is {found[-1]} (step {step}); resume with: {command}"
 
 
 def _shards_write(args) -> None:
@@ -420,7 +418,7 @@ def _add_shards(sub) -> None:
         "build",
         "build an audio set from system packages, as a folder of clips + CSV (audio demo)",
         [
-            "selfsup shards build spoken-digits data/spoken-digits --per-class 100   # espeak-ng; train/test voices disjoint",
+            "selfsup shards build spoken-digits data/spoken-digits --per-class 100   # espeak-ng; voices disjoint",
             "selfsup shards build speech-corpus data/speech-corpus   # ~7 h of real speech from 4 Debian packages",
         ],
         _shards_build,
@@ -524,7 +522,8 @@ def _add_eval(sub) -> None:
         [
             "selfsup eval runs/quickstart   # on the run's data.train and data.test",
             "selfsup eval runs/quickstart --train data/fashion-mnist/train --test data/fashion-mnist/test",
-            "selfsup eval compare runs/simclr runs/byol --train data/fashion-mnist/train --test data/fashion-mnist/test",
+            "selfsup eval compare runs/simclr runs/byol --train data/fashion-mnist/train "
+            "--test data/fashion-mnist/test",
         ],
         _eval,
         rest="checkpoint",
