@@ -55,12 +55,14 @@ espeak:
 demo-audio: $(STAMP) espeak
 	$(BIN)/selfsup demo --audio
 
-# ruff (its rules: pyproject.toml [tool.ruff]) and mypy ([tool.mypy]), at the versions the dev extra pins
+# ruff (its rules and format: pyproject.toml [tool.ruff]) and mypy ([tool.mypy]), at the versions the dev extra
+# pins; `make test` runs it first, and so does CI (.ci/run)
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check selfsup benchmarks tests
+	$(BIN)/ruff format --check selfsup benchmarks tests
 	$(BIN)/mypy
 
-test: $(DEV_STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 # What a GPU check (benchmarks/device_check.py) carries to the device image, which has Python 3.12, torch,
