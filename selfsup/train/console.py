@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -121,34 +121,46 @@ def follow_records(path: Path, console: ProgressConsole) -> Iterator[None]:
     goes on from where it resumed, printing none of an earlier attempt's lines again."""
     before = max((json.loads(line).get("samples", 0) for line in _lines(path)), default=0)
     shown = {False: before, True: before}  # the furthest samples shown: of progress, of online checks
+    done = 0
+
+    def poll() -> None:
+        nonlocal done
+        lines = _lines(path)
+        offset = 0 if len(lines) < done else done  # a resume rewrote the file: read it again
+        for line in lines[offset:]:
+            record = json.loads(line)
+            check = "monitor/knn@20" in record
+            if "samples" in record and record["samples"] <= shown[check]:
+                console.skip(int(record.get("step", 0)), record)
+                continue
+            shown[check] = max(shown[check], record.get("samples", 0))
+            console.log(int(record.get("step", 0)), record)
+        done = len(lines)
+
+    try:
+        with _polling(poll, "selfsup-progress"):
+            yield
+    finally:
+        console.finish({})
+
+
+@contextmanager
+def _polling(poll: Callable[[], None], name: str) -> Iterator[None]:
+    """While the body runs, call ``poll`` every ``POLL_SECONDS`` in a thread, and once more after it."""
     stop = threading.Event()
 
-    def follow() -> None:
-        done, offset = 0, 0
-        while True:
-            finished = stop.wait(POLL_SECONDS)
-            lines = _lines(path)
-            offset = 0 if len(lines) < done else done  # a resume rewrote the file: read it again
-            for line in lines[offset:]:
-                record = json.loads(line)
-                check = "monitor/knn@20" in record
-                if "samples" in record and record["samples"] <= shown[check]:
-                    console.skip(int(record.get("step", 0)), record)
-                    continue
-                shown[check] = max(shown[check], record.get("samples", 0))
-                console.log(int(record.get("step", 0)), record)
-            done = len(lines)
-            if finished:
-                return
+    def loop() -> None:
+        while not stop.wait(POLL_SECONDS):
+            poll()
+        poll()
 
-    thread = threading.Thread(target=follow, name="selfsup-progress", daemon=True)
+    thread = threading.Thread(target=loop, name=name, daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
-        console.finish({})
 
 
 def _lines(path: Path) -> list[str]:
@@ -180,31 +192,21 @@ def follow_worker_log(path: Path) -> Iterator[None]:
     (:func:`worker_log_handler`), under its own logger and level: a worker's selfsup lines reach the
     driver's console as selfsup's, and nothing else of the worker does. Earlier attempts' records are
     not repeated."""
-    stop = threading.Event()
-    start = Path(path).stat().st_size if Path(path).exists() else 0
+    offset = Path(path).stat().st_size if Path(path).exists() else 0
 
-    def follow() -> None:
-        offset = start
-        while True:
-            finished = stop.wait(POLL_SECONDS)
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
-            complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written last line waits
-            offset += len(complete)
-            for line in complete.decode("utf-8", "replace").splitlines():
-                record = json.loads(line)
-                logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
-            if finished:
-                return
+    def poll() -> None:
+        nonlocal offset
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            chunk = b""
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a half-written last line waits
+        offset += len(complete)
+        for line in complete.decode("utf-8", "replace").splitlines():
+            record = json.loads(line)
+            logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
 
-    thread = threading.Thread(target=follow, name="selfsup-worker-log", daemon=True)
-    thread.start()
-    try:
+    with _polling(poll, "selfsup-worker-log"):
         yield
-    finally:
-        stop.set()
-        thread.join()
