@@ -21,6 +21,8 @@ pytestmark = pytest.mark.integration
 
 def test_moco_v2_compiles_with_inductor_and_trains_as_eager(tmp_path, monkeypatch):
     monkeypatch.setattr("selfsup.tasks.vision.build_backbone", small_backbone)
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     cfg = tiny_config(tmp_path, "method.name=moco_v2", *HEADS["moco_v2"], "optim.max_bad_steps=5")
-    assert_compiled_matches_eager(cfg, "moco_v2", monkeypatch, backend="inductor", rtol=1e-4, atol=1e-5)
+    # the config's own patch, not monkeypatch: monkeypatch's undo of a config attribute hides it from torch
+    # for the rest of the process ("fallback_random does not exist" in every later compile)
+    with torch._inductor.config.patch(fallback_random=True):
+        assert_compiled_matches_eager(cfg, "moco_v2", monkeypatch, backend="inductor", rtol=1e-4, atol=1e-5)
