@@ -138,3 +138,28 @@ def save_at(run_dir: Path, cfg, step: int, model_state: dict | None = None, keep
 
     writer = CheckpointWriter(Path(run_dir), keep, cfg.run_url, fence)
     return writer.write(model_state or {}, train_state(step, **state), cfg, {})
+
+
+def tiny_jpeg_run(jpeg_shards: Path, run_root: Path, *overrides: str):
+    """The SimCLR ImageNet recipe shrunk to a few fp32 steps of a width-4 ResNet-18 on 32-px views of
+    ``jpeg_shards`` (one epoch, no loader workers), with ``overrides`` on top."""
+    from selfsup.config import load_config
+
+    return load_config(
+        "simclr-resnet50-imagenet",
+        [
+            f"data.train={jpeg_shards}",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "data.loader_workers=0",
+            f"run_root={run_root}",
+            "model.backbone=resnet18",
+            "model.width=4",
+            "method.proj_hidden_dim=16",
+            "method.proj_dim=8",
+            "optim.epochs=1",
+            "optim.warmup_epochs=0",
+            "train.precision=fp32",
+            *overrides,
+        ],
+    )

@@ -15,7 +15,7 @@ from selfsup.data import views as views_module
 from selfsup.data.views import DeviceCrops, DeviceDecodeError, collate_views, nvjpeg_problem
 from selfsup.tasks import vision as vision_module
 from selfsup.tasks.vision import decode_on_device
-from tests.helpers import fit
+from tests.helpers import fit, tiny_jpeg_run
 from tests.unit.test_jpeg_views import both_paths, raw_samples
 
 OOM = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total capacity)")
@@ -112,25 +112,12 @@ def test_decode_fallbacks_reach_the_records_and_the_summary(jpeg_shards, tmp_pat
 
     monkeypatch.setattr(views_module, "decode_jpeg", picky)
     monkeypatch.setattr(vision_module, "decode_on_device", lambda cfg: True)
-    cfg = load_config(
-        "simclr-resnet50-imagenet",
-        [
-            f"data.train={jpeg_shards}",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.loader_workers=0",
-            f"run_root={tmp_path}",
-            "model.backbone=resnet18",
-            "model.width=4",
-            "method.proj_hidden_dim=16",
-            "method.proj_dim=8",
-            "optim.epochs=1",
-            "optim.warmup_epochs=0",
-            "train.log_every_steps=1",
-            "train.precision=fp32",
-            "data.mean=[0.5,0.5,0.5]",
-            "data.std=[0.25,0.25,0.25]",
-        ],
+    cfg = tiny_jpeg_run(
+        jpeg_shards,
+        tmp_path,
+        "train.log_every_steps=1",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]",
     )
     with caplog.at_level(logging.INFO, logger="selfsup.data"):
         summary = fit(cfg)

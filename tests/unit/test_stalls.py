@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from selfsup.cluster.in_process import build_trainer
-from selfsup.config import load_config
 from selfsup.data.views import DeviceCrops
+from tests.helpers import tiny_jpeg_run
 from tests.stalls import Exemption, HostStalls, at_code, in_torch_function
 from tests.unit.test_bad_steps import HEADS, audio_config, small_backbone, tiny_config
 
@@ -151,25 +151,7 @@ def test_no_host_stall_decoding_jpegs_on_the_device(jpeg_shards, tmp_path, monke
     monkeypatch.setattr("selfsup.tasks.vision.decode_on_device", lambda cfg: True)
     cut, decoded = DeviceCrops.cut_jpegs, []
     monkeypatch.setattr(DeviceCrops, "cut_jpegs", lambda self, batch: decoded.append(1) or cut(self, batch))
-    cfg = load_config(
-        "simclr-resnet50-imagenet",
-        [
-            f"data.train={jpeg_shards}",
-            "data.image_size=32",
-            "data.batch_size=4",
-            "data.loader_workers=0",
-            f"run_root={tmp_path}",
-            "model.backbone=resnet18",
-            "model.width=4",
-            "method.proj_hidden_dim=16",
-            "method.proj_dim=8",
-            "optim.epochs=1",
-            "optim.warmup_epochs=0",
-            "train.log_every_steps=2",
-            "train.precision=fp32",
-            "tracking.mode=disabled",
-        ],
-    )
+    cfg = tiny_jpeg_run(jpeg_shards, tmp_path, "train.log_every_steps=2", "tracking.mode=disabled")
     in_step, after, _ = count_stalls(cfg, bad_calls={2}, exempt=EXEMPT + HOST_BATCH)
     assert len(in_step) == 3 and [len(s) for s in in_step] == [0] * 3, "\n".join(
         str(s) for steps in in_step for s in steps
