@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import struct
+import sys
 import urllib.request
 import warnings
 from collections.abc import Iterator
@@ -395,7 +396,7 @@ def _pooled(function, jobs: list, processes: int, chunksize: int, initializer=No
     main = threading.current_thread() is threading.main_thread()  # the mask of this thread is the one forked
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if main else None
     try:
-        pool = multiprocessing.Pool(processes, initializer=_quiet_worker, initargs=(initializer,))
+        pool = multiprocessing.Pool(processes, initializer=_quiet_worker, initargs=(initializer, os.getpid()))
     except BaseException:
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -419,15 +420,35 @@ def _map_chunk(function, chunk: list) -> list:
     return [function(job) for job in chunk]
 
 
-def _quiet_worker(initializer) -> None:
-    """Pool initialiser (:func:`_pool`): ignore SIGINT, lift the block inherited from the parent, then
-    ``initializer``."""
+def _quiet_worker(initializer, parent: int) -> None:
+    """Pool initialiser (:func:`_pooled`): ignore SIGINT, lift the block inherited from the parent, end
+    with the parent (pid ``parent``) even when it is SIGKILLed, then ``initializer``."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _end_with_parent(parent)
     if initializer is not None:
         initializer()
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when its parent ends (Linux ``PR_SET_PDEATHSIG``): a SIGKILLed
+    ``shards write`` runs no cleanup, and its pool workers would otherwise decode on, orphaned, until
+    their jobs run out. Elsewhere nothing is done."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # the parent ended before the request was in place
+        os._exit(1)
 
 
 def _one_thread() -> None:

@@ -1,5 +1,6 @@
 """`shards write` that does not finish: a re-write killed halfway and a disk that fills leave a folder that
-every reader refuses in one line (never the old manifest beside new tars), and the next write makes it whole."""
+every reader refuses in one line (never the old manifest beside new tars), and the next write makes it whole;
+a killed writer leaves no decoding worker behind."""
 
 from __future__ import annotations
 
@@ -37,6 +38,48 @@ def samples():
 
 write_shards(samples(), sys.argv[1], samples_per_shard=10)
 """
+
+
+POOL_OWNER = """
+import multiprocessing, pathlib, sys, threading, time
+from selfsup.data.sources import _pooled
+
+threading.Thread(target=lambda: list(_pooled(time.sleep, [600, 600], 2, 1)), daemon=True).start()
+while len(multiprocessing.active_children()) < 2:
+    time.sleep(0.05)
+pathlib.Path(sys.argv[1]).write_text(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_decoding_pool_ends_with_a_sigkilled_writer(tmp_path):
+    pids_file = tmp_path / "pids"
+    owner = subprocess.Popen(
+        [sys.executable, "-c", POOL_OWNER, str(pids_file)], env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pids_file.exists() and owner.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert owner.poll() is None and pids_file.exists(), "the pool never started"
+        workers = [int(p) for p in pids_file.read_text().split()]
+        assert len(workers) == 2 and all(_running(p) for p in workers)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in workers), "a worker of the killed writer is still decoding"
 
 
 def _write_idx(tmp_path: Path, out: Path, n: int, prefix: str) -> int:
