@@ -447,6 +447,7 @@ def mirror_dir(run_root: str, name: str) -> Path:
     return cache_root() / "runs" / scheme / rest.strip("/") / name
 
 
+MAX_AUDIO_SECONDS = 600.0  # data.max_audio_seconds: a clip decodes to at most 38 MB at 16 kHz (more at its own rate)
 MAX_IMAGE_PIXELS = 64_000_000  # data.max_image_pixels: an 8000x8000 photo fits, and decodes to 192 MB as RGB
 
 
@@ -490,6 +491,12 @@ class DataConfig(Strict):
         gt=0,
         description="images: one of more pixels (width x "
         "height, from its header) is skipped and counted, never decoded",
+    )
+    max_audio_seconds: float = Field(
+        MAX_AUDIO_SECONDS,
+        gt=0,
+        description="audio: a clip longer than this (from its header, or "
+        "read no further) is skipped and counted, never decoded whole",
     )
 
     @model_validator(mode="after")

@@ -13,20 +13,31 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
+from selfsup.config import MAX_AUDIO_SECONDS
 from selfsup.core.messages import decoder_reason
 
 SAMPLE_RATE = 16_000
 SILENCE_PEAK = 1.0 / 32768  # below one 16-bit PCM step
 
 
-def decode_audio(data: bytes, name: str) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, name: str, max_seconds: float = MAX_AUDIO_SECONDS) -> tuple[np.ndarray, int]:
     """Decode ``data`` (the file ``name``, used in errors) -> ((T,) float32 at 16 kHz, mono; original rate).
 
-    Raises ValueError naming the file for undecodable bytes, an empty clip, NaN/inf samples, or silence
-    (peak below one 16-bit step).
+    Raises ValueError naming the file for undecodable bytes, a clip over ``max_seconds`` (its header's
+    length, which bounds what soundfile reads), an empty clip, NaN/inf samples, or silence (peak below one
+    16-bit step).
     """
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            if f.frames > max_seconds * rate:
+                raise ValueError(
+                    f"{name}: {f.frames / rate:.0f} s of audio, longer than data.max_audio_seconds={max_seconds:g}; "
+                    "not decoded (split it into shorter clips, or raise the cap)"
+                )
+            samples = f.read(dtype="float32", always_2d=True)
+    except ValueError:
+        raise
     except Exception as exc:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
         raise ValueError(f"{name}: cannot decode audio ({decoder_reason(exc)})") from exc
     if samples.size == 0:

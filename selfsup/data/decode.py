@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from selfsup.config import MAX_IMAGE_PIXELS
+from selfsup.config import MAX_AUDIO_SECONDS, MAX_IMAGE_PIXELS
 from selfsup.core.messages import decoder_reason
 from selfsup.data.reader import DUPLICATE
 
@@ -69,9 +69,10 @@ def open_image(sample: dict, max_pixels: int = MAX_IMAGE_PIXELS):
     return img, label
 
 
-def decode_sample(sample: dict, kind: str, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Decode one raw sample's payload: (uint8 image array, label) for "image", ((float32 (T,) 16 kHz
-    waveform, original rate), its .json dict) for "audio"; raises ValueError naming the key when it is bad."""
+def decode_sample(sample: dict, kind: str, max_pixels: int = MAX_IMAGE_PIXELS, max_seconds: float = MAX_AUDIO_SECONDS):
+    """Decode one raw sample's payload: (uint8 image array, label) for "image" (at most ``max_pixels``),
+    ((float32 (T,) 16 kHz waveform, original rate), its .json dict) for "audio" (at most ``max_seconds``);
+    raises ValueError naming the key when it is bad."""
     key = sample.get("__key__", "?")
     if kind == "image":
         img, label = open_image(sample, max_pixels)
@@ -85,7 +86,7 @@ def decode_sample(sample: dict, kind: str, max_pixels: int = MAX_IMAGE_PIXELS):
         refuse_duplicate(sample)
         if "flac" not in sample or "json" not in sample:
             raise ValueError(f"sample {key}: needs .flac and .json")
-        return decode_audio(sample["flac"], key), json.loads(sample["json"])
+        return decode_audio(sample["flac"], f"sample {key}", max_seconds), json.loads(sample["json"])
     raise ValueError(f"unknown sample format {kind!r}")
 
 
@@ -130,10 +131,13 @@ def collate_images(items: list[tuple[torch.Tensor, int]]) -> dict:
     return {"images": torch.stack([i[0] for i in items]), "labels": torch.tensor([i[1] for i in items])}
 
 
-def decode_audio_sample(sample: dict, min_samples: int) -> tuple[torch.Tensor, int]:
+def decode_audio_sample(
+    sample: dict, min_samples: int, max_seconds: float = MAX_AUDIO_SECONDS
+) -> tuple[torch.Tensor, int]:
     """A raw audio sample -> (float32 (T,) 16 kHz waveform, label or -1); raises ValueError naming the
-    key for a bad clip or one shorter than ``min_samples`` (so the stream skips and counts it)."""
-    (wave, _), info = decode_sample(sample, "audio")
+    key for a bad clip, one shorter than ``min_samples`` or longer than ``max_seconds`` (so the stream
+    skips and counts it)."""
+    (wave, _), info = decode_sample(sample, "audio", max_seconds=max_seconds)
     if len(wave) < min_samples:
         raise ValueError(
             f"sample {sample.get('__key__', '?')}: {len(wave)} samples, shorter than the "

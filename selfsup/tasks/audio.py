@@ -52,10 +52,10 @@ def clip_limits(cfg: ExperimentConfig) -> tuple[int, int]:
     return min_samples, max_samples
 
 
-def labelled_clip(sample: dict) -> tuple[np.ndarray, int, str]:
+def labelled_clip(sample: dict, max_seconds: float) -> tuple[np.ndarray, int, str]:
     """A raw labelled clip -> (float32 (T,) 16 kHz wave, label, its ``voice`` or ``speaker`` or "");
-    raises ValueError naming the key when it is bad or has no label."""
-    (wave, _), info = decode_sample(sample, "audio")
+    raises ValueError naming the key when it is bad, over ``max_seconds`` or has no label."""
+    (wave, _), info = decode_sample(sample, "audio", max_seconds=max_seconds)
     if info.get("label", "") in ("", None):
         raise ValueError(f"sample {sample.get('__key__')}: no label in its .json")
     return wave, int(info["label"]), str(info.get("voice", info.get("speaker", "")))
@@ -111,7 +111,7 @@ class AudioTask:
         return ShardStream(
             cfg.data.train,
             cfg.data.batch_size,
-            functools.partial(decode_audio_sample, min_samples=min_samples),
+            functools.partial(decode_audio_sample, min_samples=min_samples, max_seconds=cfg.data.max_audio_seconds),
             functools.partial(collate_audio, max_samples=max_samples, min_samples=min_samples),
             rank=rank(),
             ranks=world_size(),
@@ -136,7 +136,8 @@ class AudioTask:
     def read_labelled(self, location: str, cfg: ExperimentConfig, limit: int | None = None) -> LabelledSplit:
         """float32 (T_i,) 16 kHz waves, grouped by voice or speaker when the clips say."""
         listing = read_manifest(location)
-        items, manifest, problems = read_split(location, labelled_clip, limit, listing)
+        clip = functools.partial(labelled_clip, max_seconds=cfg.data.max_audio_seconds)
+        items, manifest, problems = read_split(location, clip, limit, listing)
         waves, labels, groups = zip(*items)
         return LabelledSplit(
             location,

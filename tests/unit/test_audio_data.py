@@ -149,6 +149,27 @@ def test_short_clips_are_skipped_and_counted_by_the_stream(audio_folder, tmp_pat
     assert (health.skipped, health.repeated) == (1, 1) and "shorter than the minimum" in health.where[0]
 
 
+def test_clips_over_max_audio_seconds_are_skipped_and_counted_by_the_training_stream(audio_folder, tmp_path):
+    samples, n, _ = audio_folder_samples(audio_folder, processes=1)
+    write_shards(samples, tmp_path / "out", kind="audio", total=n)
+    cfg = parse_config(
+        {
+            "name": "capped",
+            "data": {"kind": "audio", "train": str(tmp_path / "out"), "batch_size": 1, "min_seconds": 0.1},
+            "method": {"name": "wav2vec2", "preset": "tiny"},
+        },
+        ["data.max_audio_seconds=0.45"],
+    )
+    from selfsup.tasks.audio import AudioTask
+
+    health = DataHealth()
+    for batch in AudioTask().train_stream(cfg):
+        health.add(batch)
+    # one.wav (0.5 s) and four.mp3 (0.6 s) are over 0.45 s; two.flac and three.ogg are trained
+    assert health.skipped == 2, health.where
+    assert all("longer than data.max_audio_seconds=0.45; not decoded" in w for w in health.where), health.where
+
+
 def test_the_manifest_records_each_clip_duration(audio_folder, tmp_path):
     samples, n, _ = audio_folder_samples(audio_folder, processes=1)
     m = write_shards(samples, tmp_path / "out", kind="audio", total=n)

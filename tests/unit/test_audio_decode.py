@@ -74,3 +74,16 @@ def test_flac_round_trip():
     decoded, rate = decode_audio(encode_flac(wave), "roundtrip.flac")
     assert rate == SAMPLE_RATE
     np.testing.assert_allclose(decoded, wave, atol=1e-4)
+
+
+@pytest.mark.parametrize(("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS")])
+def test_a_clip_over_the_cap_is_refused_from_its_header(fmt, subtype):
+    data = _encode(_sine(22050, 2.0, 440.0, 1), 22050, fmt, subtype)
+    with pytest.raises(ValueError) as refused:
+        decode_audio(data, "long.wav", max_seconds=1.5)
+    assert str(refused.value) == (
+        "long.wav: 2 s of audio, longer than data.max_audio_seconds=1.5; not decoded (split it into shorter clips, "
+        "or raise the cap)"
+    )
+    wave, _ = decode_audio(data, "long.wav", max_seconds=2.5)
+    assert abs(len(wave) - 2 * SAMPLE_RATE) <= 2
