@@ -237,13 +237,13 @@ class SelfsupLoop:
 
 class Ceiling:
     """The bare backbone's forward and backward of two (B, C, S, S) views, one pass each, plain SGD, in the
-    memory format selfsup trains in on this CPU (channels_last on AVX-512, contiguous on AVX2). With
+    memory format selfsup trains this backbone in on this CPU (``memory_format``: channels_last where safe). With
     ``target`` (a copy of the backbone) also its forward of both views without gradients: the least that
     a method with a momentum target (BYOL) computes."""
 
     def __init__(self, cfg: ExperimentConfig, encoder: nn.Module, target: nn.Module | None = None):
         d = cfg.data
-        layout = memory_format(torch.device("cpu"), cfg.train.channels_last)  # selfsup's, where it is safe
+        layout = memory_format(torch.device("cpu"), cfg.train.channels_last, encoder)  # selfsup's, where safe
         self.encoder, self.target = encoder.to(memory_format=layout), target
         if target is not None:
             target.to(memory_format=layout)

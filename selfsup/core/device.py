@@ -58,15 +58,33 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return amp_dtype(precision, device.type, native_bf16(device))
 
 
-def memory_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
-    """``torch.channels_last`` when asked for and safe on ``device``, else ``torch.contiguous_format``.
+AVX2_MIN_STRIDED_POINTWISE_CHANNELS = 8  # one AVX2 register of fp32
 
-    channels_last is used on CUDA and on CPUs where oneDNN runs its AVX-512 kernels. Its AVX2 kernels
-    (torch 2.11, CPUs without AVX-512) corrupt the heap in the backward pass of strided 1x1
-    convolutions with few channels (a ResNet's downsample at width 4), so those CPUs stay contiguous.
+
+def memory_format(
+    device: torch.device, channels_last: bool = True, module: torch.nn.Module | None = None
+) -> torch.memory_format:
+    """``torch.channels_last`` when asked for and safe on ``device`` for ``module``, else
+    ``torch.contiguous_format``.
+
+    channels_last is safe on CUDA and on CPUs where oneDNN runs its AVX-512 kernels. Its AVX2 kernels
+    (torch 2.11, CPUs without AVX-512) corrupt the heap in the backward pass of a strided 1x1
+    convolution of few input channels (2 to 7 seen; a ResNet's downsample below width 8): there
+    channels_last needs ``module``, and none of its strided 1x1 convolutions under 8 input channels.
     """
-    safe = device.type != "cpu" or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
-    return torch.channels_last if channels_last and safe else torch.contiguous_format
+    if not channels_last:
+        return torch.contiguous_format
+    if device.type == "cpu" and not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        safe = module is not None and not any(
+            isinstance(m, torch.nn.Conv2d)
+            and m.kernel_size == (1, 1)
+            and m.stride != (1, 1)
+            and m.in_channels < AVX2_MIN_STRIDED_POINTWISE_CHANNELS
+            for m in module.modules()
+        )
+        if not safe:
+            return torch.contiguous_format
+    return torch.channels_last
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)

@@ -44,7 +44,7 @@ def encoder_from_checkpoint(
     """The objective's encoder on ``device``, in the memory format training used there, with the
     checkpoint's weights (None: at random initialisation)."""
     encoder = objective_from_checkpoint(cfg, model_state).encoder.to(device)
-    layout = memory_format(torch.device(device), cfg.train.channels_last)
+    layout = memory_format(torch.device(device), cfg.train.channels_last, encoder)
     return encoder.to(memory_format=layout)  # type: ignore[call-overload]  # accepted, though torch's stubs lack it
 
 

@@ -34,6 +34,20 @@ log = logging.getLogger("selfsup.data")
 DECODED_CACHE_BYTES = 2**30  # the largest decoded split (uint8 images) the evaluation caches
 
 
+def backbone_of(cfg: ExperimentConfig) -> tuple[nn.Module, int]:
+    """``cfg``'s backbone at random initialisation, and its feature dimension."""
+    m = cfg.model
+    return build_backbone(
+        m.backbone, m.width, cfg.data.channels, m.small_stem, cfg.data.image_size, m.stem_stride, m.freeze_patch_embed
+    )
+
+
+def backbone_shape(cfg: ExperimentConfig) -> nn.Module:
+    """``cfg``'s backbone on the meta device: its layers without their weights' memory (for ``memory_format``)."""
+    with torch.device("meta"):
+        return backbone_of(cfg)[0]
+
+
 def views_for(cfg: ExperimentConfig) -> BatchViews:
     """The method's training views of ``cfg``: its recipes at ``data.image_size``, normalised by
     ``data.mean``/``std``."""
@@ -172,16 +186,7 @@ class VisionTask:
 
     def build_objective(self, cfg: ExperimentConfig) -> Objective:
         """The image method of ``cfg`` around its backbone, at random initialisation."""
-        m = cfg.model
-        backbone, dim = build_backbone(
-            m.backbone,
-            m.width,
-            cfg.data.channels,
-            m.small_stem,
-            cfg.data.image_size,
-            m.stem_stride,
-            m.freeze_patch_embed,
-        )
+        backbone, dim = backbone_of(cfg)
         if not isinstance(cfg.method, ImageMethodConfig):  # the config refuses another method with images
             raise TypeError(f"the image task trains an image method, not {cfg.method.name!r}")
         return build_method(cfg.method, backbone, dim)
@@ -211,7 +216,7 @@ class VisionTask:
         counting those the device cannot decode in ``health``). The global views (S = ``data.image_size``)
         come first, then the local views by size."""
         views = views_for(cfg)
-        layout = memory_format(device, cfg.train.channels_last)
+        layout = memory_format(device, cfg.train.channels_last, backbone_shape(cfg))
         crops = DeviceCrops(cfg.view_sizes(), cfg.data.channels, device, health)
 
         def to_input(batch: dict) -> list[torch.Tensor]:

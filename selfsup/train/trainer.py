@@ -168,7 +168,7 @@ class Trainer:
         if world_size() > 1 and objective.sync_batchnorm:
             module = convert_sync_batchnorm(module, self.device)
         module.to(self.device)
-        layout = memory_format(self.device, self.cfg.train.channels_last)
+        layout = memory_format(self.device, self.cfg.train.channels_last, module)
         module.to(memory_format=layout)  # type: ignore[call-overload]  # accepted, though torch's stubs lack it
         return cast(Objective, module)
 

@@ -1,13 +1,27 @@
-"""The device, as functions of its properties: channels_last where it is safe (contiguous on CPUs whose
-oneDNN runs AVX2 kernels), each rank's GPU made current, bf16 only where it is native."""
+"""The device, as functions of its properties: channels_last where it is safe (on CPUs whose oneDNN runs
+AVX2 kernels, only for models without a strided 1x1 convolution of few channels), each rank's GPU made
+current, bf16 only where it is native."""
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from selfsup.core.device import amp_dtype, autocast_dtype, choose_device, memory_format, native_bf16, pick_device
+from selfsup.vision.backbones import build_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _resnet18(width: int) -> torch.nn.Module:
+    return build_backbone("resnet18", width, 1, True, 28, 1)[0]
 
 
 def test_channels_last_only_where_safe(monkeypatch):
@@ -15,9 +29,47 @@ def test_channels_last_only_where_safe(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert memory_format(cpu) is torch.channels_last
     assert memory_format(cpu, channels_last=False) is torch.contiguous_format
+    assert memory_format(cpu, True, _resnet18(4)) is torch.channels_last
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert memory_format(cpu) is torch.contiguous_format  # its backward of small strided 1x1 convs corrupts the heap
+    assert memory_format(cpu) is torch.contiguous_format  # no model to judge
+    assert memory_format(cpu, True, _resnet18(8)) is torch.channels_last
+    assert memory_format(cpu, False, _resnet18(8)) is torch.contiguous_format
+    for width in (4, 7):  # layer2's downsample: a 1x1 stride-2 conv of `width` input channels
+        assert memory_format(cpu, True, _resnet18(width)) is torch.contiguous_format
+    assert memory_format(cpu, True, torch.nn.Conv2d(4, 8, 1, stride=1)) is torch.channels_last
+    assert memory_format(cpu, True, torch.nn.Conv2d(16, 4, 1, stride=2)) is torch.channels_last
     assert memory_format(torch.device("cuda", 0)) is torch.channels_last
+
+
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MALLOC_CHECK_": "3"}
+LAYOUT_STEPS = """
+import sys, torch
+from selfsup.core.device import memory_format
+from selfsup.vision.backbones import build_backbone
+torch.set_num_threads(1)
+net = build_backbone("resnet18", int(sys.argv[1]), 1, True, 28, 1)[0]
+layout = memory_format(torch.device("cpu"), True, net) if sys.argv[2] == "chosen" else torch.channels_last
+net = net.to(memory_format=layout)
+x = torch.randn(64, 1, 28, 28).contiguous(memory_format=layout)
+for _ in range(3):
+    net(x).square().mean().backward()
+print(torch.backends.cpu.get_cpu_capability(), layout)
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="oneDNN's AVX2 kernels are x86's")
+def test_the_layout_chosen_on_avx2_trains_where_channels_last_would_corrupt_the_heap():
+    def steps(width: int, layout: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, **AVX2, "PYTHONPATH": str(ROOT)}
+        code = [sys.executable, "-c", LAYOUT_STEPS, str(width), layout]
+        return subprocess.run(code, env=env, capture_output=True, text=True, timeout=300)
+
+    forced = steps(4, "channels_last")
+    assert forced.returncode != 0, "channels_last at width 4 ran clean on AVX2: the rule may be lifted"
+    for width, layout in ((4, "torch.contiguous_format"), (8, "torch.channels_last")):
+        chosen = steps(width, "chosen")
+        assert chosen.returncode == 0, chosen.stderr[-2000:]
+        assert chosen.stdout.split() == ["AVX2", layout]
 
 
 def test_each_rank_takes_its_local_gpu_and_makes_it_current(monkeypatch):

@@ -37,10 +37,12 @@ def test_features_leave_the_encoders_memory_format_as_it_was(tmp_path, layout):
 
 
 def force_layout(monkeypatch):
-    """Honour train.channels_last on any CPU (memory_format keeps AVX2 CPUs contiguous)."""
+    """Honour train.channels_last on any CPU (memory_format keeps AVX2 CPUs contiguous for some models)."""
     monkeypatch.setattr(
         "selfsup.train.trainer.memory_format",
-        lambda device, channels_last=True: torch.channels_last if channels_last else torch.contiguous_format,
+        lambda device, channels_last=True, module=None: (
+            torch.channels_last if channels_last else torch.contiguous_format
+        ),
     )
 
 
