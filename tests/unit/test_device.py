@@ -128,7 +128,7 @@ def step():  # (page faults, resident MB after it)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, rss_mb()
 
 applied = reuse_freed_memory(True) if sys.argv[1] == "reuse" else None
-out = {"applied": applied, "steps": [step() for _ in range(8)]}
+out = {"applied": applied, "steps": [step() for _ in range(16)]}
 if applied:
     out["released"] = reuse_freed_memory(False)
     out["after"] = step()
@@ -138,9 +138,9 @@ print(json.dumps(out))
 
 def test_freed_memory_is_reused_until_released():
     """A training step's 32 MiB activations: by default glibc maps each afresh, and every step faults their
-    pages in again; told to keep freed memory, the heap grows to the step's size within a few steps (and
-    now and then a little more) and most steps fault no page in; released, the memory goes back to the
-    kernel (own processes: the setting is process-wide)."""
+    pages in again; told to keep freed memory, the heap grows to the step's size over the first steps (how
+    many varies from run to run: 3 to 7 seen) and then most steps fault no page in; released, the memory
+    goes back to the kernel (own processes: the setting is process-wide)."""
     import json
     import subprocess
     import sys
@@ -151,10 +151,12 @@ def test_freed_memory_is_reused_until_released():
 
     reused, default = run("reuse"), run("default")
     assert reused["applied"] is True and reused["released"] is True
-    kept = [f for f, _ in reused["steps"][2:]]  # page faults per step once the heap has grown to the step's size
-    mapped = [f for f, _ in default["steps"][2:]]
+    kept = [f for f, _ in reused["steps"][8:]]  # page faults per step once the heap has grown to the step's size
+    mapped = [f for f, _ in default["steps"][8:]]
     assert min(mapped) > 8192  # every step maps its activations afresh (8,192 pages each)
     assert sum(kept) * 10 < sum(mapped)
-    assert sum(f < 1000 for f in kept) >= len(kept) // 2  # most steps fault no page in (the heap grows now and then)
+    assert (
+        sum(f < 1000 for f in kept) >= len(kept) * 3 // 4
+    )  # most steps fault no page in (the heap grows now and then)
     assert reused["after"][0] > 8192  # released: mapped afresh again
     assert reused["after"][1] < reused["steps"][-1][1]  # and the kept heap given back
