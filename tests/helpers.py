@@ -18,6 +18,20 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+TINY_WAV2VEC2 = {  # wav2vec2's "method" section at test size (4-frame masks); a test adds num_negatives
+    "name": "wav2vec2",
+    "preset": "tiny",
+    "conv_channels": 16,
+    "embed_dim": 32,
+    "num_heads": 2,
+    "ffn_dim": 64,
+    "num_layers": 2,
+    "codebook_entries": 16,
+    "codevector_dim": 16,
+    "final_dim": 16,
+    "mask_length": 4,
+}
+
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
     """Write ``array`` (uint8) as an idx file, gzipped when ``gz``."""

@@ -29,17 +29,15 @@ def decode_audio(data: bytes, name: str, max_seconds: float = MAX_AUDIO_SECONDS)
     """
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate = f.samplerate
-            if f.frames > max_seconds * rate:
-                raise ValueError(
-                    f"{name}: {f.frames / rate:.0f} s of audio, longer than data.max_audio_seconds={max_seconds:g}; "
-                    "not decoded (split it into shorter clips, or raise the cap)"
-                )
-            samples = f.read(dtype="float32", always_2d=True)
-    except ValueError:
-        raise
+            rate, frames = f.samplerate, f.frames
+            samples = f.read(dtype="float32", always_2d=True) if frames <= max_seconds * rate else None
     except Exception as exc:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
         raise ValueError(f"{name}: cannot decode audio ({decoder_reason(exc)})") from exc
+    if samples is None:
+        raise ValueError(
+            f"{name}: {frames / rate:.0f} s of audio, longer than data.max_audio_seconds={max_seconds:g}; "
+            "not decoded (split it into shorter clips, or raise the cap)"
+        )
     if samples.size == 0:
         raise ValueError(f"{name}: audio has no samples")
     if not np.isfinite(samples).all():

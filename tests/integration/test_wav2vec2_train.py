@@ -13,7 +13,7 @@ from selfsup.config import parse_config
 from selfsup.core.checkpoint import latest_checkpoint, load_checkpoint
 from selfsup.data.shards import write_shards
 from selfsup.eval.run import evaluate
-from tests.helpers import fit
+from tests.helpers import TINY_WAV2VEC2, fit
 
 pytestmark = pytest.mark.integration
 
@@ -57,20 +57,7 @@ def test_tiny_pretrain_writes_a_checkpoint_with_finite_loss_and_evaluates(tmp_pa
                 "min_seconds": 0.3,
                 "loader_workers": 0,
             },
-            "method": {
-                "name": "wav2vec2",
-                "preset": "tiny",
-                "conv_channels": 16,
-                "embed_dim": 32,
-                "num_heads": 2,
-                "ffn_dim": 64,
-                "num_layers": 2,
-                "codebook_entries": 16,
-                "codevector_dim": 16,
-                "final_dim": 16,
-                "num_negatives": 10,
-                "mask_length": 4,
-            },
+            "method": {**TINY_WAV2VEC2, "num_negatives": 10},
             "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0.5, "epochs": 2},
             "train": {"log_every_steps": 2, "threads": 1},
             "eval": {"knn": [[5, 0.07]]},

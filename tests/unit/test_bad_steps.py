@@ -19,7 +19,7 @@ from selfsup.core.objective import Progress
 from selfsup.data.shards import write_shards
 from selfsup.methods.simclr import SimCLR
 from selfsup.train.trainer import TooManyBadSteps, Trainer
-from tests.helpers import fit, tiny_experiment, write_tiny_shards
+from tests.helpers import TINY_WAV2VEC2, fit, tiny_experiment, write_tiny_shards
 
 
 def tiny_config(tmp_path, *overrides):
@@ -141,20 +141,7 @@ def audio_config(tmp_path):
                 "min_seconds": 0.1,
                 "loader_workers": 0,
             },
-            "method": {
-                "name": "wav2vec2",
-                "preset": "tiny",
-                "conv_channels": 16,
-                "embed_dim": 32,
-                "num_heads": 2,
-                "ffn_dim": 64,
-                "num_layers": 2,
-                "codebook_entries": 16,
-                "codevector_dim": 16,
-                "final_dim": 16,
-                "num_negatives": 4,
-                "mask_length": 4,
-            },
+            "method": {**TINY_WAV2VEC2, "num_negatives": 4},
             "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "none", "warmup_epochs": 0, "epochs": 1},
             "train": {"precision": "fp32", "threads": 1},
         }
